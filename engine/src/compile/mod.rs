@@ -1,0 +1,375 @@
+//! Policy → [`Snapshot`]: name resolution, rule expansion, dependency-graph checks.
+//!
+//! [`analyze`] always runs to the end and collects every problem, so `graph` can draw a broken
+//! policy with its violations highlighted; [`compile`] freezes the analysis into a snapshot only
+//! when it has no errors.
+
+mod endpoints;
+mod resolve;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::diag::{Diagnostic, Diagnostics, Loc, Sources};
+use crate::graph;
+use crate::policy::{PolicySet, parse_str};
+use crate::problem::Problem;
+use crate::snapshot::{Snapshot, SnapshotContent, SnapshotError, SNAPSHOT_FORMAT};
+
+pub use resolve::{DEFAULT_ENVIRONMENT, DEFAULT_MODE};
+
+/// A service as the graph sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Service name.
+    pub name: String,
+    /// Index into [`Analysis::layers`].
+    pub layer: Option<usize>,
+    /// Isolation group.
+    pub group: Option<String>,
+    /// Criticality tier.
+    pub tier: Option<u8>,
+}
+
+/// Why an edge exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EdgeKind {
+    /// An allow entry names the service.
+    Declared,
+    /// An allowed address, block or host overlaps the service's endpoints.
+    Inferred,
+}
+
+/// A dependency: `from` may contact `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edge {
+    /// Dependent service (node index).
+    pub from: usize,
+    /// Dependency (node index).
+    pub to: usize,
+    /// False when every allow entry behind it is `critical = false`.
+    pub critical: bool,
+    /// Declared when any entry behind it names the service.
+    pub kind: EdgeKind,
+    /// The first allow entry behind it (a critical one when there is one).
+    pub loc: Loc,
+}
+
+/// What a graph check found wrong, for highlighting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    /// A critical edge to a higher layer (edge index).
+    Layer(usize),
+    /// A path between isolated groups (node sequence).
+    Isolation(Vec<usize>),
+    /// An undeclared cycle (node sequence, first = last).
+    Cycle(Vec<usize>),
+}
+
+/// A strongly connected component of the critical-dependency graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Component {
+    /// Member nodes, ascending.
+    pub members: Vec<usize>,
+    /// True for a cycle declared in `[[intrinsic_cycles]]`: one supernode in the bootstrap.
+    pub intrinsic: bool,
+}
+
+/// One step of the bootstrap order: components that can start together once earlier stages run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    /// Layer index (the highest layer among what it depends on, for services without a layer).
+    pub layer: Option<usize>,
+    /// Components (indices into [`Analysis::components`]) in this stage.
+    pub components: Vec<usize>,
+}
+
+/// Everything the compiler learned about a policy.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    /// Layer names, bottom to top.
+    pub layers: Vec<String>,
+    /// Services, sorted by name; indices are node ids.
+    pub nodes: Vec<Node>,
+    /// Dependencies, sorted by (from, to), one per pair.
+    pub edges: Vec<Edge>,
+    /// Components of the critical graph, dependencies first.
+    pub components: Vec<Component>,
+    /// Graph-check findings.
+    pub violations: Vec<Violation>,
+    /// Bootstrap order; empty when the critical graph has an undeclared cycle.
+    pub stages: Vec<Stage>,
+    /// Every problem found.
+    pub diagnostics: Diagnostics,
+    content: SnapshotContent,
+    debug: crate::snapshot::DebugInfo,
+}
+
+impl Analysis {
+    /// Node index of a service.
+    pub fn node(&self, name: &str) -> Option<usize> {
+        self.nodes.binary_search_by(|n| n.name.as_str().cmp(name)).ok()
+    }
+
+    /// Name of a node.
+    pub fn name(&self, node: usize) -> &str {
+        self.nodes.get(node).map_or("?", |n| n.name.as_str())
+    }
+
+    /// `a -> b -> c` for a node path.
+    pub fn path_text(&self, path: &[usize]) -> String {
+        path.iter().map(|&n| format!("`{}`", self.name(n))).collect::<Vec<_>>().join(" -> ")
+    }
+}
+
+/// A successful compile: the snapshot and the warnings.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The frozen policy.
+    pub snapshot: Snapshot,
+    /// The analysis behind it.
+    pub analysis: Analysis,
+}
+
+/// Compiling failed: the policy has errors (listed with any warnings).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompileError {
+    /// The policy is invalid.
+    #[error("the policy has {} error(s)", .0.errors().count())]
+    Invalid(Diagnostics),
+    /// The snapshot could not be encoded.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// Analyzes a parsed policy: resolves names, expands rules, runs every graph check.
+pub fn analyze(policy: &PolicySet) -> Analysis {
+    let mut diagnostics = Diagnostics::default();
+    let resolved = resolve::resolve(policy, &mut diagnostics);
+    let mut analysis = Analysis {
+        layers: policy.layers.iter().map(|l| l.value.clone()).collect(),
+        nodes: resolved.nodes,
+        edges: resolved.edges,
+        components: Vec::new(),
+        violations: Vec::new(),
+        stages: Vec::new(),
+        diagnostics: Diagnostics::default(),
+        content: resolved.content,
+        debug: resolved.debug,
+    };
+    check_graph(policy, &resolved.intrinsic, &mut analysis, &mut diagnostics);
+    diagnostics.sort();
+    analysis.diagnostics = diagnostics;
+    analysis
+}
+
+/// Compiles a parsed policy into a snapshot, or returns every error (and warning).
+pub fn compile(policy: &PolicySet) -> Result<Compiled, CompileError> {
+    let analysis = analyze(policy);
+    if analysis.diagnostics.has_errors() {
+        return Err(CompileError::Invalid(analysis.diagnostics));
+    }
+    let mut content = analysis.content.clone();
+    content.format = SNAPSHOT_FORMAT;
+    let snapshot = Snapshot::new(content, analysis.debug.clone())?;
+    Ok(Compiled { snapshot, analysis })
+}
+
+/// Parses and compiles one policy text (tests, fuzzing, embedding). On failure returns the
+/// sources with the diagnostics so they can be rendered.
+pub fn compile_str(name: &str, text: &str) -> Result<Compiled, (Sources, Diagnostics)> {
+    let parsed = parse_str(name, text);
+    if !parsed.syntax_ok || parsed.diagnostics.has_errors() {
+        let mut diagnostics = parsed.diagnostics;
+        if parsed.syntax_ok {
+            diagnostics.extend(analyze(&parsed.policy).diagnostics);
+        }
+        return Err((parsed.policy.sources, diagnostics));
+    }
+    match compile(&parsed.policy) {
+        Ok(compiled) => Ok(compiled),
+        Err(CompileError::Invalid(diagnostics)) => Err((parsed.policy.sources, diagnostics)),
+        Err(CompileError::Snapshot(e)) => {
+            let mut diagnostics = Diagnostics::default();
+            diagnostics.push(Diagnostic::error(Problem::Syntax { message: e.to_string() }, Loc::default(), ""));
+            Err((parsed.policy.sources, diagnostics))
+        }
+    }
+}
+
+/// Adjacency lists of the edges accepted by `keep`, successors ascending.
+fn adjacency(n: usize, edges: &[Edge], keep: impl Fn(&Edge) -> bool) -> Vec<Vec<usize>> {
+    let mut adj = vec![Vec::new(); n];
+    for edge in edges.iter().filter(|e| keep(e)) {
+        if let Some(list) = adj.get_mut(edge.from) {
+            list.push(edge.to);
+        }
+    }
+    adj
+}
+
+fn edge_loc(edges: &[Edge], from: usize, to: usize) -> Option<Loc> {
+    edges.binary_search_by(|e| (e.from, e.to).cmp(&(from, to))).ok().and_then(|i| edges.get(i)).map(|e| e.loc)
+}
+
+/// A diagnostic at the first edge of `path`, with a note at every further edge.
+fn path_diagnostic(problem: Problem, analysis: &Analysis, path: &[usize]) -> Diagnostic {
+    let mut locs = path.windows(2).filter_map(|w| match w {
+        [a, b] => edge_loc(&analysis.edges, *a, *b).map(|loc| (loc, *a, *b)),
+        _ => None,
+    });
+    let Some((first, a, b)) = locs.next() else {
+        return Diagnostic::error(problem, Loc::default(), "");
+    };
+    let mut diag = Diagnostic::error(problem, first, format!("`{}` -> `{}`", analysis.name(a), analysis.name(b)));
+    for (loc, a, b) in locs {
+        diag = diag.with_note(loc, format!("`{}` -> `{}`", analysis.name(a), analysis.name(b)));
+    }
+    diag
+}
+
+fn check_graph(
+    policy: &PolicySet,
+    intrinsic: &[(BTreeSet<usize>, Loc)],
+    analysis: &mut Analysis,
+    diags: &mut Diagnostics,
+) {
+    let n = analysis.nodes.len();
+    let critical = adjacency(n, &analysis.edges, |e| e.critical && e.from != e.to);
+    let all = adjacency(n, &analysis.edges, |_| true);
+
+    // Cycles over critical dependencies; declared intrinsic cycles become supernodes.
+    let components = graph::strongly_connected_components(&critical);
+    let mut has_cycle = false;
+    for members in &components {
+        if members.len() < 2 {
+            analysis.components.push(Component { members: members.clone(), intrinsic: false });
+            continue;
+        }
+        let set: BTreeSet<usize> = members.iter().copied().collect();
+        let accepted = intrinsic.iter().any(|(declared, _)| set.is_subset(declared));
+        if !accepted {
+            has_cycle = true;
+            let start = members.first().copied().unwrap_or_default();
+            if let Some(path) = graph::cycle_through(&critical, members, start) {
+                diags.push(path_diagnostic(Problem::Cycle { path: analysis.path_text(&path) }, analysis, &path));
+                analysis.violations.push(Violation::Cycle(path));
+            }
+        }
+        analysis.components.push(Component { members: members.clone(), intrinsic: accepted });
+    }
+    for (declared, loc) in intrinsic {
+        let forms_cycle = analysis
+            .components
+            .iter()
+            .any(|c| c.members.len() > 1 && declared.iter().all(|d| c.members.binary_search(d).is_ok()));
+        if !forms_cycle {
+            let services = declared.iter().map(|&d| format!("`{}`", analysis.name(d))).collect::<Vec<_>>().join(", ");
+            diags.push(Diagnostic::warning(Problem::StaleIntrinsicCycle { services }, *loc, "declared here"));
+        }
+    }
+
+    // Layers: a critical dependency may point only to the same layer or a lower one.
+    for (index, edge) in analysis.edges.iter().enumerate() {
+        let (Some(from), Some(to)) = (analysis.nodes.get(edge.from), analysis.nodes.get(edge.to)) else { continue };
+        if let (Some(fl), Some(tl)) = (from.layer, to.layer)
+            && edge.critical
+            && tl > fl
+        {
+            let layer = |i: usize| analysis.layers.get(i).cloned().unwrap_or_default();
+            diags.push(Diagnostic::error(
+                Problem::LayerViolation {
+                    from: from.name.clone(),
+                    from_layer: layer(fl),
+                    to: to.name.clone(),
+                    to_layer: layer(tl),
+                },
+                edge.loc,
+                "dependency on a higher layer",
+            ));
+            analysis.violations.push(Violation::Layer(index));
+        }
+        if let (Some(ft), Some(tt)) = (from.tier, to.tier)
+            && edge.critical
+            && edge.from != edge.to
+            && tt > ft
+        {
+            diags.push(Diagnostic::warning(
+                Problem::CriticalityInversion { from: from.name.clone(), from_tier: ft, to: to.name.clone(), to_tier: tt },
+                edge.loc,
+                "critical dependency on a less critical service",
+            ));
+        }
+    }
+
+    // Isolation: no path of any dependencies from one isolated group to another.
+    let mut group_members: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, node) in analysis.nodes.iter().enumerate() {
+        if let Some(group) = &node.group {
+            group_members.entry(group.as_str()).or_default().push(i);
+        }
+    }
+    for set in &policy.isolated {
+        for a in &set.groups {
+            for b in set.groups.iter().filter(|b| b.value != a.value) {
+                let (Some(sources), Some(targets)) =
+                    (group_members.get(a.value.as_str()), group_members.get(b.value.as_str()))
+                else {
+                    continue;
+                };
+                if let Some(path) = graph::shortest_path(&all, sources, targets) {
+                    let problem = Problem::IsolationViolation {
+                        from_group: a.value.clone(),
+                        to_group: b.value.clone(),
+                        path: analysis.path_text(&path),
+                    };
+                    diags.push(path_diagnostic(problem, analysis, &path).with_note(set.loc, "isolation declared here"));
+                    analysis.violations.push(Violation::Isolation(path));
+                }
+            }
+        }
+    }
+
+    if !has_cycle {
+        analysis.stages = bootstrap_stages(analysis, &critical);
+        analysis.content.bootstrap = analysis
+            .stages
+            .iter()
+            .map(|s| {
+                s.components
+                    .iter()
+                    .filter_map(|&c| analysis.components.get(c))
+                    .map(|c| c.members.iter().map(|&m| m as u32).collect())
+                    .collect()
+            })
+            .collect();
+    }
+}
+
+/// Orders components into stages by (effective layer, level). A service's effective layer is
+/// its own, raised to the highest effective layer of what it depends on (which only matters for
+/// services without a layer, or in a policy that already has layer errors); levels count the
+/// longest chain of dependencies below a component. Sorting by both is a valid start order.
+fn bootstrap_stages(analysis: &Analysis, critical: &[Vec<usize>]) -> Vec<Stage> {
+    let comps: Vec<Vec<usize>> = analysis.components.iter().map(|c| c.members.clone()).collect();
+    let levels = graph::condensation_levels(critical, &comps);
+    let comp_of = graph::component_index(analysis.nodes.len(), &comps);
+    // Components come dependencies first, so one pass settles effective layers.
+    let mut effective: Vec<Option<usize>> = Vec::with_capacity(comps.len());
+    for members in &comps {
+        let own = members.iter().filter_map(|&m| analysis.nodes.get(m).and_then(|n| n.layer)).max();
+        let below = members
+            .iter()
+            .flat_map(|&m| critical.get(m).into_iter().flatten())
+            .filter_map(|&dep| comp_of.get(dep))
+            .filter_map(|&c| effective.get(c).copied().flatten())
+            .max();
+        effective.push(own.max(below));
+    }
+    let mut order: BTreeMap<(Option<usize>, usize), Vec<usize>> = BTreeMap::new();
+    for (c, level) in levels.iter().enumerate() {
+        order.entry((effective.get(c).copied().flatten(), *level)).or_default().push(c);
+    }
+    order.into_iter().map(|((layer, _), components)| Stage { layer, components }).collect()
+}

@@ -1,0 +1,276 @@
+//! Name resolution and rule expansion: policy AST → graph nodes, edges and per-service rulesets.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::endpoints::EndpointIndex;
+use super::{Edge, EdgeKind, Node};
+use crate::diag::{Diagnostic, Diagnostics, Located, Loc, Sources};
+use crate::policy::{AllowEntry, Destination, Mode, ModeSpec, PolicySet, PortRange, Proto, Service, Target};
+use crate::problem::{Problem, closest};
+use crate::snapshot::{
+    DebugInfo, EnvironmentEntry, HostRule, NetRule, Origin, ServiceId, ServiceRuleset, SnapshotContent,
+};
+
+/// The environment a policy without `[environments]` has.
+pub const DEFAULT_ENVIRONMENT: &str = "default";
+/// Its mode: soft-apply, the safe start.
+pub const DEFAULT_MODE: Mode = Mode::Audit;
+
+pub(super) struct Resolved {
+    pub nodes: Vec<Node>,
+    pub edges: Vec<Edge>,
+    pub content: SnapshotContent,
+    pub debug: DebugInfo,
+    pub intrinsic: Vec<(BTreeSet<usize>, Loc)>,
+}
+
+/// Looks names up and reports unknown ones with a "did you mean".
+struct Names<'p> {
+    kind: &'static str,
+    index: BTreeMap<&'p str, usize>,
+}
+
+impl<'p> Names<'p> {
+    fn new(kind: &'static str, names: impl IntoIterator<Item = &'p str>) -> Self {
+        let mut index = BTreeMap::new();
+        for name in names {
+            let next = index.len();
+            index.entry(name).or_insert(next);
+        }
+        Names { kind, index }
+    }
+
+    fn get(&self, name: &Located<String>, diags: &mut Diagnostics) -> Option<usize> {
+        let found = self.index.get(name.value.as_str()).copied();
+        if found.is_none() {
+            let suggestion = closest(&name.value, self.index.keys().copied());
+            diags.push(Diagnostic::error(
+                Problem::Unknown { kind: self.kind, name: name.value.clone(), suggestion },
+                name.loc,
+                format!("no such {}", self.kind),
+            ));
+        }
+        found
+    }
+}
+
+pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
+    // Services sorted by name; the first definition wins (duplicates are already reported).
+    let mut by_name: BTreeMap<&str, &Service> = BTreeMap::new();
+    for s in &policy.services {
+        by_name.entry(&s.name.value).or_insert(s);
+    }
+    let services: Vec<&Service> = by_name.into_values().collect();
+    let service_names = Names::new("service", services.iter().map(|s| s.name.value.as_str()));
+    let layers = Names::new("layer", policy.layers.iter().map(|l| l.value.as_str()));
+    let groups = Names::new("group", services.iter().filter_map(|s| s.group.as_ref()).map(|g| g.value.as_str()));
+
+    let mut environments: BTreeMap<&str, Mode> = BTreeMap::new();
+    for env in &policy.environments {
+        environments.entry(&env.name.value).or_insert(env.mode.value);
+    }
+    if environments.is_empty() {
+        environments.insert(DEFAULT_ENVIRONMENT, DEFAULT_MODE);
+    }
+    let env_names = Names::new("environment", environments.keys().copied());
+    let environments: Vec<EnvironmentEntry> =
+        environments.into_iter().map(|(name, mode)| EnvironmentEntry { name: name.to_owned(), mode }).collect();
+
+    for set in &policy.isolated {
+        for group in &set.groups {
+            groups.get(group, diags);
+        }
+    }
+
+    let index = EndpointIndex::new(&services);
+    let mut debug = DebugInfo {
+        files: policy.sources.files().iter().map(|f| f.name().to_owned()).collect(),
+        origins: Vec::new(),
+    };
+    let mut nodes = Vec::with_capacity(services.len());
+    let mut edges: BTreeMap<(usize, usize), Edge> = BTreeMap::new();
+    let mut rulesets = Vec::with_capacity(services.len());
+    let mut reached = Vec::new();
+
+    for (id, service) in services.iter().enumerate() {
+        let layer = service.layer.as_ref().and_then(|l| layers.get(l, diags));
+        if service.layer.is_none() && !policy.layers.is_empty() {
+            diags.push(Diagnostic::warning(
+                Problem::NoLayer { service: service.name.value.clone() },
+                service.name.loc,
+                "no layer",
+            ));
+        }
+        nodes.push(Node {
+            name: service.name.value.clone(),
+            layer,
+            group: service.group.as_ref().map(|g| g.value.clone()),
+            tier: service.tier.map(|t| t.value),
+        });
+        let modes = resolve_modes(&service.mode, &environments, &env_names, diags);
+
+        let mut net_rules = Vec::new();
+        let mut host_rules = Vec::new();
+        for entry in &service.allow {
+            let origin = debug.origins.len() as u32;
+            debug.origins.push(origin_of(&policy.sources, entry.loc, id as ServiceId));
+            let mut add_edge = |to: usize, kind: EdgeKind| {
+                let edge = edges.entry((id, to)).or_insert(Edge {
+                    from: id,
+                    to,
+                    critical: entry.critical,
+                    kind,
+                    loc: entry.loc,
+                });
+                if entry.critical && !edge.critical {
+                    edge.critical = true;
+                    edge.loc = entry.loc;
+                }
+                edge.kind = edge.kind.min(kind);
+            };
+            match &entry.target.value {
+                Target::Service(name) => {
+                    let Some(to) = service_names.get(&Located::new(name.clone(), entry.target.loc), diags) else {
+                        continue;
+                    };
+                    add_edge(to, EdgeKind::Declared);
+                    if let Some(target) = services.get(to) {
+                        expand_service(entry, target, to, origin, &mut net_rules, &mut host_rules, diags);
+                    }
+                }
+                Target::Destination(destination) => {
+                    reached.clear();
+                    index.reached_by(destination, entry.ports.as_deref(), entry.proto, &mut reached);
+                    reached.sort_unstable();
+                    reached.dedup();
+                    for &to in &reached {
+                        add_edge(to, EdgeKind::Inferred);
+                    }
+                    let target = match reached.as_slice() {
+                        [only] => Some(*only as ServiceId),
+                        _ => None,
+                    };
+                    let ports = entry.ports.clone().unwrap_or_else(|| vec![PortRange::ANY]);
+                    let proto = entry.proto.unwrap_or(Proto::Any);
+                    push_rules(destination, &ports, proto, origin, target, &mut net_rules, &mut host_rules);
+                }
+            }
+        }
+        net_rules.sort_unstable();
+        net_rules.dedup_by(|b, a| (a.net, a.proto, a.ports, a.target) == (b.net, b.proto, b.ports, b.target));
+        host_rules.sort_unstable();
+        host_rules.dedup_by(|b, a| (&a.host, a.proto, a.ports, a.target) == (&b.host, b.proto, b.ports, b.target));
+        rulesets.push(ServiceRuleset {
+            name: service.name.value.clone(),
+            selector: service.selector.as_ref().map(|s| s.value.clone()),
+            layer: service.layer.as_ref().map(|l| l.value.clone()),
+            group: service.group.as_ref().map(|g| g.value.clone()),
+            owner: service.owner.clone(),
+            tier: service.tier.map(|t| t.value),
+            modes,
+            net_rules,
+            host_rules,
+        });
+    }
+
+    let intrinsic = policy
+        .intrinsic_cycles
+        .iter()
+        .map(|c| (c.services.iter().filter_map(|s| service_names.get(s, diags)).collect(), c.loc))
+        .collect();
+
+    Resolved {
+        nodes,
+        edges: edges.into_values().collect(),
+        content: SnapshotContent { format: 0, environments, services: rulesets, bootstrap: Vec::new() },
+        debug,
+        intrinsic,
+    }
+}
+
+fn origin_of(sources: &Sources, loc: Loc, service: ServiceId) -> Origin {
+    let (line, column) = sources.file(loc.file).map_or((0, 0), |f| f.line_col(loc.start));
+    Origin { file: loc.file, line, column, service }
+}
+
+/// The mode in every environment (indexed like `environments`).
+fn resolve_modes(
+    spec: &ModeSpec,
+    environments: &[EnvironmentEntry],
+    env_names: &Names<'_>,
+    diags: &mut Diagnostics,
+) -> Vec<Mode> {
+    let mut modes: Vec<Mode> = environments.iter().map(|e| e.mode).collect();
+    match spec {
+        ModeSpec::Inherit => {}
+        ModeSpec::All(mode) => modes.iter_mut().for_each(|m| *m = mode.value),
+        ModeSpec::PerEnvironment(list) => {
+            for (env, mode) in list {
+                if let Some(slot) = env_names.get(env, diags).and_then(|i| modes.get_mut(i)) {
+                    *slot = mode.value;
+                }
+            }
+        }
+    }
+    modes
+}
+
+/// Rules for an allow entry that names a service: its endpoints, narrowed by the entry's ports
+/// and protocol.
+fn expand_service(
+    entry: &AllowEntry,
+    target: &Service,
+    target_id: usize,
+    origin: u32,
+    net_rules: &mut Vec<NetRule>,
+    host_rules: &mut Vec<HostRule>,
+    diags: &mut Diagnostics,
+) {
+    if target.endpoints.is_empty() {
+        diags.push(Diagnostic::warning(
+            Problem::NoEndpoints { service: target.name.value.clone() },
+            entry.target.loc,
+            "permits nothing",
+        ));
+        return;
+    }
+    let before = net_rules.len() + host_rules.len();
+    for endpoint in &target.endpoints {
+        let Some(proto) = entry.proto.unwrap_or(Proto::Any).intersect(endpoint.proto) else { continue };
+        let endpoint_ports = if endpoint.ports.is_empty() { vec![PortRange::ANY] } else { endpoint.ports.clone() };
+        let ports: Vec<PortRange> = match &entry.ports {
+            None => endpoint_ports,
+            Some(wanted) => {
+                wanted.iter().flat_map(|w| endpoint_ports.iter().filter_map(|e| w.intersect(*e))).collect()
+            }
+        };
+        let target = Some(target_id as ServiceId);
+        push_rules(&endpoint.destination.value, &ports, proto, origin, target, net_rules, host_rules);
+    }
+    if net_rules.len() + host_rules.len() == before {
+        diags.push(Diagnostic::error(
+            Problem::EmptyNarrowing { service: target.name.value.clone() },
+            entry.loc,
+            "allows nothing",
+        ));
+    }
+}
+
+fn push_rules(
+    destination: &Destination,
+    ports: &[PortRange],
+    proto: Proto,
+    origin: u32,
+    target: Option<ServiceId>,
+    net_rules: &mut Vec<NetRule>,
+    host_rules: &mut Vec<HostRule>,
+) {
+    for &ports in ports {
+        match destination {
+            Destination::Net(net) => net_rules.push(NetRule { net: *net, proto, ports, origin, target }),
+            Destination::Host(host) => {
+                host_rules.push(HostRule { host: host.clone(), proto, ports, origin, target })
+            }
+        }
+    }
+}

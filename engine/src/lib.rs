@@ -1,0 +1,14 @@
+//! depfence engine: the policy language, the compiler with its dependency-graph checks, and the
+//! compiled [`snapshot::Snapshot`] that every consumer (kernel datapath, in-process guard, CLI)
+//! reads.
+//!
+//! Data flow: [`policy::load`] (TOML with spans) → [`compile::compile`] (names, rules, graph
+//! checks) → [`snapshot::Snapshot`] (immutable, content-hashed). Problems are
+//! [`diag::Diagnostic`]s with a location, a typed [`problem::Problem`] and help.
+
+pub mod compile;
+pub mod diag;
+pub mod graph;
+pub mod policy;
+pub mod problem;
+pub mod snapshot;

@@ -1,0 +1,402 @@
+//! The parsed policy: what the files say, with locations, before names are resolved.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::diag::{Located, Loc, Sources};
+
+/// What the kernel does with a connection the policy does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// No evaluation: everything passes, nothing is counted.
+    Off,
+    /// Soft-apply: allow, but count and report every would-be rejection.
+    Audit,
+    /// Deny (the caller sees `EPERM`), count and report.
+    Enforce,
+}
+
+impl Mode {
+    /// Parses `off`, `audit` or `enforce`.
+    pub fn parse(text: &str) -> Option<Mode> {
+        match text {
+            "off" => Some(Mode::Off),
+            "audit" => Some(Mode::Audit),
+            "enforce" => Some(Mode::Enforce),
+            _ => None,
+        }
+    }
+
+    /// The keyword.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Audit => "audit",
+            Mode::Enforce => "enforce",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Transport protocol of a rule or a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP only.
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// Either.
+    Any,
+}
+
+impl Proto {
+    /// Parses `tcp`, `udp` or `any`.
+    pub fn parse(text: &str) -> Option<Proto> {
+        match text {
+            "tcp" => Some(Proto::Tcp),
+            "udp" => Some(Proto::Udp),
+            "any" => Some(Proto::Any),
+            _ => None,
+        }
+    }
+
+    /// True when a rule with this protocol covers a connection with protocol `other`.
+    pub fn covers(self, other: Proto) -> bool {
+        self == Proto::Any || self == other
+    }
+
+    /// The protocols both allow, if any.
+    pub fn intersect(self, other: Proto) -> Option<Proto> {
+        match (self, other) {
+            (Proto::Any, p) | (p, Proto::Any) => Some(p),
+            (a, b) if a == b => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The keyword.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Any => "any",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An inclusive port range; `0..=65535` means any port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Every port.
+    pub const ANY: PortRange = PortRange { first: 0, last: u16::MAX };
+
+    /// One port.
+    pub fn single(port: u16) -> Self {
+        PortRange { first: port, last: port }
+    }
+
+    /// True when `port` is in the range.
+    pub fn contains(self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+
+    /// The ports in both ranges, if any.
+    pub fn intersect(self, other: PortRange) -> Option<PortRange> {
+        let first = self.first.max(other.first);
+        let last = self.last.min(other.last);
+        (first <= last).then_some(PortRange { first, last })
+    }
+
+    /// True for the range of every port.
+    pub fn is_any(self) -> bool {
+        self == PortRange::ANY
+    }
+
+    /// Number of ports covered.
+    pub fn len(self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Always false: a range holds at least one port.
+    pub fn is_empty(self) -> bool {
+        false
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_any() {
+            f.write_str("any")
+        } else if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// A host name, exact (`api.example.com`) or a wildcard for every name below a domain
+/// (`*.example.com`). Stored lowercase; matched on label boundaries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HostPattern {
+    /// The name, or for a wildcard the domain after `*.`, lowercase, without a final dot.
+    pub domain: String,
+    /// True for `*.domain`.
+    pub wildcard: bool,
+}
+
+impl HostPattern {
+    /// Parses and validates a host name or `*.` wildcard.
+    pub fn parse(text: &str) -> Result<HostPattern, &'static str> {
+        let lower = text.trim_end_matches('.').to_ascii_lowercase();
+        let (wildcard, domain) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_owned()),
+            None => (false, lower),
+        };
+        if domain.is_empty() {
+            return Err("the name is empty");
+        }
+        if domain.len() > 253 {
+            return Err("a name has at most 253 characters");
+        }
+        for label in domain.split('.') {
+            if label == "*" {
+                return Err("`*` may only stand as the first label, as in `*.example.com`");
+            }
+            if label.is_empty() {
+                return Err("a label is empty");
+            }
+            if label.len() > 63 {
+                return Err("a label has at most 63 characters");
+            }
+            if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err("a label uses only letters, digits, `-` and `_`");
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return Err("a label cannot start or end with `-`");
+            }
+        }
+        Ok(HostPattern { domain, wildcard })
+    }
+
+    /// True when `name` matches: equal for an exact name; for `*.d`, a name that ends in `.d`
+    /// on a label boundary (so `evild` and `d.evil` do not match). Case insensitive.
+    pub fn matches(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.');
+        if self.wildcard {
+            name.len() > self.domain.len() + 1
+                && name
+                    .get(name.len() - self.domain.len()..)
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case(&self.domain))
+                && name.as_bytes().get(name.len() - self.domain.len() - 1) == Some(&b'.')
+        } else {
+            name.eq_ignore_ascii_case(&self.domain)
+        }
+    }
+}
+
+impl HostPattern {
+    /// True when some name matches both patterns.
+    pub fn overlaps(&self, other: &HostPattern) -> bool {
+        let below = |name: &str, domain: &str| {
+            name.strip_suffix(domain).is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+        };
+        match (self.wildcard, other.wildcard) {
+            (false, false) => self.domain == other.domain,
+            (true, false) => self.matches(&other.domain),
+            (false, true) => other.matches(&self.domain),
+            (true, true) => {
+                self.domain == other.domain || below(&self.domain, &other.domain) || below(&other.domain, &self.domain)
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wildcard {
+            write!(f, "*.{}", self.domain)
+        } else {
+            f.write_str(&self.domain)
+        }
+    }
+}
+
+/// How a service's processes are found: by cgroup path relative to the cgroup2 mount, or by a
+/// regex over such paths.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selector {
+    /// An exact cgroup path, e.g. `system.slice/mysql-deploy.service`.
+    Path(String),
+    /// A regex matched against whole cgroup paths.
+    Regex(String),
+}
+
+/// Where traffic goes: an address block or a host name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Destination {
+    /// An IP address (as a /32 or /128) or a CIDR block.
+    Net(IpNet),
+    /// A host name or wildcard.
+    Host(HostPattern),
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Net(net) if net.prefix_len() == net.max_prefix_len() => write!(f, "{}", net.addr()),
+            Destination::Net(net) => write!(f, "{net}"),
+            Destination::Host(host) => write!(f, "{host}"),
+        }
+    }
+}
+
+/// What an allow entry permits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Another service, through its declared endpoints.
+    Service(String),
+    /// A raw address, block or host name.
+    Destination(Destination),
+}
+
+/// The environment-dependent mode of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ModeSpec {
+    /// Use each environment's default.
+    #[default]
+    Inherit,
+    /// One mode in every environment.
+    All(Located<Mode>),
+    /// Per environment; environments not listed use their default.
+    PerEnvironment(Vec<(Located<String>, Located<Mode>)>),
+}
+
+/// One `[environments.NAME]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environment {
+    /// Its name.
+    pub name: Located<String>,
+    /// Default mode of services in this environment.
+    pub mode: Located<Mode>,
+}
+
+/// A declared endpoint of a service: where others reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Address, block or host.
+    pub destination: Located<Destination>,
+    /// Port ranges; empty means any port.
+    pub ports: Vec<PortRange>,
+    /// Protocol.
+    pub proto: Proto,
+    /// The whole entry.
+    pub loc: Loc,
+}
+
+/// One entry of a service's `allow` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowEntry {
+    /// What it allows.
+    pub target: Located<Target>,
+    /// Port ranges; `None` means any port (or, for a service, its endpoints' ports).
+    pub ports: Option<Vec<PortRange>>,
+    /// Protocol; `None` means any (or, for a service, its endpoints' protocols).
+    pub proto: Option<Proto>,
+    /// False when the service starts and degrades gracefully without this dependency: still
+    /// enforced, but no bootstrap ordering, may close a cycle, not part of criticality checks.
+    pub critical: bool,
+    /// The whole entry.
+    pub loc: Loc,
+}
+
+/// One `[services.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Its name.
+    pub name: Located<String>,
+    /// How its processes are found.
+    pub selector: Option<Located<Selector>>,
+    /// Its layer in the bootstrap model.
+    pub layer: Option<Located<String>>,
+    /// Its group, for isolation.
+    pub group: Option<Located<String>>,
+    /// Owning team.
+    pub owner: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Criticality, 1 = most critical.
+    pub tier: Option<Located<u8>>,
+    /// Mode per environment.
+    pub mode: ModeSpec,
+    /// Where others reach it.
+    pub endpoints: Vec<Endpoint>,
+    /// What it may contact.
+    pub allow: Vec<AllowEntry>,
+}
+
+/// A cycle the team accepts, with a reason; it becomes one supernode in the bootstrap order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntrinsicCycle {
+    /// Its services.
+    pub services: Vec<Located<String>>,
+    /// Why it is acceptable.
+    pub reason: String,
+    /// The whole declaration.
+    pub loc: Loc,
+}
+
+/// A set of groups that must never reach each other, even transitively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationSet {
+    /// The groups.
+    pub groups: Vec<Located<String>>,
+    /// The whole set.
+    pub loc: Loc,
+}
+
+/// A whole policy, possibly merged from several files.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    /// The files it was read from.
+    pub sources: Sources,
+    /// Environments and their default modes.
+    pub environments: Vec<Environment>,
+    /// Layers, bottom to top.
+    pub layers: Vec<Located<String>>,
+    /// Isolated group sets.
+    pub isolated: Vec<IsolationSet>,
+    /// Services, in the order read.
+    pub services: Vec<Service>,
+    /// Accepted cycles.
+    pub intrinsic_cycles: Vec<IntrinsicCycle>,
+}
+
+/// An IP address as a host network (/32 or /128).
+pub fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}

@@ -1,0 +1,129 @@
+//! The policy language: reading TOML files (one file, or a directory of them merged into one
+//! policy) into a [`PolicySet`], with located diagnostics.
+
+pub mod ast;
+mod parse;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use ast::*;
+pub use parse::{POLICY_VERSION, parse_port_range};
+
+use crate::diag::{Diagnostic, Diagnostics, Located};
+use crate::problem::Problem;
+
+/// A policy could not be read at all (as opposed to read and found invalid).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// A file or directory could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A directory without any `*.toml` file.
+    #[error("no `*.toml` policy files in `{path}`")]
+    EmptyDirectory {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+/// The outcome of reading a policy: what could be parsed, and every problem found on the way.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The policy as far as it could be read.
+    pub policy: PolicySet,
+    /// Problems found while parsing and merging.
+    pub diagnostics: Diagnostics,
+    /// False when some file was not valid TOML; later stages should then not run.
+    pub syntax_ok: bool,
+}
+
+/// Reads a policy from a file, or from every `*.toml` file in a directory tree (in path order,
+/// merged into one policy).
+pub fn load(path: &Path) -> Result<Parsed, LoadError> {
+    let io = |source| LoadError::Io { path: path.to_owned(), source };
+    let metadata = std::fs::metadata(path).map_err(io)?;
+    let files = if metadata.is_dir() {
+        let mut files = Vec::new();
+        collect_toml_files(path, &mut files)?;
+        if files.is_empty() {
+            return Err(LoadError::EmptyDirectory { path: path.to_owned() });
+        }
+        files
+    } else {
+        vec![path.to_owned()]
+    };
+    let mut texts = Vec::with_capacity(files.len());
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|source| LoadError::Io { path: file.clone(), source })?;
+        texts.push((file.display().to_string(), text));
+    }
+    Ok(parse_sources(texts))
+}
+
+fn collect_toml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io { path: dir.to_owned(), source };
+    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<_, _>>().map_err(io)?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if hidden {
+            continue;
+        }
+        if path.is_dir() {
+            collect_toml_files(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Parses named texts as the files of one policy.
+pub fn parse_sources(files: impl IntoIterator<Item = (String, String)>) -> Parsed {
+    let mut policy = PolicySet::default();
+    let mut diagnostics = Diagnostics::default();
+    let mut state = parse::MergeState::default();
+    let mut syntax_ok = true;
+    for (name, text) in files {
+        let text: Arc<str> = text.into();
+        let file = policy.sources.add(name, Arc::clone(&text));
+        syntax_ok &= parse::parse_file(file, &text, &mut policy, &mut state, &mut diagnostics);
+    }
+    check_duplicates(&policy, &mut diagnostics);
+    Parsed { policy, diagnostics, syntax_ok }
+}
+
+/// Parses one text as a whole policy (tests, fuzzing, embedding).
+pub fn parse_str(name: &str, text: &str) -> Parsed {
+    parse_sources([(name.to_owned(), text.to_owned())])
+}
+
+fn check_duplicates(policy: &PolicySet, diags: &mut Diagnostics) {
+    duplicates("service", policy.services.iter().map(|s| &s.name), diags);
+    duplicates("environment", policy.environments.iter().map(|e| &e.name), diags);
+    duplicates("layer", policy.layers.iter(), diags);
+}
+
+/// Reports every name defined more than once, pointing at the first definition.
+fn duplicates<'a>(kind: &'static str, names: impl Iterator<Item = &'a Located<String>>, diags: &mut Diagnostics) {
+    let mut first: BTreeMap<&str, &Located<String>> = BTreeMap::new();
+    for name in names {
+        if let Some(earlier) = first.get(name.value.as_str()) {
+            diags.push(
+                Diagnostic::error(Problem::Duplicate { kind, name: name.value.clone() }, name.loc, "defined again here")
+                    .with_note(earlier.loc, "first defined here"),
+            );
+        } else {
+            first.insert(&name.value, name);
+        }
+    }
+}

@@ -1,0 +1,657 @@
+//! TOML text → [`PolicySet`] entries, reporting every problem with its location.
+//!
+//! Two stages, as in cedar: the TOML parser (with recovery) gives a spanned document tree; this
+//! module walks it, checks each key and value, and builds the AST. A bad entry is reported and
+//! skipped, so one run reports every independent problem in the file.
+
+use std::net::IpAddr;
+use std::ops::Range;
+
+use ipnet::IpNet;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::ast::*;
+use crate::diag::{Diagnostic, Diagnostics, FileId, Located, Loc};
+use crate::problem::{Problem, closest};
+
+/// The policy language version this build reads.
+pub const POLICY_VERSION: i64 = 1;
+
+const TOP_KEYS: &[&str] = &["version", "environments", "model", "services", "intrinsic_cycles"];
+const ENVIRONMENT_KEYS: &[&str] = &["mode"];
+const MODEL_KEYS: &[&str] = &["layers", "isolated"];
+const SERVICE_KEYS: &[&str] =
+    &["cgroup", "layer", "group", "owner", "description", "tier", "mode", "endpoints", "allow"];
+const SELECTOR_KEYS: &[&str] = &["regex"];
+const ENDPOINT_KEYS: &[&str] = &["ip", "cidr", "host", "ports", "proto"];
+const ALLOW_KEYS: &[&str] = &["service", "ip", "cidr", "host", "ports", "proto", "critical", "reason"];
+const CYCLE_KEYS: &[&str] = &["services", "reason"];
+
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// Per-run state that spans files: where `[model]` was first defined.
+#[derive(Default)]
+pub(crate) struct MergeState {
+    model_at: Option<Loc>,
+}
+
+/// Parses one file into `policy`. Returns false when the file is not valid TOML (its content is
+/// then not used, so later stages do not report problems that only follow from the bad syntax).
+pub(crate) fn parse_file(
+    file: FileId,
+    text: &str,
+    policy: &mut PolicySet,
+    state: &mut MergeState,
+    diags: &mut Diagnostics,
+) -> bool {
+    let (root, errors) = DeTable::parse_recoverable(text);
+    let mut p = Parser { file, diags };
+    if !errors.is_empty() {
+        for error in errors {
+            let span = error.span().unwrap_or(0..0);
+            let message = error.message().trim_end_matches('\n').replace('\n', "; ");
+            p.error(Problem::Syntax { message }, span, "here");
+        }
+        return false;
+    }
+    p.document(root.get_ref(), policy, state);
+    true
+}
+
+struct Parser<'d> {
+    file: FileId,
+    diags: &'d mut Diagnostics,
+}
+
+impl Parser<'_> {
+    fn loc(&self, span: Range<usize>) -> Loc {
+        Loc::new(self.file, span)
+    }
+
+    fn error(&mut self, problem: Problem, span: Range<usize>, label: &str) {
+        let loc = self.loc(span);
+        self.diags.push(Diagnostic::error(problem, loc, label));
+    }
+
+    fn unknown_key(&mut self, key: &Spanned<std::borrow::Cow<'_, str>>, context: &'static str, known: &[&str]) {
+        let suggestion = closest(key.get_ref(), known.iter().copied());
+        self.error(
+            Problem::UnknownKey { key: key.get_ref().to_string(), context, suggestion },
+            key.span(),
+            "unknown key",
+        );
+    }
+
+    fn wrong_type(&mut self, key: &str, expected: &'static str, value: &Value<'_>) {
+        self.error(
+            Problem::WrongType { key: key.to_owned(), expected, found: value.get_ref().type_str() },
+            value.span(),
+            "wrong type",
+        );
+    }
+
+    fn string<'v>(&mut self, key: &str, value: &'v Value<'_>) -> Option<&'v str> {
+        let text = value.get_ref().as_str();
+        if text.is_none() {
+            self.wrong_type(key, "a string", value);
+        }
+        text
+    }
+
+    fn table<'v, 'i>(&mut self, key: &str, value: &'v Value<'i>) -> Option<&'v DeTable<'i>> {
+        let table = value.get_ref().as_table();
+        if table.is_none() {
+            self.wrong_type(key, "a table", value);
+        }
+        table
+    }
+
+    fn array<'v, 'i>(&mut self, key: &str, value: &'v Value<'i>) -> Option<&'v [Value<'i>]> {
+        let array = value.get_ref().as_array().map(|a| &a[..]);
+        if array.is_none() {
+            self.wrong_type(key, "an array", value);
+        }
+        array
+    }
+
+    fn integer(&mut self, key: &str, value: &Value<'_>) -> Option<i64> {
+        let Some(int) = value.get_ref().as_integer() else {
+            self.wrong_type(key, "an integer", value);
+            return None;
+        };
+        let parsed = i64::from_str_radix(int.as_str(), int.radix()).ok();
+        if parsed.is_none() {
+            self.wrong_type(key, "an integer that fits in 64 bits", value);
+        }
+        parsed
+    }
+
+    fn boolean(&mut self, key: &str, value: &Value<'_>) -> Option<bool> {
+        let b = value.get_ref().as_bool();
+        if b.is_none() {
+            self.wrong_type(key, "`true` or `false`", value);
+        }
+        b
+    }
+
+    /// A name of a service, layer, group or environment.
+    fn name(&mut self, text: &str, span: Range<usize>) -> Option<Located<String>> {
+        let mut chars = text.chars();
+        let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if valid {
+            Some(Located::new(text.to_owned(), self.loc(span)))
+        } else {
+            self.error(Problem::InvalidName { value: text.to_owned() }, span, "not a valid name");
+            None
+        }
+    }
+
+    fn name_value(&mut self, key: &str, value: &Value<'_>) -> Option<Located<String>> {
+        let text = self.string(key, value)?;
+        self.name(text, value.span())
+    }
+
+    fn mode(&mut self, key: &str, value: &Value<'_>) -> Option<Located<Mode>> {
+        let text = self.string(key, value)?;
+        match Mode::parse(text) {
+            Some(mode) => Some(Located::new(mode, self.loc(value.span()))),
+            None => {
+                self.error(Problem::InvalidMode { value: text.to_owned() }, value.span(), "unknown mode");
+                None
+            }
+        }
+    }
+
+    fn document(&mut self, root: &DeTable<'_>, policy: &mut PolicySet, state: &mut MergeState) {
+        let mut version_seen = false;
+        for (key, value) in root.iter() {
+            match key.get_ref().as_ref() {
+                "version" => {
+                    version_seen = true;
+                    if let Some(v) = self.integer("version", value)
+                        && v != POLICY_VERSION
+                    {
+                        self.error(
+                            Problem::UnsupportedVersion { found: v.to_string() },
+                            value.span(),
+                            "unsupported",
+                        );
+                    }
+                }
+                "environments" => self.environments(value, policy),
+                "model" => {
+                    let here = self.loc(key.span());
+                    if let Some(first) = state.model_at {
+                        self.diags.push(
+                            Diagnostic::error(
+                                Problem::Duplicate { kind: "table", name: "model".into() },
+                                here,
+                                "defined again here",
+                            )
+                            .with_note(first, "first defined here"),
+                        );
+                    } else {
+                        state.model_at = Some(here);
+                        self.model(value, policy);
+                    }
+                }
+                "services" => {
+                    if let Some(table) = self.table("services", value) {
+                        for (name, body) in table.iter() {
+                            if let Some(service) = self.service(name, body) {
+                                policy.services.push(service);
+                            }
+                        }
+                    }
+                }
+                "intrinsic_cycles" => {
+                    for item in self.array("intrinsic_cycles", value).unwrap_or_default() {
+                        if let Some(cycle) = self.intrinsic_cycle(item) {
+                            policy.intrinsic_cycles.push(cycle);
+                        }
+                    }
+                }
+                _ => self.unknown_key(key, "the policy", TOP_KEYS),
+            }
+        }
+        if !version_seen {
+            self.error(Problem::MissingKey { key: "version", context: "the policy file" }, 0..0, "add `version = 1`");
+        }
+    }
+
+    fn environments(&mut self, value: &Value<'_>, policy: &mut PolicySet) {
+        let Some(table) = self.table("environments", value) else { return };
+        for (key, body) in table.iter() {
+            let Some(name) = self.name(key.get_ref(), key.span()) else { continue };
+            // `qa = "enforce"` is shorthand for `qa = { mode = "enforce" }`.
+            let mode = if body.get_ref().is_str() {
+                self.mode("mode", body)
+            } else {
+                let Some(env) = self.table(key.get_ref(), body) else { continue };
+                let mut mode = None;
+                for (k, v) in env.iter() {
+                    match k.get_ref().as_ref() {
+                        "mode" => mode = self.mode("mode", v),
+                        _ => self.unknown_key(k, "an environment", ENVIRONMENT_KEYS),
+                    }
+                }
+                if mode.is_none() && !env.contains_key("mode") {
+                    self.error(Problem::MissingKey { key: "mode", context: "an environment" }, key.span(), "no mode");
+                }
+                mode
+            };
+            if let Some(mode) = mode {
+                policy.environments.push(Environment { name, mode });
+            }
+        }
+    }
+
+    fn model(&mut self, value: &Value<'_>, policy: &mut PolicySet) {
+        let Some(table) = self.table("model", value) else { return };
+        for (key, v) in table.iter() {
+            match key.get_ref().as_ref() {
+                "layers" => {
+                    for item in self.array("layers", v).unwrap_or_default() {
+                        if let Some(layer) = self.name_value("layers", item) {
+                            policy.layers.push(layer);
+                        }
+                    }
+                }
+                "isolated" => {
+                    for set in self.array("isolated", v).unwrap_or_default() {
+                        let Some(items) = self.array("isolated", set) else { continue };
+                        let groups: Vec<_> =
+                            items.iter().filter_map(|g| self.name_value("isolated", g)).collect();
+                        policy.isolated.push(IsolationSet { groups, loc: self.loc(set.span()) });
+                    }
+                }
+                _ => self.unknown_key(key, "the model", MODEL_KEYS),
+            }
+        }
+    }
+
+    fn service(&mut self, key: &Spanned<std::borrow::Cow<'_, str>>, body: &Value<'_>) -> Option<Service> {
+        let name = self.name(key.get_ref(), key.span())?;
+        let table = self.table(key.get_ref(), body)?;
+        let mut service = Service {
+            name,
+            selector: None,
+            layer: None,
+            group: None,
+            owner: None,
+            description: None,
+            tier: None,
+            mode: ModeSpec::Inherit,
+            endpoints: Vec::new(),
+            allow: Vec::new(),
+        };
+        for (k, v) in table.iter() {
+            match k.get_ref().as_ref() {
+                "cgroup" => service.selector = self.selector(v),
+                "layer" => service.layer = self.name_value("layer", v),
+                "group" => service.group = self.name_value("group", v),
+                "owner" => service.owner = self.string("owner", v).map(str::to_owned),
+                "description" => service.description = self.string("description", v).map(str::to_owned),
+                "tier" => {
+                    if let Some(t) = self.integer("tier", v) {
+                        match u8::try_from(t) {
+                            Ok(tier @ 1..=9) => service.tier = Some(Located::new(tier, self.loc(v.span()))),
+                            _ => self.error(Problem::InvalidTier { value: t }, v.span(), "out of range"),
+                        }
+                    }
+                }
+                "mode" => service.mode = self.mode_spec(v),
+                "endpoints" => {
+                    for item in self.array("endpoints", v).unwrap_or_default() {
+                        if let Some(endpoint) = self.endpoint(item) {
+                            service.endpoints.push(endpoint);
+                        }
+                    }
+                }
+                "allow" => {
+                    for item in self.array("allow", v).unwrap_or_default() {
+                        if let Some(entry) = self.allow_entry(item) {
+                            service.allow.push(entry);
+                        }
+                    }
+                }
+                _ => self.unknown_key(k, "a service", SERVICE_KEYS),
+            }
+        }
+        Some(service)
+    }
+
+    fn selector(&mut self, value: &Value<'_>) -> Option<Located<Selector>> {
+        let loc = self.loc(value.span());
+        if let Some(path) = value.get_ref().as_str() {
+            let path = path.trim_matches('/');
+            return Some(Located::new(Selector::Path(path.to_owned()), loc));
+        }
+        let table = self.table("cgroup", value)?;
+        let mut selector = None;
+        for (k, v) in table.iter() {
+            match k.get_ref().as_ref() {
+                "regex" => {
+                    let text = self.string("regex", v)?;
+                    match regex::Regex::new(text) {
+                        Ok(_) => selector = Some(Located::new(Selector::Regex(text.to_owned()), loc)),
+                        Err(e) => {
+                            let reason = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
+                            self.error(Problem::InvalidRegex { reason }, v.span(), "does not compile");
+                        }
+                    }
+                }
+                _ => self.unknown_key(k, "a cgroup selector", SELECTOR_KEYS),
+            }
+        }
+        selector
+    }
+
+    fn mode_spec(&mut self, value: &Value<'_>) -> ModeSpec {
+        if value.get_ref().is_str() {
+            return self.mode("mode", value).map_or(ModeSpec::Inherit, ModeSpec::All);
+        }
+        let Some(table) = self.table("mode", value) else { return ModeSpec::Inherit };
+        let mut per_env = Vec::new();
+        for (k, v) in table.iter() {
+            if let (Some(env), Some(mode)) = (self.name(k.get_ref(), k.span()), self.mode("mode", v)) {
+                per_env.push((env, mode));
+            }
+        }
+        ModeSpec::PerEnvironment(per_env)
+    }
+
+    /// The destination keys shared by endpoints and allow entries: `ip`, `cidr`, `host`.
+    fn destination(&mut self, key: &str, value: &Value<'_>) -> Option<Destination> {
+        let text = self.string(key, value)?;
+        match key {
+            "ip" => match text.parse::<IpAddr>() {
+                Ok(ip) => Some(Destination::Net(host_net(ip.to_canonical()))),
+                Err(_) => {
+                    let reason = if text.contains('/') {
+                        "write a block as `cidr = \"…\"`".to_owned()
+                    } else {
+                        "not an IPv4 or IPv6 address".to_owned()
+                    };
+                    self.error(
+                        Problem::InvalidAddress { what: "address", value: text.to_owned(), reason },
+                        value.span(),
+                        "invalid",
+                    );
+                    None
+                }
+            },
+            "cidr" => match text.parse::<IpNet>() {
+                Ok(net) if net.trunc() != net => {
+                    self.error(
+                        Problem::InvalidAddress {
+                            what: "cidr",
+                            value: text.to_owned(),
+                            reason: format!("host bits are set; the block is `{}`", net.trunc()),
+                        },
+                        value.span(),
+                        "host bits set",
+                    );
+                    None
+                }
+                Ok(net) => Some(Destination::Net(canonical_net(net))),
+                Err(_) => {
+                    self.error(
+                        Problem::InvalidAddress {
+                            what: "cidr",
+                            value: text.to_owned(),
+                            reason: "expected `ADDRESS/PREFIX`, e.g. `10.0.0.0/8`".to_owned(),
+                        },
+                        value.span(),
+                        "invalid",
+                    );
+                    None
+                }
+            },
+            _ => match HostPattern::parse(text) {
+                Ok(host) => Some(Destination::Host(host)),
+                Err(reason) => {
+                    self.error(Problem::InvalidHost { value: text.to_owned(), reason }, value.span(), "invalid");
+                    None
+                }
+            },
+        }
+    }
+
+    fn ports(&mut self, value: &Value<'_>) -> Option<Vec<PortRange>> {
+        match value.get_ref() {
+            DeValue::Array(items) if items.is_empty() => {
+                self.error(
+                    Problem::InvalidPort { value: "[]".into(), reason: "the list is empty; omit `ports` for any port" },
+                    value.span(),
+                    "empty",
+                );
+                None
+            }
+            DeValue::Array(items) => {
+                let ranges: Vec<_> = items.iter().map(|item| self.port_range(item)).collect();
+                ranges.into_iter().collect()
+            }
+            _ => self.port_range(value).map(|r| vec![r]),
+        }
+    }
+
+    fn port_range(&mut self, value: &Value<'_>) -> Option<PortRange> {
+        let result = match value.get_ref() {
+            DeValue::Integer(_) => {
+                let n = self.integer("ports", value)?;
+                port_number(&n.to_string()).map(PortRange::single)
+            }
+            DeValue::String(text) => parse_port_range(text),
+            _ => {
+                self.wrong_type("ports", "a port, a range or a list of them", value);
+                return None;
+            }
+        };
+        match result {
+            Ok(range) => Some(range),
+            Err(reason) => {
+                let shown = match value.get_ref() {
+                    DeValue::String(s) => s.to_string(),
+                    DeValue::Integer(i) => i.as_str().to_owned(),
+                    other => other.type_str().to_owned(),
+                };
+                self.error(Problem::InvalidPort { value: shown, reason }, value.span(), "invalid");
+                None
+            }
+        }
+    }
+
+    fn proto(&mut self, value: &Value<'_>) -> Option<Proto> {
+        let text = self.string("proto", value)?;
+        let proto = Proto::parse(text);
+        if proto.is_none() {
+            self.error(Problem::InvalidProto { value: text.to_owned() }, value.span(), "unknown protocol");
+        }
+        proto
+    }
+
+    /// Reads the destination keys of an entry, reporting a conflict or an absence.
+    fn one_destination<'v, 'i>(
+        &mut self,
+        table: &'v DeTable<'i>,
+        keys: &[&'static str],
+        context: &'static str,
+        span: Range<usize>,
+    ) -> Option<(&'static str, &'v Value<'i>)> {
+        let mut found: Option<(&'static str, &'v Value<'i>)> = None;
+        let mut conflict = false;
+        for (k, v) in table.iter() {
+            let Some(&key) = keys.iter().find(|&&known| known == k.get_ref().as_ref()) else { continue };
+            if let Some((first, _)) = found {
+                self.error(
+                    Problem::ConflictingKeys { first: first.to_owned(), second: key.to_owned() },
+                    k.span(),
+                    "second destination",
+                );
+                conflict = true;
+            } else {
+                found = Some((key, v));
+            }
+        }
+        if found.is_none() {
+            self.error(Problem::MissingDestination { context }, span, "no destination");
+        }
+        if conflict { None } else { found }
+    }
+
+    fn endpoint(&mut self, value: &Value<'_>) -> Option<Endpoint> {
+        let table = self.table("endpoints", value)?;
+        let mut ports = Vec::new();
+        let mut proto = Proto::Any;
+        let mut ok = true;
+        for (k, v) in table.iter() {
+            match k.get_ref().as_ref() {
+                "ip" | "cidr" | "host" => {}
+                "ports" => match self.ports(v) {
+                    Some(p) => ports = p,
+                    None => ok = false,
+                },
+                "proto" => match self.proto(v) {
+                    Some(p) => proto = p,
+                    None => ok = false,
+                },
+                _ => self.unknown_key(k, "an endpoint", ENDPOINT_KEYS),
+            }
+        }
+        let (key, v) = self.one_destination(table, &["ip", "cidr", "host"], "an endpoint", value.span())?;
+        let destination = self.destination(key, v)?;
+        ok.then(|| Endpoint {
+            destination: Located::new(destination, self.loc(v.span())),
+            ports,
+            proto,
+            loc: self.loc(value.span()),
+        })
+    }
+
+    fn allow_entry(&mut self, value: &Value<'_>) -> Option<AllowEntry> {
+        let table = self.table("allow", value)?;
+        let mut ports = None;
+        let mut proto = None;
+        let mut critical = true;
+        let mut ok = true;
+        for (k, v) in table.iter() {
+            match k.get_ref().as_ref() {
+                "service" | "ip" | "cidr" | "host" => {}
+                "ports" => match self.ports(v) {
+                    Some(p) => ports = Some(p),
+                    None => ok = false,
+                },
+                "proto" => match self.proto(v) {
+                    Some(p) => proto = Some(p),
+                    None => ok = false,
+                },
+                "critical" => critical = self.boolean("critical", v).unwrap_or(true),
+                "reason" => ok &= self.string("reason", v).is_some(),
+                _ => self.unknown_key(k, "an allow entry", ALLOW_KEYS),
+            }
+        }
+        let (key, v) =
+            self.one_destination(table, &["service", "ip", "cidr", "host"], "an allow entry", value.span())?;
+        let target = if key == "service" {
+            Target::Service(self.name_value("service", v)?.value)
+        } else {
+            Target::Destination(self.destination(key, v)?)
+        };
+        ok.then(|| AllowEntry {
+            target: Located::new(target, self.loc(v.span())),
+            ports,
+            proto,
+            critical,
+            loc: self.loc(value.span()),
+        })
+    }
+
+    fn intrinsic_cycle(&mut self, value: &Value<'_>) -> Option<IntrinsicCycle> {
+        let table = self.table("intrinsic_cycles", value)?;
+        let mut services = Vec::new();
+        let mut reason = None;
+        for (k, v) in table.iter() {
+            match k.get_ref().as_ref() {
+                "services" => {
+                    services = self
+                        .array("services", v)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|s| self.name_value("services", s))
+                        .collect();
+                }
+                "reason" => reason = self.string("reason", v).map(str::to_owned),
+                _ => self.unknown_key(k, "an intrinsic cycle", CYCLE_KEYS),
+            }
+        }
+        let Some(reason) = reason else {
+            self.error(
+                Problem::MissingKey { key: "reason", context: "an intrinsic cycle" },
+                value.span(),
+                "every accepted cycle needs a reason",
+            );
+            return None;
+        };
+        Some(IntrinsicCycle { services, reason, loc: self.loc(value.span()) })
+    }
+}
+
+/// IPv4-mapped IPv6 blocks (`::ffff:a.b.c.d/96+n`) become IPv4 blocks, so they match IPv4
+/// connections and overlap checks see one address space.
+pub(crate) fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+fn port_number(text: &str) -> Result<u16, &'static str> {
+    match text.trim().parse::<u32>() {
+        Ok(0) => Err("port 0 is not a port; omit `ports` for any port"),
+        Ok(n) => u16::try_from(n).map_err(|_| "ports run from 1 to 65535"),
+        Err(_) => Err("not a number"),
+    }
+}
+
+/// Parses `"443"` or `"8000-8100"`.
+pub fn parse_port_range(text: &str) -> Result<PortRange, &'static str> {
+    match text.split_once('-') {
+        Some((first, last)) => {
+            let (first, last) = (port_number(first)?, port_number(last)?);
+            if first > last {
+                return Err("the range runs backwards");
+            }
+            Ok(PortRange { first, last })
+        }
+        None => port_number(text).map(PortRange::single),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("443"), Ok(PortRange::single(443)));
+        assert_eq!(parse_port_range("8000-8100"), Ok(PortRange { first: 8000, last: 8100 }));
+        assert!(parse_port_range("8100-8000").is_err());
+        assert!(parse_port_range("0").is_err());
+        assert!(parse_port_range("70000").is_err());
+        assert!(parse_port_range("http").is_err());
+    }
+
+    #[test]
+    fn mapped_ipv6_becomes_ipv4() {
+        let net: IpNet = "::ffff:10.1.0.0/112".parse().unwrap();
+        assert_eq!(canonical_net(net), "10.1.0.0/16".parse::<IpNet>().unwrap());
+        let plain: IpNet = "2001:db8::/32".parse().unwrap();
+        assert_eq!(canonical_net(plain), plain);
+    }
+}

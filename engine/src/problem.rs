@@ -1,0 +1,319 @@
+//! Every kind of problem depfence reports about a policy, with its message, stable code and help.
+//!
+//! Messages follow one style: lowercase, no final period, user values in backticks, advice in
+//! [`Problem::help`].
+
+use thiserror::Error;
+
+const MODE_HELP: &str = "a mode is one of `off`, `audit` or `enforce`";
+const PORTS_HELP: &str =
+    "ports are a number (`443`), a range (`\"8000-8100\"`) or a list of them (`[443, \"8000-8100\"]`)";
+const CYCLE_HELP: &str = "break the cycle, mark one of its dependencies `critical = false` if the service starts without it, or declare it in `[[intrinsic_cycles]]` with a reason";
+
+/// What is wrong with a policy.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The file is not valid TOML.
+    #[error("invalid toml: {message}")]
+    Syntax {
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// A key that the policy language does not have.
+    #[error("unknown key `{key}` in {context}")]
+    UnknownKey {
+        /// The key as written.
+        key: String,
+        /// Where it was found, e.g. "a service".
+        context: &'static str,
+        /// The closest known key, if close enough.
+        suggestion: Option<String>,
+    },
+    /// A required key is absent.
+    #[error("missing key `{key}` in {context}")]
+    MissingKey {
+        /// The key.
+        key: &'static str,
+        /// Where it is required.
+        context: &'static str,
+    },
+    /// A value of the wrong TOML type.
+    #[error("`{key}` must be {expected}, found {found}")]
+    WrongType {
+        /// The key or element being read.
+        key: String,
+        /// What the language expects.
+        expected: &'static str,
+        /// The TOML type found.
+        found: &'static str,
+    },
+    /// The policy language version is not one this build knows.
+    #[error("unsupported policy version `{found}`")]
+    UnsupportedVersion {
+        /// The version written.
+        found: String,
+    },
+    /// A mode name that does not exist.
+    #[error("unknown mode `{value}`")]
+    InvalidMode {
+        /// The value as written.
+        value: String,
+    },
+    /// A protocol name that does not exist.
+    #[error("unknown protocol `{value}`")]
+    InvalidProto {
+        /// The value as written.
+        value: String,
+    },
+    /// A port or port range that is not valid.
+    #[error("invalid port `{value}`: {reason}")]
+    InvalidPort {
+        /// The value as written.
+        value: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// An IP address or CIDR that does not parse.
+    #[error("invalid {what} `{value}`: {reason}")]
+    InvalidAddress {
+        /// "address" or "cidr".
+        what: &'static str,
+        /// The value as written.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+    /// A host name or wildcard that is not valid.
+    #[error("invalid host name `{value}`: {reason}")]
+    InvalidHost {
+        /// The value as written.
+        value: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A cgroup selector regex that does not compile.
+    #[error("invalid cgroup regex: {reason}")]
+    InvalidRegex {
+        /// The regex engine's message.
+        reason: String,
+    },
+    /// A name that is not a valid identifier.
+    #[error("invalid name `{value}`")]
+    InvalidName {
+        /// The value as written.
+        value: String,
+    },
+    /// A tier outside 1..=9.
+    #[error("invalid tier `{value}`")]
+    InvalidTier {
+        /// The value as written.
+        value: i64,
+    },
+    /// Two keys that exclude each other in one table.
+    #[error("`{first}` and `{second}` cannot be used together")]
+    ConflictingKeys {
+        /// The first key.
+        first: String,
+        /// The second key.
+        second: String,
+    },
+    /// An allow entry or endpoint with no destination.
+    #[error("{context} names no destination")]
+    MissingDestination {
+        /// "an allow entry" or "an endpoint".
+        context: &'static str,
+    },
+    /// Something defined twice, possibly in two files.
+    #[error("{kind} `{name}` is defined more than once")]
+    Duplicate {
+        /// "service", "environment", …
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// A reference to something not defined.
+    #[error("unknown {kind} `{name}`")]
+    Unknown {
+        /// "service", "layer", "environment" or "group".
+        kind: &'static str,
+        /// The name as written.
+        name: String,
+        /// The closest defined name, if close enough.
+        suggestion: Option<String>,
+    },
+    /// A dependency on a higher layer.
+    #[error(
+        "`{from}` (layer `{from_layer}`) depends on `{to}` in the higher layer `{to_layer}`"
+    )]
+    LayerViolation {
+        /// The dependent service.
+        from: String,
+        /// Its layer.
+        from_layer: String,
+        /// The dependency.
+        to: String,
+        /// Its layer.
+        to_layer: String,
+    },
+    /// A path between two isolated groups.
+    #[error("isolated group `{from_group}` reaches group `{to_group}` via {path}")]
+    IsolationViolation {
+        /// The group the path starts in.
+        from_group: String,
+        /// The group the path reaches.
+        to_group: String,
+        /// The path, `a -> b -> c`.
+        path: String,
+    },
+    /// A dependency cycle that was not declared intrinsic.
+    #[error("dependency cycle {path}")]
+    Cycle {
+        /// The cycle, `a -> b -> a`.
+        path: String,
+    },
+    /// A critical service depending on a less critical one.
+    #[error("tier {from_tier} service `{from}` depends on tier {to_tier} service `{to}`")]
+    CriticalityInversion {
+        /// The dependent service.
+        from: String,
+        /// Its tier.
+        from_tier: u8,
+        /// The dependency.
+        to: String,
+        /// Its tier.
+        to_tier: u8,
+    },
+    /// An allowed service that declares no endpoints, so the allow permits no traffic.
+    #[error("`{service}` declares no endpoints, so allowing it permits no traffic")]
+    NoEndpoints {
+        /// The allowed service.
+        service: String,
+    },
+    /// Narrowing a service reference by ports or protocol leaves nothing.
+    #[error("no endpoint of `{service}` matches these ports and protocol")]
+    EmptyNarrowing {
+        /// The allowed service.
+        service: String,
+    },
+    /// A service with no layer while the model has layers.
+    #[error("service `{service}` has no layer, so layer checks skip it")]
+    NoLayer {
+        /// The service.
+        service: String,
+    },
+    /// A declared intrinsic cycle whose services do not form one cycle.
+    #[error("declared intrinsic cycle {services} is not a dependency cycle")]
+    StaleIntrinsicCycle {
+        /// The declared services, comma separated.
+        services: String,
+    },
+}
+
+impl Problem {
+    /// A stable, documented code for this kind of problem.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Problem::Syntax { .. } => "depfence::syntax",
+            Problem::UnknownKey { .. } => "depfence::unknown_key",
+            Problem::MissingKey { .. } => "depfence::missing_key",
+            Problem::WrongType { .. } => "depfence::wrong_type",
+            Problem::UnsupportedVersion { .. } => "depfence::version",
+            Problem::InvalidMode { .. } => "depfence::invalid_mode",
+            Problem::InvalidProto { .. } => "depfence::invalid_proto",
+            Problem::InvalidPort { .. } => "depfence::invalid_port",
+            Problem::InvalidAddress { .. } => "depfence::invalid_address",
+            Problem::InvalidHost { .. } => "depfence::invalid_host",
+            Problem::InvalidRegex { .. } => "depfence::invalid_regex",
+            Problem::InvalidName { .. } => "depfence::invalid_name",
+            Problem::InvalidTier { .. } => "depfence::invalid_tier",
+            Problem::ConflictingKeys { .. } => "depfence::conflicting_keys",
+            Problem::MissingDestination { .. } => "depfence::missing_destination",
+            Problem::Duplicate { .. } => "depfence::duplicate",
+            Problem::Unknown { .. } => "depfence::unknown_reference",
+            Problem::LayerViolation { .. } => "depfence::layer_violation",
+            Problem::IsolationViolation { .. } => "depfence::isolation_violation",
+            Problem::Cycle { .. } => "depfence::cycle",
+            Problem::CriticalityInversion { .. } => "depfence::criticality_inversion",
+            Problem::NoEndpoints { .. } => "depfence::no_endpoints",
+            Problem::EmptyNarrowing { .. } => "depfence::empty_narrowing",
+            Problem::NoLayer { .. } => "depfence::no_layer",
+            Problem::StaleIntrinsicCycle { .. } => "depfence::stale_intrinsic_cycle",
+        }
+    }
+
+    /// Advice for fixing the problem, if there is any.
+    pub fn help(&self) -> Option<String> {
+        match self {
+            Problem::UnknownKey { suggestion: Some(s), .. }
+            | Problem::Unknown { suggestion: Some(s), .. } => Some(format!("did you mean `{s}`?")),
+            Problem::UnsupportedVersion { .. } => Some("this build of depfence reads `version = 1`".into()),
+            Problem::InvalidMode { .. } => Some(MODE_HELP.into()),
+            Problem::InvalidProto { .. } => Some("a protocol is `tcp`, `udp` or `any`".into()),
+            Problem::InvalidPort { .. } => Some(PORTS_HELP.into()),
+            Problem::InvalidHost { .. } => Some(
+                "use a name such as `api.example.com`, or `*.example.com` for every name below it".into(),
+            ),
+            Problem::InvalidName { .. } => Some(
+                "names start with a letter and use lowercase letters, digits, `-`, `_` and `.`".into(),
+            ),
+            Problem::InvalidTier { .. } => Some("tiers run from 1 (most critical) to 9".into()),
+            Problem::MissingDestination { .. } => {
+                Some("add one of `service`, `ip`, `cidr` or `host`".into())
+            }
+            Problem::Duplicate { .. } => Some("rename or remove one of the definitions".into()),
+            Problem::LayerViolation { .. } => Some(
+                "a service may depend only on its own layer or lower ones, so the system can bootstrap bottom-up; mark the dependency `critical = false` if the service starts without it".into(),
+            ),
+            Problem::IsolationViolation { .. } => {
+                Some("remove one dependency on the path; isolated groups must not reach each other, even transitively".into())
+            }
+            Problem::Cycle { .. } => Some(CYCLE_HELP.into()),
+            Problem::CriticalityInversion { .. } => Some(
+                "no service is more reliable than its critical dependencies: raise the dependency's tier or mark the dependency `critical = false`".into(),
+            ),
+            Problem::NoEndpoints { .. } => {
+                Some("declare `endpoints` on that service, or allow its addresses directly".into())
+            }
+            Problem::NoLayer { .. } => Some("add `layer = \"…\"` to the service".into()),
+            Problem::StaleIntrinsicCycle { .. } => {
+                Some("remove the declaration, or list exactly the services of the cycle".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The closest candidate to `word` within a small edit distance, for "did you mean" help.
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let max = match word.chars().count() {
+        0..=3 => 1,
+        4..=7 => 2,
+        _ => 3,
+    };
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .filter(|&(d, _)| d <= max)
+        .min_by_key(|&(d, c)| (d, c.to_owned()))
+        .map(|(_, c)| c.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_finds_near_names_only() {
+        assert_eq!(closest("alow", ["allow", "layer"]), Some("allow".into()));
+        assert_eq!(closest("tier", ["allow", "layer"]), None);
+        assert_eq!(closest("artifact-mirorr", ["artifact-mirror"]), Some("artifact-mirror".into()));
+    }
+
+    #[test]
+    fn help_carries_suggestion() {
+        let p = Problem::UnknownKey { key: "alow".into(), context: "a service", suggestion: Some("allow".into()) };
+        assert_eq!(p.to_string(), "unknown key `alow` in a service");
+        assert_eq!(p.help().as_deref(), Some("did you mean `allow`?"));
+    }
+}

@@ -1,0 +1,306 @@
+//! The compiled, immutable policy every consumer reads: kernel datapath, in-process guard, CLI.
+//!
+//! A [`Snapshot`] holds, per service, its mode in every environment and its allow rules already
+//! in the shape the kernel maps use: one rule per (address block, protocol, port range). Service
+//! references are expanded into the target's endpoints. Its content hash covers everything that
+//! changes behaviour; source positions (for `explain`) ride beside it in [`DebugInfo`] and are not
+//! hashed, so reformatting a policy never changes the hash.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::policy::{HostPattern, Mode, PortRange, Proto, Selector};
+
+/// Version of the snapshot encoding; a loader refuses another.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// First bytes of an encoded snapshot file.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"DEPFNCE\0";
+
+/// Index of a service in [`Snapshot::services`].
+pub type ServiceId = u32;
+
+/// Index of an allow entry's origin in [`DebugInfo::origins`].
+pub type OriginId = u32;
+
+/// One rule for addresses: a block, a protocol and a port range.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NetRule {
+    /// Destination block (IPv4-mapped IPv6 already folded into IPv4).
+    pub net: IpNet,
+    /// Protocol.
+    pub proto: Proto,
+    /// Port range ([`PortRange::ANY`] for any port).
+    pub ports: PortRange,
+    /// The allow entry this rule came from.
+    pub origin: OriginId,
+    /// The service this rule reaches, when known (explicitly or inferred from its endpoints).
+    pub target: Option<ServiceId>,
+}
+
+/// One rule for host names (enforced through DNS; see the DNS-aware backends).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HostRule {
+    /// Name or wildcard.
+    pub host: HostPattern,
+    /// Protocol.
+    pub proto: Proto,
+    /// Port range.
+    pub ports: PortRange,
+    /// The allow entry this rule came from.
+    pub origin: OriginId,
+    /// The service this rule reaches, when known.
+    pub target: Option<ServiceId>,
+}
+
+/// A service's compiled policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRuleset {
+    /// Name.
+    pub name: String,
+    /// How its processes are found.
+    pub selector: Option<Selector>,
+    /// Layer name.
+    pub layer: Option<String>,
+    /// Isolation group.
+    pub group: Option<String>,
+    /// Owning team.
+    pub owner: Option<String>,
+    /// Criticality tier.
+    pub tier: Option<u8>,
+    /// Mode per environment, indexed like [`Snapshot::environments`].
+    pub modes: Vec<Mode>,
+    /// Address rules, sorted.
+    pub net_rules: Vec<NetRule>,
+    /// Host-name rules, sorted.
+    pub host_rules: Vec<HostRule>,
+}
+
+impl ServiceRuleset {
+    /// The most specific address rule that allows `conn`: longest prefix, then
+    /// narrowest port range, then exact protocol.
+    pub fn matching_rule(&self, conn: &Connection) -> Option<&NetRule> {
+        let addr = conn.addr.to_canonical();
+        self
+            .net_rules
+            .iter()
+            .filter(|r| r.net.contains(&addr) && r.ports.contains(conn.port) && r.proto.covers(conn.proto))
+            .min_by_key(|r| (std::cmp::Reverse(r.net.prefix_len()), r.ports.len(), r.proto == Proto::Any))
+    }
+
+    /// Judges `conn` from this service in environment `env` (an index into
+    /// [`Snapshot::environments`]).
+    pub fn decide(&self, env: usize, conn: &Connection) -> Decision<'_> {
+        let mode = self.modes.get(env).copied().unwrap_or(Mode::Off);
+        let rule = self.matching_rule(conn);
+        let verdict = match (mode, rule) {
+            (Mode::Off, _) | (_, Some(_)) => Verdict::Allowed,
+            (Mode::Audit, None) => Verdict::WouldReject,
+            (Mode::Enforce, None) => Verdict::Rejected,
+        };
+        Decision { verdict, mode, rule }
+    }
+
+}
+
+/// An environment and its default mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentEntry {
+    /// Name.
+    pub name: String,
+    /// Default mode.
+    pub mode: Mode,
+}
+
+/// Everything that decides behaviour; this is what the hash covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotContent {
+    /// Encoding version.
+    pub format: u32,
+    /// Environments, sorted by name.
+    pub environments: Vec<EnvironmentEntry>,
+    /// Services, sorted by name.
+    pub services: Vec<ServiceRuleset>,
+    /// Bootstrap stages: each stage lists groups of services that start together (a group of
+    /// several is an accepted intrinsic cycle).
+    pub bootstrap: Vec<Vec<Vec<ServiceId>>>,
+}
+
+/// Where an allow entry was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// Index into [`DebugInfo::files`].
+    pub file: u32,
+    /// 1-based line.
+    pub line: u32,
+    /// 1-based column.
+    pub column: u32,
+    /// The service whose allow list holds the entry.
+    pub service: ServiceId,
+}
+
+/// Source positions of rules; not hashed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DebugInfo {
+    /// Policy file names.
+    pub files: Vec<String>,
+    /// One origin per allow entry.
+    pub origins: Vec<Origin>,
+}
+
+/// A SHA-256 content hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ContentHash(pub [u8; 32]);
+
+impl fmt::Display for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// Reading an encoded snapshot failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// Not a snapshot file.
+    #[error("not a depfence snapshot (bad magic bytes)")]
+    BadMagic,
+    /// Written by a build with another encoding.
+    #[error("snapshot format {found} is not supported (this build reads format {SNAPSHOT_FORMAT})")]
+    Format {
+        /// The format in the file.
+        found: u32,
+    },
+    /// The content does not match its hash.
+    #[error("snapshot content does not match its hash (file damaged or edited)")]
+    HashMismatch,
+    /// Decoding or encoding failed.
+    #[error("snapshot encoding: {0}")]
+    Encoding(#[from] postcard::Error),
+}
+
+/// The immutable compiled policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    content: SnapshotContent,
+    hash: ContentHash,
+    debug: DebugInfo,
+}
+
+/// A connection attempt to judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    /// Destination address (IPv4-mapped IPv6 is treated as IPv4).
+    pub addr: IpAddr,
+    /// Destination port.
+    pub port: u16,
+    /// Protocol (`Tcp` or `Udp`).
+    pub proto: Proto,
+}
+
+/// What happens to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// A rule allows it (or the mode is `off`).
+    Allowed,
+    /// No rule allows it; the service is in audit, so it passes and is counted.
+    WouldReject,
+    /// No rule allows it; the service enforces, so the caller gets `EPERM`.
+    Rejected,
+}
+
+/// The outcome of [`Snapshot::decide`]: the verdict and the rule that decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision<'s> {
+    /// The verdict under the service's mode.
+    pub verdict: Verdict,
+    /// The mode that applied.
+    pub mode: Mode,
+    /// The most specific matching rule, if any.
+    pub rule: Option<&'s NetRule>,
+}
+
+impl Snapshot {
+    /// Freezes compiled content; computes the hash.
+    pub fn new(content: SnapshotContent, debug: DebugInfo) -> Result<Self, SnapshotError> {
+        let hash = hash_content(&content)?;
+        Ok(Snapshot { content, hash, debug })
+    }
+
+    /// The content hash.
+    pub fn hash(&self) -> ContentHash {
+        self.hash
+    }
+
+    /// Environments, sorted by name.
+    pub fn environments(&self) -> &[EnvironmentEntry] {
+        &self.content.environments
+    }
+
+    /// Services, sorted by name.
+    pub fn services(&self) -> &[ServiceRuleset] {
+        &self.content.services
+    }
+
+    /// Bootstrap stages.
+    pub fn bootstrap(&self) -> &[Vec<Vec<ServiceId>>] {
+        &self.content.bootstrap
+    }
+
+    /// Source positions.
+    pub fn debug_info(&self) -> &DebugInfo {
+        &self.debug
+    }
+
+    /// The content that decides behaviour.
+    pub fn content(&self) -> &SnapshotContent {
+        &self.content
+    }
+
+    /// Looks a service up by name.
+    pub fn service(&self, name: &str) -> Option<(ServiceId, &ServiceRuleset)> {
+        let services = &self.content.services;
+        let index = services.binary_search_by(|s| s.name.as_str().cmp(name)).ok()?;
+        services.get(index).map(|s| (index as ServiceId, s))
+    }
+
+    /// Index of an environment by name.
+    pub fn environment_index(&self, name: &str) -> Option<usize> {
+        self.content.environments.iter().position(|e| e.name == name)
+    }
+
+    /// Total number of address rules.
+    pub fn net_rule_count(&self) -> usize {
+        self.content.services.iter().map(|s| s.net_rules.len()).sum()
+    }
+
+    /// Encodes to bytes: magic, then postcard.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, SnapshotError> {
+        let mut bytes = SNAPSHOT_MAGIC.to_vec();
+        bytes.extend(postcard::to_stdvec(self)?);
+        Ok(bytes)
+    }
+
+    /// Decodes and verifies bytes written by [`Snapshot::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let body = bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice()).ok_or(SnapshotError::BadMagic)?;
+        let snapshot: Snapshot = postcard::from_bytes(body)?;
+        if snapshot.content.format != SNAPSHOT_FORMAT {
+            return Err(SnapshotError::Format { found: snapshot.content.format });
+        }
+        if hash_content(&snapshot.content)? != snapshot.hash {
+            return Err(SnapshotError::HashMismatch);
+        }
+        Ok(snapshot)
+    }
+}
+
+fn hash_content(content: &SnapshotContent) -> Result<ContentHash, SnapshotError> {
+    let bytes = postcard::to_stdvec(content)?;
+    Ok(ContentHash(Sha256::digest(&bytes).into()))
+}
