@@ -12,3 +12,4 @@ pub mod graph;
 pub mod policy;
 pub mod problem;
 pub mod snapshot;
+pub mod synth;

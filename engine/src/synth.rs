@@ -1,0 +1,1 @@
+//! Synthetic policies of any size, for benchmarks and scale tests.
