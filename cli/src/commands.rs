@@ -1,0 +1,359 @@
+//! One function per subcommand; each returns the process exit code.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+
+use depfence::compile::{self, Analysis, Compiled};
+use depfence::diag::Diagnostics;
+use depfence::policy::{self, Destination, Parsed, Proto};
+use depfence::snapshot::{Connection, NetRule, Snapshot, Verdict};
+
+use crate::args::{Cli, Command, ErrorFormat, Output, SnapshotFormat};
+use crate::graph;
+use crate::output::{CliError, EXIT_INVALID, print_diagnostics};
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let format = cli.error_format;
+    match cli.command {
+        Command::Check { policy, deny_warnings } => check(&policy.policy, format, deny_warnings),
+        Command::Compile { policy, output, format: encoding } => {
+            let Some((_, compiled)) = compiled(&policy.policy, format)? else { return Ok(invalid()) };
+            let bytes = match encoding {
+                SnapshotFormat::Binary => compiled.snapshot.to_bytes()?,
+                SnapshotFormat::Json => {
+                    serde_json::to_vec_pretty(&compiled.snapshot).map_err(std::io::Error::from)?
+                }
+            };
+            std::fs::write(&output, bytes)
+                .map_err(|source| CliError::Io { context: format!("writing `{}`", output.display()), source })?;
+            let warnings = compiled.analysis.diagnostics.warnings().count();
+            if warnings > 0 {
+                eprintln!("note: the policy has {warnings} warning(s); run `policyctl check` to see them");
+            }
+            eprintln!(
+                "compiled {} services, {} address rules into {} (sha256 {})",
+                compiled.snapshot.services().len(),
+                compiled.snapshot.net_rule_count(),
+                output.display(),
+                compiled.snapshot.hash()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Graph { policy, format: language } => {
+            let Some((parsed, analysis)) = analyzed(&policy.policy, format, false)? else { return Ok(invalid()) };
+            let text = graph::render(&analysis, language);
+            std::io::stdout().write_all(text.as_bytes())?;
+            if analysis.diagnostics.has_errors() {
+                eprintln!(
+                    "note: the policy has {} error(s), highlighted in the graph; run `policyctl check` for details",
+                    analysis.diagnostics.errors().count()
+                );
+            }
+            drop(parsed);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain { policy, from, to, environment, output } => {
+            let connection = parse_destination(&to)?;
+            let Some((parsed, compiled)) = compiled(&policy.policy, format)? else { return Ok(invalid()) };
+            explain(&parsed, &compiled.snapshot, &from, connection, environment.as_deref(), output)
+        }
+        Command::BootstrapOrder { policy, output } => {
+            let Some((_, compiled)) = compiled(&policy.policy, format)? else { return Ok(invalid()) };
+            bootstrap_order(&compiled.analysis, output)
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "policyctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn invalid() -> ExitCode {
+    ExitCode::from(EXIT_INVALID)
+}
+
+/// Parses, and analyzes when the syntax allows. Prints the diagnostics when there are errors,
+/// or always when `show_all`. Returns None when the policy cannot be analyzed.
+fn analyzed(path: &Path, format: ErrorFormat, show_all: bool) -> Result<Option<(Parsed, Analysis)>, CliError> {
+    let parsed = policy::load(path)?;
+    if !parsed.syntax_ok {
+        print_diagnostics(format, &parsed.policy.sources, &parsed.diagnostics)?;
+        return Ok(None);
+    }
+    let mut analysis = compile::analyze(&parsed.policy);
+    let mut all = parsed.diagnostics.clone();
+    all.extend(std::mem::take(&mut analysis.diagnostics));
+    all.sort();
+    analysis.diagnostics = all;
+    if show_all || analysis.diagnostics.has_errors() {
+        print_diagnostics(format, &parsed.policy.sources, &analysis.diagnostics)?;
+    }
+    Ok(Some((parsed, analysis)))
+}
+
+/// Parses and compiles; prints diagnostics (errors, or warnings only as a summary) and returns
+/// None when the policy is invalid.
+fn compiled(path: &Path, format: ErrorFormat) -> Result<Option<(Parsed, Compiled)>, CliError> {
+    let Some((parsed, analysis)) = analyzed(path, format, false)? else { return Ok(None) };
+    if analysis.diagnostics.has_errors() {
+        return Ok(None);
+    }
+    match compile::compile(&parsed.policy) {
+        Ok(compiled) => Ok(Some((parsed, compiled))),
+        Err(compile::CompileError::Invalid(diagnostics)) => {
+            print_diagnostics(format, &parsed.policy.sources, &diagnostics)?;
+            Ok(None)
+        }
+        Err(compile::CompileError::Snapshot(e)) => Err(e.into()),
+        Err(e) => Err(CliError::Usage(e.to_string())),
+    }
+}
+
+fn check(path: &Path, format: ErrorFormat, deny_warnings: bool) -> Result<ExitCode, CliError> {
+    let Some((parsed, analysis)) = analyzed(path, format, true)? else { return Ok(invalid()) };
+    let diagnostics: &Diagnostics = &analysis.diagnostics;
+    if diagnostics.has_errors() || (deny_warnings && !diagnostics.is_empty()) {
+        return Ok(invalid());
+    }
+    if format != ErrorFormat::Json {
+        let compiled = compile::compile(&parsed.policy).map_err(|e| CliError::Usage(e.to_string()))?;
+        let snapshot = &compiled.snapshot;
+        println!(
+            "ok: {} services, {} dependencies, {} address rules, {} environments; sha256 {}",
+            snapshot.services().len(),
+            analysis.edges.len(),
+            snapshot.net_rule_count(),
+            snapshot.environments().len(),
+            snapshot.hash()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `ADDR:PORT[/PROTO]`, `[V6]:PORT[/PROTO]`.
+fn parse_destination(text: &str) -> Result<Connection, CliError> {
+    let usage = |why: &str| CliError::Usage(format!("invalid destination `{text}`: {why} (expected ADDR:PORT[/PROTO])"));
+    let (socket, proto) = match text.rsplit_once('/') {
+        Some((socket, proto)) => (socket, proto),
+        None => (text, "tcp"),
+    };
+    let proto = match Proto::parse(proto) {
+        Some(p @ (Proto::Tcp | Proto::Udp)) => p,
+        _ => return Err(usage("the protocol is `tcp` or `udp`")),
+    };
+    let socket: SocketAddr = socket.parse().map_err(|_| usage("not an address with a port"))?;
+    Ok(Connection { addr: socket.ip(), port: socket.port(), proto })
+}
+
+fn describe_rule(snapshot: &Snapshot, rule: &NetRule) -> String {
+    let proto = if rule.proto == Proto::Any { "any protocol".to_owned() } else { rule.proto.to_string() };
+    let ports = if rule.ports.is_any() { "any port".to_owned() } else { format!("port {}", rule.ports) };
+    let mut text = format!("{} {ports}, {proto}", rule.net);
+    if let Some(target) = rule.target.and_then(|t| snapshot.services().get(t as usize)) {
+        let _ = write!(text, " (service `{}`)", target.name);
+    }
+    text
+}
+
+fn rule_position(snapshot: &Snapshot, rule: &NetRule) -> String {
+    let debug = snapshot.debug_info();
+    debug
+        .origins
+        .get(rule.origin as usize)
+        .map(|o| {
+            let file = debug.files.get(o.file as usize).map_or("?", String::as_str);
+            format!("{file}:{}:{}", o.line, o.column)
+        })
+        .unwrap_or_default()
+}
+
+/// The services whose declared endpoints hold `addr`.
+fn endpoint_owners(parsed: &Parsed, conn: &Connection) -> Vec<String> {
+    let addr: IpAddr = conn.addr.to_canonical();
+    parsed
+        .policy
+        .services
+        .iter()
+        .filter(|s| {
+            s.endpoints.iter().any(|e| match &e.destination.value {
+                Destination::Net(net) => {
+                    net.contains(&addr)
+                        && (e.ports.is_empty() || e.ports.iter().any(|p| p.contains(conn.port)))
+                        && e.proto.covers(conn.proto)
+                }
+                Destination::Host(_) => false,
+            })
+        })
+        .map(|s| s.name.value.clone())
+        .collect()
+}
+
+fn explain(
+    parsed: &Parsed,
+    snapshot: &Snapshot,
+    from: &str,
+    conn: Connection,
+    environment: Option<&str>,
+    output: Output,
+) -> Result<ExitCode, CliError> {
+    let Some((_, service)) = snapshot.service(from) else {
+        let names = snapshot.services().iter().map(|s| s.name.as_str());
+        let hint = depfence::problem::closest(from, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+        return Err(CliError::Usage(format!("unknown service `{from}`{hint}")));
+    };
+    let environments: Vec<usize> = match environment {
+        Some(name) => vec![snapshot.environment_index(name).ok_or_else(|| {
+            let known = snapshot.environments().iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ");
+            CliError::Usage(format!("unknown environment `{name}` (the policy has: {known})"))
+        })?],
+        None => (0..snapshot.environments().len()).collect(),
+    };
+    let destination = match conn.addr {
+        IpAddr::V6(v6) => format!("[{v6}]:{}/{}", conn.port, conn.proto),
+        IpAddr::V4(v4) => format!("{v4}:{}/{}", conn.port, conn.proto),
+    };
+    let owners = endpoint_owners(parsed, &conn);
+    let rule = service.matching_rule(&conn);
+    // Rules that match the address but not the port or protocol: the usual near miss.
+    let near: Vec<&NetRule> = if rule.is_none() {
+        let addr = conn.addr.to_canonical();
+        service.net_rules.iter().filter(|r| r.net.contains(&addr)).take(5).collect()
+    } else {
+        Vec::new()
+    };
+    let verdicts: Vec<(String, Verdict, String)> = environments
+        .iter()
+        .filter_map(|&e| {
+            let env = snapshot.environments().get(e)?;
+            let decision = service.decide(e, &conn);
+            Some((env.name.clone(), decision.verdict, decision.mode.to_string()))
+        })
+        .collect();
+
+    if output == Output::Json {
+        let document = serde_json::json!({
+            "from": from,
+            "to": destination,
+            "destination_services": owners,
+            "rule": rule.map(|r| serde_json::json!({
+                "rule": describe_rule(snapshot, r),
+                "position": rule_position(snapshot, r),
+            })),
+            "near_misses": near.iter().map(|r| serde_json::json!({
+                "rule": describe_rule(snapshot, r),
+                "position": rule_position(snapshot, r),
+            })).collect::<Vec<_>>(),
+            "verdicts": verdicts.iter().map(|(env, verdict, mode)| serde_json::json!({
+                "environment": env, "mode": mode, "verdict": verdict,
+            })).collect::<Vec<_>>(),
+        });
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &document).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let mut text = format!("{from} -> {destination}");
+    if !owners.is_empty() {
+        let _ = write!(text, " (an endpoint of {})", owners.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", "));
+    }
+    text.push('\n');
+    match rule {
+        Some(rule) => {
+            let _ = writeln!(text, "  allowed by {}", describe_rule(snapshot, rule));
+            let _ = writeln!(text, "  written at {}", rule_position(snapshot, rule));
+        }
+        None => {
+            let _ = writeln!(text, "  no rule of `{from}` allows it");
+            for r in &near {
+                let _ = writeln!(text, "  near miss: {} at {} (address matches; port or protocol does not)", describe_rule(snapshot, r), rule_position(snapshot, r));
+            }
+            if !owners.is_empty() {
+                let _ = writeln!(
+                    text,
+                    "  help: to allow it, add `{{ service = \"{}\" }}` to the allow list of `{from}`",
+                    owners.first().map_or("", String::as_str)
+                );
+            }
+        }
+    }
+    for (env, verdict, mode) in &verdicts {
+        let word = match verdict {
+            Verdict::Allowed if rule.is_some() => "allowed",
+            Verdict::Allowed => "allowed (mode off: no evaluation)",
+            Verdict::WouldReject => "would be rejected (audit: allowed, counted and reported)",
+            Verdict::Rejected => "rejected (the caller gets EPERM)",
+        };
+        let _ = writeln!(text, "  {env} ({mode}): {word}");
+    }
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bootstrap_order(analysis: &Analysis, output: Output) -> Result<ExitCode, CliError> {
+    let layer_name = |layer: Option<usize>| layer.and_then(|l| analysis.layers.get(l)).cloned();
+    let stage_members = |components: &[usize]| -> Vec<(Vec<String>, bool)> {
+        components
+            .iter()
+            .filter_map(|&c| analysis.components.get(c))
+            .map(|c| (c.members.iter().map(|&m| analysis.name(m).to_owned()).collect(), c.intrinsic))
+            .collect()
+    };
+    let mut out = std::io::stdout().lock();
+    if output == Output::Json {
+        let stages: Vec<_> = analysis
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, stage)| {
+                serde_json::json!({
+                    "stage": i + 1,
+                    "layer": layer_name(stage.layer),
+                    "groups": stage_members(&stage.components).into_iter().map(|(members, intrinsic)| serde_json::json!({
+                        "services": members, "intrinsic_cycle": intrinsic,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &stages).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut current_layer = None;
+    for (i, stage) in analysis.stages.iter().enumerate() {
+        let layer = layer_name(stage.layer).unwrap_or_else(|| "(no layer)".into());
+        if current_layer.as_ref() != Some(&layer) {
+            writeln!(out, "layer {layer}:")?;
+            current_layer = Some(layer);
+        }
+        let groups: Vec<String> = stage_members(&stage.components)
+            .into_iter()
+            .map(|(members, intrinsic)| {
+                if intrinsic { format!("{{{}}} (intrinsic cycle)", members.join(", ")) } else { members.join(", ") }
+            })
+            .collect();
+        writeln!(out, "  {:>3}. {}", i + 1, groups.join(", "))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse() {
+        let c = parse_destination("10.0.0.1:443").unwrap();
+        assert_eq!((c.addr.to_string(), c.port, c.proto), ("10.0.0.1".into(), 443, Proto::Tcp));
+        let c = parse_destination("[::1]:53/udp").unwrap();
+        assert_eq!((c.addr.to_string(), c.port, c.proto), ("::1".into(), 53, Proto::Udp));
+        assert!(parse_destination("10.0.0.1").is_err());
+        assert!(parse_destination("10.0.0.1:443/sctp").is_err());
+        assert!(parse_destination("10.0.0.1:443/any").is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! `policyctl` as a user runs it: exit codes, output formats, every command on every example.
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+
+fn policyctl() -> Command {
+    Command::cargo_bin("policyctl").unwrap()
+}
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy-examples")
+}
+
+/// Every example policy: top-level `*.toml` files and directories (one policy each), with a flag
+/// for the intentionally broken ones.
+fn examples() -> Vec<(PathBuf, bool)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(examples_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() == "broken" {
+            for broken in std::fs::read_dir(&path).unwrap() {
+                found.push((broken.unwrap().path(), true));
+            }
+        } else if path.is_dir() || path.extension().is_some_and(|e| e == "toml") {
+            found.push((path, false));
+        }
+    }
+    found.sort();
+    assert!(found.len() >= 5, "expected the example corpus, found {found:?}");
+    found
+}
+
+fn write_policy(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+const POLICY: &str = r#"
+version = 1
+
+[environments]
+qa = { mode = "enforce" }
+prod = { mode = "audit" }
+
+[model]
+layers = ["storage", "app"]
+
+[services.db]
+layer = "storage"
+endpoints = [{ ip = "10.0.5.10", ports = [5432], proto = "tcp" }]
+
+[services.api]
+layer = "app"
+cgroup = "system.slice/api.service"
+allow = [
+  { service = "db" },
+  { cidr = "192.0.2.0/24", ports = "8000-8100" },
+]
+"#;
+
+#[test]
+fn check_reports_valid_policy_and_exit_zero() {
+    let policy = write_policy(POLICY);
+    let out = policyctl().args(["check", "-p"]).arg(policy.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("ok: 2 services, 1 dependencies, 2 address rules, 2 environments; sha256 "), "{stdout}");
+}
+
+#[test]
+fn invalid_policy_exits_one_with_located_diagnostics() {
+    let policy = write_policy(&POLICY.replace("{ service = \"db\" }", "{ service = \"dbb\" }"));
+    let out = policyctl().args(["--error-format", "plain", "check", "-p"]).arg(policy.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let expected = format!(
+        "{}:19:15: error[depfence::unknown_reference]: unknown service `dbb`",
+        policy.path().display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+
+    // The human format shows the source line and a caret under the name, and the help.
+    let out = policyctl().args(["check", "-p"]).arg(policy.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains(":19:15]"), "{stderr}");
+    assert!(stderr.contains(r#"  { service = "dbb" },"#), "{stderr}");
+    assert!(stderr.contains("did you mean `db`?"), "{stderr}");
+    assert!(stderr.contains("policy is invalid: 1 error, 0 warnings"), "{stderr}");
+}
+
+#[test]
+fn json_error_format_is_one_document() {
+    let policy = write_policy(&POLICY.replace("version = 1", "version = 1\nbogus = 3"));
+    let out = policyctl().args(["--error-format", "json", "check", "-p"]).arg(policy.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["valid"], false);
+    assert_eq!(doc["errors"], 1);
+    let d = &doc["diagnostics"][0];
+    assert_eq!(d["code"], "depfence::unknown_key");
+    assert_eq!(d["position"]["line"], 3);
+    assert_eq!(d["position"]["column"], 1);
+    assert_eq!(d["labels"][0]["snippet"], "bogus");
+}
+
+#[test]
+fn usage_errors_exit_two() {
+    let out = policyctl().args(["check", "--no-such-flag"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = policyctl().args(["check", "-p", "/nonexistent/policy.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read `/nonexistent/policy.toml`"));
+    let policy = write_policy(POLICY);
+    let out = policyctl()
+        .args(["explain", "--from", "api", "--to", "10.0.5.10"])
+        .arg("-p")
+        .arg(policy.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected ADDR:PORT[/PROTO]"));
+}
+
+#[test]
+fn deny_warnings_turns_warnings_into_failure() {
+    let text = POLICY.replace("[services.api]", "[services.cache]\n\n[services.api]");
+    let policy = write_policy(&text);
+    // `cache` has no layer: a warning.
+    policyctl().args(["check", "-p"]).arg(policy.path()).assert().code(0);
+    policyctl().args(["check", "--deny-warnings", "-p"]).arg(policy.path()).assert().code(1);
+}
+
+#[test]
+fn explain_names_the_deciding_rule_and_verdict_per_environment() {
+    let policy = write_policy(POLICY);
+    let out = policyctl()
+        .args(["explain", "--from", "api", "--to", "10.0.5.10:5432"])
+        .arg("-p")
+        .arg(policy.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("api -> 10.0.5.10:5432/tcp (an endpoint of `db`)"), "{stdout}");
+    assert!(stdout.contains("allowed by 10.0.5.10/32 port 5432, tcp (service `db`)"), "{stdout}");
+    assert!(stdout.contains(&format!("written at {}:19:3", policy.path().display())), "{stdout}");
+
+    let out = policyctl()
+        .args(["explain", "--from", "api", "--to", "10.0.5.10:22", "--output", "json"])
+        .arg("-p")
+        .arg(policy.path())
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(doc["rule"].is_null());
+    assert_eq!(doc["near_misses"].as_array().unwrap().len(), 1);
+    let verdicts: Vec<(String, String)> = doc["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["environment"].as_str().unwrap().to_owned(), v["verdict"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(verdicts, [("prod".into(), "would_reject".into()), ("qa".into(), "rejected".into())]);
+}
+
+#[test]
+fn compile_writes_a_verified_snapshot() {
+    let policy = write_policy(POLICY);
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("policy.snap");
+    policyctl().args(["compile", "-o"]).arg(&out_file).arg("-p").arg(policy.path()).assert().code(0);
+    let snapshot = depfence::snapshot::Snapshot::from_bytes(&std::fs::read(&out_file).unwrap()).unwrap();
+    assert_eq!(snapshot.services().len(), 2);
+    assert_eq!(snapshot.net_rule_count(), 2);
+}
+
+#[test]
+fn every_command_works_on_every_example() {
+    for (path, broken) in examples() {
+        let check = policyctl().args(["check", "-p"]).arg(&path).output().unwrap();
+        assert_eq!(check.status.code(), Some(if broken { 1 } else { 0 }), "check {}", path.display());
+
+        for format in ["dot", "mermaid", "json"] {
+            let out = policyctl().args(["graph", "--format", format, "-p"]).arg(&path).output().unwrap();
+            assert_eq!(out.status.code(), Some(0), "graph {format} {}", path.display());
+            let text = String::from_utf8(out.stdout).unwrap();
+            if broken {
+                // Violations are drawn in red (dot, mermaid) or listed (json).
+                let highlighted = match format {
+                    "dot" => text.contains("color=red"),
+                    "mermaid" => text.contains("stroke:red"),
+                    _ => serde_json::from_str::<serde_json::Value>(&text).unwrap()["violations"]
+                        .as_array()
+                        .is_some_and(|v| !v.is_empty()),
+                };
+                assert!(highlighted, "graph {format} of {} highlights nothing:\n{text}", path.display());
+            }
+        }
+
+        let order = policyctl().args(["bootstrap-order", "--output", "json", "-p"]).arg(&path).output().unwrap();
+        assert_eq!(order.status.code(), Some(if broken { 1 } else { 0 }), "bootstrap-order {}", path.display());
+        if !broken {
+            let stages: serde_json::Value = serde_json::from_slice(&order.stdout).unwrap();
+            assert!(!stages.as_array().unwrap().is_empty());
+
+            // Explain a connection from the first service to its first rule's address.
+            let snapshot_file = tempfile::NamedTempFile::new().unwrap();
+            policyctl().args(["compile", "-o"]).arg(snapshot_file.path()).arg("-p").arg(&path).assert().code(0);
+            let snapshot = depfence::snapshot::Snapshot::from_bytes(&std::fs::read(snapshot_file.path()).unwrap()).unwrap();
+            let (service, rule) = snapshot
+                .services()
+                .iter()
+                .find_map(|s| s.net_rules.first().map(|r| (s, r)))
+                .expect("every example has a service with an address rule");
+            let addr = rule.net.network();
+            let port = if rule.ports.is_any() { 443 } else { rule.ports.first };
+            let proto = if rule.proto == depfence::policy::Proto::Udp { "udp" } else { "tcp" };
+            let to = match addr {
+                std::net::IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+                std::net::IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+            };
+            let out = policyctl()
+                .args(["explain", "--output", "json", "--from", &service.name, "--to", &to, "-p"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "explain {} {to}", path.display());
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert!(doc["rule"]["position"].as_str().unwrap().contains(".toml:"), "{doc}");
+        }
+    }
+}
+
+#[test]
+fn completions_are_generated() {
+    let out = policyctl().args(["completions", "bash"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("bootstrap-order") && text.contains("complete -F"), "{text}");
+}
