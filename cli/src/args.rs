@@ -36,12 +36,22 @@ pub enum Output {
     Json,
 }
 
-/// The policy to read.
+/// The policy to read: `PATH`, `--policy PATH` or `$DEPFENCE_POLICY`.
 #[derive(Debug, Args)]
 pub struct PolicyArg {
     /// Policy file, or a directory whose `*.toml` files form one policy.
-    #[arg(short, long, env = "DEPFENCE_POLICY", value_name = "PATH")]
-    pub policy: PathBuf,
+    #[arg(value_name = "PATH", required_unless_present = "policy", conflicts_with = "policy")]
+    path: Option<PathBuf>,
+    /// The same, as an option.
+    #[arg(short, long, env = "DEPFENCE_POLICY", value_name = "PATH", hide_env_values = true)]
+    policy: Option<PathBuf>,
+}
+
+impl PolicyArg {
+    /// The policy path, however it was given.
+    pub fn path(&self) -> &std::path::Path {
+        self.path.as_deref().or(self.policy.as_deref()).unwrap_or(std::path::Path::new("."))
+    }
 }
 
 /// Subcommands.

@@ -19,9 +19,9 @@ use crate::output::{CliError, EXIT_INVALID, print_diagnostics};
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let format = cli.error_format;
     match cli.command {
-        Command::Check { policy, deny_warnings } => check(&policy.policy, format, deny_warnings),
+        Command::Check { policy, deny_warnings } => check(policy.path(), format, deny_warnings),
         Command::Compile { policy, output, format: encoding } => {
-            let Some((_, compiled)) = compiled(&policy.policy, format)? else { return Ok(invalid()) };
+            let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
             let bytes = match encoding {
                 SnapshotFormat::Binary => compiled.snapshot.to_bytes()?,
                 SnapshotFormat::Json => {
@@ -44,7 +44,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Graph { policy, format: language } => {
-            let Some((parsed, analysis)) = analyzed(&policy.policy, format, false)? else { return Ok(invalid()) };
+            let Some((parsed, analysis)) = analyzed(policy.path(), format, Show::SyntaxOnly)? else { return Ok(invalid()) };
             let text = graph::render(&analysis, language);
             std::io::stdout().write_all(text.as_bytes())?;
             if analysis.diagnostics.has_errors() {
@@ -58,11 +58,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Explain { policy, from, to, environment, output } => {
             let connection = parse_destination(&to)?;
-            let Some((parsed, compiled)) = compiled(&policy.policy, format)? else { return Ok(invalid()) };
-            explain(&parsed, &compiled.snapshot, &from, connection, environment.as_deref(), output)
+            let Some((parsed, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
+            explain(&parsed, &compiled, &from, connection, environment.as_deref(), output)
         }
         Command::BootstrapOrder { policy, output } => {
-            let Some((_, compiled)) = compiled(&policy.policy, format)? else { return Ok(invalid()) };
+            let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
             bootstrap_order(&compiled.analysis, output)
         }
         Command::Completions { shell } => {
@@ -77,9 +77,20 @@ fn invalid() -> ExitCode {
     ExitCode::from(EXIT_INVALID)
 }
 
-/// Parses, and analyzes when the syntax allows. Prints the diagnostics when there are errors,
-/// or always when `show_all`. Returns None when the policy cannot be analyzed.
-fn analyzed(path: &Path, format: ErrorFormat, show_all: bool) -> Result<Option<(Parsed, Analysis)>, CliError> {
+/// Which diagnostics a command prints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Show {
+    /// Errors and warnings (`check`).
+    All,
+    /// Everything, but only when there is an error (commands that need a valid policy).
+    IfInvalid,
+    /// Only syntax errors, which stop the analysis (`graph` draws a broken policy).
+    SyntaxOnly,
+}
+
+/// Parses, and analyzes when the syntax allows, printing diagnostics as `show` says. Returns
+/// None when the policy cannot be analyzed.
+fn analyzed(path: &Path, format: ErrorFormat, show: Show) -> Result<Option<(Parsed, Analysis)>, CliError> {
     let parsed = policy::load(path)?;
     if !parsed.syntax_ok {
         print_diagnostics(format, &parsed.policy.sources, &parsed.diagnostics)?;
@@ -90,7 +101,7 @@ fn analyzed(path: &Path, format: ErrorFormat, show_all: bool) -> Result<Option<(
     all.extend(std::mem::take(&mut analysis.diagnostics));
     all.sort();
     analysis.diagnostics = all;
-    if show_all || analysis.diagnostics.has_errors() {
+    if show == Show::All || (show == Show::IfInvalid && analysis.diagnostics.has_errors()) {
         print_diagnostics(format, &parsed.policy.sources, &analysis.diagnostics)?;
     }
     Ok(Some((parsed, analysis)))
@@ -99,7 +110,7 @@ fn analyzed(path: &Path, format: ErrorFormat, show_all: bool) -> Result<Option<(
 /// Parses and compiles; prints diagnostics (errors, or warnings only as a summary) and returns
 /// None when the policy is invalid.
 fn compiled(path: &Path, format: ErrorFormat) -> Result<Option<(Parsed, Compiled)>, CliError> {
-    let Some((parsed, analysis)) = analyzed(path, format, false)? else { return Ok(None) };
+    let Some((parsed, analysis)) = analyzed(path, format, Show::IfInvalid)? else { return Ok(None) };
     if analysis.diagnostics.has_errors() {
         return Ok(None);
     }
@@ -115,7 +126,7 @@ fn compiled(path: &Path, format: ErrorFormat) -> Result<Option<(Parsed, Compiled
 }
 
 fn check(path: &Path, format: ErrorFormat, deny_warnings: bool) -> Result<ExitCode, CliError> {
-    let Some((parsed, analysis)) = analyzed(path, format, true)? else { return Ok(invalid()) };
+    let Some((parsed, analysis)) = analyzed(path, format, Show::All)? else { return Ok(invalid()) };
     let diagnostics: &Diagnostics = &analysis.diagnostics;
     if diagnostics.has_errors() || (deny_warnings && !diagnostics.is_empty()) {
         return Ok(invalid());
@@ -193,14 +204,40 @@ fn endpoint_owners(parsed: &Parsed, conn: &Connection) -> Vec<String> {
         .collect()
 }
 
+/// Why adding a dependency `from -> to` would be wrong, if it would: a layer violation or a
+/// new cycle.
+fn dependency_objection(analysis: &Analysis, from: &str, to: &str) -> Option<String> {
+    let (f, t) = (analysis.node(from)?, analysis.node(to)?);
+    let (fnode, tnode) = (analysis.nodes.get(f)?, analysis.nodes.get(t)?);
+    if let (Some(fl), Some(tl)) = (fnode.layer, tnode.layer)
+        && tl > fl
+    {
+        let layer = |l: usize| analysis.layers.get(l).map_or("?", String::as_str);
+        return Some(format!(
+            "`{to}` is in the higher layer `{}` (`{from}` is in `{}`): depending on it would be a layer violation",
+            layer(tl),
+            layer(fl)
+        ));
+    }
+    let mut adjacency = vec![Vec::new(); analysis.nodes.len()];
+    for edge in analysis.edges.iter().filter(|e| e.critical && e.from != e.to) {
+        if let Some(list) = adjacency.get_mut(edge.from) {
+            list.push(edge.to);
+        }
+    }
+    let path = depfence::graph::shortest_path(&adjacency, &[t], &[f])?;
+    Some(format!("`{to}` already depends on `{from}` ({}): depending on it would close a cycle", analysis.path_text(&path)))
+}
+
 fn explain(
     parsed: &Parsed,
-    snapshot: &Snapshot,
+    compiled: &Compiled,
     from: &str,
     conn: Connection,
     environment: Option<&str>,
     output: Output,
 ) -> Result<ExitCode, CliError> {
+    let snapshot = &compiled.snapshot;
     let Some((_, service)) = snapshot.service(from) else {
         let names = snapshot.services().iter().map(|s| s.name.as_str());
         let hint = depfence::problem::closest(from, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
@@ -273,12 +310,15 @@ fn explain(
             for r in &near {
                 let _ = writeln!(text, "  near miss: {} at {} (address matches; port or protocol does not)", describe_rule(snapshot, r), rule_position(snapshot, r));
             }
-            if !owners.is_empty() {
-                let _ = writeln!(
-                    text,
-                    "  help: to allow it, add `{{ service = \"{}\" }}` to the allow list of `{from}`",
-                    owners.first().map_or("", String::as_str)
-                );
+            for owner in &owners {
+                match dependency_objection(&compiled.analysis, from, owner) {
+                    Some(objection) => {
+                        let _ = writeln!(text, "  note: {objection}");
+                    }
+                    None => {
+                        let _ = writeln!(text, "  help: to allow it, add `{{ service = \"{owner}\" }}` to the allow list of `{from}`");
+                    }
+                }
             }
         }
     }

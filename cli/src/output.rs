@@ -49,6 +49,7 @@ pub fn is_broken_pipe(error: &CliError) -> bool {
 /// output (a program reading it gets one document).
 pub fn print_diagnostics(format: ErrorFormat, sources: &Sources, diagnostics: &Diagnostics) -> Result<(), CliError> {
     match format {
+        ErrorFormat::Human if diagnostics.is_empty() => {}
         ErrorFormat::Human => {
             let theme = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 GraphicalTheme::unicode()
