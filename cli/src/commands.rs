@@ -24,9 +24,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
             let bytes = match encoding {
                 SnapshotFormat::Binary => compiled.snapshot.to_bytes()?,
-                SnapshotFormat::Json => {
-                    serde_json::to_vec_pretty(&compiled.snapshot).map_err(std::io::Error::from)?
-                }
+                SnapshotFormat::Json => serde_json::to_vec_pretty(&compiled.snapshot).map_err(std::io::Error::from)?,
             };
             std::fs::write(&output, bytes)
                 .map_err(|source| CliError::Io { context: format!("writing `{}`", output.display()), source })?;
@@ -44,7 +42,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Graph { policy, format: language } => {
-            let Some((parsed, analysis)) = analyzed(policy.path(), format, Show::SyntaxOnly)? else { return Ok(invalid()) };
+            let Some((parsed, analysis)) = analyzed(policy.path(), format, Show::SyntaxOnly)? else {
+                return Ok(invalid());
+            };
             let text = graph::render(&analysis, language);
             std::io::stdout().write_all(text.as_bytes())?;
             if analysis.diagnostics.has_errors() {
@@ -92,48 +92,36 @@ enum Show {
 /// None when the policy cannot be analyzed.
 fn analyzed(path: &Path, format: ErrorFormat, show: Show) -> Result<Option<(Parsed, Analysis)>, CliError> {
     let parsed = policy::load(path)?;
-    if !parsed.syntax_ok {
+    let Some(analysis) = compile::analyze_parsed(&parsed) else {
         print_diagnostics(format, &parsed.policy.sources, &parsed.diagnostics)?;
         return Ok(None);
-    }
-    let mut analysis = compile::analyze(&parsed.policy);
-    let mut all = parsed.diagnostics.clone();
-    all.extend(std::mem::take(&mut analysis.diagnostics));
-    all.sort();
-    analysis.diagnostics = all;
+    };
     if show == Show::All || (show == Show::IfInvalid && analysis.diagnostics.has_errors()) {
         print_diagnostics(format, &parsed.policy.sources, &analysis.diagnostics)?;
     }
     Ok(Some((parsed, analysis)))
 }
 
-/// Parses and compiles; prints diagnostics (errors, or warnings only as a summary) and returns
-/// None when the policy is invalid.
+/// Parses and compiles; prints the diagnostics and returns None when the policy is invalid.
 fn compiled(path: &Path, format: ErrorFormat) -> Result<Option<(Parsed, Compiled)>, CliError> {
     let Some((parsed, analysis)) = analyzed(path, format, Show::IfInvalid)? else { return Ok(None) };
-    if analysis.diagnostics.has_errors() {
-        return Ok(None);
-    }
-    match compile::compile(&parsed.policy) {
+    match analysis.freeze() {
         Ok(compiled) => Ok(Some((parsed, compiled))),
-        Err(compile::CompileError::Invalid(diagnostics)) => {
-            print_diagnostics(format, &parsed.policy.sources, &diagnostics)?;
-            Ok(None)
-        }
+        Err(compile::CompileError::Invalid(_)) => Ok(None),
         Err(compile::CompileError::Snapshot(e)) => Err(e.into()),
         Err(e) => Err(CliError::Usage(e.to_string())),
     }
 }
 
 fn check(path: &Path, format: ErrorFormat, deny_warnings: bool) -> Result<ExitCode, CliError> {
-    let Some((parsed, analysis)) = analyzed(path, format, Show::All)? else { return Ok(invalid()) };
+    let Some((_, analysis)) = analyzed(path, format, Show::All)? else { return Ok(invalid()) };
     let diagnostics: &Diagnostics = &analysis.diagnostics;
     if diagnostics.has_errors() || (deny_warnings && !diagnostics.is_empty()) {
         return Ok(invalid());
     }
     if format != ErrorFormat::Json {
-        let compiled = compile::compile(&parsed.policy).map_err(|e| CliError::Usage(e.to_string()))?;
-        let snapshot = &compiled.snapshot;
+        let compiled = analysis.freeze().map_err(|e| CliError::Usage(e.to_string()))?;
+        let (snapshot, analysis) = (&compiled.snapshot, &compiled.analysis);
         println!(
             "ok: {} services, {} dependencies, {} address rules, {} environments; sha256 {}",
             snapshot.services().len(),
@@ -148,7 +136,8 @@ fn check(path: &Path, format: ErrorFormat, deny_warnings: bool) -> Result<ExitCo
 
 /// Parses `ADDR:PORT[/PROTO]`, `[V6]:PORT[/PROTO]`.
 fn parse_destination(text: &str) -> Result<Connection, CliError> {
-    let usage = |why: &str| CliError::Usage(format!("invalid destination `{text}`: {why} (expected ADDR:PORT[/PROTO])"));
+    let usage =
+        |why: &str| CliError::Usage(format!("invalid destination `{text}`: {why} (expected ADDR:PORT[/PROTO])"));
     let (socket, proto) = match text.rsplit_once('/') {
         Some((socket, proto)) => (socket, proto),
         None => (text, "tcp"),
@@ -226,7 +215,10 @@ fn dependency_objection(analysis: &Analysis, from: &str, to: &str) -> Option<Str
         }
     }
     let path = depfence::graph::shortest_path(&adjacency, &[t], &[f])?;
-    Some(format!("`{to}` already depends on `{from}` ({}): depending on it would close a cycle", analysis.path_text(&path)))
+    Some(format!(
+        "`{to}` already depends on `{from}` ({}): depending on it would close a cycle",
+        analysis.path_text(&path)
+    ))
 }
 
 fn explain(
@@ -240,7 +232,8 @@ fn explain(
     let snapshot = &compiled.snapshot;
     let Some((_, service)) = snapshot.service(from) else {
         let names = snapshot.services().iter().map(|s| s.name.as_str());
-        let hint = depfence::problem::closest(from, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+        let hint =
+            depfence::problem::closest(from, names).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
         return Err(CliError::Usage(format!("unknown service `{from}`{hint}")));
     };
     let environments: Vec<usize> = match environment {
@@ -297,7 +290,11 @@ fn explain(
 
     let mut text = format!("{from} -> {destination}");
     if !owners.is_empty() {
-        let _ = write!(text, " (an endpoint of {})", owners.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", "));
+        let _ = write!(
+            text,
+            " (an endpoint of {})",
+            owners.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+        );
     }
     text.push('\n');
     match rule {
@@ -308,7 +305,12 @@ fn explain(
         None => {
             let _ = writeln!(text, "  no rule of `{from}` allows it");
             for r in &near {
-                let _ = writeln!(text, "  near miss: {} at {} (address matches; port or protocol does not)", describe_rule(snapshot, r), rule_position(snapshot, r));
+                let _ = writeln!(
+                    text,
+                    "  near miss: {} at {} (address matches; port or protocol does not)",
+                    describe_rule(snapshot, r),
+                    rule_position(snapshot, r)
+                );
             }
             for owner in &owners {
                 match dependency_objection(&compiled.analysis, from, owner) {
@@ -316,7 +318,10 @@ fn explain(
                         let _ = writeln!(text, "  note: {objection}");
                     }
                     None => {
-                        let _ = writeln!(text, "  help: to allow it, add `{{ service = \"{owner}\" }}` to the allow list of `{from}`");
+                        let _ = writeln!(
+                            text,
+                            "  help: to allow it, add `{{ service = \"{owner}\" }}` to the allow list of `{from}`"
+                        );
                     }
                 }
             }
@@ -371,12 +376,13 @@ fn bootstrap_order(analysis: &Analysis, output: Output) -> Result<ExitCode, CliE
             writeln!(out, "layer {layer}:")?;
             current_layer = Some(layer);
         }
-        let groups: Vec<String> = stage_members(&stage.components)
-            .into_iter()
-            .map(|(members, intrinsic)| {
-                if intrinsic { format!("{{{}}} (intrinsic cycle)", members.join(", ")) } else { members.join(", ") }
-            })
-            .collect();
+        let groups: Vec<String> =
+            stage_members(&stage.components)
+                .into_iter()
+                .map(|(members, intrinsic)| {
+                    if intrinsic { format!("{{{}}} (intrinsic cycle)", members.join(", ")) } else { members.join(", ") }
+                })
+                .collect();
         writeln!(out, "  {:>3}. {}", i + 1, groups.join(", "))?;
     }
     Ok(ExitCode::SUCCESS)

@@ -68,7 +68,8 @@ fn node_label(analysis: &Analysis, node: usize) -> String {
 }
 
 fn dot(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static str>>) -> String {
-    let mut out = String::from("digraph depfence {\n  rankdir=BT;\n  newrank=true;\n  node [shape=box, style=rounded];\n");
+    let mut out =
+        String::from("digraph depfence {\n  rankdir=BT;\n  newrank=true;\n  node [shape=box, style=rounded];\n");
     for (layer, nodes) in by_layer(analysis) {
         let name = layer.and_then(|l| analysis.layers.get(l));
         let _ = writeln!(out, "  // layer {}", name.map_or("(none)", String::as_str));
@@ -108,7 +109,8 @@ fn mermaid(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static 
     let mut out = String::from("flowchart BT\n");
     for (layer, nodes) in by_layer(analysis) {
         let name = layer.and_then(|l| analysis.layers.get(l)).map_or("no layer", String::as_str);
-        let _ = writeln!(out, "  subgraph layer_{} [\"layer {name}\"]", layer.map_or("none".to_owned(), |l| l.to_string()));
+        let _ =
+            writeln!(out, "  subgraph layer_{} [\"layer {name}\"]", layer.map_or("none".to_owned(), |l| l.to_string()));
         for n in nodes {
             let _ = writeln!(out, "    n{n}[\"{}\"]", node_label(analysis, n).replace("\\n", "<br>"));
         }

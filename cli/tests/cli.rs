@@ -1,4 +1,11 @@
 //! `policyctl` as a user runs it: exit codes, output formats, every command on every example.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests fail by panicking, with the value in the message"
+)]
 
 use std::path::{Path, PathBuf};
 
@@ -75,10 +82,8 @@ fn invalid_policy_exits_one_with_located_diagnostics() {
     let out = policyctl().args(["--error-format", "plain", "check", "-p"]).arg(policy.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    let expected = format!(
-        "{}:19:15: error[depfence::unknown_reference]: unknown service `dbb`",
-        policy.path().display()
-    );
+    let expected =
+        format!("{}:19:15: error[depfence::unknown_reference]: unknown service `dbb`", policy.path().display());
     assert!(stderr.contains(&expected), "{stderr}");
 
     // The human format shows the source line and a caret under the name, and the help.
@@ -209,7 +214,8 @@ fn every_command_works_on_every_example() {
             // Explain a connection from the first service to its first rule's address.
             let snapshot_file = tempfile::NamedTempFile::new().unwrap();
             policyctl().args(["compile", "-o"]).arg(snapshot_file.path()).arg("-p").arg(&path).assert().code(0);
-            let snapshot = depfence::snapshot::Snapshot::from_bytes(&std::fs::read(snapshot_file.path()).unwrap()).unwrap();
+            let snapshot =
+                depfence::snapshot::Snapshot::from_bytes(&std::fs::read(snapshot_file.path()).unwrap()).unwrap();
             let (service, rule) = snapshot
                 .services()
                 .iter()

@@ -12,8 +12,7 @@ use std::process::ExitCode;
 
 use depfence::synth::{SynthSpec, generate, inject_unknown_service, total_bytes};
 
-const USAGE: &str =
-    "usage: gen_policy --services N --entries N [--teams N] [--seed N] [--typo] --out DIR";
+const USAGE: &str = "usage: gen_policy --services N --entries N [--teams N] [--seed N] [--typo] --out DIR";
 
 fn main() -> ExitCode {
     match run() {

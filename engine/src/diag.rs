@@ -27,6 +27,13 @@ pub struct SourceFile {
 }
 
 impl SourceFile {
+    /// A file and the index of its lines.
+    pub(crate) fn new(name: impl Into<Arc<str>>, text: impl Into<Arc<str>>) -> Self {
+        let text: Arc<str> = text.into();
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i as u32 + 1)).collect();
+        SourceFile { name: name.into(), text, line_starts }
+    }
+
     /// The name shown in diagnostics (the path as given).
     pub fn name(&self) -> &str {
         &self.name
@@ -37,14 +44,16 @@ impl SourceFile {
         &self.text
     }
 
+    /// The file's text, shared.
+    pub(crate) fn text_arc(&self) -> &Arc<str> {
+        &self.text
+    }
+
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: u32) -> (u32, u32) {
         let line_index = self.line_starts.partition_point(|&start| start <= offset).saturating_sub(1);
         let line_start = self.line_starts.get(line_index).copied().unwrap_or(0);
-        let column = self
-            .text
-            .get(line_start as usize..offset as usize)
-            .map_or(0, |prefix| prefix.chars().count());
+        let column = self.text.get(line_start as usize..offset as usize).map_or(0, |prefix| prefix.chars().count());
         (line_index as u32 + 1, column as u32 + 1)
     }
 }
@@ -58,11 +67,12 @@ pub struct Sources {
 impl Sources {
     /// Adds a file and returns its id.
     pub fn add(&mut self, name: impl Into<Arc<str>>, text: impl Into<Arc<str>>) -> FileId {
-        let text: Arc<str> = text.into();
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i as u32 + 1))
-            .collect();
-        self.files.push(SourceFile { name: name.into(), text, line_starts });
+        self.push(SourceFile::new(name, text))
+    }
+
+    /// Adds a file built with [`SourceFile::new`] (possibly on another thread).
+    pub(crate) fn push(&mut self, file: SourceFile) -> FileId {
+        self.files.push(file);
         (self.files.len() - 1) as FileId
     }
 
@@ -89,9 +99,7 @@ impl Sources {
 
     /// The source text a location covers.
     pub fn snippet(&self, loc: Loc) -> &str {
-        self.file(loc.file)
-            .and_then(|f| f.text().get(loc.start as usize..loc.end as usize))
-            .unwrap_or("")
+        self.file(loc.file).and_then(|f| f.text().get(loc.start as usize..loc.end as usize)).unwrap_or("")
     }
 }
 
@@ -232,10 +240,8 @@ impl Diagnostic {
     /// A `miette` view of this diagnostic, for graphical rendering.
     pub fn report(&self, sources: &Sources) -> Report {
         let mut related = Vec::new();
-        let mut labels = vec![LabeledSpan::new_primary_with_span(
-            non_empty(&self.primary.text),
-            self.primary.loc.span(),
-        )];
+        let mut labels =
+            vec![LabeledSpan::new_primary_with_span(non_empty(&self.primary.text), self.primary.loc.span())];
         for note in &self.secondary {
             if note.loc.file == self.primary.loc.file {
                 labels.push(LabeledSpan::new_with_span(non_empty(&note.text), note.loc.span()));
@@ -271,12 +277,8 @@ impl Diagnostic {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        let mut line = format!(
-            "{}: {severity}[{}]: {}",
-            sources.position(self.primary.loc),
-            self.problem.code(),
-            self.problem
-        );
+        let mut line =
+            format!("{}: {severity}[{}]: {}", sources.position(self.primary.loc), self.problem.code(), self.problem);
         for note in &self.secondary {
             line.push_str(&format!(" (see {}: {})", sources.position(note.loc), note.text));
         }
@@ -308,9 +310,7 @@ fn non_empty(text: &str) -> Option<String> {
 }
 
 fn named_source(sources: &Sources, file: FileId) -> Option<NamedSource<Arc<str>>> {
-    sources
-        .file(file)
-        .map(|f| NamedSource::new(f.name(), Arc::clone(&f.text)).with_language("toml"))
+    sources.file(file).map(|f| NamedSource::new(f.name(), Arc::clone(&f.text)).with_language("toml"))
 }
 
 /// A list of diagnostics: errors and warnings together, in the order found.

@@ -191,11 +191,7 @@ pub fn cycle_through(adj: &[Vec<usize>], members: &[usize], start: usize) -> Opt
 /// Deterministic tie-breaking: sources are expanded in ascending order and each node's
 /// successors in ascending order (a sorted, deduplicated copy), so among shortest paths lower
 /// node indices are preferred.
-pub fn shortest_path(
-    adj: &[Vec<usize>],
-    sources: &[usize],
-    targets: &[usize],
-) -> Option<Vec<usize>> {
+pub fn shortest_path(adj: &[Vec<usize>], sources: &[usize], targets: &[usize]) -> Option<Vec<usize>> {
     let n = adj.len();
     let mut is_target = vec![false; n];
     for &t in targets {
@@ -370,10 +366,7 @@ mod tests {
         assert_eq!(comps[3], vec![0]);
         let idx = component_index(4, &comps);
         let levels = condensation_levels(&adj, &comps);
-        assert_eq!(
-            (0..4).map(|v| levels[idx[v]]).collect::<Vec<_>>(),
-            vec![2, 1, 1, 0]
-        );
+        assert_eq!((0..4).map(|v| levels[idx[v]]).collect::<Vec<_>>(), vec![2, 1, 1, 0]);
         // Lower indices preferred among equal-length paths.
         assert_eq!(shortest_path(&adj, &[0], &[3]), Some(vec![0, 1, 3]));
         assert_eq!(shortest_path(&adj, &[3], &[0]), None);
@@ -394,18 +387,12 @@ mod tests {
 
     #[test]
     fn duplicates_and_out_of_range() {
-        let adj = graph(
-            3,
-            &[(0, 1), (0, 1), (1, 2), (1, 2), (2, 0), (2, 0), (2, 99)],
-        );
+        let adj = graph(3, &[(0, 1), (0, 1), (1, 2), (1, 2), (2, 0), (2, 0), (2, 99)]);
         let comps = strongly_connected_components(&adj);
         assert_eq!(comps, vec![vec![0, 1, 2]]);
         assert_eq!(condensation_levels(&adj, &comps), vec![0]);
         assert_eq!(cycle_through(&adj, &[0, 1, 2], 1), Some(vec![1, 2, 0, 1]));
-        assert_eq!(
-            shortest_path(&adj, &[0, 0, 7], &[2, 8]),
-            Some(vec![0, 1, 2])
-        );
+        assert_eq!(shortest_path(&adj, &[0, 0, 7], &[2, 8]), Some(vec![0, 1, 2]));
         assert_eq!(reachable_from(&adj, 0), vec![true; 3]);
         assert_eq!(reachable_from(&adj, 42), vec![false; 3]);
     }
@@ -418,10 +405,7 @@ mod tests {
         assert_eq!(cycle_through(&adj, &members, 0), Some(vec![0, 1, 2, 0]));
         assert_eq!(cycle_through(&adj, &members, 1), Some(vec![1, 2, 0, 1]));
         assert_eq!(cycle_through(&adj, &members, 3), Some(vec![3, 1, 2, 3]));
-        assert_eq!(
-            cycle_through(&adj, &members, 4),
-            Some(vec![4, 0, 1, 2, 3, 4])
-        );
+        assert_eq!(cycle_through(&adj, &members, 4), Some(vec![4, 0, 1, 2, 3, 4]));
         // Restricting members removes cycles that leave the set.
         assert_eq!(cycle_through(&adj, &[0, 1, 2], 0), Some(vec![0, 1, 2, 0]));
         assert_eq!(cycle_through(&adj, &[0, 1], 0), None);
@@ -440,18 +424,13 @@ mod tests {
     fn large_graphs_do_not_overflow_the_stack() {
         let n = 200_000;
         // A long chain 0 -> 1 -> ... -> n-1.
-        let chain: Vec<Vec<usize>> = (0..n)
-            .map(|u| if u + 1 < n { vec![u + 1] } else { Vec::new() })
-            .collect();
+        let chain: Vec<Vec<usize>> = (0..n).map(|u| if u + 1 < n { vec![u + 1] } else { Vec::new() }).collect();
         let comps = strongly_connected_components(&chain);
         assert_eq!(comps.len(), n);
         assert_eq!(comps[0], vec![n - 1]);
         let levels = condensation_levels(&chain, &comps);
         assert_eq!(levels[n - 1], n - 1);
-        assert_eq!(
-            shortest_path(&chain, &[0], &[n - 1]).map(|p| p.len()),
-            Some(n)
-        );
+        assert_eq!(shortest_path(&chain, &[0], &[n - 1]).map(|p| p.len()), Some(n));
         assert!(reachable_from(&chain, 0).iter().skip(1).all(|&b| b));
 
         // One big cycle.

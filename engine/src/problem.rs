@@ -83,6 +83,8 @@ pub enum Problem {
         value: String,
         /// Why.
         reason: String,
+        /// The value that was probably meant (the block, for a CIDR with host bits set).
+        suggestion: Option<String>,
     },
     /// A host name or wildcard that is not valid.
     #[error("invalid host name `{value}`: {reason}")]
@@ -143,9 +145,7 @@ pub enum Problem {
         suggestion: Option<String>,
     },
     /// A dependency on a higher layer.
-    #[error(
-        "`{from}` (layer `{from_layer}`) depends on `{to}` in the higher layer `{to_layer}`"
-    )]
+    #[error("`{from}` (layer `{from_layer}`) depends on `{to}` in the higher layer `{to_layer}`")]
     LayerViolation {
         /// The dependent service.
         from: String,
@@ -246,7 +246,8 @@ impl Problem {
     pub fn help(&self) -> Option<String> {
         match self {
             Problem::UnknownKey { suggestion: Some(s), .. }
-            | Problem::Unknown { suggestion: Some(s), .. } => Some(format!("did you mean `{s}`?")),
+            | Problem::Unknown { suggestion: Some(s), .. }
+            | Problem::InvalidAddress { suggestion: Some(s), .. } => Some(format!("did you mean `{s}`?")),
             Problem::UnsupportedVersion { .. } => Some("this build of depfence reads `version = 1`".into()),
             Problem::InvalidMode { .. } => Some(MODE_HELP.into()),
             Problem::InvalidProto { .. } => Some("a protocol is `tcp`, `udp` or `any`".into()),

@@ -27,7 +27,8 @@ pub type ServiceId = u32;
 /// Index of an allow entry's origin in [`DebugInfo::origins`].
 pub type OriginId = u32;
 
-/// One rule for addresses: a block, a protocol and a port range.
+/// One rule for addresses: a block, a protocol and a port range. Ordered by what it allows, then
+/// by origin, so sorting puts equal rules side by side.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NetRule {
     /// Destination block (IPv4-mapped IPv6 already folded into IPv4).
@@ -36,10 +37,10 @@ pub struct NetRule {
     pub proto: Proto,
     /// Port range ([`PortRange::ANY`] for any port).
     pub ports: PortRange,
-    /// The allow entry this rule came from.
-    pub origin: OriginId,
     /// The service this rule reaches, when known (explicitly or inferred from its endpoints).
     pub target: Option<ServiceId>,
+    /// The allow entry this rule came from.
+    pub origin: OriginId,
 }
 
 /// One rule for host names (enforced through DNS; see the DNS-aware backends).
@@ -51,10 +52,10 @@ pub struct HostRule {
     pub proto: Proto,
     /// Port range.
     pub ports: PortRange,
-    /// The allow entry this rule came from.
-    pub origin: OriginId,
     /// The service this rule reaches, when known.
     pub target: Option<ServiceId>,
+    /// The allow entry this rule came from.
+    pub origin: OriginId,
 }
 
 /// A service's compiled policy.
@@ -85,8 +86,7 @@ impl ServiceRuleset {
     /// narrowest port range, then exact protocol.
     pub fn matching_rule(&self, conn: &Connection) -> Option<&NetRule> {
         let addr = conn.addr.to_canonical();
-        self
-            .net_rules
+        self.net_rules
             .iter()
             .filter(|r| r.net.contains(&addr) && r.ports.contains(conn.port) && r.proto.covers(conn.proto))
             .min_by_key(|r| (std::cmp::Reverse(r.net.prefix_len()), r.ports.len(), r.proto == Proto::Any))
@@ -104,7 +104,6 @@ impl ServiceRuleset {
         };
         Decision { verdict, mode, rule }
     }
-
 }
 
 /// An environment and its default mode.
@@ -281,8 +280,14 @@ impl Snapshot {
 
     /// Encodes to bytes: magic, then postcard.
     pub fn to_bytes(&self) -> Result<Vec<u8>, SnapshotError> {
-        let mut bytes = SNAPSHOT_MAGIC.to_vec();
-        bytes.extend(postcard::to_stdvec(self)?);
+        // The postcard encoding of the struct: its fields one after the other.
+        let (bytes, rest) = std::thread::scope(|scope| {
+            let rest = scope.spawn(|| postcard::to_stdvec(&(&self.hash, &self.debug)));
+            let bytes = encode_content(&self.content, SNAPSHOT_MAGIC.to_vec());
+            (bytes, rest.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload)))
+        });
+        let mut bytes = bytes?;
+        bytes.extend_from_slice(&rest?);
         Ok(bytes)
     }
 
@@ -301,6 +306,64 @@ impl Snapshot {
 }
 
 fn hash_content(content: &SnapshotContent) -> Result<ContentHash, SnapshotError> {
-    let bytes = postcard::to_stdvec(content)?;
+    let bytes = encode_content(content, Vec::new())?;
     Ok(ContentHash(Sha256::digest(&bytes).into()))
+}
+
+/// Below this many rules, content is encoded on the calling thread.
+const PARALLEL_MIN_RULES: usize = 100_000;
+
+/// Appends the postcard encoding of `content` to `out`, the services on all available cores for
+/// large policies. Postcard encodes a struct as its fields in order and a sequence as its length
+/// then its elements, so the services can be encoded in parts and the parts concatenated: the
+/// bytes are exactly `postcard::to_extend(content, out)`.
+fn encode_content(content: &SnapshotContent, out: Vec<u8>) -> Result<Vec<u8>, SnapshotError> {
+    let services = &content.services;
+    let rules: usize = services.iter().map(|s| s.net_rules.len() + s.host_rules.len()).sum();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(services.len());
+    if threads < 2 || rules < PARALLEL_MIN_RULES {
+        return Ok(postcard::to_extend(content, out)?);
+    }
+    let chunk = services.len().div_ceil(threads);
+    let encode =
+        |part: &[ServiceRuleset], buf: Vec<u8>| part.iter().try_fold(buf, |buf, s| postcard::to_extend(s, buf));
+    let mut out = postcard::to_extend(&(content.format, &content.environments, services.len()), out)?;
+    let mut parts = services.chunks(chunk);
+    let first = parts.next().unwrap_or_default();
+    let (head, rest) = std::thread::scope(|scope| {
+        let workers: Vec<_> = parts.map(|part| scope.spawn(move || encode(part, Vec::new()))).collect();
+        let head = encode(first, out);
+        let rest: Vec<_> = workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload)))
+            .collect();
+        (head, rest)
+    });
+    out = head?;
+    for part in rest {
+        out.extend_from_slice(&part?);
+    }
+    Ok(postcard::to_extend(&content.bootstrap, out)?)
+}
+
+#[cfg(test)]
+mod encoding_tests {
+    use super::*;
+    use crate::compile::compile;
+    use crate::policy::parse_sources;
+    use crate::synth::{SynthSpec, generate};
+
+    #[test]
+    fn parallel_encoding_is_plain_postcard() {
+        let compiled = compile(&parse_sources(generate(&SynthSpec::new(500, 120_000))).policy).unwrap();
+        let snapshot = &compiled.snapshot;
+        assert!(snapshot.net_rule_count() >= PARALLEL_MIN_RULES);
+        let plain = postcard::to_stdvec(snapshot.content()).unwrap();
+        assert_eq!(encode_content(snapshot.content(), Vec::new()).unwrap(), plain);
+        assert_eq!(snapshot.hash().0, <[u8; 32]>::from(Sha256::digest(&plain)));
+        let mut bytes = SNAPSHOT_MAGIC.to_vec();
+        bytes.extend(postcard::to_stdvec(snapshot).unwrap());
+        assert_eq!(snapshot.to_bytes().unwrap(), bytes);
+        assert_eq!(&Snapshot::from_bytes(&bytes).unwrap(), snapshot);
+    }
 }

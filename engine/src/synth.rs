@@ -33,14 +33,49 @@ pub const LAYERS: [&str; 4] = ["platform", "data", "backend", "edge"];
 pub const GLOBAL_FILE: &str = "00-global.toml";
 
 const TEAM_WORDS: &[&str] = &[
-    "payments", "identity", "search", "storage", "billing", "catalog", "checkout", "messaging", "media",
-    "ads", "analytics", "infra", "fraud", "shipping", "pricing", "reviews", "notify", "growth", "maps",
+    "payments",
+    "identity",
+    "search",
+    "storage",
+    "billing",
+    "catalog",
+    "checkout",
+    "messaging",
+    "media",
+    "ads",
+    "analytics",
+    "infra",
+    "fraud",
+    "shipping",
+    "pricing",
+    "reviews",
+    "notify",
+    "growth",
+    "maps",
     "ledger",
 ];
 
 const SERVICE_WORDS: &[&str] = &[
-    "api", "worker", "gateway", "db", "cache", "indexer", "scheduler", "router", "store", "queue", "auth",
-    "ingest", "exporter", "proxy", "batch", "stream", "web", "sync", "cron", "resolver",
+    "api",
+    "worker",
+    "gateway",
+    "db",
+    "cache",
+    "indexer",
+    "scheduler",
+    "router",
+    "store",
+    "queue",
+    "auth",
+    "ingest",
+    "exporter",
+    "proxy",
+    "batch",
+    "stream",
+    "web",
+    "sync",
+    "cron",
+    "resolver",
 ];
 
 const SERVICE_PORTS: &[u16] = &[8080, 8443, 443, 5432, 6379, 9092, 3306, 50051, 7000, 11211];
@@ -48,8 +83,14 @@ const SERVICE_PORTS: &[u16] = &[8080, 8443, 443, 5432, 6379, 9092, 3306, 50051, 
 const EXTERNAL_PORTS: &[u16] = &[443, 80, 53, 123, 587, 5432, 6379, 8443, 9200, 25];
 
 const EXTERNAL_HOSTS: &[&str] = &[
-    "api.stripe.com", "*.amazonaws.com", "hooks.slack.com", "*.googleapis.com", "smtp.sendgrid.net",
-    "registry.npmjs.org", "*.datadoghq.com", "github.com",
+    "api.stripe.com",
+    "*.amazonaws.com",
+    "hooks.slack.com",
+    "*.googleapis.com",
+    "smtp.sendgrid.net",
+    "registry.npmjs.org",
+    "*.datadoghq.com",
+    "github.com",
 ];
 
 const REASONS: &[&str] = &[
@@ -184,7 +225,7 @@ fn team_name(t: usize) -> String {
 /// The name of service `i` of a spec, e.g. `payments-00-ledger-00042`.
 pub fn service_name(spec: &SynthSpec, i: usize) -> String {
     let team = team_name(i % team_count(spec));
-    let word = SERVICE_WORDS.get((i / team_count(spec)) % SERVICE_WORDS.len()).copied().unwrap_or("svc");
+    let word = SERVICE_WORDS.get((i / team_count(spec) + i * 7) % SERVICE_WORDS.len()).copied().unwrap_or("svc");
     format!("{team}-{word}-{i:05}")
 }
 
@@ -381,7 +422,8 @@ fn write_entry(out: &mut String, spec: &SynthSpec, i: usize, rng: &mut Rng) -> s
             None => write_external_ip(out, rng),
         },
         30..60 => {
-            if let Some(j) = lower_service(rng, i).filter(|_| rng.percent(10)) {
+            let covering = !is_sandbox(i) && rng.percent(10);
+            if let Some(j) = lower_service(rng, i).filter(|_| covering) {
                 // A block that covers exactly one lower service's slot.
                 let [a, b, c] = slot(j);
                 write!(out, "cidr = \"{a}.{b}.{c}.0/24\"")?;
@@ -406,7 +448,7 @@ fn write_entry(out: &mut String, spec: &SynthSpec, i: usize, rng: &mut Rng) -> s
         _ => {
             let (g1, g2) = (rng.below(0x10000), rng.below(0x10000));
             if rng.percent(50) {
-                write!(out, "ip = \"2001:db8:{g1:x}:{g2:x}::{:x}\"", rng.below(0x10000) + 1)?;
+                write!(out, "ip = \"2001:db8:{g1:x}:{g2:x}::{:x}\"", 1 + rng.below(0xffff))?;
             } else if rng.percent(50) {
                 write!(out, "cidr = \"2001:db8:{g1:x}::/48\"")?;
             } else {

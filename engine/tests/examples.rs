@@ -6,6 +6,14 @@
 //! The walk is over the file system, so a new example is tested as soon as it exists; a file
 //! that fits none of these shapes fails [`every_example_file_is_classified`].
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test helpers outside #[test] functions: a failing test should say where"
+)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -202,10 +210,8 @@ fn every_example_file_is_classified() {
 #[test]
 fn the_walk_finds_the_documented_examples() {
     let root = examples_dir();
-    let good: BTreeSet<String> = good_examples()
-        .iter()
-        .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
-        .collect();
+    let good: BTreeSet<String> =
+        good_examples().iter().map(|p| p.strip_prefix(&root).unwrap().display().to_string()).collect();
     for name in ["quickstart.toml", "github-deploy.toml", "layered-bootstrap", "isolated-regions.toml"] {
         assert!(good.contains(name), "`{name}` not found among {good:?}");
     }
@@ -284,10 +290,7 @@ fn expect_cycle_and_layer(sources: &Sources, diagnostics: &[Diagnostic]) {
     // Both point into the broken file.
     for d in [cycle, layer] {
         let position = sources.position(d.primary().loc);
-        assert!(
-            Path::new(&position.file).ends_with("broken/cycle-and-layer.toml"),
-            "{position}"
-        );
+        assert!(Path::new(&position.file).ends_with("broken/cycle-and-layer.toml"), "{position}");
     }
 
     // The cycle: the whole path in the message, the first edge underlined, a note on the other.
@@ -299,10 +302,7 @@ fn expect_cycle_and_layer(sources: &Sources, diagnostics: &[Diagnostic]) {
         (19, 3, r#"{ service = "scheduler" }"#.to_owned(), "`job-queue` -> `scheduler`".to_owned())
     );
     let notes: Vec<_> = cycle.secondary().iter().map(|l| seen(sources, l)).collect();
-    assert_eq!(
-        notes,
-        [(26, 3, r#"{ service = "job-queue" }"#.to_owned(), "`scheduler` -> `job-queue`".to_owned())]
-    );
+    assert_eq!(notes, [(26, 3, r#"{ service = "job-queue" }"#.to_owned(), "`scheduler` -> `job-queue`".to_owned())]);
 
     // The layer violation: the allow entry of the lower service.
     assert_eq!(
@@ -312,18 +312,16 @@ fn expect_cycle_and_layer(sources: &Sources, diagnostics: &[Diagnostic]) {
     assert!(layer.problem().help().unwrap().contains("critical = false"));
     assert_eq!(
         seen(sources, layer.primary()),
-        (
-            33,
-            3,
-            r#"{ service = "dashboard", ports = [443] }"#.to_owned(),
-            "dependency on a higher layer".to_owned()
-        )
+        (33, 3, r#"{ service = "dashboard", ports = [443] }"#.to_owned(), "dependency on a higher layer".to_owned())
     );
     assert!(layer.secondary().is_empty());
 
     // The one-line rendering the CLI prints.
     let cycle_line = cycle.to_plain(sources);
-    assert!(cycle_line.contains("broken/cycle-and-layer.toml:19:3: error[depfence::cycle]: dependency cycle"), "{cycle_line}");
+    assert!(
+        cycle_line.contains("broken/cycle-and-layer.toml:19:3: error[depfence::cycle]: dependency cycle"),
+        "{cycle_line}"
+    );
     assert!(cycle_line.ends_with("broken/cycle-and-layer.toml:26:3: `scheduler` -> `job-queue`)"), "{cycle_line}");
 }
 
@@ -344,11 +342,7 @@ fn quickstart_rules_and_modes() {
     // storefront: the orders API through its endpoint (a /28 with a port range), and the
     // payment provider's block on 443.
     let (_, storefront) = snapshot.service("storefront").unwrap();
-    let rules: Vec<_> = storefront
-        .net_rules
-        .iter()
-        .map(|r| (r.net.to_string(), r.proto, r.ports, r.target))
-        .collect();
+    let rules: Vec<_> = storefront.net_rules.iter().map(|r| (r.net.to_string(), r.proto, r.ports, r.target)).collect();
     assert_eq!(
         rules,
         [
@@ -411,17 +405,20 @@ fn github_deploy_tooling_does_not_depend_on_the_frontend() {
     let snapshot = &compiled.snapshot;
     let (web_id, _) = snapshot.service("github-web").unwrap();
     let (_, deploy) = snapshot.service("mysql-deploy").unwrap();
-    assert_eq!(
-        deploy.selector,
-        Some(depfence::policy::Selector::Path("system.slice/mysql-deploy.service".to_owned()))
-    );
+    assert_eq!(deploy.selector, Some(depfence::policy::Selector::Path("system.slice/mysql-deploy.service".to_owned())));
     assert!(deploy.net_rules.iter().all(|r| r.target != Some(web_id)));
     assert!(deploy.host_rules.iter().all(|r| r.target != Some(web_id)));
-    assert_eq!(verdict(snapshot, "mysql-deploy", "production", &conn("192.0.2.10", 443, Proto::Tcp)), Verdict::Rejected);
+    assert_eq!(
+        verdict(snapshot, "mysql-deploy", "production", &conn("192.0.2.10", 443, Proto::Tcp)),
+        Verdict::Rejected
+    );
     assert_eq!(verdict(snapshot, "mysql-deploy", "production", &conn("10.20.8.10", 443, Proto::Tcp)), Verdict::Allowed);
     assert_eq!(verdict(snapshot, "mysql-deploy", "production", &conn("10.20.0.7", 3306, Proto::Tcp)), Verdict::Allowed);
     // The frontend itself is only audited in production.
-    assert_eq!(verdict(snapshot, "github-web", "production", &conn("10.20.8.10", 22, Proto::Tcp)), Verdict::WouldReject);
+    assert_eq!(
+        verdict(snapshot, "github-web", "production", &conn("10.20.8.10", 22, Proto::Tcp)),
+        Verdict::WouldReject
+    );
 }
 
 /// The text of github-deploy.toml with one more entry in mysql-deploy's allow list.
@@ -446,7 +443,8 @@ fn github_deploy_adding_the_frontend_is_rejected() {
     assert_eq!(sources.snippet(errors[0].primary().loc), r#"{ service = "github-web" }"#);
 
     // ... and so is hiding it behind its address block: the edge is inferred.
-    for raw in [r#"{ cidr = "192.0.2.0/24", ports = [443] }"#, r#"{ cidr = "0.0.0.0/0" }"#, r#"{ ip = "192.0.2.77" }"#] {
+    for raw in [r#"{ cidr = "192.0.2.0/24", ports = [443] }"#, r#"{ cidr = "0.0.0.0/0" }"#, r#"{ ip = "192.0.2.77" }"#]
+    {
         let text = github_deploy_with(raw);
         let parsed = depfence::policy::parse_str("github-deploy.toml", &text);
         let analysis = depfence::compile::analyze(&parsed.policy);
@@ -467,11 +465,8 @@ const LAYERED_FILES: [&str; 4] = ["base.toml", "edge.toml", "platform.toml", "st
 #[test]
 fn layered_bootstrap_reads_every_team_file() {
     let (sources, compiled) = example("layered-bootstrap");
-    let names: Vec<String> = sources
-        .files()
-        .iter()
-        .map(|f| Path::new(f.name()).file_name().unwrap().to_str().unwrap().to_owned())
-        .collect();
+    let names: Vec<String> =
+        sources.files().iter().map(|f| Path::new(f.name()).file_name().unwrap().to_str().unwrap().to_owned()).collect();
     assert_eq!(names, LAYERED_FILES, "files are read in path order");
     for file in sources.files() {
         assert!(Path::new(file.name()).starts_with(examples_dir().join("layered-bootstrap")), "{}", file.name());
@@ -571,8 +566,12 @@ fn layered_bootstrap_non_critical_dependencies() {
     let snapshot = &compiled.snapshot;
     let (monitoring_id, _) = snapshot.service("monitoring").unwrap();
     let (_, lock) = snapshot.service("lock-service").unwrap();
-    let to_monitoring: Vec<_> =
-        lock.net_rules.iter().filter(|r| r.target == Some(monitoring_id)).map(|r| (r.net.to_string(), r.ports)).collect();
+    let to_monitoring: Vec<_> = lock
+        .net_rules
+        .iter()
+        .filter(|r| r.target == Some(monitoring_id))
+        .map(|r| (r.net.to_string(), r.ports))
+        .collect();
     assert_eq!(
         to_monitoring,
         [("10.2.3.10/32".to_owned(), PortRange::single(9090)), ("10.2.3.10/32".to_owned(), PortRange::single(9091))]
@@ -659,4 +658,30 @@ fn isolated_regions_a_global_service_must_not_bridge_regions() {
         isolation[0].problem().to_string(),
         "isolated group `region-eu` reaches group `region-us` via `eu-api` -> `global-dns` -> `us-db`"
     );
+}
+
+/// Each broken example's diagnostics as `policyctl check` prints them in plain form, with the
+/// help lines, reviewed as insta snapshots (`tests/snapshots/examples__broken-NAME.snap`; a new
+/// broken example fails until its snapshot is reviewed with `cargo insta review`).
+#[test]
+fn broken_examples_render_as_reviewed() {
+    let root = format!("{}/", examples_dir().display());
+    for path in broken_examples() {
+        let parsed = load(&path).unwrap();
+        let sources = parsed.policy.sources.clone();
+        let mut diagnostics: Vec<Diagnostic> = parsed.diagnostics.into_iter().collect();
+        diagnostics.extend(depfence::compile::analyze(&parsed.policy).diagnostics);
+        let mut text = String::new();
+        for d in &diagnostics {
+            text.push_str(&d.to_plain(&sources));
+            text.push('\n');
+            if let Some(help) = d.problem().help() {
+                text.push_str(&format!("  help: {help}\n"));
+            }
+        }
+        // Paths relative to the repository, wherever it is checked out.
+        let text = text.replace(&root, "policy-examples/");
+        let name = path.file_stem().unwrap().to_str().unwrap();
+        insta::assert_snapshot!(format!("broken-{name}"), text);
+    }
 }

@@ -1,13 +1,9 @@
 //! Property tests for `depfence::graph` against brute-force oracles on small random graphs.
 
-#![allow(
-    clippy::indexing_slicing,
-    reason = "test oracles index small matrices; a panic is a test failure"
-)]
+#![allow(clippy::indexing_slicing, reason = "test oracles index small matrices; a panic is a test failure")]
 
 use depfence::graph::{
-    component_index, condensation_levels, cycle_through, reachable_from, shortest_path,
-    strongly_connected_components,
+    component_index, condensation_levels, cycle_through, reachable_from, shortest_path, strongly_connected_components,
 };
 use proptest::prelude::*;
 
@@ -18,11 +14,8 @@ const INF: usize = usize::MAX / 4;
 /// occur), as adjacency lists.
 fn arb_graph() -> impl Strategy<Value = Vec<Vec<usize>>> {
     (0usize..=12).prop_flat_map(|n| {
-        let edges = if n == 0 {
-            Just(Vec::new()).boxed()
-        } else {
-            prop::collection::vec((0..n, 0..n), 0..=3 * n).boxed()
-        };
+        let edges =
+            if n == 0 { Just(Vec::new()).boxed() } else { prop::collection::vec((0..n, 0..n), 0..=3 * n).boxed() };
         edges.prop_map(move |edges| build(n, &edges))
     })
 }
@@ -31,11 +24,7 @@ fn arb_graph() -> impl Strategy<Value = Vec<Vec<usize>>> {
 fn arb_graph_with_sets() -> impl Strategy<Value = (Vec<Vec<usize>>, Vec<usize>, Vec<usize>)> {
     arb_graph().prop_flat_map(|adj| {
         let n = adj.len();
-        (
-            Just(adj),
-            prop::collection::vec(any::<bool>(), n),
-            prop::collection::vec(any::<bool>(), n),
-        )
+        (Just(adj), prop::collection::vec(any::<bool>(), n), prop::collection::vec(any::<bool>(), n))
             .prop_map(|(adj, src, tgt)| (adj, mask_to_set(&src), mask_to_set(&tgt)))
     })
 }

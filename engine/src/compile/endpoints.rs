@@ -51,6 +51,10 @@ impl Endpoint {
 pub(super) struct EndpointIndex {
     /// Address endpoints sorted by (family, first address), with their endpoint.
     nets: Vec<((bool, u128), Endpoint)>,
+    /// The first addresses of the IPv4 endpoints (the start of `nets`), then of the IPv6 ones:
+    /// compact copies of the sort keys, so the binary search stays in cache.
+    v4_starts: Vec<u32>,
+    v6_starts: Vec<u128>,
     /// (family, prefix length, network) → indices into `nets`.
     by_prefix: HashMap<(bool, u8, u128), Vec<usize>>,
     /// Prefix lengths in use, per family.
@@ -79,8 +83,10 @@ impl EndpointIndex {
             by_prefix.entry((*v6, *prefix, *first)).or_default().push(i);
             prefix_lens.insert((*v6, *prefix));
         }
-        let nets = nets.into_iter().map(|((v6, first, _, _), e)| ((v6, first), e)).collect();
-        EndpointIndex { nets, by_prefix, prefix_lens, hosts }
+        let nets: Vec<_> = nets.into_iter().map(|((v6, first, _, _), e)| ((v6, first), e)).collect();
+        let v4_starts = nets.iter().filter(|((v6, _), _)| !v6).map(|((_, first), _)| *first as u32).collect();
+        let v6_starts = nets.iter().filter(|((v6, _), _)| *v6).map(|((_, first), _)| *first).collect();
+        EndpointIndex { nets, v4_starts, v6_starts, by_prefix, prefix_lens, hosts }
     }
 
     /// Appends to `out` every service with an endpoint that `destination` (with these ports and
@@ -106,7 +112,12 @@ impl EndpointIndex {
     fn reached_by_net(&self, net: IpNet, ports: Option<&[PortRange]>, proto: Option<Proto>, out: &mut Vec<usize>) {
         let (v6, first, last, prefix) = interval(net);
         // Endpoints inside the query block.
-        let start = self.nets.partition_point(|(key, _)| *key < (v6, first));
+        // `nets.partition_point(|(key, _)| *key < (v6, first))`, searched in the compact keys.
+        let start = if v6 {
+            self.v4_starts.len() + self.v6_starts.partition_point(|&s| s < first)
+        } else {
+            self.v4_starts.partition_point(|&s| u128::from(s) < first)
+        };
         for (_, e) in self.nets.get(start..).unwrap_or_default().iter().take_while(|(key, _)| *key <= (v6, last)) {
             if e.reached_by(ports, proto) {
                 out.push(e.service);
@@ -137,12 +148,18 @@ mod tests {
         (EndpointIndex::new(&services), names)
     }
 
-    fn reached(index: &(EndpointIndex, Vec<String>), cidr: &str, ports: Option<&[PortRange]>, proto: Option<Proto>) -> Vec<String> {
+    fn reached(
+        index: &(EndpointIndex, Vec<String>),
+        cidr: &str,
+        ports: Option<&[PortRange]>,
+        proto: Option<Proto>,
+    ) -> Vec<String> {
         let mut out = Vec::new();
         index.0.reached_by(&Destination::Net(cidr.parse().unwrap()), ports, proto, &mut out);
-        out.sort();
-        out.dedup();
-        out.into_iter().map(|i| index.1[i].clone()).collect()
+        let mut names: Vec<String> = out.into_iter().map(|i| index.1[i].clone()).collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     const POLICY: &str = r#"

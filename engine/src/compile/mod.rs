@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::diag::{Diagnostic, Diagnostics, Loc, Sources};
 use crate::graph;
-use crate::policy::{PolicySet, parse_str};
+use crate::policy::{Parsed, PolicySet, parse_str};
 use crate::problem::Problem;
-use crate::snapshot::{Snapshot, SnapshotContent, SnapshotError, SNAPSHOT_FORMAT};
+use crate::snapshot::{SNAPSHOT_FORMAT, Snapshot, SnapshotContent, SnapshotError};
 
 pub use resolve::{DEFAULT_ENVIRONMENT, DEFAULT_MODE};
 
@@ -164,38 +164,62 @@ pub fn analyze(policy: &PolicySet) -> Analysis {
     analysis
 }
 
+/// Analyzes what [`crate::policy::load`] or [`crate::policy::parse_sources`] read. Returns None
+/// when a file is not valid TOML (the syntax errors are in `parsed.diagnostics`); otherwise the
+/// analysis's diagnostics hold the parse diagnostics too, in source order.
+pub fn analyze_parsed(parsed: &Parsed) -> Option<Analysis> {
+    if !parsed.syntax_ok {
+        return None;
+    }
+    let mut analysis = analyze(&parsed.policy);
+    let mut all = parsed.diagnostics.clone();
+    all.extend(std::mem::take(&mut analysis.diagnostics));
+    all.sort();
+    analysis.diagnostics = all;
+    Some(analysis)
+}
+
+impl Analysis {
+    /// Freezes a policy without errors into a snapshot; otherwise returns every error (and
+    /// warning).
+    pub fn freeze(mut self) -> Result<Compiled, CompileError> {
+        if self.diagnostics.has_errors() {
+            return Err(CompileError::Invalid(self.diagnostics));
+        }
+        // The rules move into the snapshot (nothing reads them from the analysis afterwards):
+        // copying them would cost time and memory in proportion to the policy.
+        let empty =
+            SnapshotContent { format: 0, environments: Vec::new(), services: Vec::new(), bootstrap: Vec::new() };
+        let mut content = std::mem::replace(&mut self.content, empty);
+        content.format = SNAPSHOT_FORMAT;
+        let snapshot = Snapshot::new(content, std::mem::take(&mut self.debug))?;
+        Ok(Compiled { snapshot, analysis: self })
+    }
+}
+
 /// Compiles a parsed policy into a snapshot, or returns every error (and warning).
 pub fn compile(policy: &PolicySet) -> Result<Compiled, CompileError> {
-    let analysis = analyze(policy);
-    if analysis.diagnostics.has_errors() {
-        return Err(CompileError::Invalid(analysis.diagnostics));
-    }
-    let mut content = analysis.content.clone();
-    content.format = SNAPSHOT_FORMAT;
-    let snapshot = Snapshot::new(content, analysis.debug.clone())?;
-    Ok(Compiled { snapshot, analysis })
+    analyze(policy).freeze()
 }
 
 /// Parses and compiles one policy text (tests, fuzzing, embedding). On failure returns the
 /// sources with the diagnostics so they can be rendered.
 pub fn compile_str(name: &str, text: &str) -> Result<Compiled, (Sources, Diagnostics)> {
     let parsed = parse_str(name, text);
-    if !parsed.syntax_ok || parsed.diagnostics.has_errors() {
-        let mut diagnostics = parsed.diagnostics;
-        if parsed.syntax_ok {
-            diagnostics.extend(analyze(&parsed.policy).diagnostics);
-        }
-        return Err((parsed.policy.sources, diagnostics));
-    }
-    match compile(&parsed.policy) {
-        Ok(compiled) => Ok(compiled),
-        Err(CompileError::Invalid(diagnostics)) => Err((parsed.policy.sources, diagnostics)),
-        Err(CompileError::Snapshot(e)) => {
-            let mut diagnostics = Diagnostics::default();
-            diagnostics.push(Diagnostic::error(Problem::Syntax { message: e.to_string() }, Loc::default(), ""));
-            Err((parsed.policy.sources, diagnostics))
-        }
-    }
+    let Some(analysis) = analyze_parsed(&parsed) else {
+        return Err((parsed.policy.sources, parsed.diagnostics));
+    };
+    analysis.freeze().map_err(|error| {
+        let diagnostics = match error {
+            CompileError::Invalid(diagnostics) => diagnostics,
+            CompileError::Snapshot(e) => {
+                let mut diagnostics = Diagnostics::default();
+                diagnostics.push(Diagnostic::error(Problem::Syntax { message: e.to_string() }, Loc::default(), ""));
+                diagnostics
+            }
+        };
+        (parsed.policy.sources, diagnostics)
+    })
 }
 
 /// Adjacency lists of the edges accepted by `keep`, successors ascending.
@@ -251,8 +275,7 @@ fn check_graph(
         let accepted = intrinsic.iter().any(|(declared, _)| set.is_subset(declared));
         if !accepted {
             has_cycle = true;
-            let start = members.first().copied().unwrap_or_default();
-            if let Some(path) = graph::cycle_through(&critical, members, start) {
+            if let Some(path) = undeclared_cycle(&critical, members, intrinsic) {
                 diags.push(path_diagnostic(Problem::Cycle { path: analysis.path_text(&path) }, analysis, &path));
                 analysis.violations.push(Violation::Cycle(path));
             }
@@ -296,7 +319,12 @@ fn check_graph(
             && tt > ft
         {
             diags.push(Diagnostic::warning(
-                Problem::CriticalityInversion { from: from.name.clone(), from_tier: ft, to: to.name.clone(), to_tier: tt },
+                Problem::CriticalityInversion {
+                    from: from.name.clone(),
+                    from_tier: ft,
+                    to: to.name.clone(),
+                    to_tier: tt,
+                },
                 edge.loc,
                 "critical dependency on a less critical service",
             ));
@@ -345,6 +373,29 @@ fn check_graph(
             })
             .collect();
     }
+}
+
+/// A cycle in the strongly connected component `members` to report: one that is not inside a
+/// single declared intrinsic cycle (when a declared pair is part of a bigger component, the
+/// accepted pair itself is not the problem). Tries members outside every declaration first, so
+/// usually one search suffices; gives up after a few searches (bounding the cost on huge
+/// components) and then reports the first cycle found.
+fn undeclared_cycle(
+    critical: &[Vec<usize>],
+    members: &[usize],
+    intrinsic: &[(BTreeSet<usize>, Loc)],
+) -> Option<Vec<usize>> {
+    let declared = |m: &usize| intrinsic.iter().any(|(set, _)| set.contains(m));
+    let starts = members.iter().filter(|m| !declared(m)).chain(members.iter().filter(|m| declared(m)));
+    let mut first = None;
+    for &start in starts.take(16) {
+        let Some(path) = graph::cycle_through(critical, members, start) else { continue };
+        if !intrinsic.iter().any(|(set, _)| path.iter().all(|n| set.contains(n))) {
+            return Some(path);
+        }
+        first.get_or_insert(path);
+    }
+    first
 }
 
 /// Orders components into stages by (effective layer, level). A service's effective layer is

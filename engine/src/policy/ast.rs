@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::diag::{Located, Loc, Sources};
+use crate::diag::{Loc, Located, Sources};
 
 /// What the kernel does with a connection the policy does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -237,11 +237,7 @@ impl HostPattern {
 
 impl fmt::Display for HostPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.wildcard {
-            write!(f, "*.{}", self.domain)
-        } else {
-            f.write_str(&self.domain)
-        }
+        if self.wildcard { write!(f, "*.{}", self.domain) } else { f.write_str(&self.domain) }
     }
 }
 

@@ -6,7 +6,6 @@ mod parse;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 pub use ast::*;
 pub use parse::{POLICY_VERSION, parse_port_range};
@@ -60,12 +59,36 @@ pub fn load(path: &Path) -> Result<Parsed, LoadError> {
     } else {
         vec![path.to_owned()]
     };
-    let mut texts = Vec::with_capacity(files.len());
-    for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|source| LoadError::Io { path: file.clone(), source })?;
-        texts.push((file.display().to_string(), text));
+    Ok(parse_sources(read_files(&files)?))
+}
+
+/// Reads files (on all available cores when there are many), returning names and texts in
+/// order, or the error of the first file in that order that cannot be read.
+fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>, LoadError> {
+    let read = |chunk: &[PathBuf]| -> Result<Vec<(String, String)>, LoadError> {
+        chunk
+            .iter()
+            .map(|file| match std::fs::read_to_string(file) {
+                Ok(text) => Ok((file.display().to_string(), text)),
+                Err(source) => Err(LoadError::Io { path: file.clone(), source }),
+            })
+            .collect()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if threads < 2 || files.len() < 8 {
+        return read(files);
     }
-    Ok(parse_sources(texts))
+    // Contiguous chunks, joined in order: the first error found is the first in path order.
+    let chunks: Vec<_> = std::thread::scope(|scope| {
+        let workers: Vec<_> =
+            files.chunks(files.len().div_ceil(threads)).map(|chunk| scope.spawn(move || read(chunk))).collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload))).collect()
+    });
+    let mut texts = Vec::with_capacity(files.len());
+    for chunk in chunks {
+        texts.extend(chunk?);
+    }
+    Ok(texts)
 }
 
 fn collect_toml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
@@ -92,12 +115,7 @@ pub fn parse_sources(files: impl IntoIterator<Item = (String, String)>) -> Parse
     let mut policy = PolicySet::default();
     let mut diagnostics = Diagnostics::default();
     let mut state = parse::MergeState::default();
-    let mut syntax_ok = true;
-    for (name, text) in files {
-        let text: Arc<str> = text.into();
-        let file = policy.sources.add(name, Arc::clone(&text));
-        syntax_ok &= parse::parse_file(file, &text, &mut policy, &mut state, &mut diagnostics);
-    }
+    let syntax_ok = parse::parse_files(files.into_iter().collect(), &mut policy, &mut state, &mut diagnostics);
     check_duplicates(&policy, &mut diagnostics);
     Parsed { policy, diagnostics, syntax_ok }
 }
@@ -119,8 +137,12 @@ fn duplicates<'a>(kind: &'static str, names: impl Iterator<Item = &'a Located<St
     for name in names {
         if let Some(earlier) = first.get(name.value.as_str()) {
             diags.push(
-                Diagnostic::error(Problem::Duplicate { kind, name: name.value.clone() }, name.loc, "defined again here")
-                    .with_note(earlier.loc, "first defined here"),
+                Diagnostic::error(
+                    Problem::Duplicate { kind, name: name.value.clone() },
+                    name.loc,
+                    "defined again here",
+                )
+                .with_note(earlier.loc, "first defined here"),
             );
         } else {
             first.insert(&name.value, name);

@@ -5,14 +5,16 @@
 //! skipped, so one run reports every independent problem in the file.
 
 use std::net::IpAddr;
+use std::num::NonZeroUsize;
 use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::ast::*;
-use crate::diag::{Diagnostic, Diagnostics, FileId, Located, Loc};
+use crate::diag::{Diagnostic, Diagnostics, FileId, Loc, Located, SourceFile};
 use crate::problem::{Problem, closest};
 
 /// The policy language version this build reads.
@@ -34,6 +36,9 @@ type Value<'i> = Spanned<DeValue<'i>>;
 #[derive(Default)]
 pub(crate) struct MergeState {
     model_at: Option<Loc>,
+    /// The diagnostics (by index) that reading that `[model]` produced, so that a file parsed on
+    /// its own can have its `[model]` replaced by a duplicate error when merged.
+    model_diags: Range<usize>,
 }
 
 /// Parses one file into `policy`. Returns false when the file is not valid TOML (its content is
@@ -173,28 +178,19 @@ impl Parser<'_> {
                     if let Some(v) = self.integer("version", value)
                         && v != POLICY_VERSION
                     {
-                        self.error(
-                            Problem::UnsupportedVersion { found: v.to_string() },
-                            value.span(),
-                            "unsupported",
-                        );
+                        self.error(Problem::UnsupportedVersion { found: v.to_string() }, value.span(), "unsupported");
                     }
                 }
                 "environments" => self.environments(value, policy),
                 "model" => {
                     let here = self.loc(key.span());
                     if let Some(first) = state.model_at {
-                        self.diags.push(
-                            Diagnostic::error(
-                                Problem::Duplicate { kind: "table", name: "model".into() },
-                                here,
-                                "defined again here",
-                            )
-                            .with_note(first, "first defined here"),
-                        );
+                        self.diags.push(duplicate_model(here, first));
                     } else {
                         state.model_at = Some(here);
+                        let start = self.diags.len();
                         self.model(value, policy);
+                        state.model_diags = start..self.diags.len();
                     }
                 }
                 "services" => {
@@ -262,8 +258,7 @@ impl Parser<'_> {
                 "isolated" => {
                     for set in self.array("isolated", v).unwrap_or_default() {
                         let Some(items) = self.array("isolated", set) else { continue };
-                        let groups: Vec<_> =
-                            items.iter().filter_map(|g| self.name_value("isolated", g)).collect();
+                        let groups: Vec<_> = items.iter().filter_map(|g| self.name_value("isolated", g)).collect();
                         policy.isolated.push(IsolationSet { groups, loc: self.loc(set.span()) });
                     }
                 }
@@ -376,7 +371,7 @@ impl Parser<'_> {
                         "not an IPv4 or IPv6 address".to_owned()
                     };
                     self.error(
-                        Problem::InvalidAddress { what: "address", value: text.to_owned(), reason },
+                        Problem::InvalidAddress { what: "address", value: text.to_owned(), reason, suggestion: None },
                         value.span(),
                         "invalid",
                     );
@@ -389,7 +384,8 @@ impl Parser<'_> {
                         Problem::InvalidAddress {
                             what: "cidr",
                             value: text.to_owned(),
-                            reason: format!("host bits are set; the block is `{}`", net.trunc()),
+                            reason: "host bits are set".to_owned(),
+                            suggestion: Some(net.trunc().to_string()),
                         },
                         value.span(),
                         "host bits set",
@@ -403,6 +399,7 @@ impl Parser<'_> {
                             what: "cidr",
                             value: text.to_owned(),
                             reason: "expected `ADDRESS/PREFIX`, e.g. `10.0.0.0/8`".to_owned(),
+                            suggestion: None,
                         },
                         value.span(),
                         "invalid",
@@ -431,8 +428,16 @@ impl Parser<'_> {
                 None
             }
             DeValue::Array(items) => {
-                let ranges: Vec<_> = items.iter().map(|item| self.port_range(item)).collect();
-                ranges.into_iter().collect()
+                // Every item is checked (and reported), even after a bad one.
+                let mut ranges = Vec::with_capacity(items.len());
+                let mut ok = true;
+                for item in items {
+                    match self.port_range(item) {
+                        Some(range) => ranges.push(range),
+                        None => ok = false,
+                    }
+                }
+                ok.then_some(ranges)
             }
             _ => self.port_range(value).map(|r| vec![r]),
         }
@@ -442,7 +447,7 @@ impl Parser<'_> {
         let result = match value.get_ref() {
             DeValue::Integer(_) => {
                 let n = self.integer("ports", value)?;
-                port_number(&n.to_string()).map(PortRange::single)
+                port_from_integer(n).map(PortRange::single)
             }
             DeValue::String(text) => parse_port_range(text),
             _ => {
@@ -599,6 +604,127 @@ impl Parser<'_> {
     }
 }
 
+fn duplicate_model(here: Loc, first: Loc) -> Diagnostic {
+    Diagnostic::error(Problem::Duplicate { kind: "table", name: "model".into() }, here, "defined again here")
+        .with_note(first, "first defined here")
+}
+
+/// Below this much text, files are parsed on the calling thread.
+const PARALLEL_MIN_BYTES: usize = 1 << 20;
+
+/// Adds files (names and texts, in policy order) to `policy.sources` and parses them into
+/// `policy`. Large policies of several files are parsed on all available cores, each file on its
+/// own, then merged in order; the result is exactly that of calling [`parse_file`] on each file
+/// in turn. Returns false when some file is not valid TOML.
+pub(crate) fn parse_files(
+    files: Vec<(String, String)>,
+    policy: &mut PolicySet,
+    state: &mut MergeState,
+    diags: &mut Diagnostics,
+) -> bool {
+    let bytes: usize = files.iter().map(|(_, text)| text.len()).sum();
+    let threads =
+        if bytes < PARALLEL_MIN_BYTES { 1 } else { std::thread::available_parallelism().map_or(1, NonZeroUsize::get) };
+    parse_files_on(threads, files, policy, state, diags)
+}
+
+/// [`parse_files`] on at most `threads` threads.
+fn parse_files_on(
+    threads: usize,
+    files: Vec<(String, String)>,
+    policy: &mut PolicySet,
+    state: &mut MergeState,
+    diags: &mut Diagnostics,
+) -> bool {
+    let threads = threads.min(files.len());
+    if threads < 2 {
+        let mut syntax_ok = true;
+        for (name, text) in files {
+            let source = SourceFile::new(name, text);
+            let text = Arc::clone(source.text_arc());
+            let file = policy.sources.push(source);
+            syntax_ok &= parse_file(file, &text, policy, state, diags);
+        }
+        return syntax_ok;
+    }
+    let first = policy.sources.files().len();
+    let queue = Mutex::new(files.into_iter().enumerate());
+    let mut parts: Vec<FilePart> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                        let Some((index, (name, text))) = next else { break };
+                        done.push(FilePart::parse((first + index) as FileId, SourceFile::new(name, text)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| worker.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload)))
+            .collect()
+    });
+    // File ids number the files in policy order.
+    parts.sort_unstable_by_key(|part| part.file);
+    let mut syntax_ok = true;
+    for part in parts {
+        syntax_ok &= part.merge_into(policy, state, diags);
+    }
+    syntax_ok
+}
+
+/// One file parsed on its own.
+struct FilePart {
+    file: FileId,
+    source: SourceFile,
+    policy: PolicySet,
+    diags: Diagnostics,
+    state: MergeState,
+    syntax_ok: bool,
+}
+
+impl FilePart {
+    fn parse(file: FileId, source: SourceFile) -> Self {
+        let mut policy = PolicySet::default();
+        let mut diags = Diagnostics::default();
+        let mut state = MergeState::default();
+        let syntax_ok = parse_file(file, source.text(), &mut policy, &mut state, &mut diags);
+        FilePart { file, source, policy, diags, state, syntax_ok }
+    }
+
+    /// Appends this file to what the files before it gave, as [`parse_file`] would have.
+    fn merge_into(self, policy: &mut PolicySet, state: &mut MergeState, diags: &mut Diagnostics) -> bool {
+        let FilePart { source, policy: mut part, diags: mut found, state: part_state, syntax_ok, .. } = self;
+        policy.sources.push(source);
+        if let Some(here) = part_state.model_at {
+            if let Some(first) = state.model_at {
+                // A second `[model]` is reported instead of read.
+                part.layers.clear();
+                part.isolated.clear();
+                let mut items: Vec<Diagnostic> = found.into_iter().collect();
+                let end = part_state.model_diags.end.min(items.len());
+                let start = part_state.model_diags.start.min(end);
+                items.splice(start..end, [duplicate_model(here, first)]);
+                found = Diagnostics::default();
+                items.into_iter().for_each(|d| found.push(d));
+            } else {
+                state.model_at = Some(here);
+            }
+        }
+        policy.environments.append(&mut part.environments);
+        policy.layers.append(&mut part.layers);
+        policy.isolated.append(&mut part.isolated);
+        policy.services.append(&mut part.services);
+        policy.intrinsic_cycles.append(&mut part.intrinsic_cycles);
+        diags.extend(found);
+        syntax_ok
+    }
+}
+
 /// IPv4-mapped IPv6 blocks (`::ffff:a.b.c.d/96+n`) become IPv4 blocks, so they match IPv4
 /// connections and overlap checks see one address space.
 pub(crate) fn canonical_net(net: IpNet) -> IpNet {
@@ -612,10 +738,17 @@ pub(crate) fn canonical_net(net: IpNet) -> IpNet {
 }
 
 fn port_number(text: &str) -> Result<u16, &'static str> {
-    match text.trim().parse::<u32>() {
-        Ok(0) => Err("port 0 is not a port; omit `ports` for any port"),
-        Ok(n) => u16::try_from(n).map_err(|_| "ports run from 1 to 65535"),
+    // Parsed as i64 so a negative number is reported as out of range, not as "not a number".
+    match text.trim().parse::<i64>() {
+        Ok(n) => port_from_integer(n),
         Err(_) => Err("not a number"),
+    }
+}
+
+fn port_from_integer(n: i64) -> Result<u16, &'static str> {
+    match n {
+        0 => Err("port 0 is not a port; omit `ports` for any port"),
+        n => u16::try_from(n).map_err(|_| "ports run from 1 to 65535"),
     }
 }
 
@@ -653,5 +786,42 @@ mod tests {
         assert_eq!(canonical_net(net), "10.1.0.0/16".parse::<IpNet>().unwrap());
         let plain: IpNet = "2001:db8::/32".parse().unwrap();
         assert_eq!(canonical_net(plain), plain);
+    }
+}
+
+#[cfg(test)]
+mod parallel_tests {
+    use super::*;
+
+    fn parse_on(threads: usize, files: &[(&str, &str)]) -> (String, String, bool) {
+        let files = files.iter().map(|(name, text)| ((*name).to_owned(), (*text).to_owned())).collect();
+        let mut policy = PolicySet::default();
+        let mut diags = Diagnostics::default();
+        let ok = parse_files_on(threads, files, &mut policy, &mut MergeState::default(), &mut diags);
+        let names: Vec<_> = policy.sources.files().iter().map(|f| (f.name().to_owned(), f.text().len())).collect();
+        (format!("{policy:?} {names:?}"), format!("{diags:?}"), ok)
+    }
+
+    #[test]
+    fn parallel_parsing_gives_the_sequential_result() {
+        let files = [
+            (
+                "a.toml",
+                "version = 1\n[model]\nlayers = [\"base\", \"9bad\"]\n[services.a]\nendpoints = [{ ip = \"10.0.0.1\" }]\n",
+            ),
+            ("b.toml", "version = 1\n[services.b]\nallow = [{ service = \"a\", ports = [0, 80] }]\n"),
+            (
+                "c.toml",
+                "version = 1\n[services.c]\nlayer = \"base\"\n[model]\nlayers = [\"x\", \"7bad\"]\nisolated = [[\"g\"]]\n[services.d]\ntier = 12\n",
+            ),
+            ("d.toml", "version = 1\n[services.e\n"),
+            ("e.toml", "[model]\nlayers = [\"y\"]\n[environments]\nprod = \"enforce\"\n"),
+        ];
+        let sequential = parse_on(1, &files);
+        assert!(sequential.1.contains("Duplicate"), "{}", sequential.1);
+        assert!(!sequential.2);
+        for threads in [2, 3, 8] {
+            assert_eq!(parse_on(threads, &files), sequential, "{threads} threads");
+        }
     }
 }
