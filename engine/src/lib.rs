@@ -6,6 +6,7 @@
 //! checks) → [`snapshot::Snapshot`] (immutable, content-hashed). Problems are
 //! [`diag::Diagnostic`]s with a location, a typed [`problem::Problem`] and help.
 
+pub mod cgroup;
 pub mod compile;
 pub mod diag;
 pub mod graph;

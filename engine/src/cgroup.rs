@@ -1,0 +1,231 @@
+//! cgroup v2: finding the mount, naming cgroups, creating and removing the child cgroups depfence
+//! runs commands in, and cgroup ids (the inode number of the directory, which is what
+//! `bpf_get_current_cgroup_id()` returns in the kernel).
+//!
+//! The cgroup2 hierarchy is at `/sys/fs/cgroup` on unified systems and at
+//! `/sys/fs/cgroup/unified` on hybrid ones; [`Cgroup2::discover`] reads `/proc/self/mounts`
+//! instead of guessing.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// A cgroup operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CgroupError {
+    /// No cgroup2 file system is mounted.
+    #[error("no cgroup2 file system is mounted (looked in /proc/self/mounts)")]
+    NotMounted,
+    /// A path relative to the mount is not acceptable.
+    #[error("cgroup path `{0}` must be relative to the cgroup2 mount and stay below it")]
+    BadPath(String),
+    /// A file-system operation failed.
+    #[error("{action} `{path}`: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io { action, path: path.to_owned(), source }
+}
+
+/// The mounted cgroup2 hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup2 {
+    mount: PathBuf,
+}
+
+impl Cgroup2 {
+    /// Finds the cgroup2 mount point in `/proc/self/mounts`.
+    pub fn discover() -> Result<Self, CgroupError> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts")
+            .map_err(io_error("reading", Path::new("/proc/self/mounts")))?;
+        Self::from_mounts(&mounts).ok_or(CgroupError::NotMounted)
+    }
+
+    /// Finds the cgroup2 mount in the text of a mounts table.
+    pub fn from_mounts(mounts: &str) -> Option<Self> {
+        mounts.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, mount, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| Cgroup2 { mount: PathBuf::from(unescape_mount(mount)) })
+        })
+    }
+
+    /// The mount point.
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// The directory of a cgroup given relative to the mount (as in a policy's `cgroup = …`).
+    pub fn path_of(&self, relative: &str) -> Result<PathBuf, CgroupError> {
+        let relative = relative.trim_matches('/');
+        let clean = Path::new(relative).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !clean {
+            return Err(CgroupError::BadPath(relative.to_owned()));
+        }
+        Ok(self.mount.join(relative))
+    }
+
+    /// The path of a cgroup directory relative to the mount.
+    pub fn relative<'p>(&self, dir: &'p Path) -> Option<&'p Path> {
+        dir.strip_prefix(&self.mount).ok()
+    }
+
+    /// The cgroup the calling process is in, as a directory.
+    pub fn current(&self) -> Result<PathBuf, CgroupError> {
+        let text = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(io_error("reading", Path::new("/proc/self/cgroup")))?;
+        // The v2 entry is `0::/path`.
+        let path = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
+        Ok(self.mount.join(path.trim_start_matches('/')))
+    }
+}
+
+/// `/proc/self/mounts` escapes spaces and a few other bytes as octal `\ooo`.
+fn unescape_mount(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(pos) = rest.find('\\') {
+        out.push_str(rest.get(..pos).unwrap_or_default());
+        let code = rest.get(pos + 1..pos + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = rest.get(pos + 4..).unwrap_or_default();
+            }
+            None => {
+                out.push('\\');
+                rest = rest.get(pos + 1..).unwrap_or_default();
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The id the kernel gives a cgroup: the inode number of its directory.
+pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
+    std::fs::metadata(dir).map(|m| m.ino()).map_err(io_error("reading", dir))
+}
+
+/// A child cgroup that depfence created and removes on drop (moving any process still in it to
+/// the parent first).
+#[derive(Debug)]
+pub struct ChildCgroup {
+    dir: PathBuf,
+    id: u64,
+}
+
+impl ChildCgroup {
+    /// Creates `parent/name`. Fails if it exists: depfence never adopts a cgroup it did not make.
+    pub fn create(parent: &Path, name: &str) -> Result<Self, CgroupError> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(CgroupError::BadPath(name.to_owned()));
+        }
+        let dir = parent.join(name);
+        std::fs::create_dir(&dir).map_err(io_error("creating cgroup", &dir))?;
+        let id = cgroup_id(&dir)?;
+        Ok(ChildCgroup { dir, id })
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its cgroup id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Moves a process (all its threads) into this cgroup.
+    pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
+        let procs = self.dir.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string()).map_err(io_error("moving a process into", &procs))
+    }
+
+    /// The processes in this cgroup.
+    pub fn processes(&self) -> Result<Vec<u32>, CgroupError> {
+        let procs = self.dir.join("cgroup.procs");
+        let text = std::fs::read_to_string(&procs).map_err(io_error("reading", &procs))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// Moves remaining processes to the parent and removes the directory.
+    pub fn remove(mut self) -> Result<(), CgroupError> {
+        let result = self.remove_now();
+        self.dir = PathBuf::new();
+        result
+    }
+
+    fn remove_now(&self) -> Result<(), CgroupError> {
+        if self.dir.as_os_str().is_empty() {
+            return Ok(());
+        }
+        if let Some(parent) = self.dir.parent() {
+            let parent_procs = parent.join("cgroup.procs");
+            for pid in self.processes().unwrap_or_default() {
+                // A process may exit meanwhile; its removal from the list is what we want.
+                let _ = std::fs::write(&parent_procs, pid.to_string());
+            }
+        }
+        // rmdir of a cgroup fails with EBUSY for a short while after its last process left.
+        let mut last = None;
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Err(CgroupError::Io {
+            action: "removing cgroup",
+            path: self.dir.clone(),
+            source: last.unwrap_or_else(|| io::Error::other("busy")),
+        })
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        if let Err(error) = self.remove_now() {
+            // Never panic in drop; say what was left behind.
+            eprintln!("depfence: {error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_on_hybrid_and_unified_systems() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(Cgroup2::from_mounts(hybrid).unwrap().mount(), Path::new("/sys/fs/cgroup/unified"));
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        assert_eq!(Cgroup2::from_mounts(unified).unwrap().mount(), Path::new("/sys/fs/cgroup"));
+        assert_eq!(Cgroup2::from_mounts("proc /proc proc rw 0 0\n"), None);
+        let escaped = "cgroup2 /mnt/with\\040space cgroup2 rw 0 0\n";
+        assert_eq!(Cgroup2::from_mounts(escaped).unwrap().mount(), Path::new("/mnt/with space"));
+    }
+
+    #[test]
+    fn policy_paths_stay_below_the_mount() {
+        let cg = Cgroup2 { mount: PathBuf::from("/sys/fs/cgroup") };
+        assert_eq!(cg.path_of("system.slice/x.service").unwrap(), Path::new("/sys/fs/cgroup/system.slice/x.service"));
+        assert_eq!(cg.path_of("/system.slice/").unwrap(), Path::new("/sys/fs/cgroup/system.slice"));
+        assert!(cg.path_of("../etc").is_err());
+        assert!(cg.path_of("a/./b").is_ok());
+        assert!(cg.path_of("a/../b").is_err());
+    }
+}
