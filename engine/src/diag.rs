@@ -44,11 +44,6 @@ impl SourceFile {
         &self.text
     }
 
-    /// The file's text, shared.
-    pub(crate) fn text_arc(&self) -> &Arc<str> {
-        &self.text
-    }
-
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: u32) -> (u32, u32) {
         let line_index = self.line_starts.partition_point(|&start| start <= offset).saturating_sub(1);

@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -281,11 +282,10 @@ impl Snapshot {
     /// Encodes to bytes: magic, then postcard.
     pub fn to_bytes(&self) -> Result<Vec<u8>, SnapshotError> {
         // The postcard encoding of the struct: its fields one after the other.
-        let (bytes, rest) = std::thread::scope(|scope| {
-            let rest = scope.spawn(|| postcard::to_stdvec(&(&self.hash, &self.debug)));
-            let bytes = encode_content(&self.content, SNAPSHOT_MAGIC.to_vec());
-            (bytes, rest.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload)))
-        });
+        let (bytes, rest) = rayon::join(
+            || encode_content(&self.content, SNAPSHOT_MAGIC.to_vec()),
+            || postcard::to_stdvec(&(&self.hash, &self.debug)),
+        );
         let mut bytes = bytes?;
         bytes.extend_from_slice(&rest?);
         Ok(bytes)
@@ -310,38 +310,16 @@ fn hash_content(content: &SnapshotContent) -> Result<ContentHash, SnapshotError>
     Ok(ContentHash(Sha256::digest(&bytes).into()))
 }
 
-/// Below this many rules, content is encoded on the calling thread.
-const PARALLEL_MIN_RULES: usize = 100_000;
-
-/// Appends the postcard encoding of `content` to `out`, the services on all available cores for
-/// large policies. Postcard encodes a struct as its fields in order and a sequence as its length
-/// then its elements, so the services can be encoded in parts and the parts concatenated: the
-/// bytes are exactly `postcard::to_extend(content, out)`.
+/// Appends the postcard encoding of `content` to `out`, encoding the services in parallel.
+/// Postcard encodes a struct as its fields in order and a sequence as its length then its
+/// elements, so the services can be encoded one by one and concatenated: the bytes are exactly
+/// `postcard::to_extend(content, out)`.
 fn encode_content(content: &SnapshotContent, out: Vec<u8>) -> Result<Vec<u8>, SnapshotError> {
     let services = &content.services;
-    let rules: usize = services.iter().map(|s| s.net_rules.len() + s.host_rules.len()).sum();
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(services.len());
-    if threads < 2 || rules < PARALLEL_MIN_RULES {
-        return Ok(postcard::to_extend(content, out)?);
-    }
-    let chunk = services.len().div_ceil(threads);
-    let encode =
-        |part: &[ServiceRuleset], buf: Vec<u8>| part.iter().try_fold(buf, |buf, s| postcard::to_extend(s, buf));
     let mut out = postcard::to_extend(&(content.format, &content.environments, services.len()), out)?;
-    let mut parts = services.chunks(chunk);
-    let first = parts.next().unwrap_or_default();
-    let (head, rest) = std::thread::scope(|scope| {
-        let workers: Vec<_> = parts.map(|part| scope.spawn(move || encode(part, Vec::new()))).collect();
-        let head = encode(first, out);
-        let rest: Vec<_> = workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload)))
-            .collect();
-        (head, rest)
-    });
-    out = head?;
-    for part in rest {
-        out.extend_from_slice(&part?);
+    let parts: Vec<Vec<u8>> = services.par_iter().map(postcard::to_stdvec).collect::<Result<_, _>>()?;
+    for part in parts {
+        out.extend_from_slice(&part);
     }
     Ok(postcard::to_extend(&content.bootstrap, out)?)
 }
@@ -355,9 +333,8 @@ mod encoding_tests {
 
     #[test]
     fn parallel_encoding_is_plain_postcard() {
-        let compiled = compile(&parse_sources(generate(&SynthSpec::new(500, 120_000))).policy).unwrap();
+        let compiled = compile(&parse_sources(generate(&SynthSpec::new(200, 5_000))).policy).unwrap();
         let snapshot = &compiled.snapshot;
-        assert!(snapshot.net_rule_count() >= PARALLEL_MIN_RULES);
         let plain = postcard::to_stdvec(snapshot.content()).unwrap();
         assert_eq!(encode_content(snapshot.content(), Vec::new()).unwrap(), plain);
         assert_eq!(snapshot.hash().0, <[u8; 32]>::from(Sha256::digest(&plain)));

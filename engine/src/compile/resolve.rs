@@ -1,8 +1,8 @@
 //! Name resolution and rule expansion: policy AST → graph nodes, edges and per-service rulesets.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::num::NonZeroUsize;
-use std::ops::Range;
+
+use rayon::prelude::*;
 
 use super::endpoints::EndpointIndex;
 use super::{Edge, EdgeKind, Node};
@@ -72,63 +72,18 @@ struct Context<'a, 'p> {
     index: &'a EndpointIndex,
 }
 
-/// The per-service results for a range of services.
-#[derive(Default)]
-struct Part {
-    nodes: Vec<Node>,
+/// What resolving one service gives.
+struct ServicePart {
+    node: Node,
     edges: Vec<Edge>,
     origins: Vec<Origin>,
-    rulesets: Vec<ServiceRuleset>,
+    ruleset: ServiceRuleset,
     diags: Diagnostics,
 }
 
-/// Below this many allow entries, services are resolved on the calling thread.
-const PARALLEL_MIN_ENTRIES: usize = 50_000;
-
-/// Resolves every service: on all available cores for large policies, each thread taking a
-/// contiguous range of services, then concatenated in order, so the result (including origin
-/// ids and the order of diagnostics) is the same as one pass over all services.
-fn resolve_all(ctx: &Context<'_, '_>, threads: Option<usize>) -> Vec<Part> {
-    let weights: Vec<usize> = ctx.services.iter().map(|s| s.allow.len() + 1).collect();
-    let total: usize = weights.iter().sum();
-    let threads = threads
-        .unwrap_or_else(|| {
-            if total < PARALLEL_MIN_ENTRIES {
-                1
-            } else {
-                std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
-            }
-        })
-        .min(ctx.services.len());
-    if threads < 2 {
-        return vec![resolve_services(ctx, 0..ctx.services.len(), 0)];
-    }
-    // Cut into ranges of about equal weight; each starts at the origin id after the previous.
-    let mut ranges = Vec::with_capacity(threads);
-    let (mut start, mut weight, mut origin, mut first_origin) = (0, 0, 0, 0);
-    for (i, (w, service)) in weights.iter().zip(ctx.services).enumerate() {
-        weight += w;
-        origin += service.allow.len();
-        if weight * threads >= total * (ranges.len() + 1) || i + 1 == ctx.services.len() {
-            ranges.push((start..i + 1, first_origin));
-            (start, first_origin) = (i + 1, origin);
-        }
-    }
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = ranges
-            .into_iter()
-            .map(|(range, first)| scope.spawn(move || resolve_services(ctx, range, first as u32)))
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload))).collect()
-    })
-}
-
+/// Resolves every service (in parallel: each service only reads shared, immutable indexes) and
+/// concatenates the results in service order, so the outcome does not depend on scheduling.
 pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
-    resolve_on(None, policy, diags)
-}
-
-/// [`resolve`] on `threads` threads (by default: all cores for large policies, else one).
-fn resolve_on(threads: Option<usize>, policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
     // Services sorted by name; the first definition wins (duplicates are already reported).
     let mut by_name: BTreeMap<&str, &Service> = BTreeMap::new();
     for s in &policy.services {
@@ -168,16 +123,30 @@ fn resolve_on(threads: Option<usize>, policy: &PolicySet, diags: &mut Diagnostic
         env_names: &env_names,
         index: &index,
     };
-    let parts = resolve_all(&ctx, threads);
+    // Each service's allow entries get the origin ids after those of the services before it.
+    let first_origins: Vec<u32> = services
+        .iter()
+        .scan(0u32, |next, s| {
+            let first = *next;
+            *next += s.allow.len() as u32;
+            Some(first)
+        })
+        .collect();
+    let parts: Vec<ServicePart> = services
+        .par_iter()
+        .zip(first_origins)
+        .enumerate()
+        .map(|(id, (service, first_origin))| resolve_service(&ctx, id, service, first_origin))
+        .collect();
     let mut nodes = Vec::with_capacity(services.len());
     let mut edges = Vec::with_capacity(parts.iter().map(|p| p.edges.len()).sum());
     let mut rulesets = Vec::with_capacity(services.len());
     debug.origins.reserve_exact(parts.iter().map(|p| p.origins.len()).sum());
     for part in parts {
-        nodes.extend(part.nodes);
+        nodes.push(part.node);
         edges.extend(part.edges);
         debug.origins.extend(part.origins);
-        rulesets.extend(part.rulesets);
+        rulesets.push(part.ruleset);
         diags.extend(part.diags);
     }
 
@@ -196,112 +165,107 @@ fn resolve_on(threads: Option<usize>, policy: &PolicySet, diags: &mut Diagnostic
     }
 }
 
-/// Resolves the services in `range`; the first of their allow entries gets origin id
-/// `first_origin`.
-fn resolve_services(ctx: &Context<'_, '_>, range: Range<usize>, first_origin: u32) -> Part {
+/// Resolves one service; its allow entries get origin ids from `first_origin` on.
+fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_origin: u32) -> ServicePart {
     let Context { policy, services, service_names, layers, environments, env_names, index } = *ctx;
-    let mut part = Part::default();
-    let diags = &mut part.diags;
-    let (nodes, rulesets) = (&mut part.nodes, &mut part.rulesets);
+    let mut diags = Diagnostics::default();
+    let diags = &mut diags;
     let mut debug = DebugInfo { files: Vec::new(), origins: Vec::new() };
     let mut edges: BTreeMap<(usize, usize), Edge> = BTreeMap::new();
     let mut reached = Vec::new();
 
-    for (id, service) in services.iter().enumerate().skip(range.start).take(range.len()) {
-        let layer = service.layer.as_ref().and_then(|l| layers.get(l, diags));
-        if service.layer.is_none() && !policy.layers.is_empty() {
-            diags.push(Diagnostic::warning(
-                Problem::NoLayer { service: service.name.value.clone() },
-                service.name.loc,
-                "no layer",
-            ));
-        }
-        nodes.push(Node {
-            name: service.name.value.clone(),
-            layer,
-            group: service.group.as_ref().map(|g| g.value.clone()),
-            tier: service.tier.map(|t| t.value),
-        });
-        let modes = resolve_modes(&service.mode, environments, env_names, diags);
-
-        let mut net_rules = Vec::new();
-        let mut host_rules = Vec::new();
-        // Origin ids number the entries in a canonical order, not in the order written, so
-        // reordering an allow list changes neither the snapshot content nor its hash.
-        let mut order: Vec<usize> = (0..service.allow.len()).collect();
-        order.sort_by(|&a, &b| match (service.allow.get(a), service.allow.get(b)) {
-            (Some(a), Some(b)) => canonical_order(a, b),
-            _ => a.cmp(&b),
-        });
-        let mut origins = vec![0u32; service.allow.len()];
-        for &i in &order {
-            if let (Some(slot), Some(entry)) = (origins.get_mut(i), service.allow.get(i)) {
-                *slot = first_origin + debug.origins.len() as u32;
-                debug.origins.push(origin_of(&policy.sources, entry.loc, id as ServiceId));
-            }
-        }
-        for (entry, &origin) in service.allow.iter().zip(&origins) {
-            let mut add_edge = |to: usize, kind: EdgeKind| {
-                let edge = edges.entry((id, to)).or_insert(Edge {
-                    from: id,
-                    to,
-                    critical: entry.critical,
-                    kind,
-                    loc: entry.loc,
-                });
-                if entry.critical && !edge.critical {
-                    edge.critical = true;
-                    edge.loc = entry.loc;
-                }
-                edge.kind = edge.kind.min(kind);
-            };
-            match &entry.target.value {
-                Target::Service(name) => {
-                    let Some(to) = service_names.get_at(name, entry.target.loc, diags) else {
-                        continue;
-                    };
-                    add_edge(to, EdgeKind::Declared);
-                    if let Some(target) = services.get(to) {
-                        expand_service(entry, target, to, origin, &mut net_rules, &mut host_rules, diags);
-                    }
-                }
-                Target::Destination(destination) => {
-                    reached.clear();
-                    index.reached_by(destination, entry.ports.as_deref(), entry.proto, &mut reached);
-                    reached.sort_unstable();
-                    reached.dedup();
-                    for &to in &reached {
-                        add_edge(to, EdgeKind::Inferred);
-                    }
-                    let target = match reached.as_slice() {
-                        [only] => Some(*only as ServiceId),
-                        _ => None,
-                    };
-                    let ports = entry.ports.as_deref().unwrap_or(&[PortRange::ANY]);
-                    let proto = entry.proto.unwrap_or(Proto::Any);
-                    push_rules(destination, ports, proto, origin, target, &mut net_rules, &mut host_rules);
-                }
-            }
-        }
-        net_rules.sort_unstable();
-        net_rules.dedup_by(|b, a| (a.net, a.proto, a.ports, a.target) == (b.net, b.proto, b.ports, b.target));
-        host_rules.sort_unstable();
-        host_rules.dedup_by(|b, a| (&a.host, a.proto, a.ports, a.target) == (&b.host, b.proto, b.ports, b.target));
-        rulesets.push(ServiceRuleset {
-            name: service.name.value.clone(),
-            selector: service.selector.as_ref().map(|s| s.value.clone()),
-            layer: service.layer.as_ref().map(|l| l.value.clone()),
-            group: service.group.as_ref().map(|g| g.value.clone()),
-            owner: service.owner.clone(),
-            tier: service.tier.map(|t| t.value),
-            modes,
-            net_rules,
-            host_rules,
-        });
+    let layer = service.layer.as_ref().and_then(|l| layers.get(l, diags));
+    if service.layer.is_none() && !policy.layers.is_empty() {
+        diags.push(Diagnostic::warning(
+            Problem::NoLayer { service: service.name.value.clone() },
+            service.name.loc,
+            "no layer",
+        ));
     }
-    part.edges = edges.into_values().collect();
-    part.origins = debug.origins;
-    part
+    let node = Node {
+        name: service.name.value.clone(),
+        layer,
+        group: service.group.as_ref().map(|g| g.value.clone()),
+        tier: service.tier.map(|t| t.value),
+    };
+    let modes = resolve_modes(&service.mode, environments, env_names, diags);
+
+    let mut net_rules = Vec::new();
+    let mut host_rules = Vec::new();
+    // Origin ids number the entries in a canonical order, not in the order written, so
+    // reordering an allow list changes neither the snapshot content nor its hash.
+    let mut order: Vec<usize> = (0..service.allow.len()).collect();
+    order.sort_by(|&a, &b| match (service.allow.get(a), service.allow.get(b)) {
+        (Some(a), Some(b)) => canonical_order(a, b),
+        _ => a.cmp(&b),
+    });
+    let mut origins = vec![0u32; service.allow.len()];
+    for &i in &order {
+        if let (Some(slot), Some(entry)) = (origins.get_mut(i), service.allow.get(i)) {
+            *slot = first_origin + debug.origins.len() as u32;
+            debug.origins.push(origin_of(&policy.sources, entry.loc, id as ServiceId));
+        }
+    }
+    for (entry, &origin) in service.allow.iter().zip(&origins) {
+        let mut add_edge = |to: usize, kind: EdgeKind| {
+            let edge =
+                edges.entry((id, to)).or_insert(Edge { from: id, to, critical: entry.critical, kind, loc: entry.loc });
+            if entry.critical && !edge.critical {
+                edge.critical = true;
+                edge.loc = entry.loc;
+            }
+            edge.kind = edge.kind.min(kind);
+        };
+        match &entry.target.value {
+            Target::Service(name) => {
+                let Some(to) = service_names.get_at(name, entry.target.loc, diags) else {
+                    continue;
+                };
+                add_edge(to, EdgeKind::Declared);
+                if let Some(target) = services.get(to) {
+                    expand_service(entry, target, to, origin, &mut net_rules, &mut host_rules, diags);
+                }
+            }
+            Target::Destination(destination) => {
+                reached.clear();
+                index.reached_by(destination, entry.ports.as_deref(), entry.proto, &mut reached);
+                reached.sort_unstable();
+                reached.dedup();
+                for &to in &reached {
+                    add_edge(to, EdgeKind::Inferred);
+                }
+                let target = match reached.as_slice() {
+                    [only] => Some(*only as ServiceId),
+                    _ => None,
+                };
+                let ports = entry.ports.as_deref().unwrap_or(&[PortRange::ANY]);
+                let proto = entry.proto.unwrap_or(Proto::Any);
+                push_rules(destination, ports, proto, origin, target, &mut net_rules, &mut host_rules);
+            }
+        }
+    }
+    net_rules.sort_unstable();
+    net_rules.dedup_by(|b, a| (a.net, a.proto, a.ports, a.target) == (b.net, b.proto, b.ports, b.target));
+    host_rules.sort_unstable();
+    host_rules.dedup_by(|b, a| (&a.host, a.proto, a.ports, a.target) == (&b.host, b.proto, b.ports, b.target));
+    let ruleset = ServiceRuleset {
+        name: service.name.value.clone(),
+        selector: service.selector.as_ref().map(|s| s.value.clone()),
+        layer: service.layer.as_ref().map(|l| l.value.clone()),
+        group: service.group.as_ref().map(|g| g.value.clone()),
+        owner: service.owner.clone(),
+        tier: service.tier.map(|t| t.value),
+        modes,
+        net_rules,
+        host_rules,
+    };
+    ServicePart {
+        node,
+        edges: edges.into_values().collect(),
+        origins: debug.origins,
+        ruleset,
+        diags: std::mem::take(diags),
+    }
 }
 
 /// A total order of allow entries by what they mean (target, ports, protocol, criticality).
@@ -405,38 +369,6 @@ fn push_rules(
         match destination {
             Destination::Net(net) => net_rules.push(NetRule { net: *net, proto, ports, origin, target }),
             Destination::Host(host) => host_rules.push(HostRule { host: host.clone(), proto, ports, origin, target }),
-        }
-    }
-}
-
-#[cfg(test)]
-mod parallel_tests {
-    use super::*;
-    use crate::policy::parse_sources;
-    use crate::synth::{SynthSpec, generate};
-
-    fn resolve_text(threads: usize, policy: &PolicySet) -> String {
-        let mut diags = Diagnostics::default();
-        let r = resolve_on(Some(threads), policy, &mut diags);
-        format!("{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{diags:?}", r.nodes, r.edges, r.content, r.debug, r.intrinsic)
-    }
-
-    #[test]
-    fn parallel_resolution_gives_the_sequential_result() {
-        let mut files = generate(&SynthSpec::new(120, 3_000));
-        // Problems in several ranges, so diagnostics must come out in order.
-        for (_, text) in files.iter_mut().skip(1) {
-            *text = text.replacen("{ service = \"", "{ service = \"x", 1).replacen(
-                "layer = \"data\"",
-                "layer = \"dta\"",
-                1,
-            );
-        }
-        let policy = parse_sources(files).policy;
-        let sequential = resolve_text(1, &policy);
-        assert!(sequential.contains("Unknown"), "the test needs diagnostics");
-        for threads in [2, 3, 7] {
-            assert!(resolve_text(threads, &policy) == sequential, "{threads} threads differ");
         }
     }
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 pub use ast::*;
 pub use parse::{POLICY_VERSION, parse_port_range};
 
-use crate::diag::{Diagnostic, Diagnostics, Located};
+use rayon::prelude::*;
+
+use crate::diag::{Diagnostic, Diagnostics, FileId, Located, SourceFile};
 use crate::problem::Problem;
 
 /// A policy could not be read at all (as opposed to read and found invalid).
@@ -62,33 +64,16 @@ pub fn load(path: &Path) -> Result<Parsed, LoadError> {
     Ok(parse_sources(read_files(&files)?))
 }
 
-/// Reads files (on all available cores when there are many), returning names and texts in
-/// order, or the error of the first file in that order that cannot be read.
+/// Reads files, returning names and texts in order, or the error of the first that cannot be
+/// read.
 fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>, LoadError> {
-    let read = |chunk: &[PathBuf]| -> Result<Vec<(String, String)>, LoadError> {
-        chunk
-            .iter()
-            .map(|file| match std::fs::read_to_string(file) {
-                Ok(text) => Ok((file.display().to_string(), text)),
-                Err(source) => Err(LoadError::Io { path: file.clone(), source }),
-            })
-            .collect()
-    };
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    if threads < 2 || files.len() < 8 {
-        return read(files);
-    }
-    // Contiguous chunks, joined in order: the first error found is the first in path order.
-    let chunks: Vec<_> = std::thread::scope(|scope| {
-        let workers: Vec<_> =
-            files.chunks(files.len().div_ceil(threads)).map(|chunk| scope.spawn(move || read(chunk))).collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload))).collect()
-    });
-    let mut texts = Vec::with_capacity(files.len());
-    for chunk in chunks {
-        texts.extend(chunk?);
-    }
-    Ok(texts)
+    files
+        .iter()
+        .map(|file| match std::fs::read_to_string(file) {
+            Ok(text) => Ok((file.display().to_string(), text)),
+            Err(source) => Err(LoadError::Io { path: file.clone(), source }),
+        })
+        .collect()
 }
 
 fn collect_toml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
@@ -112,10 +97,20 @@ fn collect_toml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadErro
 
 /// Parses named texts as the files of one policy.
 pub fn parse_sources(files: impl IntoIterator<Item = (String, String)>) -> Parsed {
+    // Files are parsed in parallel, each on its own, then merged in order.
+    let files: Vec<(String, String)> = files.into_iter().collect();
+    let parts: Vec<parse::FilePart> = files
+        .into_par_iter()
+        .enumerate()
+        .map(|(file, (name, text))| parse::parse_file(file as FileId, SourceFile::new(name, text)))
+        .collect();
     let mut policy = PolicySet::default();
     let mut diagnostics = Diagnostics::default();
-    let mut state = parse::MergeState::default();
-    let syntax_ok = parse::parse_files(files.into_iter().collect(), &mut policy, &mut state, &mut diagnostics);
+    let mut model_at = None;
+    let mut syntax_ok = true;
+    for part in parts {
+        syntax_ok &= part.merge_into(&mut policy, &mut model_at, &mut diagnostics);
+    }
     check_duplicates(&policy, &mut diagnostics);
     Parsed { policy, diagnostics, syntax_ok }
 }

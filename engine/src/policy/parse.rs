@@ -5,9 +5,7 @@
 //! skipped, so one run reports every independent problem in the file.
 
 use std::net::IpAddr;
-use std::num::NonZeroUsize;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
 use toml::Spanned;
@@ -32,36 +30,74 @@ const CYCLE_KEYS: &[&str] = &["services", "reason"];
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-/// Per-run state that spans files: where `[model]` was first defined.
-#[derive(Default)]
-pub(crate) struct MergeState {
+/// One file parsed on its own: its part of the policy, its diagnostics, and where it defines
+/// `[model]` (which only one file may do; [`FilePart::merge_into`] checks that).
+pub(crate) struct FilePart {
+    source: SourceFile,
+    policy: PolicySet,
+    diags: Diagnostics,
     model_at: Option<Loc>,
-    /// The diagnostics (by index) that reading that `[model]` produced, so that a file parsed on
-    /// its own can have its `[model]` replaced by a duplicate error when merged.
-    model_diags: Range<usize>,
+    syntax_ok: bool,
 }
 
-/// Parses one file into `policy`. Returns false when the file is not valid TOML (its content is
-/// then not used, so later stages do not report problems that only follow from the bad syntax).
-pub(crate) fn parse_file(
-    file: FileId,
-    text: &str,
-    policy: &mut PolicySet,
-    state: &mut MergeState,
-    diags: &mut Diagnostics,
-) -> bool {
-    let (root, errors) = DeTable::parse_recoverable(text);
-    let mut p = Parser { file, diags };
-    if !errors.is_empty() {
+/// Parses one file. When it is not valid TOML, only the syntax errors are kept (its content is
+/// not used, so later stages do not report problems that only follow from the bad syntax).
+pub(crate) fn parse_file(file: FileId, source: SourceFile) -> FilePart {
+    let mut policy = PolicySet::default();
+    let mut diags = Diagnostics::default();
+    let mut model_at = None;
+    let (root, errors) = DeTable::parse_recoverable(source.text());
+    let mut p = Parser { file, diags: &mut diags };
+    let syntax_ok = errors.is_empty();
+    if syntax_ok {
+        p.document(root.get_ref(), &mut policy, &mut model_at);
+    } else {
         for error in errors {
             let span = error.span().unwrap_or(0..0);
             let message = error.message().trim_end_matches('\n').replace('\n', "; ");
             p.error(Problem::Syntax { message }, span, "here");
         }
-        return false;
     }
-    p.document(root.get_ref(), policy, state);
-    true
+    FilePart { source, policy, diags, model_at, syntax_ok }
+}
+
+impl FilePart {
+    /// Appends this file to the policy read so far; `model_at` is where the files before it
+    /// defined `[model]`, if any. Returns false when the file is not valid TOML.
+    pub(crate) fn merge_into(
+        self,
+        policy: &mut PolicySet,
+        model_at: &mut Option<Loc>,
+        diags: &mut Diagnostics,
+    ) -> bool {
+        let FilePart { source, policy: mut part, diags: found, model_at: here, syntax_ok } = self;
+        policy.sources.push(source);
+        diags.extend(found);
+        if let Some(here) = here {
+            match *model_at {
+                Some(first) => {
+                    // A second `[model]` is reported, and not used.
+                    diags.push(
+                        Diagnostic::error(
+                            Problem::Duplicate { kind: "table", name: "model".into() },
+                            here,
+                            "defined again here",
+                        )
+                        .with_note(first, "first defined here"),
+                    );
+                    part.layers.clear();
+                    part.isolated.clear();
+                }
+                None => *model_at = Some(here),
+            }
+        }
+        policy.environments.append(&mut part.environments);
+        policy.layers.append(&mut part.layers);
+        policy.isolated.append(&mut part.isolated);
+        policy.services.append(&mut part.services);
+        policy.intrinsic_cycles.append(&mut part.intrinsic_cycles);
+        syntax_ok
+    }
 }
 
 struct Parser<'d> {
@@ -169,7 +205,7 @@ impl Parser<'_> {
         }
     }
 
-    fn document(&mut self, root: &DeTable<'_>, policy: &mut PolicySet, state: &mut MergeState) {
+    fn document(&mut self, root: &DeTable<'_>, policy: &mut PolicySet, model_at: &mut Option<Loc>) {
         let mut version_seen = false;
         for (key, value) in root.iter() {
             match key.get_ref().as_ref() {
@@ -183,15 +219,8 @@ impl Parser<'_> {
                 }
                 "environments" => self.environments(value, policy),
                 "model" => {
-                    let here = self.loc(key.span());
-                    if let Some(first) = state.model_at {
-                        self.diags.push(duplicate_model(here, first));
-                    } else {
-                        state.model_at = Some(here);
-                        let start = self.diags.len();
-                        self.model(value, policy);
-                        state.model_diags = start..self.diags.len();
-                    }
+                    *model_at = Some(self.loc(key.span()));
+                    self.model(value, policy);
                 }
                 "services" => {
                     if let Some(table) = self.table("services", value) {
@@ -604,127 +633,6 @@ impl Parser<'_> {
     }
 }
 
-fn duplicate_model(here: Loc, first: Loc) -> Diagnostic {
-    Diagnostic::error(Problem::Duplicate { kind: "table", name: "model".into() }, here, "defined again here")
-        .with_note(first, "first defined here")
-}
-
-/// Below this much text, files are parsed on the calling thread.
-const PARALLEL_MIN_BYTES: usize = 1 << 20;
-
-/// Adds files (names and texts, in policy order) to `policy.sources` and parses them into
-/// `policy`. Large policies of several files are parsed on all available cores, each file on its
-/// own, then merged in order; the result is exactly that of calling [`parse_file`] on each file
-/// in turn. Returns false when some file is not valid TOML.
-pub(crate) fn parse_files(
-    files: Vec<(String, String)>,
-    policy: &mut PolicySet,
-    state: &mut MergeState,
-    diags: &mut Diagnostics,
-) -> bool {
-    let bytes: usize = files.iter().map(|(_, text)| text.len()).sum();
-    let threads =
-        if bytes < PARALLEL_MIN_BYTES { 1 } else { std::thread::available_parallelism().map_or(1, NonZeroUsize::get) };
-    parse_files_on(threads, files, policy, state, diags)
-}
-
-/// [`parse_files`] on at most `threads` threads.
-fn parse_files_on(
-    threads: usize,
-    files: Vec<(String, String)>,
-    policy: &mut PolicySet,
-    state: &mut MergeState,
-    diags: &mut Diagnostics,
-) -> bool {
-    let threads = threads.min(files.len());
-    if threads < 2 {
-        let mut syntax_ok = true;
-        for (name, text) in files {
-            let source = SourceFile::new(name, text);
-            let text = Arc::clone(source.text_arc());
-            let file = policy.sources.push(source);
-            syntax_ok &= parse_file(file, &text, policy, state, diags);
-        }
-        return syntax_ok;
-    }
-    let first = policy.sources.files().len();
-    let queue = Mutex::new(files.into_iter().enumerate());
-    let mut parts: Vec<FilePart> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
-                        let Some((index, (name, text))) = next else { break };
-                        done.push(FilePart::parse((first + index) as FileId, SourceFile::new(name, text)));
-                    }
-                    done
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|worker| worker.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload)))
-            .collect()
-    });
-    // File ids number the files in policy order.
-    parts.sort_unstable_by_key(|part| part.file);
-    let mut syntax_ok = true;
-    for part in parts {
-        syntax_ok &= part.merge_into(policy, state, diags);
-    }
-    syntax_ok
-}
-
-/// One file parsed on its own.
-struct FilePart {
-    file: FileId,
-    source: SourceFile,
-    policy: PolicySet,
-    diags: Diagnostics,
-    state: MergeState,
-    syntax_ok: bool,
-}
-
-impl FilePart {
-    fn parse(file: FileId, source: SourceFile) -> Self {
-        let mut policy = PolicySet::default();
-        let mut diags = Diagnostics::default();
-        let mut state = MergeState::default();
-        let syntax_ok = parse_file(file, source.text(), &mut policy, &mut state, &mut diags);
-        FilePart { file, source, policy, diags, state, syntax_ok }
-    }
-
-    /// Appends this file to what the files before it gave, as [`parse_file`] would have.
-    fn merge_into(self, policy: &mut PolicySet, state: &mut MergeState, diags: &mut Diagnostics) -> bool {
-        let FilePart { source, policy: mut part, diags: mut found, state: part_state, syntax_ok, .. } = self;
-        policy.sources.push(source);
-        if let Some(here) = part_state.model_at {
-            if let Some(first) = state.model_at {
-                // A second `[model]` is reported instead of read.
-                part.layers.clear();
-                part.isolated.clear();
-                let mut items: Vec<Diagnostic> = found.into_iter().collect();
-                let end = part_state.model_diags.end.min(items.len());
-                let start = part_state.model_diags.start.min(end);
-                items.splice(start..end, [duplicate_model(here, first)]);
-                found = Diagnostics::default();
-                items.into_iter().for_each(|d| found.push(d));
-            } else {
-                state.model_at = Some(here);
-            }
-        }
-        policy.environments.append(&mut part.environments);
-        policy.layers.append(&mut part.layers);
-        policy.isolated.append(&mut part.isolated);
-        policy.services.append(&mut part.services);
-        policy.intrinsic_cycles.append(&mut part.intrinsic_cycles);
-        diags.extend(found);
-        syntax_ok
-    }
-}
-
 /// IPv4-mapped IPv6 blocks (`::ffff:a.b.c.d/96+n`) become IPv4 blocks, so they match IPv4
 /// connections and overlap checks see one address space.
 pub(crate) fn canonical_net(net: IpNet) -> IpNet {
@@ -786,42 +694,5 @@ mod tests {
         assert_eq!(canonical_net(net), "10.1.0.0/16".parse::<IpNet>().unwrap());
         let plain: IpNet = "2001:db8::/32".parse().unwrap();
         assert_eq!(canonical_net(plain), plain);
-    }
-}
-
-#[cfg(test)]
-mod parallel_tests {
-    use super::*;
-
-    fn parse_on(threads: usize, files: &[(&str, &str)]) -> (String, String, bool) {
-        let files = files.iter().map(|(name, text)| ((*name).to_owned(), (*text).to_owned())).collect();
-        let mut policy = PolicySet::default();
-        let mut diags = Diagnostics::default();
-        let ok = parse_files_on(threads, files, &mut policy, &mut MergeState::default(), &mut diags);
-        let names: Vec<_> = policy.sources.files().iter().map(|f| (f.name().to_owned(), f.text().len())).collect();
-        (format!("{policy:?} {names:?}"), format!("{diags:?}"), ok)
-    }
-
-    #[test]
-    fn parallel_parsing_gives_the_sequential_result() {
-        let files = [
-            (
-                "a.toml",
-                "version = 1\n[model]\nlayers = [\"base\", \"9bad\"]\n[services.a]\nendpoints = [{ ip = \"10.0.0.1\" }]\n",
-            ),
-            ("b.toml", "version = 1\n[services.b]\nallow = [{ service = \"a\", ports = [0, 80] }]\n"),
-            (
-                "c.toml",
-                "version = 1\n[services.c]\nlayer = \"base\"\n[model]\nlayers = [\"x\", \"7bad\"]\nisolated = [[\"g\"]]\n[services.d]\ntier = 12\n",
-            ),
-            ("d.toml", "version = 1\n[services.e\n"),
-            ("e.toml", "[model]\nlayers = [\"y\"]\n[environments]\nprod = \"enforce\"\n"),
-        ];
-        let sequential = parse_on(1, &files);
-        assert!(sequential.1.contains("Duplicate"), "{}", sequential.1);
-        assert!(!sequential.2);
-        for threads in [2, 3, 8] {
-            assert_eq!(parse_on(threads, &files), sequential, "{threads} threads");
-        }
     }
 }
