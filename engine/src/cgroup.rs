@@ -52,11 +52,7 @@ impl Cgroup2 {
 
     /// Finds the cgroup2 mount in the text of a mounts table.
     pub fn from_mounts(mounts: &str) -> Option<Self> {
-        mounts.lines().find_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_, mount, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| Cgroup2 { mount: PathBuf::from(unescape_mount(mount)) })
-        })
+        mount_points(mounts, "cgroup2").into_iter().next().map(|mount| Cgroup2 { mount })
     }
 
     /// The mount point.
@@ -79,6 +75,13 @@ impl Cgroup2 {
         dir.strip_prefix(&self.mount).ok()
     }
 
+    /// Depth of a cgroup directory below the mount (the root is 0), as
+    /// `bpf_get_current_ancestor_cgroup_id` counts levels.
+    pub fn level(&self, dir: &Path) -> Result<u32, CgroupError> {
+        let relative = self.relative(dir).ok_or_else(|| CgroupError::BadPath(dir.display().to_string()))?;
+        Ok(relative.components().count() as u32)
+    }
+
     /// The cgroup the calling process is in, as a directory.
     pub fn current(&self) -> Result<PathBuf, CgroupError> {
         let text = std::fs::read_to_string("/proc/self/cgroup")
@@ -87,6 +90,19 @@ impl Cgroup2 {
         let path = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
         Ok(self.mount.join(path.trim_start_matches('/')))
     }
+}
+
+/// Mount points of file systems of type `fstype` in the text of a mounts table
+/// (`/proc/self/mounts`).
+pub fn mount_points(mounts: &str, fstype: &str) -> Vec<PathBuf> {
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, mount, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            (kind == fstype).then(|| PathBuf::from(unescape_mount(mount)))
+        })
+        .collect()
 }
 
 /// `/proc/self/mounts` escapes spaces and a few other bytes as octal `\ooo`.

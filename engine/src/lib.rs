@@ -8,6 +8,8 @@
 
 pub mod cgroup;
 pub mod compile;
+#[cfg(feature = "datapath")]
+pub mod datapath;
 pub mod diag;
 pub mod graph;
 pub mod policy;

@@ -1,0 +1,311 @@
+//! Types and constants shared by the depfence eBPF programs (`bpf/programs`) and the loader.
+//!
+//! Every key/value/event is `#[repr(C)]`, padding-free (explicit `_pad` fields that writers
+//! must zero), and size-asserted at compile time. Addresses are always 16 bytes: IPv4 is
+//! stored IPv4-mapped (`::ffff:a.b.c.d`), so an IPv4 destination and an IPv4-mapped IPv6
+//! destination hit the same key. Address words are `[u32; 4]` holding the bytes in network
+//! order *in memory* (exactly what the kernel context gives in `user_ip6[i]` / `user_ip4`).
+#![no_std]
+
+#[cfg(feature = "user")]
+pub mod user;
+
+/// Version of the map layout below. A loader refuses pinned maps whose `DF_META` differs.
+pub const ABI_VERSION: u32 = 1;
+
+/// Map names (ELF symbol names, also the kernel object names: at most 15 bytes).
+pub mod map_names {
+    /// Per-cgroup state (`CgroupState`), keyed by cgroup id.
+    pub const CGROUPS: &str = "DF_CGROUPS";
+    /// Exact-destination rules (`RuleKey` → `RuleValue`).
+    pub const RULES: &str = "DF_RULES";
+    /// Address-block rules (LPM trie of `CidrKeyData` → `CidrValue`).
+    pub const CIDRS: &str = "DF_CIDRS";
+    /// Per-CPU counters, cgroup slot × verdict.
+    pub const COUNTERS: &str = "DF_COUNTERS";
+    /// Per-CPU global counters (`GLOBAL_*`).
+    pub const GLOBALS: &str = "DF_GLOBALS";
+    /// Ring buffer of `Event`s.
+    pub const EVENTS: &str = "DF_EVENTS";
+    /// Layout metadata (`Meta`: the ABI version).
+    pub const META: &str = "DF_META";
+    /// Runtime settings (`Config`).
+    pub const CONFIG: &str = "DF_CONFIG";
+    /// Event de-duplication window (LRU of `DedupKey` → last emit time).
+    pub const DEDUP: &str = "DF_DEDUP";
+    /// Every name above.
+    pub const ALL: [&str; 9] = [CGROUPS, RULES, CIDRS, COUNTERS, GLOBALS, EVENTS, META, CONFIG, DEDUP];
+}
+
+/// Program names (ELF symbols) and their attach types.
+pub mod prog_names {
+    /// cgroup/connect4.
+    pub const CONNECT4: &str = "df_connect4";
+    /// cgroup/connect6.
+    pub const CONNECT6: &str = "df_connect6";
+    /// cgroup/sendmsg4 (unconnected UDP over IPv4).
+    pub const SENDMSG4: &str = "df_sendmsg4";
+    /// cgroup/sendmsg6 (unconnected UDP over IPv6).
+    pub const SENDMSG6: &str = "df_sendmsg6";
+    /// Every name above.
+    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    /// Benchmark baseline: one exact hash lookup + one per-CPU counter (DESIGN.md §5 minimum).
+    pub const BASELINE4: &str = "df_baseline4";
+    /// Benchmark: cgroup hash lookup + rule lookup + counter.
+    pub const BENCH_2LOOKUPS: &str = "df_bench_2lookups";
+    /// Benchmark: legacy cgroup storage + array + rule lookup + counter.
+    pub const BENCH_STORAGE: &str = "df_bench_storage";
+    /// Benchmark: `bpf_get_current_cgroup_id` + counter.
+    pub const BENCH_CGID: &str = "df_bench_cgid";
+    /// Benchmark: cgroup id hash lookup + counter.
+    pub const BENCH_CGHASH: &str = "df_bench_cghash";
+    /// Benchmark: an empty program.
+    pub const BENCH_EMPTY: &str = "df_bench_empty";
+    /// Benchmark: cgroup state lookup + counter.
+    pub const BENCH_CGSTATE: &str = "df_bench_cgstate";
+    /// Every benchmark program.
+    pub const BENCH: [&str; 7] =
+        [BASELINE4, BENCH_2LOOKUPS, BENCH_STORAGE, BENCH_CGID, BENCH_CGHASH, BENCH_EMPTY, BENCH_CGSTATE];
+}
+
+/// Map sizes (max_entries; the loader may override them): registered cgroups.
+pub const MAX_CGROUPS: u32 = 16_384;
+/// Exact rules.
+pub const MAX_RULES: u32 = 1 << 20;
+/// Address-block prefixes.
+pub const MAX_CIDRS: u32 = 65_536;
+/// Counter slots; each cgroup entry names its slot (`CgroupState::counter_slot`).
+pub const MAX_COUNTER_SLOTS: u32 = 4_096;
+/// Ring buffer size in bytes.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Event de-duplication LRU entries.
+pub const MAX_DEDUP: u32 = 8_192;
+
+/// Nearest-registered-ancestor walk bound: levels `MAX_CGROUP_DEPTH-1 ..= 1` are tried
+/// (level 0, the root, is never registered).
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// Port ranges stored inline in one CIDR value.
+pub const MAX_CIDR_PORT_RANGES: usize = 8;
+
+/// Program return values for cgroup/sock_addr hooks.
+pub const ALLOW: i32 = 1;
+/// The caller's connect()/sendmsg() fails with EPERM.
+pub const DENY: i32 = 0;
+
+/// Cgroup mode (`CgroupState::mode`): no evaluation.
+pub const MODE_OFF: u32 = 0;
+/// Soft-apply: allow, count and report misses.
+pub const MODE_AUDIT: u32 = 1;
+/// Deny misses (EPERM), count and report.
+pub const MODE_ENFORCE: u32 = 2;
+
+/// `CgroupState::flags`: the active ruleset has address-block rules.
+pub const FLAG_ACTIVE_HAS_CIDR: u32 = 1 << 0;
+/// The candidate ruleset has address-block rules.
+pub const FLAG_CANDIDATE_HAS_CIDR: u32 = 1 << 1;
+/// Emit a ring-buffer event for allowed destinations too (learning).
+pub const FLAG_EVENT_ALLOWED: u32 = 1 << 2;
+/// Emit every event (no de-duplication window) — for tests and debugging.
+pub const FLAG_EVENT_NO_DEDUP: u32 = 1 << 3;
+
+/// Verdict: a rule matched (or mode off). Counters are indexed
+/// `counter_slot * VERDICT_COUNT + verdict`.
+pub const VERDICT_ALLOWED: u32 = 0;
+/// No rule matched; audit let it pass.
+pub const VERDICT_WOULD_REJECT: u32 = 1;
+/// No rule matched; enforce refused it.
+pub const VERDICT_REJECTED: u32 = 2;
+/// The candidate ruleset would have refused it.
+pub const VERDICT_CANDIDATE_WOULD_REJECT: u32 = 3;
+/// Number of verdicts (counters per slot).
+pub const VERDICT_COUNT: u32 = 4;
+
+/// `DF_GLOBALS` slot (per-CPU u64): events suppressed by the de-duplication window (not lost: counted).
+pub const GLOBAL_EVENTS_DEDUPED: u32 = 3;
+/// Events lost because the ring buffer was full.
+pub const GLOBAL_EVENTS_DROPPED: u32 = 0;
+/// Hook ran for a process with no registered cgroup ancestor (allowed).
+pub const GLOBAL_UNREGISTERED: u32 = 1;
+/// `counter_slot` out of range (bug in the loader).
+pub const GLOBAL_BAD_SLOT: u32 = 2;
+/// Number of global counters.
+pub const GLOBAL_COUNT: u32 = 4;
+
+/// TCP protocol number.
+pub const IPPROTO_TCP: u8 = 6;
+/// UDP protocol number.
+pub const IPPROTO_UDP: u8 = 17;
+/// IPv4 address family.
+pub const AF_INET: u8 = 2;
+/// IPv6 address family.
+pub const AF_INET6: u8 = 10;
+
+/// `DF_CGROUPS` value, keyed by cgroup id (u64 = inode of the cgroup2 directory).
+/// One update of this value flips mode / ruleset / candidate atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CgroupState {
+    /// Active ruleset; 0 = none (every destination is a miss).
+    pub ruleset_id: u32,
+    /// `MODE_*`.
+    pub mode: u32,
+    /// Shadow ruleset evaluated beside the active one; 0 = none.
+    pub candidate_ruleset: u32,
+    /// `FLAG_*`.
+    pub flags: u32,
+    /// Row in `DF_COUNTERS` (`< MAX_COUNTER_SLOTS`).
+    pub counter_slot: u32,
+    /// Policy generation, copied into events.
+    pub generation: u32,
+}
+
+/// `DF_RULES` key: exact destination. `port == 0` in a rule means any port (the hook does a
+/// second lookup with port 0). No wildcard protocol: the compiler writes one key per proto.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RuleKey {
+    /// Ruleset id.
+    pub ruleset: u32,
+    /// `IPPROTO_TCP` / `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Zero.
+    pub _pad: u8,
+    /// Host byte order.
+    pub port: u16,
+    /// IPv6 or IPv4-mapped address, network-order bytes in memory.
+    pub addr: [u32; 4],
+}
+
+/// `DF_RULES` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleValue {
+    /// Rule id (for events and explain).
+    pub rule_id: u32,
+}
+
+/// `DF_CIDRS` LPM key data (the `Key<CidrKeyData>` adds a leading `prefix_len: u32`).
+/// The prefix is `32 + addr_prefix` for IPv6, `32 + 96 + v4_prefix` for IPv4: the ruleset
+/// id is always matched fully, so rulesets never see each other's prefixes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CidrKeyData {
+    /// Ruleset id, **big-endian** (LPM matches bytes most-significant first).
+    pub ruleset_be: u32,
+    /// IPv6 or IPv4-mapped address, network-order bytes in memory.
+    pub addr: [u32; 4],
+}
+
+/// One allowed (proto, port range) of a CIDR.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortRange {
+    /// 0 = any protocol.
+    pub proto: u8,
+    /// Zero.
+    pub _pad: u8,
+    /// First port, host order; `0..=65535` = any port.
+    pub port_lo: u16,
+    /// Last port, inclusive, host order.
+    pub port_hi: u16,
+    /// Zero.
+    pub _pad2: u16,
+    /// Rule id.
+    pub rule_id: u32,
+}
+
+/// `DF_CIDRS` value. LPM returns only the longest matching prefix, so the compiler must copy
+/// the ranges of every covering (shorter) prefix of the same ruleset into each longer prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CidrValue {
+    /// Ranges in use.
+    pub count: u32,
+    /// The ranges; only the first `count` are valid.
+    pub ranges: [PortRange; MAX_CIDR_PORT_RANGES],
+}
+
+/// `DF_CONFIG` slot 0: runtime settings written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Deepest cgroup level (root = 0) of any registered cgroup; the ancestor walk starts
+    /// there. 0 = unknown: walk from `MAX_CGROUP_DEPTH - 1`.
+    pub max_level: u32,
+    /// Zero.
+    pub _reserved: u32,
+    /// At most one event per (cgroup, destination, verdict) per window; 0 = no de-dup.
+    pub dedup_window_ns: u64,
+}
+
+/// `DF_DEDUP` key (LRU hash, value = last emit time in ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DedupKey {
+    /// The process cgroup.
+    pub cgroup_id: u64,
+    /// Destination address.
+    pub addr: [u32; 4],
+    /// Destination port, host order.
+    pub port: u16,
+    /// `IPPROTO_*`.
+    pub proto: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// `DF_META` slot 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// `ABI_VERSION` of the loader that created the maps.
+    pub abi_version: u32,
+    /// Zero.
+    pub _reserved: u32,
+}
+
+/// Ring-buffer event (best effort; counters are the exact record).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Event {
+    /// `bpf_ktime_get_ns` at the hook.
+    pub ts_ns: u64,
+    /// The process's own cgroup.
+    pub cgroup_id: u64,
+    /// The registered cgroup whose state applied (== cgroup_id or an ancestor).
+    pub policy_cgroup_id: u64,
+    /// Thread group id (high 32 bits) and thread id (low 32 bits).
+    pub pid_tgid: u64,
+    /// Command name, NUL-padded.
+    pub comm: [u8; 16],
+    /// Destination address (IPv4-mapped for IPv4).
+    pub addr: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    /// `IPPROTO_*`.
+    pub proto: u8,
+    /// `AF_INET` / `AF_INET6` (as the caller used it).
+    pub family: u8,
+    /// `VERDICT_*`.
+    pub verdict: u32,
+    /// Active ruleset id.
+    pub ruleset_id: u32,
+    /// Policy generation.
+    pub generation: u32,
+}
+
+const _: () = assert!(size_of::<CgroupState>() == 24);
+const _: () = assert!(align_of::<CgroupState>() == 4);
+const _: () = assert!(size_of::<RuleKey>() == 24);
+const _: () = assert!(align_of::<RuleKey>() == 4);
+const _: () = assert!(size_of::<RuleValue>() == 4);
+const _: () = assert!(size_of::<CidrKeyData>() == 20);
+const _: () = assert!(size_of::<PortRange>() == 12);
+const _: () = assert!(size_of::<CidrValue>() == 4 + 12 * MAX_CIDR_PORT_RANGES);
+const _: () = assert!(size_of::<Meta>() == 8);
+const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<DedupKey>() == 32);
+const _: () = assert!(size_of::<Event>() == 80);
+const _: () = assert!(align_of::<Event>() == 8);

@@ -1,0 +1,33 @@
+//! depfence kernel hooks: cgroup/connect4, connect6, sendmsg4, sendmsg6.
+//!
+//! One `#[inline(always)]` core (`decide`) serves all four entry points. Flow:
+//! 1. find the nearest registered cgroup (own id, else bounded ancestor walk);
+//! 2. mode off → allow; else match the destination against the active ruleset
+//!    (exact hash: port, then port 0; then the CIDR LPM trie if the ruleset has CIDRs);
+//! 3. shadow-evaluate the candidate ruleset if any;
+//! 4. count per cgroup slot × verdict (per-CPU, exact) and emit a best-effort event.
+//!
+//! Host builds (`cargo build --workspace`, clippy, rust-analyzer) compile only a stub `main`,
+//! so the crate can stay a workspace member without breaking them.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![allow(unsafe_code, reason = "eBPF helpers and context reads are raw pointer operations")]
+
+#[cfg(target_arch = "bpf")]
+mod hooks;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("depfence-bpf is an eBPF object; engine/build.rs builds it for bpfel-unknown-none");
+    std::process::exit(1);
+}

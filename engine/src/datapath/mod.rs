@@ -1,0 +1,347 @@
+//! Load / attach / pin / adopt.
+//!
+//! Ownership: maps are pinned at `<root>/maps/<NAME>` as they are created (aya
+//! `EbpfLoader::map_pin_path`; an existing pin is reused, which is how a restarted agent keeps
+//! its state). Links are pinned at `<root>/links/<prog>-<cgroup id>`; a pinned link stays
+//! attached after every fd is closed, so enforcement never lapses while the agent is down.
+//! Removing the link pin (and closing fds) detaches; removing the map pins frees the maps.
+use std::{
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    pin::PinError,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError,
+        links::{FdLink, LinkError, PinnedLink},
+        loaded_programs,
+    },
+};
+use depfence_bpf_common::{
+    ABI_VERSION, CgroupState, CidrKeyData, CidrValue, Config, Event, Meta, RuleKey, RuleValue, VERDICT_COUNT,
+    map_names, prog_names,
+};
+
+pub mod pins;
+pub mod rules;
+
+use self::{pins::PinLayout, rules::CompiledRuleset};
+use crate::cgroup::cgroup_id;
+
+/// The eBPF object built by `engine/build.rs` (aya-build copies the `depfence-bpf` bin to
+/// `OUT_DIR`). Empty when built with `AYA_BUILD_SKIP=1`.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/depfence-bpf"));
+
+/// Loading, attaching or driving the datapath failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatapathError {
+    /// The build skipped the eBPF object.
+    #[error("the eBPF object is empty (built with AYA_BUILD_SKIP=1)")]
+    NoObject,
+    /// The kernel refused the object (the verifier log is in the source).
+    #[error("loading the eBPF object")]
+    Load(#[from] EbpfError),
+    /// The object lacks a program this loader needs.
+    #[error("program `{0}` is missing from the object")]
+    MissingProgram(&'static str),
+    /// The object lacks a map this loader needs.
+    #[error("map `{0}` is missing from the object")]
+    MissingMap(&'static str),
+    /// A program operation failed.
+    #[error("program `{name}`")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// What failed.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("map `{name}`")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// What failed.
+        #[source]
+        source: MapError,
+    },
+    /// A link operation failed.
+    #[error("link")]
+    Link(#[from] LinkError),
+    /// Pinning failed.
+    #[error("pin")]
+    Pin(#[from] PinError),
+    /// Pinned maps were made by a loader with another layout.
+    #[error("pinned maps have ABI version {found}, this loader knows {ABI_VERSION}")]
+    AbiMismatch {
+        /// The version found in the pinned `DF_META`.
+        found: u32,
+    },
+    /// A cgroup could not be read.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    /// A file-system operation failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// Typed handles on every map; the same whether they came from a fresh load or from pins.
+pub struct Maps {
+    /// `DF_CGROUPS`: cgroup id → state.
+    pub cgroups: HashMap<MapData, u64, CgroupState>,
+    /// `DF_RULES`: exact rules.
+    pub rules: HashMap<MapData, RuleKey, RuleValue>,
+    /// `DF_CIDRS`: address-block rules.
+    pub cidrs: LpmTrie<MapData, CidrKeyData, CidrValue>,
+    /// `DF_COUNTERS`: per-CPU counters, slot × verdict.
+    pub counters: PerCpuArray<MapData, u64>,
+    /// `DF_GLOBALS`: per-CPU global counters.
+    pub globals: PerCpuArray<MapData, u64>,
+    /// `DF_EVENTS`: the event ring buffer.
+    pub events: RingBuf<MapData>,
+    /// `DF_META`: the layout version.
+    pub meta: Array<MapData, Meta>,
+    /// `DF_CONFIG`: runtime settings.
+    pub config: Array<MapData, Config>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name));
+        Ok(Self {
+            cgroups: HashMap::try_from(take(map_names::CGROUPS)?).map_err(map_err(map_names::CGROUPS))?,
+            rules: HashMap::try_from(take(map_names::RULES)?).map_err(map_err(map_names::RULES))?,
+            cidrs: LpmTrie::try_from(take(map_names::CIDRS)?).map_err(map_err(map_names::CIDRS))?,
+            counters: PerCpuArray::try_from(take(map_names::COUNTERS)?).map_err(map_err(map_names::COUNTERS))?,
+            globals: PerCpuArray::try_from(take(map_names::GLOBALS)?).map_err(map_err(map_names::GLOBALS))?,
+            events: RingBuf::try_from(take(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?,
+            meta: Array::try_from(take(map_names::META)?).map_err(map_err(map_names::META))?,
+            config: Array::try_from(take(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?,
+        })
+    }
+
+    /// Re-open every map from its pin (no programs are loaded).
+    pub fn from_pins(layout: &PinLayout) -> Result<Self> {
+        let open = |name: &'static str| -> Result<Map> {
+            let data = MapData::from_pin(layout.map(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        let maps = Self {
+            cgroups: HashMap::try_from(open(map_names::CGROUPS)?).map_err(map_err(map_names::CGROUPS))?,
+            rules: HashMap::try_from(open(map_names::RULES)?).map_err(map_err(map_names::RULES))?,
+            cidrs: LpmTrie::try_from(open(map_names::CIDRS)?).map_err(map_err(map_names::CIDRS))?,
+            counters: PerCpuArray::try_from(open(map_names::COUNTERS)?).map_err(map_err(map_names::COUNTERS))?,
+            globals: PerCpuArray::try_from(open(map_names::GLOBALS)?).map_err(map_err(map_names::GLOBALS))?,
+            events: RingBuf::try_from(open(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?,
+            meta: Array::try_from(open(map_names::META)?).map_err(map_err(map_names::META))?,
+            config: Array::try_from(open(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?,
+        };
+        let found = maps.meta.get(&0, 0).map_err(map_err(map_names::META))?.abi_version;
+        if found != ABI_VERSION {
+            return Err(DatapathError::AbiMismatch { found });
+        }
+        Ok(maps)
+    }
+
+    /// Write every entry of a compiled ruleset (before any cgroup points at it).
+    pub fn install(&mut self, c: &CompiledRuleset) -> Result<()> {
+        for (k, v) in &c.exact {
+            self.rules.insert(k, v, 0).map_err(map_err(map_names::RULES))?;
+        }
+        for (plen, data, v) in &c.cidrs {
+            self.cidrs.insert(&Key::new(*plen, *data), v, 0).map_err(map_err(map_names::CIDRS))?;
+        }
+        Ok(())
+    }
+
+    /// Delete every entry of `ruleset` (after no cgroup points at it). Returns the count.
+    pub fn remove_ruleset(&mut self, ruleset: u32) -> Result<usize> {
+        let keys: Vec<RuleKey> = self.rules.keys().filter_map(|k| k.ok()).filter(|k| k.ruleset == ruleset).collect();
+        for k in &keys {
+            self.rules.remove(k).map_err(map_err(map_names::RULES))?;
+        }
+        let be = ruleset.to_be();
+        let cidr_keys: Vec<Key<CidrKeyData>> =
+            self.cidrs.keys().filter_map(|k| k.ok()).filter(|k| k.data().ruleset_be == be).collect();
+        for k in &cidr_keys {
+            self.cidrs.remove(k).map_err(map_err(map_names::CIDRS))?;
+        }
+        Ok(keys.len() + cidr_keys.len())
+    }
+
+    /// Writes the runtime settings.
+    pub fn set_config(&mut self, config: Config) -> Result<()> {
+        self.config.set(0, config, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    /// One map update: the atomic switch of mode / ruleset / candidate for a cgroup.
+    pub fn set_cgroup(&mut self, cgroup_id: u64, state: CgroupState) -> Result<()> {
+        self.cgroups.insert(cgroup_id, state, 0).map_err(map_err(map_names::CGROUPS))
+    }
+
+    /// Sum over CPUs of counter (slot, verdict).
+    pub fn counter(&self, slot: u32, verdict: u32) -> Result<u64> {
+        let v = self.counters.get(&(slot * VERDICT_COUNT + verdict), 0).map_err(map_err(map_names::COUNTERS))?;
+        Ok(v.iter().sum())
+    }
+
+    /// A global counter (`GLOBAL_*`), summed over CPUs.
+    pub fn global(&self, idx: u32) -> Result<u64> {
+        let v = self.globals.get(&idx, 0).map_err(map_err(map_names::GLOBALS))?;
+        Ok(v.iter().sum())
+    }
+
+    /// Everything currently in the ring buffer.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= size_of::<Event>() {
+                // SAFETY: Event is Pod; length checked; unaligned read.
+                #[expect(unsafe_code, reason = "a ring buffer item holds the bytes of an Event the kernel wrote")]
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+            }
+        }
+        out
+    }
+}
+
+/// A loaded object plus its maps. Dropping it closes fds only: pinned links and maps stay.
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// The maps.
+    pub maps: Maps,
+    layout: PinLayout,
+}
+
+impl Datapath {
+    /// Load the embedded object, creating (or reusing) pinned maps under `layout`.
+    pub fn load(layout: &PinLayout) -> Result<Self> {
+        if BPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        layout.create_dirs()?;
+        // Refuse pinned maps of another ABI *before* the programs get bound to them.
+        if layout.map(map_names::META).exists() {
+            drop(Maps::from_pins(layout)?);
+        }
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, layout.map(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(BPF_OBJECT)?;
+        for name in prog_names::ALL.into_iter().chain(prog_names::BENCH) {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let mut maps = Maps::take(&mut ebpf)?;
+        let meta = maps.meta.get(&0, 0).map_err(map_err(map_names::META))?;
+        if meta.abi_version == 0 {
+            let meta = Meta { abi_version: ABI_VERSION, _reserved: 0 };
+            maps.meta.set(0, meta, 0).map_err(map_err(map_names::META))?;
+        }
+        Ok(Self { ebpf, maps, layout: layout.clone() })
+    }
+
+    /// Attach `progs` to the cgroup directory and pin each link. Returns the link pins.
+    pub fn attach(&mut self, cgroup_dir: &Path, progs: &[&'static str]) -> Result<Vec<PathBuf>> {
+        let cgroup = File::open(cgroup_dir)?;
+        let cgid = cgroup_id(cgroup_dir)?;
+        let mut pins = Vec::new();
+        for &name in progs {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            // AllowMultiple fails with EINVAL (aya issue 1078); bpf_link attachments are
+            // multi in the kernel anyway.
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let link = prog.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
+            let fd_link: FdLink = link.try_into()?;
+            let path = self.layout.link(name, cgid);
+            let pinned = fd_link.pin(&path)?;
+            drop(pinned); // fd closed; the pin keeps the link (and the program) alive
+            pins.push(path);
+        }
+        Ok(pins)
+    }
+
+    /// The loaded object.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    /// The underlying object (maps not taken into [`Maps`], e.g. benchmark-only ones).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Kernel-accounted (run_time_ns, run_cnt) of a program of this object. Counts only while
+    /// stats are enabled (`aya::sys::enable_stats` fd held, or sysctl kernel.bpf_stats_enabled).
+    pub fn prog_stats(&self, name: &'static str) -> Result<(u64, u64)> {
+        let prog: &CgroupSockAddr = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let info = prog.info().map_err(|source| DatapathError::Program { name, source })?;
+        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+    }
+}
+
+/// What a restarted agent holds: maps and links reopened from pins, no object loaded.
+pub struct Adopted {
+    /// The maps, opened from their pins.
+    pub maps: Maps,
+    /// (pin path, link). `FdLink::from(PinnedLink)` keeps the pin on bpffs; dropping the
+    /// FdLink only closes our fd.
+    pub links: Vec<(PathBuf, FdLink)>,
+}
+
+impl Adopted {
+    /// Opens the maps and links pinned under `layout` (after checking the ABI version).
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        let maps = Maps::from_pins(layout)?;
+        let mut links = Vec::new();
+        for entry in std::fs::read_dir(layout.links_dir())? {
+            let path = entry?.path();
+            let link = FdLink::from(PinnedLink::from_pin(&path)?);
+            links.push((path, link));
+        }
+        Ok(Self { maps, links })
+    }
+
+    /// (link pin, program id, run_time_ns, run_cnt) of each adopted link's program.
+    pub fn link_stats(&self) -> Result<Vec<(PathBuf, u32, u64, u64)>> {
+        let mut out = Vec::new();
+        for (path, link) in &self.links {
+            let prog_id = link.info()?.program_id();
+            for p in loaded_programs().flatten() {
+                if p.id() == prog_id {
+                    out.push((path.clone(), prog_id, p.run_time().as_nanos() as u64, p.run_count()));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
