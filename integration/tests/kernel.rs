@@ -24,7 +24,7 @@ use depfence::cgroup::{Cgroup2, cgroup_id};
 use depfence::datapath::{
     Adopted, Datapath,
     pins::{PinLayout, ensure_bpffs, random_suffix},
-    rules::{Allow, compile},
+    rules::{Allow, allows_from_snapshot, compile},
 };
 use depfence_bpf_common::{
     CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, IPPROTO_TCP, IPPROTO_UDP,
@@ -532,4 +532,50 @@ fn refuses_pinned_maps_of_another_abi() {
 
 fn dp_program<'a>(dp: &'a Datapath, name: &str) -> &'a aya::programs::CgroupSockAddr {
     dp.ebpf().program(name).unwrap().try_into().unwrap()
+}
+
+/// The whole path: policy text → compiled snapshot → kernel maps → a real process in the
+/// service's cgroup is refused what the policy does not allow.
+#[test]
+fn compiled_policy_is_enforced_in_the_kernel() {
+    if !privileged() {
+        return;
+    }
+    let cg = Cgroup::new();
+    let pins = Pins::new();
+    let mut dp = Datapath::load(&pins.layout).unwrap_or_else(|e| panic!("load: {e:?}"));
+    dp.attach(&cg.path, &prog_names::ALL).unwrap_or_else(|e| panic!("attach: {e:?}"));
+    let db_port = tcp_listener(LO4);
+    let other_port = tcp_listener(LO4);
+    let (udp6, udp6_port) = udp_receiver(LO6);
+    let text = format!(
+        r#"
+version = 1
+[environments]
+qa = "enforce"
+[services.db]
+endpoints = [{{ ip = "127.0.0.1", ports = [{db_port}], proto = "tcp" }}]
+[services.app]
+allow = [
+  {{ service = "db" }},
+  {{ cidr = "::/127", ports = [{udp6_port}], proto = "udp" }},
+]
+"#
+    );
+    let compiled = depfence::compile::compile_str("app.toml", &text).unwrap_or_else(|(_, d)| panic!("{d:?}"));
+    let (_, app) = compiled.snapshot.service("app").unwrap();
+    let ruleset = compile(1, &allows_from_snapshot(&app.net_rules)).unwrap();
+    assert!(!ruleset.cidrs.is_empty());
+    dp.maps.install(&ruleset).unwrap();
+    dp.maps.set_cgroup(cg.id(), CgroupState { flags: FLAG_ACTIVE_HAS_CIDR, ..state(1, MODE_ENFORCE, 7) }).unwrap();
+
+    assert_eq!(probe(&cg.path, "tcp", LO4, db_port, 1), Ok(1), "the allowed dependency");
+    assert_eq!(probe(&cg.path, "tcp", LO4, other_port, 1), Err(EPERM), "not in the policy");
+    assert_eq!(probe(&cg.path, "udp", LO6, udp6_port, 1), Ok(1), "allowed UDP block");
+    assert_eq!(probe(&cg.path, "udp", LO6, other_port, 1), Err(EPERM), "UDP to another port");
+    let mut buf = [0u8; 64];
+    udp6.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(udp6.recv(&mut buf).is_ok(), "the allowed datagram arrived");
+    assert_eq!(dp.maps.counter(7, VERDICT_ALLOWED).unwrap(), 2);
+    assert_eq!(dp.maps.counter(7, VERDICT_REJECTED).unwrap(), 2);
 }

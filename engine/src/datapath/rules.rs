@@ -2,7 +2,11 @@
 //! datapath back end).
 use std::net::IpAddr;
 
-use depfence_bpf_common::{CidrKeyData, CidrValue, MAX_CIDR_PORT_RANGES, PortRange, RuleKey, RuleValue};
+use crate::policy::Proto;
+use crate::snapshot::{NetRule, OriginId};
+use depfence_bpf_common::{
+    CidrKeyData, CidrValue, IPPROTO_TCP, IPPROTO_UDP, MAX_CIDR_PORT_RANGES, PortRange, RuleKey, RuleValue,
+};
 
 /// One allow rule of a ruleset.
 #[derive(Clone, Debug)]
@@ -60,6 +64,49 @@ fn norm_bits(addr: IpAddr, prefix: u8) -> (u128, u32) {
     (u128::from(v6) & mask, bits)
 }
 
+/// The kernel rule id of an allow entry: its origin id plus one, because the hook reads rule
+/// id 0 as "no rule matched".
+pub fn rule_id_of(origin: OriginId) -> u32 {
+    origin.saturating_add(1)
+}
+
+/// The kernel form of a compiled service's address rules: a host address with one port (or
+/// any port) and one protocol becomes exact keys, one per protocol; everything else (blocks,
+/// port ranges) becomes a prefix with a port range. Each entry's rule id is
+/// [`rule_id_of`] its origin (the allow entry), so events point back at the policy line.
+pub fn allows_from_snapshot(rules: &[NetRule]) -> Vec<Allow> {
+    let mut allows = Vec::with_capacity(rules.len());
+    for rule in rules {
+        let rule_id = rule_id_of(rule.origin);
+        let addr = rule.net.network();
+        let host = rule.net.prefix_len() == rule.net.max_prefix_len();
+        let single_port = rule.ports.is_any() || rule.ports.first == rule.ports.last;
+        let protocols: &[u8] = match rule.proto {
+            Proto::Tcp => &[IPPROTO_TCP],
+            Proto::Udp => &[IPPROTO_UDP],
+            Proto::Any => &[IPPROTO_TCP, IPPROTO_UDP],
+        };
+        if host && single_port {
+            let port = if rule.ports.is_any() { 0 } else { rule.ports.first };
+            allows.extend(protocols.iter().map(|&proto| Allow::Host { addr, proto, port, rule_id }));
+        } else {
+            let proto = match rule.proto {
+                Proto::Tcp => IPPROTO_TCP,
+                Proto::Udp => IPPROTO_UDP,
+                Proto::Any => 0,
+            };
+            allows.push(Allow::Cidr {
+                addr,
+                prefix: rule.net.prefix_len(),
+                proto,
+                ports: (rule.ports.first, rule.ports.last),
+                rule_id,
+            });
+        }
+    }
+    allows
+}
+
 /// Compile a ruleset. CIDR values get the ranges of every covering prefix ("push-down"),
 /// because an LPM lookup returns only the longest matching prefix.
 pub fn compile(ruleset: u32, allows: &[Allow]) -> Result<CompiledRuleset, CompileError> {
@@ -106,6 +153,50 @@ mod tests {
     use depfence_bpf_common::{IPPROTO_TCP, user::addr_words};
 
     use super::*;
+
+    #[test]
+    fn snapshot_rules_become_exact_keys_or_prefixes() {
+        let text = r#"
+version = 1
+[services.db]
+endpoints = [{ ip = "10.0.0.5", ports = [5432], proto = "tcp" }]
+[services.app]
+allow = [
+  { service = "db" },
+  { ip = "10.0.0.9" },
+  { cidr = "192.0.2.0/24", ports = "8000-8100", proto = "udp" },
+  { ip = "2001:db8::1", ports = "80-81", proto = "tcp" },
+]
+"#;
+        let compiled = crate::compile::compile_str("t.toml", text).unwrap();
+        let (_, app) = compiled.snapshot.service("app").unwrap();
+        let allows = allows_from_snapshot(&app.net_rules);
+        let mut exact: Vec<(String, u8, u16)> = allows
+            .iter()
+            .filter_map(|a| match a {
+                Allow::Host { addr, proto, port, .. } => Some((addr.to_string(), *proto, *port)),
+                Allow::Cidr { .. } => None,
+            })
+            .collect();
+        exact.sort();
+        // One port, one protocol: one key. Any port and any protocol: port 0, one key per protocol.
+        assert_eq!(exact, [("10.0.0.5".into(), 6, 5432), ("10.0.0.9".into(), 6, 0), ("10.0.0.9".into(), 17, 0)]);
+        let mut prefixes: Vec<(String, u8, u8, (u16, u16))> = allows
+            .iter()
+            .filter_map(|a| match a {
+                Allow::Cidr { addr, prefix, proto, ports, .. } => Some((addr.to_string(), *prefix, *proto, *ports)),
+                Allow::Host { .. } => None,
+            })
+            .collect();
+        prefixes.sort();
+        // Blocks, and host addresses with a port range, become prefixes with a range.
+        assert_eq!(prefixes, [("192.0.2.0".into(), 24, 17, (8000, 8100)), ("2001:db8::1".into(), 128, 6, (80, 81))]);
+        // Rule ids start at 1: the hook reads 0 as "no rule matched".
+        assert!(allows.iter().all(|a| match a {
+            Allow::Host { rule_id, .. } | Allow::Cidr { rule_id, .. } => *rule_id >= 1,
+        }));
+        assert!(compile(1, &allows).is_ok());
+    }
 
     #[test]
     fn covering_prefix_ranges_are_pushed_down() {
