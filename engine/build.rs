@@ -4,13 +4,13 @@
 //!
 //! `AYA_BUILD_SKIP=1` skips the eBPF build (aya-build honours it); we then write an empty
 //! placeholder so `cargo check`/`clippy` work without nightly and bpf-linker.
-use std::{env, fs, path::PathBuf};
-
 #[cfg(not(feature = "datapath"))]
 fn main() {}
 
 #[cfg(feature = "datapath")]
 fn main() -> aya_build::Result<()> {
+    use std::{env, fs, path::PathBuf};
+
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest_dir.parent().ok_or_else(|| std::io::Error::other("engine has no parent directory"))?;
     let programs = root.join("bpf/programs");

@@ -109,11 +109,35 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Run a command and everything it starts in a fresh cgroup under one service's policy,
+    /// enforced by the kernel; report what it tried that the policy does not allow.
+    Run {
+        #[command(flatten)]
+        policy: PolicyArg,
+        /// The service whose allow list applies.
+        #[arg(long, value_name = "SERVICE")]
+        service: String,
+        /// `audit`: allow, but count and report; `enforce`: refuse with EPERM.
+        #[arg(long, value_enum, default_value_t = RunMode::Audit)]
+        mode: RunMode,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// Modes of `policyctl run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RunMode {
+    /// Soft-apply: allow, count and report.
+    Audit,
+    /// Refuse (EPERM), count and report.
+    Enforce,
 }
 
 /// Snapshot encodings.

@@ -11,7 +11,7 @@ use depfence::diag::Diagnostics;
 use depfence::policy::{self, Destination, Parsed, Proto};
 use depfence::snapshot::{Connection, NetRule, Snapshot, Verdict};
 
-use crate::args::{Cli, Command, ErrorFormat, Output, SnapshotFormat};
+use crate::args::{Cli, Command, ErrorFormat, Output, RunMode, SnapshotFormat};
 use crate::graph;
 use crate::output::{CliError, EXIT_INVALID, print_diagnostics};
 
@@ -64,6 +64,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::BootstrapOrder { policy, output } => {
             let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
             bootstrap_order(&compiled.analysis, output)
+        }
+        Command::Run { policy, service, mode, command } => {
+            let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
+            crate::run::run(&compiled.snapshot, &service, mode == RunMode::Enforce, &command)
         }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

@@ -7,6 +7,7 @@ mod args;
 mod commands;
 mod graph;
 mod output;
+mod run;
 
 use std::process::ExitCode;
 

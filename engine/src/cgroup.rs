@@ -168,6 +168,27 @@ impl ChildCgroup {
         std::fs::write(&procs, pid.to_string()).map_err(io_error("moving a process into", &procs))
     }
 
+    /// Starts `command` inside this cgroup: the child moves itself in between fork and exec,
+    /// so it and everything it starts are under the cgroup's policy from its first instruction.
+    pub fn spawn(&self, command: &mut std::process::Command) -> Result<std::process::Child, CgroupError> {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        let path = self.dir.join("cgroup.procs");
+        let procs = std::fs::OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
+        let fd = procs.as_raw_fd();
+        #[expect(unsafe_code, reason = "pre_exec runs between fork and exec; it only calls write(2)")]
+        // SAFETY: write(2) is async-signal-safe; `procs` outlives the spawn below.
+        unsafe {
+            command.pre_exec(move || {
+                // Writing "0" moves the writing process itself.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 { Ok(()) } else { Err(io::Error::last_os_error()) }
+            });
+        }
+        let child = command.spawn().map_err(io_error("starting a command in", &self.dir));
+        drop(procs);
+        child
+    }
+
     /// The processes in this cgroup.
     pub fn processes(&self) -> Result<Vec<u32>, CgroupError> {
         let procs = self.dir.join("cgroup.procs");

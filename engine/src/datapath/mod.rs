@@ -29,6 +29,9 @@ use depfence_bpf_common::{
 pub mod pins;
 pub mod rules;
 
+/// The kernel ABI: map types, names and constants shared with the eBPF programs.
+pub use depfence_bpf_common as abi;
+
 use self::{pins::PinLayout, rules::CompiledRuleset};
 use crate::cgroup::cgroup_id;
 

@@ -1,0 +1,90 @@
+//! `policyctl run` on a real kernel (root, cgroup v2, BPF): curl inside the run's cgroup is
+//! counted (audit) or refused (enforce) for a destination the policy does not allow. Skips with
+//! a reason elsewhere; under CI a skip is a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail by panicking")]
+
+use std::io::Write as _;
+use std::net::TcpListener;
+
+use assert_cmd::Command;
+
+/// An HTTP server on 127.0.0.1 that answers 200 to everything; returns its port.
+fn http_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 1024];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        }
+    });
+    port
+}
+
+fn policy(web_port: u16) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    let text = format!(
+        "version = 1\n[services.web]\nendpoints = [{{ ip = \"127.0.0.1\", ports = [{web_port}], proto = \"tcp\" }}]\n\
+         [services.deploy]\nallow = [{{ service = \"web\" }}]\n"
+    );
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+fn leftover_run_cgroups() -> Vec<String> {
+    let mount = depfence::cgroup::Cgroup2::discover().unwrap();
+    std::fs::read_dir(mount.mount())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("depfence-run-"))
+        .collect()
+}
+
+fn curl(port: u16) -> String {
+    format!("curl -sS -o /dev/null -w '%{{http_code}}\\n' http://127.0.0.1:{port}/")
+}
+
+#[test]
+fn run_reports_in_audit_and_refuses_in_enforce() {
+    if !depfence_integration::require_privileges("run_reports_in_audit_and_refuses_in_enforce") {
+        return;
+    }
+    let (web, other) = (http_server(), http_server());
+    let policy = policy(web);
+    let before = leftover_run_cgroups();
+
+    // Audit: both requests succeed; the undeclared one is reported with the process that tried.
+    let script = format!("{} && {}", curl(web), curl(other));
+    let out = Command::cargo_bin("policyctl")
+        .unwrap()
+        .args(["run", "--service", "deploy", "--mode", "audit"])
+        .arg(policy.path())
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n");
+    assert!(stderr.contains("policyctl run (audit): 1 allowed, 1 would-reject, 0 rejected"), "{stderr}");
+    assert!(stderr.contains(&format!("would-reject 127.0.0.1:{other}/tcp")), "{stderr}");
+    assert!(stderr.contains("by curl (pid "), "{stderr}");
+
+    // Enforce: the declared dependency works, the other is refused, and curl's exit code (7:
+    // could not connect) is passed through.
+    let out = Command::cargo_bin("policyctl")
+        .unwrap()
+        .args(["run", "--service", "deploy", "--mode", "enforce"])
+        .arg(policy.path())
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n000\n");
+    assert!(stderr.contains("policyctl run (enforce): 1 allowed, 0 would-reject, 1 rejected"), "{stderr}");
+    assert!(stderr.contains(&format!("rejected     127.0.0.1:{other}/tcp")), "{stderr}");
+
+    // The run's cgroup is gone afterwards.
+    assert_eq!(leftover_run_cgroups(), before);
+}
