@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use depfence::cgroup::{Cgroup2, cgroup_id};
+use depfence::cgroup::{Cgroup2, ChildCgroup, cgroup_id};
 use depfence::datapath::{
     Adopted, Datapath,
     pins::{PinLayout, ensure_bpffs, random_suffix},
@@ -47,48 +47,46 @@ fn privileged() -> bool {
     depfence_integration::require_privileges("kernel test")
 }
 
-/// A child cgroup `depfence-proto-<rand>` of the cgroup2 root; removed (with its children) on
-/// drop. Never the root itself.
+/// A child cgroup `depfence-test-<rand>` of the cgroup2 root, with nested children; all are
+/// removed on drop (children first), and a failed removal fails the test. Never the root itself.
 struct Cgroup {
     path: PathBuf,
-    children: Vec<PathBuf>,
+    children: Vec<ChildCgroup>,
+    top: ChildCgroup,
 }
 
 impl Cgroup {
     fn new() -> Self {
         let root = cgroup2_root().unwrap_or_else(|e| panic!("cgroup2 mount: {e}"));
-        let path = root.join(format!("depfence-proto-{}", random_suffix()));
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self { path, children: Vec::new() }
+        let top = ChildCgroup::create(&root, &format!("depfence-test-{}", random_suffix()))
+            .unwrap_or_else(|e| panic!("create cgroup: {e}"));
+        Self { path: top.dir().to_owned(), children: Vec::new(), top }
     }
+    /// Creates `name` (a relative path like `a/b`, whose parent exists) below this cgroup.
     fn child(&mut self, name: &str) -> PathBuf {
-        let p = self.path.join(name);
-        fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-        self.children.push(p.clone());
-        p
+        let (parent, leaf) = match name.rsplit_once('/') {
+            Some((parent, leaf)) => (self.path.join(parent), leaf),
+            None => (self.path.clone(), name),
+        };
+        let child = ChildCgroup::create(&parent, leaf).unwrap_or_else(|e| panic!("create cgroup {name}: {e}"));
+        let dir = child.dir().to_owned();
+        self.children.push(child);
+        dir
     }
     fn id(&self) -> u64 {
-        cgroup_id(&self.path).unwrap()
+        self.top.id()
     }
 }
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        for p in self.children.iter().rev().chain([&self.path]) {
-            // Probes have exited (we wait for them); retry briefly for the kernel to settle.
-            let mut last = Ok(());
-            for _ in 0..50 {
-                last = fs::remove_dir(p);
-                if last.is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if let Err(e) = last {
+        // Deepest first; `top` goes after this, when its field drops.
+        while let Some(child) = self.children.pop() {
+            if let Err(e) = child.remove() {
                 if std::thread::panicking() {
-                    eprintln!("cleanup: rmdir {}: {e}", p.display());
+                    eprintln!("cleanup: {e}");
                 } else {
-                    panic!("cleanup: rmdir {}: {e}", p.display());
+                    panic!("cleanup: {e}");
                 }
             }
         }
