@@ -170,6 +170,13 @@ fn udp_receiver(ip: IpAddr) -> (UdpSocket, u16) {
 const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const LO6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
+/// A fresh datapath pinned under `pins`, with every hook attached to `cg`.
+fn attached(cg: &Cgroup, pins: &Pins) -> Datapath {
+    let mut dp = Datapath::load(&pins.layout).unwrap_or_else(|e| panic!("load: {e:?}"));
+    dp.attach(&cg.path, &prog_names::ALL).unwrap_or_else(|e| panic!("attach: {e:?}"));
+    dp
+}
+
 fn state(ruleset: u32, mode: u32, slot: u32) -> CgroupState {
     CgroupState { ruleset_id: ruleset, mode, candidate_ruleset: 0, flags: 0, counter_slot: slot, generation: ruleset }
 }
@@ -181,8 +188,7 @@ fn enforce_audit_v4_v6_udp() {
     }
     let cg = Cgroup::new();
     let pins = Pins::new();
-    let mut dp = Datapath::load(&pins.layout).unwrap_or_else(|e| panic!("load: {e:?}"));
-    dp.attach(&cg.path, &prog_names::ALL).unwrap_or_else(|e| panic!("attach: {e:?}"));
+    let mut dp = attached(&cg, &pins);
 
     let allowed4 = tcp_listener(LO4);
     let denied4 = tcp_listener(LO4);
@@ -267,9 +273,8 @@ fn nested_cgroup_uses_nearest_registered_ancestor() {
     let leaf_parent = cg.child("a");
     let leaf = cg.child("a/b");
     let pins = Pins::new();
-    let mut dp = Datapath::load(&pins.layout).unwrap_or_else(|e| panic!("load: {e:?}"));
     // Attached at the top; programs are inherited by descendants.
-    dp.attach(&cg.path, &prog_names::ALL).unwrap();
+    let mut dp = attached(&cg, &pins);
     let ok = tcp_listener(LO4);
     let no = tcp_listener(LO4);
     dp.maps
@@ -541,8 +546,7 @@ fn compiled_policy_is_enforced_in_the_kernel() {
     }
     let cg = Cgroup::new();
     let pins = Pins::new();
-    let mut dp = Datapath::load(&pins.layout).unwrap_or_else(|e| panic!("load: {e:?}"));
-    dp.attach(&cg.path, &prog_names::ALL).unwrap_or_else(|e| panic!("attach: {e:?}"));
+    let mut dp = attached(&cg, &pins);
     let db_port = tcp_listener(LO4);
     let other_port = tcp_listener(LO4);
     let (udp6, udp6_port) = udp_receiver(LO6);

@@ -277,15 +277,23 @@ pub fn df_sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, true)
 }
 
+/// The benchmark variants' shared tail: one exact `DF_RULES` lookup for the destination in
+/// `ruleset`, one per-CPU counter bump (hit or miss); always allows.
+#[inline(always)]
+fn count_exact_hit(ctx: &SockAddrContext, ruleset: u32) -> i32 {
+    let d = read_dest(ctx, false);
+    let key = RuleKey { ruleset, proto: d.proto, _pad: 0, port: d.port, addr: d.addr };
+    // SAFETY: map lookup; the value is only tested for presence.
+    let hit = unsafe { DF_RULES.get(key) }.is_some();
+    bump(&DF_BASE_CNT, u32::from(hit));
+    ALLOW
+}
+
 /// Benchmark baseline (connect4): own cgroup id → one exact `DF_RULES` lookup → one per-CPU
 /// counter. Attached only by the benchmark, on its own cgroup.
 #[cgroup_sock_addr(connect4)]
 pub fn df_baseline4(ctx: SockAddrContext) -> i32 {
-    let d = read_dest(&ctx, false);
-    let key = RuleKey { ruleset: 1, proto: d.proto, _pad: 0, port: d.port, addr: d.addr };
-    let hit = unsafe { DF_RULES.get(key) }.is_some();
-    bump(&DF_BASE_CNT, u32::from(hit));
-    ALLOW
+    count_exact_hit(&ctx, 1)
 }
 
 // ---- benchmark-only variants (same object, attached only by the bench test) ----
@@ -299,11 +307,7 @@ pub fn df_bench_2lookups(ctx: SockAddrContext) -> i32 {
     let Some(s) = (unsafe { DF_CGROUPS.get(cg) }) else {
         return ALLOW;
     };
-    let d = read_dest(&ctx, false);
-    let key = RuleKey { ruleset: s.ruleset_id, proto: d.proto, _pad: 0, port: d.port, addr: d.addr };
-    let hit = unsafe { DF_RULES.get(key) }.is_some();
-    bump(&DF_BASE_CNT, u32::from(hit));
-    ALLOW
+    count_exact_hit(&ctx, s.ruleset_id)
 }
 
 /// Helper cost: bpf_get_current_cgroup_id + counter only.
@@ -355,9 +359,5 @@ pub fn df_bench_storage(ctx: SockAddrContext) -> i32 {
     let Some(s) = DF_BENCH_POLICY.get(slot) else {
         return ALLOW;
     };
-    let d = read_dest(&ctx, false);
-    let key = RuleKey { ruleset: s.ruleset_id, proto: d.proto, _pad: 0, port: d.port, addr: d.addr };
-    let hit = unsafe { DF_RULES.get(key) }.is_some();
-    bump(&DF_BASE_CNT, u32::from(hit));
-    ALLOW
+    count_exact_hit(&ctx, s.ruleset_id)
 }
