@@ -132,6 +132,27 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
     std::fs::metadata(dir).map(|m| m.ino()).map_err(io_error("reading", dir))
 }
 
+/// Starts `command` inside the cgroup `dir`: the child moves itself in between fork and exec,
+/// so it and everything it starts are under the cgroup's policy from its first instruction.
+pub fn spawn_in(dir: &Path, command: &mut std::process::Command) -> Result<std::process::Child, CgroupError> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let path = dir.join("cgroup.procs");
+    let procs = std::fs::OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
+    let fd = procs.as_raw_fd();
+    #[expect(unsafe_code, reason = "pre_exec runs between fork and exec; it only calls write(2)")]
+    // SAFETY: write(2) is async-signal-safe; `procs` outlives the spawn below.
+    unsafe {
+        command.pre_exec(move || {
+            // Writing "0" moves the writing process itself.
+            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        });
+    }
+    let child = command.spawn().map_err(io_error("starting a command in", dir));
+    drop(procs);
+    child
+}
+
 /// A child cgroup that depfence created and removes on drop (moving any process still in it to
 /// the parent first).
 #[derive(Debug)]
@@ -168,25 +189,27 @@ impl ChildCgroup {
         std::fs::write(&procs, pid.to_string()).map_err(io_error("moving a process into", &procs))
     }
 
-    /// Starts `command` inside this cgroup: the child moves itself in between fork and exec,
-    /// so it and everything it starts are under the cgroup's policy from its first instruction.
+    /// Starts `command` inside this cgroup (see [`spawn_in`]).
     pub fn spawn(&self, command: &mut std::process::Command) -> Result<std::process::Child, CgroupError> {
-        use std::os::fd::AsRawFd as _;
-        use std::os::unix::process::CommandExt as _;
-        let path = self.dir.join("cgroup.procs");
-        let procs = std::fs::OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
-        let fd = procs.as_raw_fd();
-        #[expect(unsafe_code, reason = "pre_exec runs between fork and exec; it only calls write(2)")]
-        // SAFETY: write(2) is async-signal-safe; `procs` outlives the spawn below.
-        unsafe {
-            command.pre_exec(move || {
-                // Writing "0" moves the writing process itself.
-                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 { Ok(()) } else { Err(io::Error::last_os_error()) }
-            });
+        spawn_in(&self.dir, command)
+    }
+
+    /// Kills every process in this cgroup and its descendants at once (`cgroup.kill`, Linux
+    /// 5.14+), then waits up to a second for them to be gone. Returns how many there were.
+    pub fn kill_all(&self) -> Result<usize, CgroupError> {
+        let before = self.processes()?.len();
+        if before == 0 {
+            return Ok(0);
         }
-        let child = command.spawn().map_err(io_error("starting a command in", &self.dir));
-        drop(procs);
-        child
+        let kill = self.dir.join("cgroup.kill");
+        std::fs::write(&kill, "1").map_err(io_error("writing", &kill))?;
+        for _ in 0..100 {
+            if self.processes()?.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(before)
     }
 
     /// The processes in this cgroup.

@@ -2,29 +2,28 @@
 //! Run as root: `cargo test -p depfence-integration --test kernel`. Without root every test
 //! prints why it skipped; under CI (`CI=true`) a skip is a failure.
 #![allow(
-    unsafe_code,
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
-    reason = "tests fail by panicking; moving the child into its cgroup between fork and exec needs pre_exec"
+    reason = "tests fail by panicking"
 )]
 
 use std::{
-    fs,
     io::{self, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-    path::{Path, PathBuf},
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
-use depfence::cgroup::{Cgroup2, ChildCgroup, cgroup_id};
+use depfence::cgroup::{Cgroup2, cgroup_id};
 use depfence::datapath::{
     Adopted, Datapath,
-    pins::{PinLayout, ensure_bpffs, random_suffix},
     rules::{Allow, allows_from_snapshot, compile},
+};
+use depfence_integration::fixture::{
+    Cgroup, ECONNREFUSED, EPERM, LO4, LO6, Pins, attached, probe, state, tcp_listener, udp_receiver,
 };
 use depfence_bpf_common::{
     CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, IPPROTO_TCP, IPPROTO_UDP,
@@ -32,153 +31,12 @@ use depfence_bpf_common::{
     prog_names, user::words_addr,
 };
 
-fn cgroup2_root() -> io::Result<PathBuf> {
-    Cgroup2::discover().map(|c| c.mount().to_owned()).map_err(io::Error::other)
-}
-
 fn cgroup_level(dir: &Path) -> io::Result<u32> {
     Cgroup2::discover().and_then(|c| c.level(dir)).map_err(io::Error::other)
 }
 
-const EPERM: i32 = 1;
-const ECONNREFUSED: i32 = 111;
-
 fn privileged() -> bool {
     depfence_integration::require_privileges("kernel test")
-}
-
-/// A child cgroup `depfence-test-<rand>` of the cgroup2 root, with nested children; all are
-/// removed on drop (children first), and a failed removal fails the test. Never the root itself.
-struct Cgroup {
-    path: PathBuf,
-    children: Vec<ChildCgroup>,
-    top: ChildCgroup,
-}
-
-impl Cgroup {
-    fn new() -> Self {
-        let root = cgroup2_root().unwrap_or_else(|e| panic!("cgroup2 mount: {e}"));
-        let top = ChildCgroup::create(&root, &format!("depfence-test-{}", random_suffix()))
-            .unwrap_or_else(|e| panic!("create cgroup: {e}"));
-        Self { path: top.dir().to_owned(), children: Vec::new(), top }
-    }
-    /// Creates `name` (a relative path like `a/b`, whose parent exists) below this cgroup.
-    fn child(&mut self, name: &str) -> PathBuf {
-        let (parent, leaf) = match name.rsplit_once('/') {
-            Some((parent, leaf)) => (self.path.join(parent), leaf),
-            None => (self.path.clone(), name),
-        };
-        let child = ChildCgroup::create(&parent, leaf).unwrap_or_else(|e| panic!("create cgroup {name}: {e}"));
-        let dir = child.dir().to_owned();
-        self.children.push(child);
-        dir
-    }
-    fn id(&self) -> u64 {
-        self.top.id()
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // Deepest first; `top` goes after this, when its field drops.
-        while let Some(child) = self.children.pop() {
-            if let Err(e) = child.remove() {
-                if std::thread::panicking() {
-                    eprintln!("cleanup: {e}");
-                } else {
-                    panic!("cleanup: {e}");
-                }
-            }
-        }
-    }
-}
-
-/// A pin root `<bpffs>/depfence-proto-<rand>`; everything under it is unpinned on drop.
-struct Pins {
-    layout: PinLayout,
-}
-
-impl Pins {
-    fn new() -> Self {
-        let (bpffs, mounted) = ensure_bpffs().unwrap_or_else(|e| panic!("bpffs: {e}"));
-        if mounted {
-            eprintln!("note: mounted bpffs at {}", bpffs.display());
-        }
-        Self { layout: PinLayout::new(bpffs.join(format!("depfence-proto-{}", random_suffix()))) }
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let r = self.layout.remove_all();
-        let gone = !self.layout.root().exists();
-        match (r, gone) {
-            (Ok(()), true) => {}
-            (r, _) if std::thread::panicking() => {
-                eprintln!("cleanup: pins {}: {r:?}", self.layout.root().display());
-            }
-            (r, gone) => panic!("cleanup: pins {}: {r:?} gone={gone}", self.layout.root().display()),
-        }
-    }
-}
-
-/// Run depfence-probe inside `cgroup` (moved there between fork and exec). Returns Ok(n) or
-/// Err(errno).
-fn probe(cgroup: &Path, kind: &str, ip: IpAddr, port: u16, count: u64) -> Result<u64, i32> {
-    let procs = fs::OpenOptions::new()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))
-        .unwrap_or_else(|e| panic!("open cgroup.procs: {e}"));
-    let fd = procs.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_depfence-probe"));
-    cmd.args([kind, &ip.to_string(), &port.to_string(), &count.to_string()]);
-    // SAFETY: only async-signal-safe calls (write(2)) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 { Ok(()) } else { Err(io::Error::last_os_error()) }
-        });
-    }
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn probe: {e}"));
-    drop(procs);
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let mut f = line.split_whitespace();
-    match (f.next(), f.next()) {
-        (Some("ok"), Some(n)) => Ok(n.parse().unwrap()),
-        (Some("err"), Some(e)) => Err(e.parse().unwrap()),
-        _ => panic!("probe said {line:?}, stderr {}", String::from_utf8_lossy(&out.stderr)),
-    }
-}
-
-/// TCP listener that accepts and drops forever (thread leaks until the test process exits).
-fn tcp_listener(ip: IpAddr) -> u16 {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            drop(s);
-        }
-    });
-    port
-}
-
-fn udp_receiver(ip: IpAddr) -> (UdpSocket, u16) {
-    let s = UdpSocket::bind((ip, 0)).unwrap();
-    let port = s.local_addr().unwrap().port();
-    (s, port)
-}
-
-const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const LO6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
-
-/// A fresh datapath pinned under `pins`, with every hook attached to `cg`.
-fn attached(cg: &Cgroup, pins: &Pins) -> Datapath {
-    let mut dp = Datapath::load(&pins.layout).unwrap_or_else(|e| panic!("load: {e:?}"));
-    dp.attach(&cg.path, &prog_names::ALL).unwrap_or_else(|e| panic!("attach: {e:?}"));
-    dp
-}
-
-fn state(ruleset: u32, mode: u32, slot: u32) -> CgroupState {
-    CgroupState { ruleset_id: ruleset, mode, candidate_ruleset: 0, flags: 0, counter_slot: slot, generation: ruleset }
 }
 
 #[test]
