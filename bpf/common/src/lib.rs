@@ -11,7 +11,7 @@
 pub mod user;
 
 /// Version of the map layout below. A loader refuses pinned maps whose `DF_META` differs.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Map names (ELF symbol names, also the kernel object names: at most 15 bytes).
 pub mod map_names {
@@ -70,8 +70,12 @@ pub mod prog_names {
 
 /// Map sizes (max_entries; the loader may override them): registered cgroups.
 pub const MAX_CGROUPS: u32 = 16_384;
-/// Exact rules.
-pub const MAX_RULES: u32 = 1 << 20;
+/// Exact rules: room for two generations of a 1 Mi-entry ruleset, the old and the new side by
+/// side during a hot swap. Allocated as used (`BPF_F_NO_PREALLOC`), so the capacity costs
+/// nothing until it is filled.
+pub const MAX_RULES: u32 = 1 << 21;
+/// `BPF_F_NO_PREALLOC`: hash map elements are allocated on insert instead of at creation.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// Address-block prefixes.
 pub const MAX_CIDRS: u32 = 65_536;
 /// Counter slots; each cgroup entry names its slot (`CgroupState::counter_slot`).

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use depfence_bpf_common::{
     AF_INET, AF_INET6, ALLOW, CgroupState, CidrKeyData, CidrValue, Config, DENY, DedupKey, EVENTS_BYTES, Event,
-    FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_EVENT_ALLOWED, FLAG_EVENT_NO_DEDUP, GLOBAL_BAD_SLOT,
+    BPF_F_NO_PREALLOC, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_EVENT_ALLOWED, FLAG_EVENT_NO_DEDUP, GLOBAL_BAD_SLOT,
     GLOBAL_COUNT, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, GLOBAL_UNREGISTERED, MAX_CGROUP_DEPTH, MAX_CGROUPS,
     MAX_CIDR_PORT_RANGES, MAX_CIDRS, MAX_COUNTER_SLOTS, MAX_DEDUP, MAX_RULES, MODE_AUDIT, MODE_ENFORCE, MODE_OFF, Meta,
     RuleKey, RuleValue, VERDICT_ALLOWED, VERDICT_CANDIDATE_WOULD_REJECT, VERDICT_COUNT, VERDICT_REJECTED,
@@ -24,7 +24,7 @@ use depfence_bpf_common::{
 #[map]
 static DF_CGROUPS: HashMap<u64, CgroupState> = HashMap::with_max_entries(MAX_CGROUPS, 0);
 #[map]
-static DF_RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, 0);
+static DF_RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 // LpmTrie::with_max_entries adds BPF_F_NO_PREALLOC itself (the kernel requires it).
 #[map]
 static DF_CIDRS: LpmTrie<CidrKeyData, CidrValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);

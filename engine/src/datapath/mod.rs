@@ -8,12 +8,13 @@
 use std::{
     fs::File,
     io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError,
@@ -28,11 +29,12 @@ use depfence_bpf_common::{
 
 pub mod pins;
 pub mod rules;
+mod sys;
 
 /// The kernel ABI: map types, names and constants shared with the eBPF programs.
 pub use depfence_bpf_common as abi;
 
-use self::{pins::PinLayout, rules::CompiledRuleset};
+use self::{pins::PinLayout, rules::CompiledRuleset, sys::ReaderBarrier};
 use crate::cgroup::cgroup_id;
 
 /// The eBPF object built by `engine/build.rs` (aya-build copies the `depfence-bpf` bin to
@@ -95,6 +97,11 @@ pub enum DatapathError {
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
+/// A failed raw bpf(2) command in aya's error type.
+fn io_syscall(call: &'static str, io_error: io::Error) -> aya::sys::SyscallError {
+    aya::sys::SyscallError { call, io_error }
+}
+
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
@@ -117,6 +124,24 @@ pub struct Maps {
     pub meta: Array<MapData, Meta>,
     /// `DF_CONFIG`: runtime settings.
     pub config: Array<MapData, Config>,
+    barrier: ReaderBarrier,
+}
+
+/// What one [`Maps::hot_swap`] did, and how long each step took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SwapReport {
+    /// Entries written for the new generation.
+    pub installed: usize,
+    /// Writing the new generation (before any cgroup sees it).
+    pub install: std::time::Duration,
+    /// Repointing the cgroups: one map update each, the moment of the swap.
+    pub repoint: std::time::Duration,
+    /// Waiting until no running hook can still read the old generation.
+    pub wait_for_readers: std::time::Duration,
+    /// Entries of the old generation deleted.
+    pub retired: usize,
+    /// Deleting the old generation.
+    pub retire: std::time::Duration,
 }
 
 impl Maps {
@@ -131,6 +156,7 @@ impl Maps {
             events: RingBuf::try_from(take(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?,
             meta: Array::try_from(take(map_names::META)?).map_err(map_err(map_names::META))?,
             config: Array::try_from(take(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?,
+            barrier: ReaderBarrier::new()?,
         })
     }
 
@@ -149,6 +175,7 @@ impl Maps {
             events: RingBuf::try_from(open(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?,
             meta: Array::try_from(open(map_names::META)?).map_err(map_err(map_names::META))?,
             config: Array::try_from(open(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?,
+            barrier: ReaderBarrier::new()?,
         };
         let found = maps.meta.get(&0, 0).map_err(map_err(map_names::META))?.abi_version;
         if found != ABI_VERSION {
@@ -157,15 +184,63 @@ impl Maps {
         Ok(maps)
     }
 
-    /// Write every entry of a compiled ruleset (before any cgroup points at it).
+    /// Writes every entry of a compiled ruleset (before any cgroup points at it). Exact rules go
+    /// in batches (`BPF_MAP_UPDATE_BATCH`).
     pub fn install(&mut self, c: &CompiledRuleset) -> Result<()> {
-        for (k, v) in &c.exact {
-            self.rules.insert(k, v, 0).map_err(map_err(map_names::RULES))?;
-        }
+        sys::update_batch(IterableMap::map(&self.rules).fd().as_fd(), &c.exact)
+            .map_err(|e| map_err(map_names::RULES)(MapError::from(io_syscall("BPF_MAP_UPDATE_BATCH", e))))?;
         for (plen, data, v) in &c.cidrs {
             self.cidrs.insert(&Key::new(*plen, *data), v, 0).map_err(map_err(map_names::CIDRS))?;
         }
         Ok(())
+    }
+
+    /// Deletes every entry of a compiled ruleset that [`Maps::install`] wrote (after no cgroup
+    /// points at it and [`Maps::wait_for_readers`] returned).
+    pub fn uninstall(&mut self, c: &CompiledRuleset) -> Result<usize> {
+        let keys: Vec<RuleKey> = c.exact.iter().map(|(k, _)| *k).collect();
+        sys::delete_batch(IterableMap::map(&self.rules).fd().as_fd(), &keys)
+            .map_err(|e| map_err(map_names::RULES)(MapError::from(io_syscall("BPF_MAP_DELETE_BATCH", e))))?;
+        for (plen, data, _) in &c.cidrs {
+            self.cidrs.remove(&Key::new(*plen, *data)).map_err(map_err(map_names::CIDRS))?;
+        }
+        Ok(keys.len() + c.cidrs.len())
+    }
+
+    /// Returns once every hook that was running has finished: after it, nothing reads a
+    /// ruleset that no cgroup points at any more.
+    pub fn wait_for_readers(&self) -> Result<()> {
+        Ok(self.barrier.wait_for_readers()?)
+    }
+
+    /// Replaces a generation atomically per cgroup: writes `new` completely, repoints each
+    /// cgroup with one map update (a connect sees either the old state or the new, never a
+    /// mix), waits until no running hook can still read `old`, then deletes `old`.
+    pub fn hot_swap(
+        &mut self,
+        new: &CompiledRuleset,
+        cgroups: &[(u64, CgroupState)],
+        old: Option<&CompiledRuleset>,
+    ) -> Result<SwapReport> {
+        let mut report = SwapReport::default();
+        let t = std::time::Instant::now();
+        self.install(new)?;
+        report.installed = new.exact.len() + new.cidrs.len();
+        report.install = t.elapsed();
+        let t = std::time::Instant::now();
+        for (id, state) in cgroups {
+            self.set_cgroup(*id, *state)?;
+        }
+        report.repoint = t.elapsed();
+        let t = std::time::Instant::now();
+        self.wait_for_readers()?;
+        report.wait_for_readers = t.elapsed();
+        if let Some(old) = old {
+            let t = std::time::Instant::now();
+            report.retired = self.uninstall(old)?;
+            report.retire = t.elapsed();
+        }
+        Ok(report)
     }
 
     /// Delete every entry of `ruleset` (after no cgroup points at it). Returns the count.
