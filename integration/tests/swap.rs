@@ -165,7 +165,8 @@ fn million_rule_ruleset_swaps_in_and_out() {
     let mut dp = attached(&cg, &pins);
     let (allowed, denied) = (tcp_listener(LO4), tcp_listener(LO4));
     let small = compile(1, &[Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: denied, rule_id: 1 }]).unwrap();
-    let state = |ruleset| CgroupState { ruleset_id: ruleset, mode: MODE_ENFORCE, generation: ruleset, ..Default::default() };
+    let state =
+        |ruleset| CgroupState { ruleset_id: ruleset, mode: MODE_ENFORCE, generation: ruleset, ..Default::default() };
     dp.maps.hot_swap(&small, &[(cg.id(), state(1))], None).unwrap();
     assert_eq!(probe(&cg.path, "tcp", LO4, allowed, 1), Err(EPERM));
 
