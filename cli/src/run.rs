@@ -67,7 +67,9 @@ fn supervise(
     program: &OsString,
     args: &[OsString],
 ) -> Result<ExitCode, CliError> {
-    let mut datapath = Datapath::load(pins).map_err(datapath_error)?;
+    // Room for this one ruleset, not for the agent's million rules.
+    let capacity = u32::try_from(compiled.exact.len()).unwrap_or(u32::MAX).max(512);
+    let mut datapath = Datapath::load_with_rule_capacity(pins, capacity).map_err(datapath_error)?;
     datapath.attach(cgroup.dir(), &prog_names::ALL).map_err(datapath_error)?;
     datapath.maps.install(compiled).map_err(datapath_error)?;
     // One event per (destination, verdict) per second is plenty for a report.

@@ -146,14 +146,13 @@ pub fn state(ruleset: u32, mode: u32, slot: u32) -> CgroupState {
     CgroupState { ruleset_id: ruleset, mode, candidate_ruleset: 0, flags: 0, counter_slot: slot, generation: ruleset }
 }
 
-/// A binary of this crate (`depfence-probe`, `depfence-loader`): cargo builds them beside the
-/// test executables' `deps/` directory before running integration tests.
+/// A binary of this crate (`depfence-probe`, `depfence-loader`): beside the running executable
+/// (another binary of the crate) or one directory up (a test executable in `deps/`).
 pub fn crate_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(path.exists(), "{} not built", path.display());
-    path
+    let dir = exe.parent().unwrap();
+    let path = [dir, dir.parent().unwrap()].iter().map(|d| d.join(name)).find(|p| p.exists());
+    path.unwrap_or_else(|| panic!("{name} is not built next to {}", exe.display()))
 }
 
 /// The probe binary with `args`.

@@ -194,3 +194,31 @@ fn million_rule_ruleset_swaps_in_and_out() {
     assert_eq!(dp.maps.rules.keys().count(), 1);
     assert_eq!(probe(&cg.path, "tcp", LO4, allowed, 1), Err(EPERM));
 }
+
+/// A ruleset that does not fit is refused as a whole: the map is left as it was and the
+/// generation in force stays in force.
+#[test]
+fn a_ruleset_that_does_not_fit_leaves_the_old_one_in_force() {
+    if !privileged("a_ruleset_that_does_not_fit_leaves_the_old_one_in_force") {
+        return;
+    }
+    let cg = Cgroup::new();
+    let pins = Pins::new();
+    let mut dp = depfence::datapath::Datapath::load_with_rule_capacity(&pins.layout, 64).unwrap();
+    dp.attach(&cg.path, &depfence_bpf_common::prog_names::ALL).unwrap();
+    let (allowed, other) = (tcp_listener(LO4), tcp_listener(LO4));
+    let small = compile(1, &[Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: allowed, rule_id: 1 }]).unwrap();
+    let state =
+        |ruleset| CgroupState { ruleset_id: ruleset, mode: MODE_ENFORCE, generation: ruleset, ..Default::default() };
+    dp.maps.hot_swap(&small, &[(cg.id(), state(1))], None).unwrap();
+    let too_big: Vec<Allow> = (0..100u16)
+        .map(|p| Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: 20_000 + p, rule_id: 2 })
+        .chain([Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: other, rule_id: 3 }])
+        .collect();
+    let err = dp.maps.hot_swap(&compile(2, &too_big).unwrap(), &[(cg.id(), state(2))], Some(&small)).unwrap_err();
+    assert!(matches!(err, depfence::datapath::DatapathError::MapFull { capacity: 64, .. }), "{err:?}");
+    assert_eq!(err.to_string(), "map `DF_RULES` is full (64 entries); nothing of this ruleset is in force");
+    assert_eq!(dp.maps.rules.keys().count(), 1, "the partial write was taken back");
+    assert_eq!(probe(&cg.path, "tcp", LO4, allowed, 1), Ok(1));
+    assert_eq!(probe(&cg.path, "tcp", LO4, other, 1), Err(EPERM));
+}

@@ -75,6 +75,14 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    /// A map has no room for the entries being written.
+    #[error("map `{name}` is full ({capacity} entries); nothing of this ruleset is in force")]
+    MapFull {
+        /// The map.
+        name: &'static str,
+        /// Its capacity.
+        capacity: u32,
+    },
     /// A link operation failed.
     #[error("link")]
     Link(#[from] LinkError),
@@ -187,8 +195,17 @@ impl Maps {
     /// Writes every entry of a compiled ruleset (before any cgroup points at it). Exact rules go
     /// in batches (`BPF_MAP_UPDATE_BATCH`).
     pub fn install(&mut self, c: &CompiledRuleset) -> Result<()> {
-        sys::update_batch(IterableMap::map(&self.rules).fd().as_fd(), &c.exact)
-            .map_err(|e| map_err(map_names::RULES)(MapError::from(io_syscall("BPF_MAP_UPDATE_BATCH", e))))?;
+        let rules = IterableMap::map(&self.rules);
+        if let Err(e) = sys::update_batch(rules.fd().as_fd(), &c.exact) {
+            // Leave nothing half-written behind: no cgroup points at this ruleset yet.
+            let keys: Vec<RuleKey> = c.exact.iter().map(|(k, _)| *k).collect();
+            sys::delete_present(rules.fd().as_fd(), &keys);
+            if e.raw_os_error() == Some(libc::E2BIG) {
+                let capacity = rules.info().map(|i| i.max_entries()).unwrap_or(0);
+                return Err(DatapathError::MapFull { name: map_names::RULES, capacity });
+            }
+            return Err(map_err(map_names::RULES)(MapError::from(io_syscall("BPF_MAP_UPDATE_BATCH", e))));
+        }
         for (plen, data, v) in &c.cidrs {
             self.cidrs.insert(&Key::new(*plen, *data), v, 0).map_err(map_err(map_names::CIDRS))?;
         }
@@ -303,8 +320,17 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Load the embedded object, creating (or reusing) pinned maps under `layout`.
+    /// Load the embedded object, creating (or reusing) pinned maps under `layout`, with room
+    /// for [`abi::MAX_RULES`] exact rules.
     pub fn load(layout: &PinLayout) -> Result<Self> {
+        Self::load_with_rule_capacity(layout, abi::MAX_RULES)
+    }
+
+    /// [`Datapath::load`] with `DF_RULES` sized for `capacity` exact rules (a swap needs room
+    /// for the old and the new generation at once). The hash table's buckets take 16 bytes
+    /// per entry of capacity up front, so a short-lived loader with a small policy asks for
+    /// less. Pinned maps that already exist keep their size.
+    pub fn load_with_rule_capacity(layout: &PinLayout, capacity: u32) -> Result<Self> {
         if BPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -314,6 +340,7 @@ impl Datapath {
             drop(Maps::from_pins(layout)?);
         }
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::RULES, capacity.max(1));
         let paths: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, layout.map(n))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());

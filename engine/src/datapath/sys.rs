@@ -16,6 +16,7 @@ use aya::maps::{Array, MapData};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
@@ -116,6 +117,15 @@ pub(crate) fn delete_batch<K: Copy>(map_fd: BorrowedFd<'_>, keys: &[K]) -> io::R
         bpf(BPF_MAP_DELETE_BATCH, &mut attr)?;
     }
     Ok(())
+}
+
+/// Deletes those of `keys` that are in the map, ignoring the absent ones (cleanup after a
+/// failed install). One syscall per key.
+pub(crate) fn delete_present<K: Copy>(map_fd: BorrowedFd<'_>, keys: &[K]) {
+    for key in keys {
+        let mut attr = ElemAttr { map_fd: fd_u32(map_fd), key: std::ptr::from_ref(key) as u64, ..ElemAttr::default() };
+        let _ = bpf(BPF_MAP_DELETE_ELEM, &mut attr);
+    }
 }
 
 /// A one-slot `ARRAY_OF_MAPS` whose every update waits for running eBPF programs to finish.
