@@ -124,6 +124,16 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
     },
+    /// Show what depfence has loaded, attached and pinned in the kernel: maps with fill levels,
+    /// links with their programs and cgroups, registered cgroups with their counters (root).
+    Status {
+        /// One pin root (a `depfence*` directory on bpffs) instead of every one found.
+        #[arg(long, value_name = "DIR")]
+        pins: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.

@@ -69,6 +69,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
             crate::run::run(&compiled.snapshot, &service, mode == RunMode::Enforce, &command)
         }
+        Command::Status { pins, output } => crate::status::run(pins.as_deref(), output),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "policyctl", &mut std::io::stdout());

@@ -8,6 +8,7 @@ mod commands;
 mod graph;
 mod output;
 mod run;
+mod status;
 
 use std::process::ExitCode;
 

@@ -29,6 +29,7 @@ use depfence_bpf_common::{
 
 pub mod pins;
 pub mod rules;
+pub mod status;
 mod sys;
 
 /// The kernel ABI: map types, names and constants shared with the eBPF programs.
