@@ -92,6 +92,13 @@ fn supervise(
             Err(e) => return Err(CliError::Io { context: "waiting for the command".into(), source: e }),
         }
     };
+    // The policy covers the command's whole process tree; whatever it left running would
+    // leave the policy with the cgroup, so it ends with the command (as in a systemd scope).
+    match cgroup.kill_all() {
+        Ok(0) => {}
+        Ok(n) => eprintln!("policyctl run: killed {n} process(es) the command left running in its cgroup"),
+        Err(e) => eprintln!("policyctl run: could not end processes left in {}: {e}", cgroup.dir().display()),
+    }
     collect(&mut datapath, &mut seen);
     report(&datapath, &seen, enforce);
     let code = status.code().unwrap_or_else(|| {

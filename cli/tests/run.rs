@@ -88,3 +88,29 @@ fn run_reports_in_audit_and_refuses_in_enforce() {
     // The run's cgroup is gone afterwards.
     assert_eq!(leftover_run_cgroups(), before);
 }
+
+/// Processes the command leaves running would escape the policy with the cgroup; run ends
+/// them with the command and says so.
+#[test]
+fn run_ends_what_the_command_left_running() {
+    if !depfence_integration::require_privileges("run_ends_what_the_command_left_running") {
+        return;
+    }
+    let policy = policy(http_server());
+    let started = std::time::Instant::now();
+    let out = Command::cargo_bin("policyctl")
+        .unwrap()
+        .args(["run", "--service", "deploy"])
+        .arg(policy.path())
+        .args(["--", "sh", "-c", "sleep 60 & echo $!"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "run did not wait for the background sleep");
+    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(stderr.contains("killed 1 process(es) the command left running"), "{stderr}");
+    // Gone, not just moved elsewhere (a zombie awaiting its new parent's wait counts as gone).
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(state.is_empty() || state.contains(") Z "), "sleep {pid} still runs: {state}");
+}
