@@ -571,12 +571,16 @@ fn exclusive_foreign_program_makes_attach_fail_with_eperm() {
         let e = dp.attach(dir, &prog_names::ALL).map(|_| ()).unwrap_err();
         let message = chain(&e);
         eprintln!("attach to {} with an exclusive foreign program: {message}", dir.display());
-        assert!(matches!(e, DatapathError::Program { name: prog_names::CONNECT4, .. }), "{e:?}");
+        assert!(matches!(e, DatapathError::AttachRefused { hook: prog_names::CONNECT4, .. }), "{e:?}");
         assert_eq!(root_errno(&e), Some(EPERM), "{message}");
-        for part in ["df_connect4", "bpf_link_create", "Operation not permitted"] {
+        for part in ["df_connect4", "without BPF_F_ALLOW_MULTI", "bpf_link_create", "Operation not permitted"] {
             assert!(message.contains(part), "{message}");
         }
+        assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
     }
+    // All or nothing: connect6 attaches first, connect4 is refused, connect6 is taken back.
+    let e = dp.attach(&below, &[prog_names::CONNECT6, prog_names::CONNECT4]).map(|_| ()).unwrap_err();
+    assert!(matches!(e, DatapathError::AttachRefused { hook: prog_names::CONNECT4, .. }), "{e:?}");
     let links: Vec<_> = std::fs::read_dir(pins.layout.links_dir()).unwrap().collect();
     assert!(links.is_empty(), "nothing of depfence attached: {links:?}");
     assert_eq!(probe(&cg.path, "tcp", LO4, x, 1), Err(EPERM), "the foreign program still runs");

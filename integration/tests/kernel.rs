@@ -22,13 +22,13 @@ use depfence::datapath::{
     Adopted, Datapath,
     rules::{Allow, allows_from_snapshot, compile},
 };
-use depfence_integration::fixture::{
-    Cgroup, ECONNREFUSED, EPERM, LO4, LO6, Pins, attached, probe, state, tcp_listener, udp_receiver,
-};
 use depfence_bpf_common::{
     CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, IPPROTO_TCP, IPPROTO_UDP,
     MODE_AUDIT, MODE_ENFORCE, VERDICT_ALLOWED, VERDICT_CANDIDATE_WOULD_REJECT, VERDICT_REJECTED, VERDICT_WOULD_REJECT,
     prog_names, user::words_addr,
+};
+use depfence_integration::fixture::{
+    Cgroup, ECONNREFUSED, EPERM, LO4, LO6, Pins, attached, probe, state, tcp_listener, udp_receiver,
 };
 
 fn cgroup_level(dir: &Path) -> io::Result<u32> {

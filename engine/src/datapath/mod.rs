@@ -67,6 +67,21 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    /// The kernel refused to attach a hook beside the programs already there.
+    #[error(
+        "cannot attach `{hook}` to {}: the cgroup or an ancestor holds a program on this hook that \
+         was attached without BPF_F_ALLOW_MULTI and excludes all others (see `bpftool cgroup tree`)",
+        cgroup.display()
+    )]
+    AttachRefused {
+        /// The hook (program name).
+        hook: &'static str,
+        /// The cgroup.
+        cgroup: PathBuf,
+        /// The kernel's answer.
+        #[source]
+        source: ProgramError,
+    },
     /// A map operation failed.
     #[error("map `{name}`")]
     Map {
@@ -370,25 +385,44 @@ impl Datapath {
         let cgid = cgroup_id(cgroup_dir)?;
         let mut pins = Vec::new();
         for &name in progs {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            // AllowMultiple fails with EINVAL (aya issue 1078); bpf_link attachments are
-            // multi in the kernel anyway.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = prog.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-            let fd_link: FdLink = link.try_into()?;
-            let path = self.layout.link(name, cgid);
-            let pinned = fd_link.pin(&path)?;
-            drop(pinned); // fd closed; the pin keeps the link (and the program) alive
-            pins.push(path);
+            match self.attach_one(&cgroup, cgroup_dir, cgid, name) {
+                Ok(path) => pins.push(path),
+                Err(error) => {
+                    // All hooks or none: unpinning detaches the ones already attached.
+                    for path in &pins {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(error);
+                }
+            }
         }
         Ok(pins)
+    }
+
+    fn attach_one(&mut self, cgroup: &File, cgroup_dir: &Path, cgid: u64, name: &'static str) -> Result<PathBuf> {
+        let prog: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        // AllowMultiple fails with EINVAL (aya issue 1078); bpf_link attachments are multi in
+        // the kernel anyway.
+        let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(|source| {
+            let refused =
+                matches!(&source, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EPERM));
+            if refused {
+                DatapathError::AttachRefused { hook: name, cgroup: cgroup_dir.to_owned(), source }
+            } else {
+                DatapathError::Program { name, source }
+            }
+        })?;
+        let link = prog.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
+        let fd_link: FdLink = link.try_into()?;
+        let path = self.layout.link(name, cgid);
+        let pinned = fd_link.pin(&path)?;
+        drop(pinned); // fd closed; the pin keeps the link (and the program) alive
+        Ok(path)
     }
 
     /// The loaded object.
