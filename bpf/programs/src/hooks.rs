@@ -142,17 +142,11 @@ fn matches(ruleset: u32, d: &Dest, with_cidr: bool) -> u32 {
         return 0;
     };
     let v: &CidrValue = v;
-    let n = v.count as usize;
-    let mut i = 0;
-    while i < MAX_CIDR_PORT_RANGES {
-        if i >= n {
-            break;
-        }
-        let r = &v.ranges[i];
+    // A fixed-size array walked at most MAX_CIDR_PORT_RANGES times: the verifier sees the bound.
+    for r in v.ranges.iter().take((v.count as usize).min(MAX_CIDR_PORT_RANGES)) {
         if (r.proto == 0 || r.proto == d.proto) && r.port_lo <= d.port && d.port <= r.port_hi {
             return r.rule_id;
         }
-        i += 1;
     }
     0
 }
