@@ -139,6 +139,18 @@ struct Scenario {
     name: String,
     cgroup: std::path::PathBuf,
     samples: Vec<u64>,
+    /// The median of each round, for ratios paired by round.
+    round_medians: Vec<f64>,
+    /// Kernel-accounted connect4 hook time and runs during this scenario's clients.
+    hook_ns: u64,
+    hook_runs: u64,
+}
+
+impl Scenario {
+    fn new(name: impl Into<String>, cgroup: std::path::PathBuf) -> Self {
+        let name = name.into();
+        Self { name, cgroup, samples: Vec::new(), round_medians: Vec::new(), hook_ns: 0, hook_runs: 0 }
+    }
 }
 
 fn run_client(cgroup: &Path, port: u16, n: usize) -> Vec<u64> {
@@ -243,7 +255,7 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
     let mut scenarios: Vec<Scenario> = Vec::new();
     for (i, name) in names.iter().chain(&names_big).enumerate() {
         let cgroup = top.child(&format!("s{i}"));
-        scenarios.push(Scenario { name: (*name).to_owned(), cgroup, samples: Vec::new() });
+        scenarios.push(Scenario::new(*name, cgroup));
     }
     let rules_before = map_memlock(&pins.layout.map(map_names::RULES));
     let (small_hosts, small) = rules(1, 10, port);
@@ -275,12 +287,11 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
     let nft = Nft::load(&table, &[("allow_small", &nft_small, &small_hosts), ("allow_big", &nft_big, &big_hosts)]);
     if let Some((_, took)) = &nft {
         println!("nftables: loaded 10 + {BIG} set elements with `nft -f` in {took:.2?}");
-        scenarios.push(Scenario { name: "nftables, 10 rules".into(), cgroup: nft_small, samples: Vec::new() });
-        scenarios.push(Scenario { name: "nftables, 1M rules".into(), cgroup: nft_big, samples: Vec::new() });
+        scenarios.push(Scenario::new("nftables, 10 rules", nft_small));
+        scenarios.push(Scenario::new("nftables, 1M rules", nft_big));
     }
 
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap();
-    let (t0, c0) = dp.prog_stats(prog_names::CONNECT4).unwrap();
     for _ in 0..2 {
         run_client(&scenarios[0].cgroup, port, connects / 4 + 1); // warm-up
     }
@@ -288,11 +299,15 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
         let n = scenarios.len();
         for k in 0..n {
             let s = &mut scenarios[(k + round) % n];
-            let samples = run_client(&s.cgroup, port, connects);
+            let (t0, c0) = dp.prog_stats(prog_names::CONNECT4).unwrap();
+            let mut samples = run_client(&s.cgroup, port, connects);
+            let (t1, c1) = dp.prog_stats(prog_names::CONNECT4).unwrap();
+            (s.hook_ns, s.hook_runs) = (s.hook_ns + t1 - t0, s.hook_runs + c1 - c0);
+            samples.sort_unstable();
+            s.round_medians.push(percentile(&samples, 0.5));
             s.samples.extend(samples);
         }
     }
-    let (t1, c1) = dp.prog_stats(prog_names::CONNECT4).unwrap();
     drop(stats);
     if let Some((nft, _)) = &nft {
         let c = nft.counters();
@@ -301,7 +316,10 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
     }
 
     println!("\nloopback TCP connect + close, {rounds} rounds × {connects} connects per scenario, µs per connection");
-    println!("\n| scenario | median | p99 | median vs none | p99 vs none |\n|---|---|---|---|---|");
+    println!(
+        "\n| scenario | median | p99 | median vs none | p99 vs none | paired ratio | connect4 hook |\n|---|---|---|---|---|---|---|"
+    );
+    let none_rounds = scenarios[0].round_medians.clone();
     let mut base = (0.0, 0.0);
     for (i, s) in scenarios.iter_mut().enumerate() {
         s.samples.sort_unstable();
@@ -309,12 +327,25 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
         if i == 0 {
             base = (med, p99);
         }
-        println!("| {} | {med:.2} | {p99:.2} | {:.3}× | {:.3}× |", s.name, med / base.0, p99 / base.1);
+        let mut paired: Vec<f64> = s.round_medians.iter().zip(&none_rounds).map(|(m, n)| m / n).collect();
+        paired.sort_unstable_by(f64::total_cmp);
+        let paired = paired[paired.len() / 2];
+        let hook = if s.hook_runs == 0 {
+            "-".to_owned()
+        } else {
+            let ns = s.hook_ns as f64 / s.hook_runs as f64;
+            format!("{ns:.0} ns ({:.2} % of none's median)", ns / (base.0 * 10.0))
+        };
+        println!(
+            "| {} | {med:.2} | {p99:.2} | {:.3}× | {:.3}× | {paired:.3}× | {hook} |",
+            s.name,
+            med / base.0,
+            p99 / base.1
+        );
     }
     println!(
-        "\nconnect4 hook, kernel accounting: {:.0} ns per run over {} runs (all depfence scenarios)",
-        (t1 - t0) as f64 / (c1 - c0).max(1) as f64,
-        c1 - c0
+        "\npaired ratio: the median over rounds of (this scenario's median / none's median in the same round). \
+         connect4 hook: the kernel's own accounting of the hook's run time (BPF_ENABLE_STATS) per run."
     );
     println!(
         "DF_RULES kernel memory (fdinfo memlock): {rules_before} B empty, {with_small} B with 10 rules, \
