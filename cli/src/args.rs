@@ -40,7 +40,7 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct PolicyArg {
     /// Policy file, or a directory whose `*.toml` files form one policy.
-    #[arg(value_name = "PATH", required_unless_present = "policy", conflicts_with = "policy")]
+    #[arg(value_name = "PATH", conflicts_with = "policy")]
     path: Option<PathBuf>,
     /// The same, as an option.
     #[arg(short, long, env = "DEPFENCE_POLICY", value_name = "PATH", hide_env_values = true)]
@@ -49,9 +49,19 @@ pub struct PolicyArg {
 
 impl PolicyArg {
     /// The policy path, however it was given.
-    pub fn path(&self) -> &std::path::Path {
-        self.path.as_deref().or(self.policy.as_deref()).unwrap_or(std::path::Path::new("."))
+    pub fn path(&self) -> Result<&std::path::Path, crate::output::CliError> {
+        self.path.as_deref().or(self.policy.as_deref()).ok_or_else(|| {
+            crate::output::CliError::Usage("no policy given: pass PATH, --policy PATH or set DEPFENCE_POLICY".into())
+        })
     }
+}
+
+/// Where the running agent listens.
+#[derive(Debug, Args)]
+pub struct SocketArg {
+    /// The agent's control socket.
+    #[arg(long, env = "DEPFENCE_SOCKET", value_name = "PATH", default_value = depfence::agent::control::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
 }
 
 /// Subcommands.
@@ -88,6 +98,11 @@ pub enum Command {
     Explain {
         #[command(flatten)]
         policy: PolicyArg,
+        /// Ask the running agent, against the policy in force, instead of reading a policy.
+        #[arg(long, conflicts_with_all = ["path", "policy", "environment"])]
+        live: bool,
+        #[command(flatten)]
+        socket: SocketArg,
         /// The service that connects.
         #[arg(long, value_name = "SERVICE")]
         from: String,
@@ -124,15 +139,74 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
     },
-    /// Show what depfence has loaded, attached and pinned in the kernel: maps with fill levels,
-    /// links with their programs and cgroups, registered cgroups with their counters (root).
+    /// Show the running agent's services (mode, generation, counters, last would-reject); with
+    /// `--kernel` or when no agent runs, what is loaded, attached and pinned in the kernel (root).
     Status {
-        /// One pin root (a `depfence*` directory on bpffs) instead of every one found.
+        /// Show the kernel's pinned state instead of asking the agent.
+        #[arg(long)]
+        kernel: bool,
+        /// One pin root (a `depfence*` directory on bpffs) instead of every one found (implies --kernel).
         #[arg(long, value_name = "DIR")]
         pins: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketArg,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// Run the agent: apply the policy to this machine's cgroups in the kernel, follow its
+    /// changes, export Prometheus metrics, answer policyctl on the control socket (root).
+    Agent {
+        #[command(flatten)]
+        policy: PolicyArg,
+        /// The environment this machine is in (selects each service's mode).
+        #[arg(short, long, env = "DEPFENCE_ENVIRONMENT", value_name = "NAME")]
+        environment: String,
+        /// Prometheus listen address, or `none`.
+        #[arg(long, value_name = "ADDR", default_value = depfence::agent::DEFAULT_METRICS_LISTEN)]
+        metrics_listen: String,
+        /// bpffs directory for maps and links.
+        #[arg(long, value_name = "DIR", default_value = depfence::agent::DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// State directory (counter slots, evidence, promotion log).
+        #[arg(long, value_name = "DIR", default_value = depfence::agent::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Log lines as text or JSON.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        log_format: Output,
+    },
+    /// Make the running agent re-read its policy now (as SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Print the running agent's recent events: would-rejects and rejections with the process.
+    Events {
+        /// Keep printing new events as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// How many recent events to print first.
+        #[arg(long, default_value_t = 20)]
+        recent: usize,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Load a candidate policy, evaluated in the kernel beside the active one (`status` and the
+    /// metrics show what it would reject); `--drop` stops it.
+    Apply {
+        /// The candidate policy file or directory.
+        #[arg(long, value_name = "PATH", required_unless_present = "drop")]
+        candidate: Option<PathBuf>,
+        /// Stop evaluating the candidate.
+        #[arg(long, conflicts_with = "candidate")]
+        drop: bool,
+        #[command(flatten)]
+        socket: SocketArg,
     },
     /// Print shell completions.
     Completions {

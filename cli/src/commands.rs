@@ -2,14 +2,14 @@
 
 use std::fmt::Write as _;
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
 use depfence::compile::{self, Analysis, Compiled};
 use depfence::diag::Diagnostics;
-use depfence::policy::{self, Destination, Parsed, Proto};
-use depfence::snapshot::{Connection, NetRule, Snapshot, Verdict};
+use depfence::policy::{self, Destination, Parsed};
+use depfence::snapshot::{Connection, NetRule, Verdict};
 
 use crate::args::{Cli, Command, ErrorFormat, Output, RunMode, SnapshotFormat};
 use crate::graph;
@@ -19,9 +19,9 @@ use crate::output::{CliError, EXIT_INVALID, print_diagnostics};
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let format = cli.error_format;
     match cli.command {
-        Command::Check { policy, deny_warnings } => check(policy.path(), format, deny_warnings),
+        Command::Check { policy, deny_warnings } => check(policy.path()?, format, deny_warnings),
         Command::Compile { policy, output, format: encoding } => {
-            let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
+            let Some((_, compiled)) = compiled(policy.path()?, format)? else { return Ok(invalid()) };
             let bytes = match encoding {
                 SnapshotFormat::Binary => compiled.snapshot.to_bytes()?,
                 SnapshotFormat::Json => serde_json::to_vec_pretty(&compiled.snapshot).map_err(std::io::Error::from)?,
@@ -42,7 +42,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Graph { policy, format: language } => {
-            let Some((parsed, analysis)) = analyzed(policy.path(), format, Show::SyntaxOnly)? else {
+            let Some((parsed, analysis)) = analyzed(policy.path()?, format, Show::SyntaxOnly)? else {
                 return Ok(invalid());
             };
             let text = graph::render(&analysis, language);
@@ -56,20 +56,43 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             drop(parsed);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Explain { policy, from, to, environment, output } => {
+        Command::Explain { live: true, from, to, output, socket, .. } => {
+            crate::agent::explain(&socket.socket, &from, &to, output)
+        }
+        Command::Explain { policy, from, to, environment, output, .. } => {
             let connection = parse_destination(&to)?;
-            let Some((parsed, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
+            let Some((parsed, compiled)) = compiled(policy.path()?, format)? else { return Ok(invalid()) };
             explain(&parsed, &compiled, &from, connection, environment.as_deref(), output)
         }
         Command::BootstrapOrder { policy, output } => {
-            let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
+            let Some((_, compiled)) = compiled(policy.path()?, format)? else { return Ok(invalid()) };
             bootstrap_order(&compiled.analysis, output)
         }
         Command::Run { policy, service, mode, command } => {
-            let Some((_, compiled)) = compiled(policy.path(), format)? else { return Ok(invalid()) };
+            let Some((_, compiled)) = compiled(policy.path()?, format)? else { return Ok(invalid()) };
             crate::run::run(&compiled.snapshot, &service, mode == RunMode::Enforce, &command)
         }
-        Command::Status { pins, output } => crate::status::run(pins.as_deref(), output),
+        Command::Status { kernel, pins, socket, output } => {
+            if kernel || pins.is_some() || !socket.socket.exists() {
+                crate::status::run(pins.as_deref(), output)
+            } else {
+                crate::agent::status(&socket.socket, output)
+            }
+        }
+        Command::Agent { policy, environment, metrics_listen, pin_root, state_dir, socket, log_format } => {
+            crate::agent::run_agent(
+                policy.path()?,
+                environment,
+                &metrics_listen,
+                pin_root,
+                state_dir,
+                socket.socket,
+                log_format,
+            )
+        }
+        Command::Reload { socket } => crate::agent::reload(&socket.socket),
+        Command::Events { follow, json, recent, socket } => crate::agent::events(&socket.socket, follow, json, recent),
+        Command::Apply { candidate, drop: _, socket } => crate::agent::apply_candidate(&socket.socket, candidate),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "policyctl", &mut std::io::stdout());
@@ -139,42 +162,8 @@ fn check(path: &Path, format: ErrorFormat, deny_warnings: bool) -> Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-/// Parses `ADDR:PORT[/PROTO]`, `[V6]:PORT[/PROTO]`.
 fn parse_destination(text: &str) -> Result<Connection, CliError> {
-    let usage =
-        |why: &str| CliError::Usage(format!("invalid destination `{text}`: {why} (expected ADDR:PORT[/PROTO])"));
-    let (socket, proto) = match text.rsplit_once('/') {
-        Some((socket, proto)) => (socket, proto),
-        None => (text, "tcp"),
-    };
-    let proto = match Proto::parse(proto) {
-        Some(p @ (Proto::Tcp | Proto::Udp)) => p,
-        _ => return Err(usage("the protocol is `tcp` or `udp`")),
-    };
-    let socket: SocketAddr = socket.parse().map_err(|_| usage("not an address with a port"))?;
-    Ok(Connection { addr: socket.ip(), port: socket.port(), proto })
-}
-
-fn describe_rule(snapshot: &Snapshot, rule: &NetRule) -> String {
-    let proto = if rule.proto == Proto::Any { "any protocol".to_owned() } else { rule.proto.to_string() };
-    let ports = if rule.ports.is_any() { "any port".to_owned() } else { format!("port {}", rule.ports) };
-    let mut text = format!("{} {ports}, {proto}", rule.net);
-    if let Some(target) = rule.target.and_then(|t| snapshot.services().get(t as usize)) {
-        let _ = write!(text, " (service `{}`)", target.name);
-    }
-    text
-}
-
-fn rule_position(snapshot: &Snapshot, rule: &NetRule) -> String {
-    let debug = snapshot.debug_info();
-    debug
-        .origins
-        .get(rule.origin as usize)
-        .map(|o| {
-            let file = debug.files.get(o.file as usize).map_or("?", String::as_str);
-            format!("{file}:{}:{}", o.line, o.column)
-        })
-        .unwrap_or_default()
+    text.parse().map_err(|e: depfence::snapshot::ParseConnectionError| CliError::Usage(e.to_string()))
 }
 
 /// The services whose declared endpoints hold `addr`.
@@ -276,12 +265,12 @@ fn explain(
             "to": destination,
             "destination_services": owners,
             "rule": rule.map(|r| serde_json::json!({
-                "rule": describe_rule(snapshot, r),
-                "position": rule_position(snapshot, r),
+                "rule": snapshot.describe_rule(r),
+                "position": snapshot.rule_position(r),
             })),
             "near_misses": near.iter().map(|r| serde_json::json!({
-                "rule": describe_rule(snapshot, r),
-                "position": rule_position(snapshot, r),
+                "rule": snapshot.describe_rule(r),
+                "position": snapshot.rule_position(r),
             })).collect::<Vec<_>>(),
             "verdicts": verdicts.iter().map(|(env, verdict, mode)| serde_json::json!({
                 "environment": env, "mode": mode, "verdict": verdict,
@@ -304,8 +293,8 @@ fn explain(
     text.push('\n');
     match rule {
         Some(rule) => {
-            let _ = writeln!(text, "  allowed by {}", describe_rule(snapshot, rule));
-            let _ = writeln!(text, "  written at {}", rule_position(snapshot, rule));
+            let _ = writeln!(text, "  allowed by {}", snapshot.describe_rule(rule));
+            let _ = writeln!(text, "  written at {}", snapshot.rule_position(rule));
         }
         None => {
             let _ = writeln!(text, "  no rule of `{from}` allows it");
@@ -313,8 +302,8 @@ fn explain(
                 let _ = writeln!(
                     text,
                     "  near miss: {} at {} (address matches; port or protocol does not)",
-                    describe_rule(snapshot, r),
-                    rule_position(snapshot, r)
+                    snapshot.describe_rule(r),
+                    snapshot.rule_position(r)
                 );
             }
             for owner in &owners {
@@ -396,6 +385,7 @@ fn bootstrap_order(analysis: &Analysis, output: Output) -> Result<ExitCode, CliE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use depfence::policy::Proto;
 
     #[test]
     fn destinations_parse() {

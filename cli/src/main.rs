@@ -3,6 +3,7 @@
 //! Exit codes: 0 ok, 1 invalid policy (or warnings with `--deny-warnings`), 2 usage error
 //! (including a policy path that cannot be read).
 
+mod agent;
 mod args;
 mod commands;
 mod graph;

@@ -6,6 +6,8 @@
 //! checks) → [`snapshot::Snapshot`] (immutable, content-hashed). Problems are
 //! [`diag::Diagnostic`]s with a location, a typed [`problem::Problem`] and help.
 
+#[cfg(feature = "agent")]
+pub mod agent;
 pub mod cgroup;
 pub mod compile;
 #[cfg(feature = "datapath")]

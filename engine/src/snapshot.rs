@@ -202,6 +202,30 @@ pub struct Connection {
     pub proto: Proto,
 }
 
+/// A destination that is not `ADDR:PORT[/PROTO]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid destination `{text}`: {why} (expected ADDR:PORT[/PROTO])")]
+pub struct ParseConnectionError {
+    text: String,
+    why: &'static str,
+}
+
+impl std::str::FromStr for Connection {
+    type Err = ParseConnectionError;
+
+    /// Parses `ADDR:PORT[/PROTO]` or `[V6]:PORT[/PROTO]`; the protocol defaults to TCP.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let error = |why| ParseConnectionError { text: text.to_owned(), why };
+        let (socket, proto) = text.rsplit_once('/').unwrap_or((text, "tcp"));
+        let proto = match Proto::parse(proto) {
+            Some(p @ (Proto::Tcp | Proto::Udp)) => p,
+            _ => return Err(error("the protocol is `tcp` or `udp`")),
+        };
+        let socket: std::net::SocketAddr = socket.parse().map_err(|_| error("not an address with a port"))?;
+        Ok(Connection { addr: socket.ip(), port: socket.port(), proto })
+    }
+}
+
 /// What happens to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -267,6 +291,30 @@ impl Snapshot {
         let services = &self.content.services;
         let index = services.binary_search_by(|s| s.name.as_str().cmp(name)).ok()?;
         services.get(index).map(|s| (index as ServiceId, s))
+    }
+
+    /// A rule in words: `10.0.0.0/8 port 443, tcp (service `db`)`.
+    pub fn describe_rule(&self, rule: &NetRule) -> String {
+        let proto = if rule.proto == Proto::Any { "any protocol".to_owned() } else { rule.proto.to_string() };
+        let ports = if rule.ports.is_any() { "any port".to_owned() } else { format!("port {}", rule.ports) };
+        let mut text = format!("{} {ports}, {proto}", rule.net);
+        if let Some(target) = rule.target.and_then(|t| self.services().get(t as usize)) {
+            text.push_str(&format!(" (service `{}`)", target.name));
+        }
+        text
+    }
+
+    /// Where a rule was written: `file:line:col` of its allow entry (empty if unknown).
+    pub fn rule_position(&self, rule: &NetRule) -> String {
+        let debug = self.debug_info();
+        debug
+            .origins
+            .get(rule.origin as usize)
+            .map(|o| {
+                let file = debug.files.get(o.file as usize).map_or("?", String::as_str);
+                format!("{file}:{}:{}", o.line, o.column)
+            })
+            .unwrap_or_default()
     }
 
     /// Index of an environment by name.

@@ -307,6 +307,37 @@ impl Maps {
         Ok(v.iter().sum())
     }
 
+    /// Zeroes the counters of `slot` on every CPU (before a slot is given to a new owner).
+    pub fn reset_counters(&mut self, slot: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io(e))?;
+        for verdict in 0..VERDICT_COUNT {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(DatapathError::Io)?;
+            self.counters.set(slot * VERDICT_COUNT + verdict, zeros, 0).map_err(map_err(map_names::COUNTERS))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a cgroup's entry (it left the policy, or it is gone).
+    pub fn remove_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
+        match self.cgroups.remove(&cgroup_id) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(map_names::CGROUPS)(e)),
+        }
+    }
+
+    /// Every (cgroup id, state) entry.
+    pub fn cgroup_states(&self) -> Vec<(u64, CgroupState)> {
+        self.cgroups.iter().filter_map(|entry| entry.ok()).collect()
+    }
+
+    /// The ruleset ids that have entries in `DF_RULES` or `DF_CIDRS` (a scan: for cleaning up
+    /// after a restart, not for the hot path).
+    pub fn ruleset_ids(&self) -> std::collections::BTreeSet<u32> {
+        let exact = self.rules.keys().filter_map(|k| k.ok()).map(|k| k.ruleset);
+        let cidr = self.cidrs.keys().filter_map(|k| k.ok()).map(|k| u32::from_be(k.data().ruleset_be));
+        exact.chain(cidr).collect()
+    }
+
     /// A global counter (`GLOBAL_*`), summed over CPUs.
     pub fn global(&self, idx: u32) -> Result<u64> {
         let v = self.globals.get(&idx, 0).map_err(map_err(map_names::GLOBALS))?;

@@ -1,0 +1,223 @@
+//! The control socket: a Unix stream socket (mode 0600, root only) on which `policyctl` asks
+//! the running agent for its status, its events, an explanation against the live policy, a
+//! reload, a promotion, or a candidate policy. One JSON request line per connection; the
+//! answer is one JSON line, or for `events --follow` a JSON line per event until the client
+//! hangs up.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::telemetry::EventRecord;
+
+/// Default control socket path.
+pub const DEFAULT_SOCKET: &str = "/run/depfence/control.sock";
+
+/// A request to the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// Per-service mode, generation, counters and last would-reject.
+    Status,
+    /// Recent events, and with `follow` every new one as it comes.
+    Events {
+        /// Keep the connection open and stream new events.
+        follow: bool,
+        /// How many recent events to send first.
+        recent: usize,
+    },
+    /// Judge a connection against the live policy.
+    Explain {
+        /// The service making the connection.
+        from: String,
+        /// `ADDR:PORT[/PROTO]`.
+        to: String,
+    },
+    /// Re-read the policy now.
+    Reload,
+    /// Change a service's mode in the policy file (after the evidence gate, unless forced).
+    Promote {
+        /// The service.
+        service: String,
+        /// `enforce` to promote, `audit` to demote.
+        mode: String,
+        /// Force past the evidence gate (needs a reason).
+        force: bool,
+        /// Why (logged with who and when).
+        reason: Option<String>,
+    },
+    /// Load a candidate policy, evaluated in the kernel beside the active one.
+    ApplyCandidate {
+        /// Policy file or directory.
+        path: PathBuf,
+    },
+    /// Make the candidate the active policy (its files replace the policy's).
+    ActivateCandidate,
+    /// Stop evaluating the candidate.
+    DropCandidate,
+}
+
+/// The agent's answer: `ok` with a payload, or an error message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The error, when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The payload.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub body: serde_json::Value,
+}
+
+impl Response {
+    /// A success with a payload.
+    pub fn ok(body: impl Serialize) -> Self {
+        Self { ok: true, error: None, body: serde_json::to_value(body).unwrap_or_default() }
+    }
+    /// A failure.
+    pub fn error(message: impl Into<String>) -> Self {
+        Self { ok: false, error: Some(message.into()), body: serde_json::Value::Null }
+    }
+}
+
+/// The agent's status, as `policyctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The agent has applied its first policy.
+    pub ready: bool,
+    /// The agent's environment.
+    pub environment: String,
+    /// The policy path it watches.
+    pub policy: PathBuf,
+    /// Generation of the policy in force.
+    pub generation: u32,
+    /// Content hash of the policy in force.
+    pub policy_hash: Option<String>,
+    /// The last reload.
+    pub last_reload: Option<ReloadStatus>,
+    /// The candidate policy, if one is loaded.
+    pub candidate: Option<CandidateStatus>,
+    /// Services with cgroups on this machine.
+    pub services: Vec<ServiceStatus>,
+    /// Services of the policy that select no cgroup here.
+    pub services_without_cgroups: usize,
+    /// Kernel events lost (ring buffer full).
+    pub events_dropped: u64,
+}
+
+/// How the last reload went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// When (RFC 3339).
+    pub time: String,
+    /// Whether it was applied.
+    pub ok: bool,
+    /// Why not: the located diagnostics (`file:line:col: …`) or the kernel error.
+    pub errors: Vec<String>,
+}
+
+/// A loaded candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateStatus {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its content hash.
+    pub hash: String,
+}
+
+/// One service on this machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Name.
+    pub name: String,
+    /// Mode in this environment.
+    pub mode: String,
+    /// Since when (RFC 3339).
+    pub mode_since: String,
+    /// Its cgroups (relative to the cgroup2 mount).
+    pub cgroups: Vec<String>,
+    /// Connections allowed.
+    pub allowed: u64,
+    /// Connections that would have been rejected (audit).
+    pub would_reject: u64,
+    /// Connections rejected (enforce).
+    pub rejected: u64,
+    /// Connections the candidate would reject.
+    pub candidate_would_reject: u64,
+    /// The last would-reject event.
+    pub last_would_reject: Option<EventRecord>,
+}
+
+/// Talking to the agent failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The socket is missing or refuses: no agent runs.
+    #[error("no agent answers on {path} (is `policyctl agent` running?): {source}")]
+    NotRunning {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection broke.
+    #[error("talking to the agent: {0}")]
+    Io(#[from] std::io::Error),
+    /// The agent sent something that is not a response.
+    #[error("the agent's answer is not valid: {0}")]
+    Protocol(#[from] serde_json::Error),
+    /// The agent refused the request.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the body of the answer (blocking; for the CLI).
+pub fn request(socket: &Path, request: &Request) -> Result<serde_json::Value, ClientError> {
+    let mut stream =
+        UnixStream::connect(socket).map_err(|source| ClientError::NotRunning { path: socket.to_owned(), source })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    let response: Response = serde_json::from_str(&answer)?;
+    if response.ok { Ok(response.body) } else { Err(ClientError::Refused(response.error.unwrap_or_default())) }
+}
+
+/// Sends an `events` request and calls `each` for every event line until the agent hangs up
+/// or `each` returns false.
+pub fn follow_events(
+    socket: &Path,
+    recent: usize,
+    follow: bool,
+    mut each: impl FnMut(EventRecord) -> bool,
+) -> Result<(), ClientError> {
+    let mut stream =
+        UnixStream::connect(socket).map_err(|source| ClientError::NotRunning { path: socket.to_owned(), source })?;
+    let mut line = serde_json::to_vec(&Request::Events { follow, recent })?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    for line in BufReader::new(stream).lines() {
+        let line = line?;
+        if let Ok(response) = serde_json::from_str::<Response>(&line) {
+            if !response.ok {
+                return Err(ClientError::Refused(response.error.unwrap_or_default()));
+            }
+            continue;
+        }
+        if !each(serde_json::from_str(&line)?) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the socket file root-only.
+pub(crate) fn restrict(path: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}

@@ -1,0 +1,439 @@
+//! What the agent has put in the kernel, and how it moves from one policy (or one set of
+//! cgroups) to the next without a connect ever seeing a mix of two generations.
+//!
+//! Rulesets are installed only for services that have a cgroup on this machine. Each service
+//! keeps its counter slot across reloads and restarts (the slot map is saved in the state
+//! directory); a policy reload gives every service a fresh ruleset id, so the old and the new
+//! generation sit side by side until every cgroup has been repointed and no hook can still read
+//! the old one.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::discovery::FoundCgroup;
+use crate::datapath::{
+    Datapath, DatapathError,
+    abi::{
+        self, CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, MAX_COUNTER_SLOTS, MODE_AUDIT,
+        MODE_ENFORCE, MODE_OFF, prog_names,
+    },
+    pins::PinLayout,
+    rules::{CompileError, CompiledRuleset, allows_from_snapshot, compile},
+};
+use crate::policy::Mode;
+use crate::snapshot::{ContentHash, Snapshot};
+
+/// Applying a policy to the kernel failed; what was in force before stays in force.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// A map or program operation failed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// A service's rules do not fit the kernel layout.
+    #[error("service `{service}`: {source}")]
+    Layout {
+        /// The service.
+        service: String,
+        /// Why.
+        #[source]
+        source: CompileError,
+    },
+    /// More services on this machine than counter slots.
+    #[error("more than {MAX_COUNTER_SLOTS} services have cgroups on this machine")]
+    NoFreeSlot,
+    /// The state file could not be read or written.
+    #[error("state file {path}: {source}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+/// What the agent remembers across restarts (the kernel holds the rest).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    /// Counter slot of each service that ever had a cgroup here.
+    slots: BTreeMap<String, u32>,
+    /// The next ruleset id to hand out.
+    next_ruleset: u32,
+    /// The policy generation in force.
+    generation: u32,
+    /// Content hash of the policy (and candidate) in force, so that a restart with the same
+    /// policy keeps its generation.
+    #[serde(default)]
+    applied_hash: Option<String>,
+    /// Each service's mode and since when (Unix seconds): a restart is not a mode change.
+    #[serde(default)]
+    modes: BTreeMap<String, (Mode, u64)>,
+}
+
+/// One service with cgroups on this machine.
+#[derive(Debug)]
+pub struct InstalledService {
+    /// Its counter slot.
+    pub slot: u32,
+    /// Its mode in this environment.
+    pub mode: Mode,
+    /// When the mode last changed (or the service was first applied).
+    pub mode_since: SystemTime,
+    /// Its active ruleset id and entries.
+    pub ruleset: (u32, CompiledRuleset),
+    /// The candidate ruleset evaluated in shadow, if any.
+    pub candidate: Option<(u32, CompiledRuleset)>,
+    /// Its cgroups: id → path relative to the cgroup2 mount.
+    pub cgroups: BTreeMap<u64, String>,
+}
+
+/// The desired state: a policy, the environment, and the cgroups matched on this machine.
+pub struct Desired<'a> {
+    /// The active policy.
+    pub snapshot: &'a Snapshot,
+    /// Index of the agent's environment in the snapshot.
+    pub environment: usize,
+    /// A candidate policy evaluated in shadow, with its environment index.
+    pub candidate: Option<(&'a Snapshot, usize)>,
+    /// (cgroup, service) pairs.
+    pub matched: &'a [(&'a FoundCgroup, String)],
+    /// The matched cgroups that get the programs attached.
+    pub attach: &'a [&'a FoundCgroup],
+}
+
+/// What one apply changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Rulesets written.
+    pub installed: usize,
+    /// Rulesets deleted after the swap.
+    pub retired: usize,
+    /// Cgroups newly registered.
+    pub registered: Vec<String>,
+    /// Cgroups removed from the policy.
+    pub unregistered: Vec<u64>,
+    /// Cgroups that got the programs attached.
+    pub attached: Vec<String>,
+    /// Services whose mode changed: (service, from, to).
+    pub mode_changes: Vec<(String, Option<Mode>, Mode)>,
+}
+
+/// The agent's handle on the kernel.
+pub struct Kernel {
+    datapath: Datapath,
+    layout: PinLayout,
+    cgroup2_mount: PathBuf,
+    state_file: PathBuf,
+    persisted: Persisted,
+    services: BTreeMap<String, InstalledService>,
+    /// Cgroup id → relative path of every cgroup with our links attached.
+    attached: BTreeMap<u64, Option<String>>,
+    /// True until the first apply has removed what a previous agent left and no longer needs.
+    cleanup_pending: bool,
+    /// Hashes of the active and candidate policies last applied.
+    applied: Option<(ContentHash, Option<ContentHash>)>,
+}
+
+fn kernel_mode(mode: Mode) -> u32 {
+    match mode {
+        Mode::Off => MODE_OFF,
+        Mode::Audit => MODE_AUDIT,
+        Mode::Enforce => MODE_ENFORCE,
+    }
+}
+
+impl Kernel {
+    /// Loads the programs (reusing the pinned maps under `layout`, so counters and enforcement
+    /// carry on from a previous agent) and reads the state file in `state_dir`.
+    pub fn open(layout: &PinLayout, state_dir: &Path, cgroup2_mount: &Path, rule_capacity: u32) -> Result<Self> {
+        let datapath = Datapath::load_with_rule_capacity(layout, rule_capacity)?;
+        let state_file = state_dir.join("kernel-state.json");
+        let persisted = match std::fs::read(&state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
+            Err(source) => return Err(KernelError::State { path: state_file, source }),
+        };
+        // Links a previous agent pinned: `<prog>-<cgroup id>`.
+        let mut attached = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(layout.links_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.rsplit_once('-').and_then(|(_, id)| id.parse::<u64>().ok()) {
+                    attached.insert(id, None);
+                }
+            }
+        }
+        Ok(Self {
+            datapath,
+            layout: layout.clone(),
+            cgroup2_mount: cgroup2_mount.to_owned(),
+            state_file,
+            persisted,
+            services: BTreeMap::new(),
+            attached,
+            cleanup_pending: true,
+            applied: None,
+        })
+    }
+
+    /// The maps (counters, events).
+    pub fn maps(&mut self) -> &mut crate::datapath::Maps {
+        &mut self.datapath.maps
+    }
+
+    /// The services with cgroups on this machine.
+    pub fn services(&self) -> &BTreeMap<String, InstalledService> {
+        &self.services
+    }
+
+    /// The policy generation in force (counts applied policies, kept across restarts).
+    pub fn generation(&self) -> u32 {
+        self.persisted.generation
+    }
+
+    /// Counter slot → service.
+    pub fn service_of_slot(&self, slot: u32) -> Option<&str> {
+        self.services.iter().find(|(_, s)| s.slot == slot).map(|(name, _)| name.as_str())
+    }
+
+    /// The service a registered cgroup id belongs to.
+    pub fn service_of_cgroup(&self, cgroup_id: u64) -> Option<&str> {
+        self.services.iter().find(|(_, s)| s.cgroups.contains_key(&cgroup_id)).map(|(name, _)| name.as_str())
+    }
+
+    fn new_ruleset_id(&mut self) -> u32 {
+        self.persisted.next_ruleset = self.persisted.next_ruleset.max(1);
+        let id = self.persisted.next_ruleset;
+        self.persisted.next_ruleset = id.checked_add(1).unwrap_or(1);
+        id
+    }
+
+    fn slot_for(&mut self, service: &str) -> Result<(u32, bool)> {
+        if let Some(slot) = self.persisted.slots.get(service) {
+            return Ok((*slot, false));
+        }
+        let used: BTreeSet<u32> = self.persisted.slots.values().copied().collect();
+        let slot = (0..MAX_COUNTER_SLOTS).find(|s| !used.contains(s)).ok_or(KernelError::NoFreeSlot)?;
+        self.persisted.slots.insert(service.to_owned(), slot);
+        Ok((slot, true))
+    }
+
+    fn compile_for(&mut self, snapshot: &Snapshot, service: &str) -> Result<(u32, CompiledRuleset)> {
+        let rules = snapshot.service(service).map(|(_, s)| allows_from_snapshot(&s.net_rules)).unwrap_or_default();
+        let id = self.new_ruleset_id();
+        let compiled =
+            compile(id, &rules).map_err(|source| KernelError::Layout { service: service.to_owned(), source })?;
+        Ok((id, compiled))
+    }
+
+    /// Brings the kernel to `desired`. With a new policy (`desired.snapshot` differs from the
+    /// last one applied) every service gets a fresh ruleset; otherwise only cgroups and
+    /// services that appeared or vanished change. On error nothing of the new state is in
+    /// force.
+    pub fn apply(&mut self, desired: &Desired<'_>) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        let key = (desired.snapshot.hash(), desired.candidate.map(|(c, _)| c.hash()));
+        let new_policy = self.applied != Some(key);
+        let mut wanted: BTreeMap<&str, Vec<&FoundCgroup>> = BTreeMap::new();
+        for (cgroup, service) in desired.matched {
+            wanted.entry(service.as_str()).or_default().push(cgroup);
+        }
+
+        // 1. Write every ruleset the new state needs, before anything points at it: all of them
+        //    for a new policy (or candidate), else those of services new on this machine.
+        type Rulesets = ((u32, CompiledRuleset), Option<(u32, CompiledRuleset)>);
+        let mut fresh: BTreeMap<String, Rulesets> = BTreeMap::new();
+        for &service in wanted.keys() {
+            if new_policy || !self.services.contains_key(service) {
+                let active = self.compile_for(desired.snapshot, service)?;
+                let candidate = match desired.candidate {
+                    Some((candidate, _)) => Some(self.compile_for(candidate, service)?),
+                    None => None,
+                };
+                fresh.insert(service.to_owned(), (active, candidate));
+            }
+        }
+        let mut written: Vec<&CompiledRuleset> = Vec::new();
+        for (active, candidate) in fresh.values() {
+            for ruleset in std::iter::once(&active.1).chain(candidate.as_ref().map(|c| &c.1)) {
+                if let Err(e) = self.datapath.maps.install(ruleset) {
+                    for done in &written {
+                        let _ = self.datapath.maps.uninstall(done);
+                    }
+                    return Err(e.into());
+                }
+                written.push(ruleset);
+                report.installed += 1;
+            }
+        }
+
+        // 2. Repoint every matched cgroup: one map update each.
+        let key_text = format!("{}{}", key.0, key.1.map(|c| format!("+{c}")).unwrap_or_default());
+        if new_policy && self.persisted.applied_hash.as_deref() != Some(key_text.as_str()) {
+            self.persisted.generation = self.persisted.generation.wrapping_add(1).max(1);
+        }
+        self.persisted.applied_hash = Some(key_text);
+        let now = SystemTime::now();
+        let mut retire: Vec<CompiledRuleset> = Vec::new();
+        let mut next_services: BTreeMap<String, InstalledService> = BTreeMap::new();
+        for (&service, cgroups) in &wanted {
+            let (slot, new_slot) = self.slot_for(service)?;
+            if new_slot {
+                self.datapath.maps.reset_counters(slot)?;
+            }
+            let mode = desired
+                .snapshot
+                .service(service)
+                .and_then(|(_, s)| s.modes.get(desired.environment).copied())
+                .unwrap_or(Mode::Off);
+            let old = self.services.remove(service);
+            let (ruleset, candidate) = match (fresh.remove(service), &old) {
+                (Some(rulesets), _) => rulesets,
+                (None, Some(old)) => (old.ruleset.clone(), old.candidate.clone()),
+                (None, None) => continue,
+            };
+            let remembered = self
+                .persisted
+                .modes
+                .get(service)
+                .map(|(m, since)| (*m, SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(*since)));
+            let (mode_since, old_mode) = match old.as_ref().map(|o| (o.mode, o.mode_since)).or(remembered) {
+                Some((m, since)) if m == mode => (since, Some(m)),
+                Some((m, _)) => (now, Some(m)),
+                None => (now, None),
+            };
+            let since_secs = mode_since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            self.persisted.modes.insert(service.to_owned(), (mode, since_secs));
+            if old_mode != Some(mode) || old.is_none() {
+                report.mode_changes.push((service.to_owned(), old_mode, mode));
+            }
+            let mut flags = 0;
+            if !ruleset.1.cidrs.is_empty() {
+                flags |= FLAG_ACTIVE_HAS_CIDR;
+            }
+            if candidate.as_ref().is_some_and(|c| !c.1.cidrs.is_empty()) {
+                flags |= FLAG_CANDIDATE_HAS_CIDR;
+            }
+            let state = CgroupState {
+                ruleset_id: ruleset.0,
+                mode: kernel_mode(mode),
+                candidate_ruleset: candidate.as_ref().map_or(0, |c| c.0),
+                flags,
+                counter_slot: slot,
+                generation: self.persisted.generation,
+            };
+            let mut registered = BTreeMap::new();
+            for cgroup in cgroups {
+                self.datapath.maps.set_cgroup(cgroup.id, state)?;
+                if !old.as_ref().is_some_and(|o| o.cgroups.contains_key(&cgroup.id)) {
+                    report.registered.push(cgroup.relative.clone());
+                }
+                registered.insert(cgroup.id, cgroup.relative.clone());
+            }
+            if let Some(old) = old {
+                if old.ruleset.0 != ruleset.0 {
+                    retire.push(old.ruleset.1);
+                }
+                if let Some(c) = old.candidate.filter(|c| candidate.as_ref().is_none_or(|n| n.0 != c.0)) {
+                    retire.push(c.1);
+                }
+            }
+            next_services.insert(
+                service.to_owned(),
+                InstalledService { slot, mode, mode_since, ruleset, candidate, cgroups: registered },
+            );
+        }
+        // Services that no longer have a cgroup here (or left the policy).
+        for (_, old) in std::mem::take(&mut self.services) {
+            for id in old.cgroups.keys() {
+                self.datapath.maps.remove_cgroup(*id)?;
+                report.unregistered.push(*id);
+            }
+            retire.push(old.ruleset.1);
+            if let Some(c) = old.candidate {
+                retire.push(c.1);
+            }
+        }
+        // Cgroups that left their service but whose service stays.
+        let registered: BTreeSet<u64> = next_services.values().flat_map(|s| s.cgroups.keys().copied()).collect();
+        for (id, _) in self.datapath.maps.cgroup_states() {
+            if !registered.contains(&id) {
+                self.datapath.maps.remove_cgroup(id)?;
+                report.unregistered.push(id);
+            }
+        }
+        self.services = next_services;
+
+        // 3. Attach where needed; detach where no longer needed.
+        let wanted_points: BTreeMap<u64, &FoundCgroup> = desired.attach.iter().map(|c| (c.id, *c)).collect();
+        for (id, cgroup) in &wanted_points {
+            if self.attached.contains_key(id) {
+                self.attached.insert(*id, Some(cgroup.relative.clone()));
+                continue;
+            }
+            let dir = self.cgroup2_mount.join(&cgroup.relative);
+            self.datapath.attach(&dir, &prog_names::ALL)?;
+            self.attached.insert(*id, Some(cgroup.relative.clone()));
+            report.attached.push(cgroup.relative.clone());
+        }
+        let stale: Vec<u64> = self.attached.keys().filter(|id| !wanted_points.contains_key(id)).copied().collect();
+        for id in stale {
+            for prog in prog_names::ALL {
+                let _ = std::fs::remove_file(self.layout.link(prog, id));
+            }
+            self.attached.remove(&id);
+        }
+        let max_level = desired.matched.iter().map(|(c, _)| c.relative.split('/').count() as u32).max().unwrap_or(0);
+        self.datapath.maps.set_config(Config { max_level, _reserved: 0, dedup_window_ns: 1_000_000_000 })?;
+
+        // 4. Free what no cgroup points at any more, once no running hook can read it.
+        self.datapath.maps.wait_for_readers()?;
+        for ruleset in &retire {
+            self.datapath.maps.uninstall(ruleset)?;
+            report.retired += 1;
+        }
+        if self.cleanup_pending {
+            // Rulesets a previous agent left behind.
+            let live: BTreeSet<u32> = self
+                .services
+                .values()
+                .flat_map(|s| std::iter::once(s.ruleset.0).chain(s.candidate.as_ref().map(|c| c.0)))
+                .collect();
+            for id in self.datapath.maps.ruleset_ids() {
+                if !live.contains(&id) {
+                    report.retired += usize::from(self.datapath.maps.remove_ruleset(id)? > 0);
+                }
+            }
+            self.cleanup_pending = false;
+        }
+        self.applied = Some(key);
+        self.save()?;
+        Ok(report)
+    }
+
+    fn save(&self) -> Result<()> {
+        let io = |source| KernelError::State { path: self.state_file.clone(), source };
+        let text = serde_json::to_vec_pretty(&self.persisted).map_err(std::io::Error::other).map_err(io)?;
+        let tmp = self.state_file.with_extension("json.tmp");
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &self.state_file).map_err(io)
+    }
+
+    /// Counters of a service: (allowed, would_reject, rejected, candidate_would_reject).
+    pub fn counters(&self, slot: u32) -> [u64; 4] {
+        let c = |v| self.datapath.maps.counter(slot, v).unwrap_or(0);
+        [
+            c(abi::VERDICT_ALLOWED),
+            c(abi::VERDICT_WOULD_REJECT),
+            c(abi::VERDICT_REJECTED),
+            c(abi::VERDICT_CANDIDATE_WOULD_REJECT),
+        ]
+    }
+}

@@ -1,0 +1,249 @@
+//! What the kernel saw, turned into Prometheus metrics, a log of recent events, and a stream
+//! for `policyctl events --follow`.
+//!
+//! Metric names follow Prometheus conventions (`_total` for counters, seconds for time). The
+//! kernel's per-CPU counters are exact; they are exported as absolute values, so a restarted
+//! agent (which adopts the pinned counters) carries on from where the last one stopped.
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::IpAddr,
+    time::SystemTime,
+};
+
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::abi::{self, Event, user::words_addr};
+use crate::policy::Mode;
+
+/// Destinations kept as their own label value per service; the rest go to [`OVERFLOW`].
+pub const MAX_DESTINATIONS_PER_SERVICE: usize = 100;
+/// The destination label value for destinations past the limit.
+pub const OVERFLOW: &str = "_other";
+/// Events kept for `policyctl events` without `--follow`.
+pub const RECENT_EVENTS: usize = 1024;
+
+/// Registers the help text of every metric (once, at start-up).
+pub fn describe() {
+    describe_counter!("depfence_connections_total", "Connections judged by the kernel, by service and verdict.");
+    describe_counter!(
+        "depfence_candidate_would_reject_total",
+        "Connections the candidate policy (evaluated in shadow) would reject, by service."
+    );
+    describe_counter!(
+        "depfence_destination_events_total",
+        "Refused or would-be-refused connection events by service, destination and verdict \
+         (at most one per destination per cgroup per second)."
+    );
+    describe_gauge!("depfence_policy_generation", "Generation of the policy in force.");
+    describe_gauge!("depfence_policy_info", "The policy in force: its content hash and the environment (value 1).");
+    describe_counter!("depfence_policy_reloads_total", "Policy reloads by result (success, failure).");
+    describe_gauge!("depfence_policy_last_reload_successful", "1 if the last reload succeeded, else 0.");
+    describe_gauge!(
+        "depfence_policy_last_reload_success_timestamp_seconds",
+        "Unix time of the last successful reload."
+    );
+    describe_counter!("depfence_events_dropped_total", "Kernel events lost because the ring buffer was full.");
+    describe_gauge!("depfence_map_entries", "Entries in use in a kernel map.");
+    describe_gauge!("depfence_map_capacity", "Capacity of a kernel map.");
+    describe_gauge!("depfence_service_mode", "1 for the service's current mode, 0 for the other modes.");
+    describe_gauge!(
+        "depfence_service_mode_changed_timestamp_seconds",
+        "Unix time of the service's last mode change (or of its first apply)."
+    );
+    describe_gauge!("depfence_service_cgroups", "Cgroups currently matched to the service on this machine.");
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A mode's name.
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Off => "off",
+        Mode::Audit => "audit",
+        Mode::Enforce => "enforce",
+    }
+}
+
+/// Exports one service's counters and mode.
+pub fn export_service(service: &str, counters: [u64; 4], mode: Mode, mode_since: SystemTime, cgroups: usize) {
+    let [allowed, would_reject, rejected, candidate] = counters;
+    let s = service.to_owned();
+    counter!("depfence_connections_total", "service" => s.clone(), "verdict" => "allowed").absolute(allowed);
+    counter!("depfence_connections_total", "service" => s.clone(), "verdict" => "would_reject").absolute(would_reject);
+    counter!("depfence_connections_total", "service" => s.clone(), "verdict" => "rejected").absolute(rejected);
+    counter!("depfence_candidate_would_reject_total", "service" => s.clone()).absolute(candidate);
+    for m in [Mode::Off, Mode::Audit, Mode::Enforce] {
+        let value = if m == mode { 1.0 } else { 0.0 };
+        gauge!("depfence_service_mode", "service" => s.clone(), "mode" => mode_name(m)).set(value);
+    }
+    gauge!("depfence_service_mode_changed_timestamp_seconds", "service" => s.clone()).set(unix_seconds(mode_since));
+    gauge!("depfence_service_cgroups", "service" => s).set(cgroups as f64);
+}
+
+/// A kernel event, resolved for people and programs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// When the agent read it (RFC 3339).
+    pub time: String,
+    /// The service whose policy judged it (None if the cgroup is no longer known).
+    pub service: Option<String>,
+    /// The process's cgroup, relative to the cgroup2 mount, if known.
+    pub cgroup: Option<String>,
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Command name.
+    pub comm: String,
+    /// `addr:port/proto`.
+    pub destination: String,
+    /// `allowed`, `would_reject`, `rejected` or `candidate_would_reject`.
+    pub verdict: String,
+    /// Policy generation that judged it.
+    pub generation: u32,
+}
+
+/// The name of a kernel verdict.
+pub fn verdict_name(verdict: u32) -> &'static str {
+    match verdict {
+        abi::VERDICT_ALLOWED => "allowed",
+        abi::VERDICT_WOULD_REJECT => "would_reject",
+        abi::VERDICT_REJECTED => "rejected",
+        abi::VERDICT_CANDIDATE_WOULD_REJECT => "candidate_would_reject",
+        _ => "unknown",
+    }
+}
+
+/// `addr:port/proto` of an event's destination.
+pub fn destination(addr: IpAddr, port: u16, proto: u8) -> String {
+    let proto = match proto {
+        abi::IPPROTO_TCP => "tcp",
+        abi::IPPROTO_UDP => "udp",
+        _ => "ip",
+    };
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+    }
+}
+
+impl EventRecord {
+    /// Resolves a kernel event; `service` and `cgroup` come from the agent's tables.
+    pub fn new(event: &Event, service: Option<String>, cgroup: Option<String>, now: SystemTime) -> Self {
+        let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
+        Self {
+            time: humantime::format_rfc3339_millis(now).to_string(),
+            service,
+            cgroup,
+            pid: (event.pid_tgid >> 32) as u32,
+            tid: event.pid_tgid as u32,
+            comm: String::from_utf8_lossy(event.comm.get(..comm_len).unwrap_or_default()).into_owned(),
+            destination: destination(words_addr(event.addr), event.port, event.proto),
+            verdict: verdict_name(event.verdict).to_owned(),
+            generation: event.generation,
+        }
+    }
+}
+
+/// Recent events, the last would-reject per service, and the bounded destination labels.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    recent: VecDeque<EventRecord>,
+    last_would_reject: BTreeMap<String, EventRecord>,
+    destinations: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl EventLog {
+    /// Records an event: counts it under its (bounded) destination and keeps it.
+    pub fn record(&mut self, event: EventRecord) {
+        let service = event.service.clone().unwrap_or_else(|| "_unknown".to_owned());
+        let seen = self.destinations.entry(service.clone()).or_default();
+        let label = if seen.contains(&event.destination) || seen.len() < MAX_DESTINATIONS_PER_SERVICE {
+            seen.insert(event.destination.clone());
+            event.destination.clone()
+        } else {
+            OVERFLOW.to_owned()
+        };
+        if event.verdict != "allowed" {
+            counter!(
+                "depfence_destination_events_total",
+                "service" => service.clone(),
+                "destination" => label,
+                "verdict" => event.verdict.clone()
+            )
+            .increment(1);
+        }
+        if event.verdict == "would_reject" {
+            self.last_would_reject.insert(service, event.clone());
+        }
+        if self.recent.len() == RECENT_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(event);
+    }
+
+    /// The most recent events, oldest first.
+    pub fn recent(&self, limit: usize) -> Vec<EventRecord> {
+        let skip = self.recent.len().saturating_sub(limit);
+        self.recent.iter().skip(skip).cloned().collect()
+    }
+
+    /// The last would-reject of a service.
+    pub fn last_would_reject(&self, service: &str) -> Option<&EventRecord> {
+        self.last_would_reject.get(service)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
+    use super::*;
+
+    fn record(service: &str, destination: &str, verdict: &str) -> EventRecord {
+        EventRecord {
+            time: String::new(),
+            service: Some(service.to_owned()),
+            cgroup: None,
+            pid: 1,
+            tid: 1,
+            comm: "x".into(),
+            destination: destination.to_owned(),
+            verdict: verdict.to_owned(),
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn destinations_are_bounded_per_service() {
+        let mut log = EventLog::default();
+        for i in 0..(MAX_DESTINATIONS_PER_SERVICE + 5) {
+            log.record(record("web", &format!("10.0.0.1:{i}/tcp"), "would_reject"));
+        }
+        assert_eq!(log.destinations["web"].len(), MAX_DESTINATIONS_PER_SERVICE);
+        log.record(record("db", "10.0.0.1:1/tcp", "rejected"));
+        assert_eq!(log.destinations["db"].len(), 1);
+        assert_eq!(log.last_would_reject("web").unwrap().destination, "10.0.0.1:104/tcp");
+        assert!(log.last_would_reject("db").is_none());
+    }
+
+    #[test]
+    fn recent_keeps_the_newest() {
+        let mut log = EventLog::default();
+        for i in 0..(RECENT_EVENTS + 3) {
+            log.record(record("web", &format!("10.0.0.1:{i}/tcp"), "rejected"));
+        }
+        let recent = log.recent(2);
+        assert_eq!(recent.len(), 2);
+        assert_eq!(recent[1].destination, format!("10.0.0.1:{}/tcp", RECENT_EVENTS + 2));
+    }
+
+    #[test]
+    fn destinations_print_like_sockets() {
+        assert_eq!(destination("127.0.0.1".parse().unwrap(), 80, abi::IPPROTO_TCP), "127.0.0.1:80/tcp");
+        assert_eq!(destination("::1".parse().unwrap(), 53, abi::IPPROTO_UDP), "[::1]:53/udp");
+    }
+}
