@@ -231,10 +231,11 @@ pub fn explain(socket: &Path, from: &str, to: &str, output: Output) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// `policyctl apply --candidate PATH` / `--drop`.
-pub fn apply_candidate(socket: &Path, candidate: Option<PathBuf>) -> Result<ExitCode, CliError> {
+/// `policyctl apply --candidate PATH` / `--activate` / `--drop`.
+pub fn apply_candidate(socket: &Path, candidate: Option<PathBuf>, activate: bool) -> Result<ExitCode, CliError> {
     let request = match candidate {
         Some(path) => Request::ApplyCandidate { path: std::path::absolute(&path)? },
+        None if activate => Request::ActivateCandidate,
         None => Request::DropCandidate,
     };
     match control::request(socket, &request) {
@@ -245,6 +246,7 @@ pub fn apply_candidate(socket: &Path, candidate: Option<PathBuf>) -> Result<Exit
                     "candidate {} is evaluated in shadow; `policyctl status` shows what it would reject",
                     c.path.display()
                 ),
+                None if activate => eprintln!("the candidate is now the policy (generation {})", status.generation),
                 None => eprintln!("no candidate"),
             }
             Ok(ExitCode::SUCCESS)

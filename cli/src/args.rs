@@ -197,14 +197,18 @@ pub enum Command {
         socket: SocketArg,
     },
     /// Load a candidate policy, evaluated in the kernel beside the active one (`status` and the
-    /// metrics show what it would reject); `--drop` stops it.
+    /// metrics show what it would reject); `--activate` makes it the policy, `--drop` stops it.
     Apply {
         /// The candidate policy file or directory.
-        #[arg(long, value_name = "PATH", required_unless_present = "drop")]
+        #[arg(long, value_name = "PATH", required_unless_present_any = ["drop", "activate"])]
         candidate: Option<PathBuf>,
         /// Stop evaluating the candidate.
-        #[arg(long, conflicts_with = "candidate")]
+        #[arg(long, conflicts_with_all = ["candidate", "activate"])]
         drop: bool,
+        /// Make the candidate the active policy: its files replace the policy's, and the agent
+        /// applies them at once.
+        #[arg(long, conflicts_with = "candidate")]
+        activate: bool,
         #[command(flatten)]
         socket: SocketArg,
     },

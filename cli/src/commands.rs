@@ -92,7 +92,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Reload { socket } => crate::agent::reload(&socket.socket),
         Command::Events { follow, json, recent, socket } => crate::agent::events(&socket.socket, follow, json, recent),
-        Command::Apply { candidate, drop: _, socket } => crate::agent::apply_candidate(&socket.socket, candidate),
+        Command::Apply { candidate, drop: _, activate, socket } => {
+            crate::agent::apply_candidate(&socket.socket, candidate, activate)
+        }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "policyctl", &mut std::io::stdout());

@@ -3,168 +3,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "tests")]
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use depfence::agent::control::{self, AgentStatus, Request, ServiceStatus};
-use depfence::cgroup::{ChildCgroup, spawn_in};
-use depfence::datapath::pins::{PinLayout, ensure_bpffs, random_suffix};
-use depfence_integration::fixture::{EPERM, LO4, cgroup2_root, probe, tcp_listener};
+use depfence::agent::control::{AgentStatus, ServiceStatus};
+use depfence::cgroup::spawn_in;
+use depfence_integration::agent::{Agent, Cgroups};
+use depfence_integration::fixture::{EPERM, LO4, probe, tcp_listener};
 
 fn privileged(test: &str) -> bool {
     depfence_integration::require_privileges(test)
-}
-
-/// A running `policyctl agent` with its own pins, state, socket and metrics port; stopped
-/// (SIGKILL by PID) and its pins removed on drop.
-struct Agent {
-    child: Option<Child>,
-    pins: PinLayout,
-    state: tempfile::TempDir,
-    socket: PathBuf,
-    metrics: u16,
-    log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Agent {
-    fn start(policy: &Path, environment: &str) -> Self {
-        let (bpffs, _) = ensure_bpffs().unwrap();
-        let pins = PinLayout::new(bpffs.join(format!("depfence-test-agent-{}", random_suffix())));
-        let state = tempfile::tempdir().unwrap();
-        let socket = state.path().join("control.sock");
-        let mut agent =
-            Agent { child: None, pins, socket, metrics: free_port(), log: state.path().join("agent.log"), state };
-        agent.spawn(policy, environment);
-        agent
-    }
-
-    fn spawn(&mut self, policy: &Path, environment: &str) {
-        let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(assert_cmd::cargo::cargo_bin("policyctl"))
-            .arg("agent")
-            .arg(policy)
-            .args(["--environment", environment, "--metrics-listen", &format!("127.0.0.1:{}", self.metrics)])
-            .arg("--pin-root")
-            .arg(self.pins.root())
-            .arg("--state-dir")
-            .arg(self.state.path())
-            .arg("--socket")
-            .arg(&self.socket)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.try_status().is_ok_and(|s| s.ready) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("agent not ready in 20 s; log:\n{}", self.log_text());
-    }
-
-    fn try_status(&self) -> Result<AgentStatus, control::ClientError> {
-        let body = control::request(&self.socket, &Request::Status)?;
-        Ok(serde_json::from_value(body).unwrap())
-    }
-
-    fn status(&self) -> AgentStatus {
-        self.try_status().unwrap_or_else(|e| panic!("status: {e}; log:\n{}", self.log_text()))
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// The metrics page.
-    fn metrics(&self) -> String {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.metrics)).unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text
-    }
-
-    /// The value of one sample line of the metrics page (`name{labels}`), or None.
-    fn sample(&self, series: &str) -> Option<f64> {
-        self.metrics().lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-    }
-
-    /// Waits until `check` holds for the status (the agent works in 100 ms – 1 s ticks).
-    fn wait_status(&self, what: &str, check: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let status = self.status();
-            if check(&status) {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{what}: {status:#?}\nlog:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Err(e) = self.pins.remove_all() {
-            eprintln!("cleanup: pins {}: {e}", self.pins.root().display());
-        }
-    }
-}
-
-/// The test's cgroups: `depfence-test-agent-<rand>/…` under the cgroup2 root, removed on drop.
-struct Cgroups {
-    top: ChildCgroup,
-    children: Vec<ChildCgroup>,
-}
-
-impl Cgroups {
-    fn new() -> Self {
-        let top =
-            ChildCgroup::create(&cgroup2_root().unwrap(), &format!("depfence-test-agent-{}", random_suffix())).unwrap();
-        Self { top, children: Vec::new() }
-    }
-    /// Path of the top relative to the cgroup2 mount.
-    fn relative(&self) -> String {
-        self.top.dir().file_name().unwrap().to_string_lossy().into_owned()
-    }
-    fn child(&mut self, name: &str) -> PathBuf {
-        let child = ChildCgroup::create(self.top.dir(), name).unwrap();
-        let dir = child.dir().to_owned();
-        self.children.push(child);
-        dir
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        let _ = self.top.kill_all();
-        while let Some(child) = self.children.pop() {
-            if let Err(e) = child.remove() {
-                eprintln!("cleanup: {e}");
-            }
-        }
-    }
 }
 
 fn write_policy(path: &Path, top: &str, mode: &str, db_port: u16) {
@@ -212,7 +62,7 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
     write_policy(&policy, &cgroups.relative(), "enforce", db);
-    let mut agent = Agent::start(&policy, "prod");
+    let mut agent = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
 
     // app enforces (its own mode), the allowed dependency works.
     assert_eq!(probe(&app, "tcp", LO4, db, 1), Ok(1));
@@ -302,7 +152,7 @@ fn enforcement_survives_agent_kill_and_restart_keeps_counters() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
     write_policy(&policy, &cgroups.relative(), "enforce", db);
-    let mut agent = Agent::start(&policy, "prod");
+    let mut agent = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
     agent.wait_status("counted", |s| service(s, "app").is_some_and(|a| a.rejected == 1));
     let since = service(&agent.status(), "app").unwrap().mode_since.clone();
@@ -329,4 +179,56 @@ fn enforcement_survives_agent_kill_and_restart_keeps_counters() {
     assert_eq!(status.generation, 1, "same policy, same generation");
     assert_eq!(app_status.mode_since, since, "a restart is not a mode change");
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
+}
+
+fn policyctl(args: &[&str], socket: &Path) -> std::process::Output {
+    Command::new(assert_cmd::cargo::cargo_bin("policyctl")).args(args).arg("--socket").arg(socket).output().unwrap()
+}
+
+/// A candidate policy is evaluated in the kernel beside the active one: the active verdict
+/// stands, the candidate's would-rejects are counted; activating it makes it the policy.
+#[test]
+fn candidate_policy_is_shadowed_then_activated() {
+    if !privileged("candidate_policy_is_shadowed_then_activated") {
+        return;
+    }
+    let mut cgroups = Cgroups::new();
+    let app = cgroups.child("app");
+    let (db, cache) = (tcp_listener(LO4), tcp_listener(LO4));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    write_policy(&policy, &cgroups.relative(), "enforce", db);
+    // The candidate moves app from db to cache.
+    let candidate = dir.path().join("candidate.toml");
+    write_policy(&candidate, &cgroups.relative(), "enforce", cache);
+    let agent = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
+
+    let out = policyctl(&["apply", "--candidate", candidate.to_str().unwrap()], &agent.socket);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(probe(&app, "tcp", LO4, db, 1), Ok(1), "the active policy decides");
+    assert_eq!(probe(&app, "tcp", LO4, cache, 1), Err(EPERM));
+    let status = agent.wait_status("candidate counted", |s| {
+        service(s, "app").is_some_and(|a| a.candidate_would_reject == 1 && a.rejected == 1)
+    });
+    assert!(status.candidate.is_some());
+    let text = String::from_utf8(policyctl(&["status"], &agent.socket).stdout).unwrap();
+    assert!(text.contains("1 candidate would-reject"), "{text}");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(agent.sample("depfence_candidate_would_reject_total{service=\"app\"}"), Some(1.0));
+
+    let out = policyctl(&["apply", "--activate"], &agent.socket);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), std::fs::read_to_string(&candidate).unwrap());
+    let status = agent.status();
+    assert!(status.candidate.is_none());
+    assert_eq!(status.generation, 2);
+    assert_eq!(probe(&app, "tcp", LO4, cache, 1), Ok(1), "the candidate is the policy now");
+    assert_eq!(probe(&app, "tcp", LO4, db, 1), Err(EPERM));
+
+    // A candidate that is not valid is refused with its location.
+    std::fs::write(&candidate, "version = 1\n[services.app]\nallow = [{ service = \"nope\" }]\n").unwrap();
+    let out = policyctl(&["apply", "--candidate", candidate.to_str().unwrap()], &agent.socket);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("candidate.toml:3:") && stderr.contains("nope"), "{stderr}");
 }

@@ -16,5 +16,6 @@ pub mod diag;
 pub mod graph;
 pub mod policy;
 pub mod problem;
+pub mod promote;
 pub mod snapshot;
 pub mod synth;

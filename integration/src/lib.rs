@@ -29,4 +29,6 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
+pub mod agent;
 pub mod fixture;
+pub mod prometheus;

@@ -68,8 +68,8 @@ struct Persisted {
     next_ruleset: u32,
     /// The policy generation in force.
     generation: u32,
-    /// Content hash of the policy (and candidate) in force, so that a restart with the same
-    /// policy keeps its generation.
+    /// Content hash of the active policy in force, so that a restart with the same policy
+    /// keeps its generation.
     #[serde(default)]
     applied_hash: Option<String>,
     /// Each service's mode and since when (Unix seconds): a restart is not a mode change.
@@ -275,11 +275,12 @@ impl Kernel {
         }
 
         // 2. Repoint every matched cgroup: one map update each.
-        let key_text = format!("{}{}", key.0, key.1.map(|c| format!("+{c}")).unwrap_or_default());
-        if new_policy && self.persisted.applied_hash.as_deref() != Some(key_text.as_str()) {
+        // The generation counts active policies; a candidate coming or going is not one.
+        let active_hash = key.0.to_string();
+        if self.persisted.applied_hash.as_deref() != Some(active_hash.as_str()) {
             self.persisted.generation = self.persisted.generation.wrapping_add(1).max(1);
         }
-        self.persisted.applied_hash = Some(key_text);
+        self.persisted.applied_hash = Some(active_hash);
         let now = SystemTime::now();
         let mut retire: Vec<CompiledRuleset> = Vec::new();
         let mut next_services: BTreeMap<String, InstalledService> = BTreeMap::new();

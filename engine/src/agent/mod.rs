@@ -371,9 +371,24 @@ impl Agent {
                     }
                 }
             }
-            Request::ActivateCandidate | Request::Promote { .. } | Request::Events { .. } => {
-                Response::error("not supported by this agent")
-            }
+            Request::ActivateCandidate => self.activate_candidate(),
+            Request::Promote { .. } | Request::Events { .. } => Response::error("not supported by this agent"),
+        }
+    }
+
+    /// The candidate's files replace the policy's; the reload makes it active.
+    fn activate_candidate(&mut self) -> Response {
+        let Some((path, _, _)) = self.candidate.clone() else { return Response::error("no candidate is loaded") };
+        if let Err(e) = replace_policy(&path, &self.config.policy) {
+            return Response::error(format!("copying {} over {}: {e}", path.display(), self.config.policy.display()));
+        }
+        info!(candidate = %path.display(), policy = %self.config.policy.display(), "candidate activated");
+        self.candidate = None;
+        if self.reload("candidate activated") {
+            Response::ok(self.status())
+        } else {
+            let errors = self.last_reload.as_ref().map(|r| r.errors.join("\n")).unwrap_or_default();
+            Response::error(format!("the activated policy was not applied:\n{errors}"))
         }
     }
 
@@ -495,6 +510,42 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     info!("agent stopping; the kernel keeps enforcing the last policy");
     let _ = std::fs::remove_file(&agent.config.control_socket);
     Ok(())
+}
+
+/// Writes `from` over `to`, file for file (a policy file, or a directory of `*.toml` files:
+/// files missing from `from` are removed). Each file is replaced atomically.
+fn replace_policy(from: &Path, to: &Path) -> std::io::Result<()> {
+    fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let tmp = path.with_extension("toml.depfence-tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)
+    }
+    match (from.is_dir(), to.is_dir()) {
+        (false, false) => write_atomic(to, &std::fs::read(from)?),
+        (true, true) => {
+            let toml = |dir: &Path| -> std::io::Result<Vec<std::ffi::OsString>> {
+                let mut names = Vec::new();
+                for entry in std::fs::read_dir(dir)? {
+                    let name = entry?.file_name();
+                    if Path::new(&name).extension().is_some_and(|e| e == "toml") {
+                        names.push(name);
+                    }
+                }
+                Ok(names)
+            };
+            let new = toml(from)?;
+            for name in &new {
+                write_atomic(&to.join(name), &std::fs::read(from.join(name))?)?;
+            }
+            for name in toml(to)? {
+                if !new.contains(&name) {
+                    std::fs::remove_file(to.join(name))?;
+                }
+            }
+            Ok(())
+        }
+        _ => Err(std::io::Error::other("the candidate and the policy must both be files or both directories")),
+    }
 }
 
 fn bind_control(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {

@@ -2,6 +2,7 @@
 //! policy) into a [`PolicySet`], with located diagnostics.
 
 pub mod ast;
+pub mod edit;
 mod parse;
 
 use std::collections::BTreeMap;

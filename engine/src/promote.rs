@@ -1,0 +1,1323 @@
+//! The evidence gate for `policyctl promote`: may a service in `audit` move to `enforce`?
+//!
+//! The agent samples each service's kernel counters (connections allowed, and would-rejected
+//! in audit mode) into a [`CounterHistory`], which it keeps across restarts in a JSON-lines file.
+//! From the history, [`CounterHistory::evidence`] gives the [`Evidence`] for a window (by default
+//! the last 24 hours), and [`gate`] refuses a promotion while the service had would-rejected
+//! connections in the window, saw too little traffic, or was watched too briefly. Every promotion
+//! or demotion is logged as a [`PromotionRecord`] with [`append_log`].
+//!
+//! Everything here is pure or plain file I/O: the agent and the CLI own the clocks and sockets.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Mode;
+
+/// How many destinations [`Evidence::top_destinations`] lists.
+pub const TOP_DESTINATIONS: usize = 5;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// What the counters say about a service over a window ending at `at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// The service.
+    pub service: String,
+    /// The end of the window (when the evidence was taken).
+    #[serde(with = "rfc3339")]
+    pub at: SystemTime,
+    /// The window's length.
+    #[serde(rename = "window_secs", with = "secs")]
+    pub window: Duration,
+    /// How much of the window the samples cover (gaps longer than
+    /// [`HistoryLimits::max_gap`], such as an agent that was down, do not count).
+    #[serde(rename = "observed_secs", with = "secs")]
+    pub observed_for: Duration,
+    /// Connections allowed in the window.
+    pub allowed: u64,
+    /// Connections that audit mode would have rejected in the window.
+    pub would_reject: u64,
+    /// When the last would-reject was seen (the sample that counted it), if any in the window.
+    #[serde(with = "rfc3339_option", default)]
+    pub last_would_reject: Option<SystemTime>,
+    /// The destinations of would-rejects in the window (`host:port/proto` or the like, as the
+    /// agent reported them) with their event counts, most frequent first. Events are
+    /// de-duplicated by the datapath, so these counts rank destinations; they need not add up
+    /// to `would_reject`.
+    pub top_destinations: Vec<(String, u64)>,
+}
+
+impl Evidence {
+    /// Connections seen in the window, allowed or not.
+    pub fn connections(&self) -> u64 {
+        self.allowed.saturating_add(self.would_reject)
+    }
+}
+
+/// What the gate asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateConfig {
+    /// The window the evidence must cover (default 24 h).
+    #[serde(rename = "window_secs", with = "secs")]
+    pub window: Duration,
+    /// The fewest connections that count as evidence (default 100).
+    pub min_connections: u64,
+    /// The least time the samples must cover within the window (default 1 h).
+    #[serde(rename = "min_observed_secs", with = "secs")]
+    pub min_observed: Duration,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig { window: 24 * HOUR, min_connections: 100, min_observed: HOUR }
+    }
+}
+
+/// Why the gate refuses a promotion.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The service had would-rejected connections in the window.
+    #[error(
+        "{service} had {count} would-rejected connection{} in the last {}{}{}; \
+         fix the policy or pass --force with --reason",
+        plural(*count),
+        Human(*window),
+        last_ago.map(|ago| format!(", the last {} ago", Human(ago))).unwrap_or_default(),
+        destinations(*count, top)
+    )]
+    WouldReject {
+        /// The service.
+        service: String,
+        /// How many.
+        count: u64,
+        /// The window.
+        window: Duration,
+        /// How long before the end of the window the last one was seen.
+        last_ago: Option<Duration>,
+        /// The most frequent destinations.
+        top: Vec<(String, u64)>,
+    },
+    /// The evidence covers a shorter window than the gate asks for.
+    #[error("the evidence for {service} covers the last {}, the gate needs {}", Human(*window), Human(*required))]
+    ShortWindow {
+        /// The service.
+        service: String,
+        /// The evidence's window.
+        window: Duration,
+        /// The configured window.
+        required: Duration,
+    },
+    /// The samples cover too little of the window.
+    #[error("observed for {} of the {} window (minimum {})", Human(*observed), Human(*window), Human(*minimum))]
+    ObservedTooBriefly {
+        /// The service.
+        service: String,
+        /// How long it was observed.
+        observed: Duration,
+        /// The window.
+        window: Duration,
+        /// The configured minimum.
+        minimum: Duration,
+    },
+    /// Too few connections in the window to trust the silence.
+    #[error("only {connections} connection{} observed in the last {} (minimum {minimum})", plural(*connections), Human(*window))]
+    TooLittleTraffic {
+        /// The service.
+        service: String,
+        /// Connections seen.
+        connections: u64,
+        /// The window.
+        window: Duration,
+        /// The configured minimum.
+        minimum: u64,
+    },
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn destinations(count: u64, top: &[(String, u64)]) -> String {
+    if top.is_empty() {
+        return String::new();
+    }
+    let mut parts: Vec<String> = top.iter().map(|(d, n)| format!("{d} ({n})")).collect();
+    let listed = top.iter().fold(0u64, |sum, (_, n)| sum.saturating_add(*n));
+    if listed < count {
+        parts.push(format!("others ({})", count - listed));
+    }
+    format!(", to {}", parts.join(", "))
+}
+
+/// Decides whether the evidence allows a promotion to `enforce`: no would-rejected connection
+/// in the window, samples covering at least `min_observed` of it, and at least
+/// `min_connections` connections. The first failing check is the refusal.
+pub fn gate(evidence: &Evidence, config: &GateConfig) -> Result<(), Refusal> {
+    let service = evidence.service.clone();
+    if evidence.would_reject > 0 {
+        return Err(Refusal::WouldReject {
+            service,
+            count: evidence.would_reject,
+            window: evidence.window,
+            last_ago: evidence.last_would_reject.map(|t| evidence.at.duration_since(t).unwrap_or_default()),
+            top: evidence.top_destinations.clone(),
+        });
+    }
+    if evidence.window < config.window {
+        return Err(Refusal::ShortWindow { service, window: evidence.window, required: config.window });
+    }
+    if evidence.observed_for < config.min_observed {
+        return Err(Refusal::ObservedTooBriefly {
+            service,
+            observed: evidence.observed_for,
+            window: evidence.window,
+            minimum: config.min_observed,
+        });
+    }
+    if evidence.connections() < config.min_connections {
+        return Err(Refusal::TooLittleTraffic {
+            service,
+            connections: evidence.connections(),
+            window: evidence.window,
+            minimum: config.min_connections,
+        });
+    }
+    Ok(())
+}
+
+/// A duration for people: the two largest units, as in `24h`, `1h30m`, `10m`, `45s`, `3d2h`
+/// (days from 48 hours on).
+pub struct Human(pub Duration);
+
+impl fmt::Display for Human {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs();
+        let units: [(u64, &str); 4] = if secs >= 48 * 3600 {
+            [(secs / 86_400, "d"), (secs % 86_400 / 3600, "h"), (0, ""), (0, "")]
+        } else {
+            [(secs / 3600, "h"), (secs % 3600 / 60, "m"), (secs % 60, "s"), (0, "")]
+        };
+        let Some(first) = units.iter().position(|&(n, _)| n > 0) else { return f.write_str("0s") };
+        for &(n, unit) in units.iter().skip(first).take(2) {
+            if n > 0 {
+                write!(f, "{n}{unit}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bounds on a [`CounterHistory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Samples newer than this (relative to a series' newest sample) are all kept (default 1 h).
+    pub fine: Duration,
+    /// Older samples are thinned to the first one of each interval of this length (default 1 min).
+    pub step: Duration,
+    /// Samples older than this are dropped, keeping the last one before it, so windows up to this
+    /// long can be answered (default 8 days).
+    pub retain: Duration,
+    /// Samples closer than this to the one before the newest replace the newest (default 1 s).
+    pub min_interval: Duration,
+    /// A longer gap between two samples does not count as observed (default 5 min).
+    pub max_gap: Duration,
+    /// The most destination entries kept per service (default 1024).
+    pub destinations: usize,
+    /// The most lines [`CounterHistory::append`] holds back before it must rewrite the whole
+    /// file instead (default 100 000).
+    pub pending: usize,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        HistoryLimits {
+            fine: HOUR,
+            step: Duration::from_secs(60),
+            retain: 8 * 24 * HOUR,
+            min_interval: Duration::from_secs(1),
+            max_gap: Duration::from_secs(300),
+            destinations: 1024,
+            pending: 100_000,
+        }
+    }
+}
+
+/// One sample of a service's counters, corrected for resets: the counts since the history began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// When it was taken.
+    pub time: SystemTime,
+    /// Connections allowed.
+    pub allowed: u64,
+    /// Connections audit mode would have rejected.
+    pub would_reject: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DestinationCount {
+    /// The start of the step it falls in.
+    time: SystemTime,
+    destination: String,
+    count: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Series {
+    /// Older samples, at most one per step.
+    coarse: VecDeque<Sample>,
+    /// Recent samples, all kept.
+    fine: VecDeque<Sample>,
+    /// The raw counters of the newest sample, to detect resets.
+    raw: Option<(u64, u64)>,
+    /// Would-reject destinations per step.
+    destinations: VecDeque<DestinationCount>,
+}
+
+impl Series {
+    fn newest(&self) -> Option<&Sample> {
+        self.fine.back().or_else(|| self.coarse.back())
+    }
+
+    fn samples(&self) -> impl Iterator<Item = &Sample> {
+        self.coarse.iter().chain(self.fine.iter())
+    }
+
+    /// Adds a sample (a time before the newest counts as the newest's), then thins old samples.
+    fn push(&mut self, mut sample: Sample, limits: &HistoryLimits) {
+        if let Some(newest) = self.newest() {
+            sample.time = sample.time.max(newest.time);
+        }
+        let len = self.fine.len();
+        let before_newest = len.checked_sub(2).and_then(|i| self.fine.get(i)).map(|s| s.time);
+        let replace = match (self.fine.back(), before_newest) {
+            (Some(newest), _) if newest.time == sample.time => true,
+            (Some(_), Some(before)) => elapsed(before, sample.time) < limits.min_interval,
+            _ => false,
+        };
+        if replace && let Some(newest) = self.fine.back_mut() {
+            *newest = sample;
+        } else {
+            self.fine.push_back(sample);
+        }
+        while let Some(oldest) = self.fine.front().copied() {
+            if elapsed(oldest.time, sample.time) <= limits.fine {
+                break;
+            }
+            self.fine.pop_front();
+            let same_step = self.coarse.back().is_some_and(|c| step_of(c.time, limits) == step_of(oldest.time, limits));
+            if !same_step {
+                self.coarse.push_back(oldest);
+            }
+        }
+        // Keep the last sample before the retention cutoff: it is the base of the longest window.
+        while self.coarse.get(1).is_some_and(|next| elapsed(next.time, sample.time) > limits.retain) {
+            self.coarse.pop_front();
+        }
+    }
+
+    fn add_destination(&mut self, time: SystemTime, destination: &str, count: u64, limits: &HistoryLimits) {
+        let time = step_start(time, limits);
+        let existing =
+            self.destinations.iter_mut().rev().take_while(|d| d.time == time).find(|d| d.destination == destination);
+        match existing {
+            Some(entry) => entry.count = entry.count.saturating_add(count),
+            None => self.destinations.push_back(DestinationCount { time, destination: destination.to_owned(), count }),
+        }
+        let newest = self.destinations.iter().map(|d| d.time).max().unwrap_or(time);
+        while self.destinations.len() > limits.destinations
+            || self.destinations.front().is_some_and(|d| elapsed(d.time, newest) > limits.retain)
+        {
+            self.destinations.pop_front();
+        }
+    }
+}
+
+/// `to - from`, zero when `to` is earlier.
+fn elapsed(from: SystemTime, to: SystemTime) -> Duration {
+    to.duration_since(from).unwrap_or_default()
+}
+
+fn step_of(time: SystemTime, limits: &HistoryLimits) -> u128 {
+    let step = limits.step.as_millis().max(1);
+    elapsed(UNIX_EPOCH, time).as_millis() / step
+}
+
+fn step_start(time: SystemTime, limits: &HistoryLimits) -> SystemTime {
+    let step = limits.step.as_millis().max(1);
+    let millis = step_of(time, limits).saturating_mul(step);
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
+/// One line of the history file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Line {
+    /// A sample, corrected for resets; `raw` holds the counters as read when they matter (for
+    /// the newest sample), so a reset after a restart is still detected.
+    Sample {
+        service: String,
+        #[serde(with = "unix_ms")]
+        t_ms: SystemTime,
+        allowed: u64,
+        would_reject: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        raw: Option<(u64, u64)>,
+    },
+    /// Would-rejects to one destination.
+    Destination {
+        service: String,
+        #[serde(with = "unix_ms")]
+        t_ms: SystemTime,
+        destination: String,
+        count: u64,
+    },
+}
+
+/// A file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Reading failed.
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Writing failed.
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A line is not a record.
+    #[error("`{path}` line {line}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+}
+
+/// A history read from a file, and how many lines of it were not understood (a line cut short
+/// by a crash, say) and skipped.
+#[derive(Debug, Clone)]
+pub struct LoadedHistory {
+    /// The history.
+    pub history: CounterHistory,
+    /// Lines skipped.
+    pub skipped_lines: usize,
+}
+
+/// Counter samples per service: a bounded in-memory series of `(time, allowed, would_reject)`
+/// for each, kept across restarts in a JSON-lines file.
+///
+/// The counters are monotonic; one that goes down means the counters were reset (an agent or
+/// map restart), and counting restarts from 0 at that sample. The agent calls [`record`]
+/// for every service at each sampling tick and [`append`] to persist the new lines; at start it
+/// calls [`load`] and then [`save`] (which also rewrites the file compactly; call it again when
+/// [`appended_since_save`] grows large). Counts between a sample that was persisted and a
+/// restart that resets the counters are lost, so the agent should append often.
+///
+/// [`record`]: CounterHistory::record
+/// [`append`]: CounterHistory::append
+/// [`load`]: CounterHistory::load
+/// [`save`]: CounterHistory::save
+/// [`appended_since_save`]: CounterHistory::appended_since_save
+#[derive(Debug, Clone, Default)]
+pub struct CounterHistory {
+    limits: HistoryLimits,
+    series: BTreeMap<String, Series>,
+    /// Lines not yet appended to the file.
+    pending: Vec<Line>,
+    /// True when `pending` overflowed: the next append rewrites the file.
+    overflowed: bool,
+    appended: usize,
+}
+
+impl CounterHistory {
+    /// An empty history.
+    pub fn new(limits: HistoryLimits) -> Self {
+        CounterHistory { limits, ..CounterHistory::default() }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &HistoryLimits {
+        &self.limits
+    }
+
+    /// Records a service's raw counters as read at `time`.
+    pub fn record(&mut self, service: &str, time: SystemTime, allowed: u64, would_reject: u64) {
+        let limits = self.limits;
+        let series = self.series.entry(service.to_owned()).or_default();
+        let (allowed_total, would_reject_total) = match (series.raw, series.newest()) {
+            (Some((raw_allowed, raw_would_reject)), Some(newest)) => {
+                let (base_allowed, base_would_reject) = if allowed < raw_allowed || would_reject < raw_would_reject {
+                    (0, 0) // A reset: the counters restarted from 0.
+                } else {
+                    (raw_allowed, raw_would_reject)
+                };
+                (
+                    newest.allowed.saturating_add(allowed - base_allowed),
+                    newest.would_reject.saturating_add(would_reject - base_would_reject),
+                )
+            }
+            _ => (allowed, would_reject),
+        };
+        let sample = Sample { time, allowed: allowed_total, would_reject: would_reject_total };
+        series.push(sample, &limits);
+        series.raw = Some((allowed, would_reject));
+        let stored = series.newest().copied().unwrap_or(sample);
+        self.queue(Line::Sample {
+            service: service.to_owned(),
+            t_ms: stored.time,
+            allowed: stored.allowed,
+            would_reject: stored.would_reject,
+            raw: Some((allowed, would_reject)),
+        });
+    }
+
+    /// Records `count` would-rejected connections of a service to a destination (from the
+    /// datapath's events), for [`Evidence::top_destinations`].
+    pub fn record_destination(&mut self, service: &str, time: SystemTime, destination: &str, count: u64) {
+        let limits = self.limits;
+        self.series.entry(service.to_owned()).or_default().add_destination(time, destination, count, &limits);
+        self.queue(Line::Destination {
+            service: service.to_owned(),
+            t_ms: time,
+            destination: destination.to_owned(),
+            count,
+        });
+    }
+
+    fn queue(&mut self, line: Line) {
+        if self.overflowed {
+            return;
+        }
+        if self.pending.len() >= self.limits.pending {
+            self.pending.clear();
+            self.overflowed = true;
+        } else {
+            self.pending.push(line);
+        }
+    }
+
+    /// Applies a line read from a file.
+    fn apply(&mut self, line: Line) {
+        let limits = self.limits;
+        match line {
+            Line::Sample { service, t_ms, allowed, would_reject, raw } => {
+                let series = self.series.entry(service).or_default();
+                series.push(Sample { time: t_ms, allowed, would_reject }, &limits);
+                series.raw = raw.or(Some((allowed, would_reject)));
+            }
+            Line::Destination { service, t_ms, destination, count } => {
+                self.series.entry(service).or_default().add_destination(t_ms, &destination, count, &limits);
+            }
+        }
+    }
+
+    /// The newest sample of a service.
+    pub fn latest(&self, service: &str) -> Option<Sample> {
+        self.series.get(service).and_then(Series::newest).copied()
+    }
+
+    /// The services with samples, by name.
+    pub fn services(&self) -> impl Iterator<Item = &str> {
+        self.series.keys().map(String::as_str)
+    }
+
+    /// Drops a service's history (it left the policy).
+    pub fn forget(&mut self, service: &str) {
+        self.series.remove(service);
+    }
+
+    /// Drops services whose newest sample is older than [`HistoryLimits::retain`] at `now`.
+    pub fn prune(&mut self, now: SystemTime) {
+        let retain = self.limits.retain;
+        self.series.retain(|_, s| s.newest().is_some_and(|n| elapsed(n.time, now) <= retain));
+    }
+
+    /// How many samples are held for a service (for tests and metrics).
+    pub fn sample_count(&self, service: &str) -> usize {
+        self.series.get(service).map_or(0, |s| s.coarse.len() + s.fine.len())
+    }
+
+    /// The evidence for a service over the `window` that ends at `now`: the counter deltas from
+    /// the last sample at or before the window's start (or, without one, the earliest sample in
+    /// the window) to the newest sample at or before `now`. Samples after `now` are ignored.
+    pub fn evidence(&self, service: &str, now: SystemTime, window: Duration) -> Evidence {
+        let start = now.checked_sub(window).unwrap_or(UNIX_EPOCH);
+        let mut evidence = Evidence {
+            service: service.to_owned(),
+            at: now,
+            window,
+            observed_for: Duration::ZERO,
+            allowed: 0,
+            would_reject: 0,
+            last_would_reject: None,
+            top_destinations: Vec::new(),
+        };
+        let Some(series) = self.series.get(service) else { return evidence };
+        let samples: Vec<&Sample> = series.samples().filter(|s| s.time <= now).collect();
+        let base = samples.iter().rposition(|s| s.time <= start).unwrap_or(0);
+        let used = samples.get(base..).unwrap_or_default();
+        if let (Some(first), Some(last)) = (used.first(), used.last()) {
+            evidence.allowed = last.allowed.saturating_sub(first.allowed);
+            evidence.would_reject = last.would_reject.saturating_sub(first.would_reject);
+        }
+        for pair in used.windows(2) {
+            let [a, b] = pair else { continue };
+            if elapsed(a.time, b.time) <= self.limits.max_gap {
+                evidence.observed_for += elapsed(a.time.max(start), b.time);
+            }
+            if b.would_reject > a.would_reject {
+                evidence.last_would_reject = Some(b.time);
+            }
+        }
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        // A destination step that starts before the window may still end inside it.
+        let first_step = step_start(start, &self.limits);
+        for d in series.destinations.iter().filter(|d| d.time >= first_step && d.time <= now) {
+            let entry = counts.entry(&d.destination).or_default();
+            *entry = entry.saturating_add(d.count);
+        }
+        let mut top: Vec<(String, u64)> = counts.into_iter().map(|(d, n)| (d.to_owned(), n)).collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(TOP_DESTINATIONS);
+        evidence.top_destinations = top;
+        evidence
+    }
+
+    /// Reads a history file written by [`append`](Self::append) and [`save`](Self::save), with
+    /// the default limits. A missing file is an empty history.
+    pub fn load(path: &Path) -> Result<LoadedHistory, StoreError> {
+        Self::load_with_limits(path, HistoryLimits::default())
+    }
+
+    /// [`load`](Self::load) with other limits.
+    pub fn load_with_limits(path: &Path, limits: HistoryLimits) -> Result<LoadedHistory, StoreError> {
+        let mut history = CounterHistory::new(limits);
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(LoadedHistory { history, skipped_lines: 0 });
+            }
+            Err(source) => return Err(StoreError::Read { path: path.to_owned(), source }),
+        };
+        let mut skipped_lines = 0;
+        for line in BufReader::new(file).lines() {
+            let line = line.map_err(|source| StoreError::Read { path: path.to_owned(), source })?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Line>(&line) {
+                Ok(line) => history.apply(line),
+                Err(_) => skipped_lines += 1,
+            }
+        }
+        Ok(LoadedHistory { history, skipped_lines })
+    }
+
+    /// Appends the lines recorded since the last append or save to the file (created with mode
+    /// 0600), or rewrites it with [`save`](Self::save) when too many lines were held back.
+    pub fn append(&mut self, path: &Path) -> Result<(), StoreError> {
+        if self.overflowed {
+            return self.save(path);
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let text = lines_text(&self.pending).map_err(|source| StoreError::Write { path: path.to_owned(), source })?;
+        append_text(path, &text)?;
+        self.appended += self.pending.len();
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Rewrites the file with the whole (compacted) history, atomically (mode 0600).
+    pub fn save(&mut self, path: &Path) -> Result<(), StoreError> {
+        let mut lines = Vec::new();
+        for (service, series) in &self.series {
+            let newest = series.newest().copied();
+            for sample in series.samples() {
+                lines.push(Line::Sample {
+                    service: service.clone(),
+                    t_ms: sample.time,
+                    allowed: sample.allowed,
+                    would_reject: sample.would_reject,
+                    raw: if Some(*sample) == newest { series.raw } else { None },
+                });
+            }
+            for d in &series.destinations {
+                lines.push(Line::Destination {
+                    service: service.clone(),
+                    t_ms: d.time,
+                    destination: d.destination.clone(),
+                    count: d.count,
+                });
+            }
+        }
+        let write = |source| StoreError::Write { path: path.to_owned(), source };
+        let text = lines_text(&lines).map_err(write)?;
+        replace_file(path, &text).map_err(write)?;
+        self.pending.clear();
+        self.overflowed = false;
+        self.appended = 0;
+        Ok(())
+    }
+
+    /// Lines appended since the file was last rewritten by [`save`](Self::save).
+    pub fn appended_since_save(&self) -> usize {
+        self.appended
+    }
+}
+
+fn lines_text<T: Serialize>(lines: &[T]) -> std::io::Result<String> {
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(&serde_json::to_string(line).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// Appends `text` with one write (creating the file 0600 and its directories), then syncs.
+fn append_text(path: &Path, text: &str) -> Result<(), StoreError> {
+    let write = |source| StoreError::Write { path: path.to_owned(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(write)?;
+    }
+    let mut file = OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(write)?;
+    file.write_all(text.as_bytes()).map_err(write)?;
+    file.sync_data().map_err(write)
+}
+
+/// Replaces a file atomically: a temporary file in the same directory, synced, renamed.
+fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.to_owned(),
+        None => PathBuf::from("."),
+    };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&temp, path)?;
+        File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Who made a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// User name.
+    pub user: String,
+    /// User id.
+    pub uid: u32,
+}
+
+/// One promotion or demotion of a service in one environment, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionRecord {
+    /// When.
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    /// The service.
+    pub service: String,
+    /// The environment (a change of several environments is one record each).
+    pub environment: String,
+    /// The effective mode before.
+    pub from: Mode,
+    /// The effective mode after.
+    pub to: Mode,
+    /// Who.
+    pub who: Actor,
+    /// Why (required with `forced`).
+    pub reason: Option<String>,
+    /// True when the gate refused and `--force` overrode it.
+    pub forced: bool,
+    /// The gate's refusal that `--force` overrode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overridden: Option<String>,
+    /// The evidence the gate saw, if it ran.
+    pub evidence: Option<Evidence>,
+}
+
+/// Appends a record to the log as one JSON line (creating the file with mode 0600, and its
+/// directories with 0700), then syncs it.
+pub fn append_log(path: &Path, record: &PromotionRecord) -> Result<(), StoreError> {
+    let text = lines_text(std::slice::from_ref(record))
+        .map_err(|source| StoreError::Write { path: path.to_owned(), source })?;
+    append_text(path, &text)
+}
+
+/// Reads the log; a missing file is an empty log.
+pub fn read_log(path: &Path) -> Result<Vec<PromotionRecord>, StoreError> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(StoreError::Read { path: path.to_owned(), source }),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|source| StoreError::Parse { path: path.to_owned(), line: i + 1, source })
+        })
+        .collect()
+}
+
+/// Durations as whole seconds.
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+/// Times as milliseconds since the Unix epoch.
+mod unix_ms {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+        s.serialize_u64(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        u64::deserialize(d).map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+    }
+}
+
+/// Times as RFC 3339 UTC text with milliseconds, `2025-01-31T23:59:59.123Z`.
+pub mod rfc3339 {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Formats a time (times before 1970 are shown as the epoch).
+    pub fn format(time: SystemTime) -> String {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let (days, rest) = (secs / 86_400, secs % 86_400);
+        let (year, month, day) = civil_from_days(days as i64);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rest / 3600,
+            rest % 3600 / 60,
+            rest % 60,
+            since.subsec_millis()
+        )
+    }
+
+    /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)`.
+    pub fn parse(text: &str) -> Option<SystemTime> {
+        let text = text.strip_suffix('Z').or_else(|| text.strip_suffix("+00:00"))?;
+        let (date, time) = text.split_once(['T', 't', ' '])?;
+        let mut date = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+        let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+        let (time, fraction) = time.split_once('.').unwrap_or((time, ""));
+        let mut hms = time.splitn(3, ':').map(|p| p.parse::<u64>().ok());
+        let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+            return None;
+        }
+        if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let nanos: u32 = format!("{:0<9}", fraction.get(..9).unwrap_or(fraction)).parse().ok()?;
+        let days = u64::try_from(days_from_civil(year, month, day)).ok()?;
+        Some(UNIX_EPOCH + Duration::new(days * 86_400 + h * 3600 + m * 60 + s, nanos))
+    }
+
+    /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (month + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    /// The date of a day count since 1970-01-01.
+    fn civil_from_days(days: i64) -> (i64, i64, i64) {
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        (year, month, day)
+    }
+
+    pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*t))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 UTC time: `{text}`")))
+    }
+}
+
+mod rfc3339_option {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_some(&super::rfc3339::format(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => super::rfc3339::parse(&text)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 UTC time: `{text}`"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    const T0: u64 = 1_750_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        // Minute-aligned origin, so compaction steps fall on whole minutes of the test clock.
+        UNIX_EPOCH + Duration::from_secs(T0 - T0 % 60 + secs)
+    }
+
+    fn mins(n: u64) -> Duration {
+        Duration::from_secs(60 * n)
+    }
+
+    fn evidence(allowed: u64, would_reject: u64) -> Evidence {
+        Evidence {
+            service: "web".into(),
+            at: at(100_000),
+            window: 24 * HOUR,
+            observed_for: 24 * HOUR,
+            allowed,
+            would_reject,
+            last_would_reject: None,
+            top_destinations: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_gate_explains_would_rejects() {
+        let mut e = evidence(500, 3);
+        e.last_would_reject = Some(at(100_000 - 7200));
+        e.top_destinations = vec![("db:5432/tcp".into(), 2), ("10.0.0.1:443/tcp".into(), 1)];
+        let refusal = gate(&e, &GateConfig::default()).unwrap_err();
+        assert_eq!(
+            refusal.to_string(),
+            "web had 3 would-rejected connections in the last 24h, the last 2h ago, to db:5432/tcp (2), \
+             10.0.0.1:443/tcp (1); fix the policy or pass --force with --reason"
+        );
+        let mut e = evidence(500, 1);
+        e.top_destinations = vec![];
+        assert_eq!(
+            gate(&e, &GateConfig::default()).unwrap_err().to_string(),
+            "web had 1 would-rejected connection in the last 24h; fix the policy or pass --force with --reason"
+        );
+        let mut e = evidence(500, 10);
+        e.last_would_reject = Some(at(100_000 - 90));
+        e.top_destinations = vec![("api.example.com:443/tcp".into(), 4)];
+        assert_eq!(
+            gate(&e, &GateConfig::default()).unwrap_err().to_string(),
+            "web had 10 would-rejected connections in the last 24h, the last 1m30s ago, to \
+             api.example.com:443/tcp (4), others (6); fix the policy or pass --force with --reason"
+        );
+        // Would-rejects are the first reason, even with too little traffic.
+        let mut e = evidence(1, 1);
+        e.observed_for = mins(1);
+        assert!(matches!(gate(&e, &GateConfig::default()), Err(Refusal::WouldReject { count: 1, .. })));
+    }
+
+    #[test]
+    fn the_gate_wants_enough_traffic_and_time() {
+        let config = GateConfig::default();
+        assert_eq!(
+            gate(&evidence(12, 0), &config).unwrap_err().to_string(),
+            "only 12 connections observed in the last 24h (minimum 100)"
+        );
+        assert_eq!(
+            gate(&evidence(1, 0), &config).unwrap_err().to_string(),
+            "only 1 connection observed in the last 24h (minimum 100)"
+        );
+        let mut e = evidence(5000, 0);
+        e.observed_for = mins(10);
+        assert_eq!(gate(&e, &config).unwrap_err().to_string(), "observed for 10m of the 24h window (minimum 1h)");
+        e.observed_for = HOUR;
+        assert_eq!(gate(&e, &config), Ok(()));
+        assert_eq!(gate(&evidence(100, 0), &config), Ok(()));
+        let mut e = evidence(5000, 0);
+        e.window = HOUR;
+        assert_eq!(
+            gate(&e, &config).unwrap_err().to_string(),
+            "the evidence for web covers the last 1h, the gate needs 24h"
+        );
+    }
+
+    #[test]
+    fn durations_read_well() {
+        let h = |secs| Human(Duration::from_secs(secs)).to_string();
+        assert_eq!(h(0), "0s");
+        assert_eq!(h(45), "45s");
+        assert_eq!(h(90), "1m30s");
+        assert_eq!(h(600), "10m");
+        assert_eq!(h(3600), "1h");
+        assert_eq!(h(3600 + 30), "1h");
+        assert_eq!(h(5400), "1h30m");
+        assert_eq!(h(86_400), "24h");
+        assert_eq!(h(7 * 86_400 + 3600), "7d1h");
+        assert_eq!(Human(Duration::from_millis(999)).to_string(), "0s");
+    }
+
+    /// Samples every `every` seconds from `from` to `to` (inclusive), counters from `counts`.
+    fn fill(history: &mut CounterHistory, from: u64, to: u64, every: u64, counts: impl Fn(u64) -> (u64, u64)) {
+        let mut t = from;
+        while t <= to {
+            let (a, w) = counts(t);
+            history.record("web", at(t), a, w);
+            t += every;
+        }
+    }
+
+    #[test]
+    fn evidence_is_the_delta_over_the_window() {
+        let mut h = CounterHistory::default();
+        fill(&mut h, 0, 7200, 10, |t| (t, 0)); // one allowed connection per second
+        let e = h.evidence("web", at(7200), HOUR);
+        assert_eq!((e.allowed, e.would_reject, e.observed_for), (3600, 0, HOUR));
+        assert_eq!(e.last_would_reject, None);
+        // A start between samples takes the last sample before it.
+        let e = h.evidence("web", at(7200), Duration::from_secs(1805));
+        assert_eq!((e.allowed, e.observed_for), (1810, Duration::from_secs(1805)));
+        // Older than an hour, samples are one a minute (the first of each): the base is the
+        // minute's first sample.
+        let e = h.evidence("web", at(7200), Duration::from_secs(3605));
+        assert_eq!((e.allowed, e.observed_for), (3660, Duration::from_secs(3605)));
+        // `now` between samples: the newest sample before it ends the window.
+        let e = h.evidence("web", at(7195), mins(30));
+        assert_eq!((e.allowed, e.observed_for), (1800, Duration::from_secs(1795)));
+        // Without a sample before the start, the earliest sample in the window is the base.
+        let e = h.evidence("web", at(7200), 3 * HOUR);
+        assert_eq!((e.allowed, e.observed_for), (7200, 2 * HOUR));
+        // Before the first sample, or for an unknown service, there is nothing.
+        assert_eq!(h.evidence("web", at(0), HOUR).allowed, 0);
+        let e = h.evidence("db", at(7200), HOUR);
+        assert_eq!((e.allowed, e.observed_for, e.service.as_str()), (0, Duration::ZERO, "db"));
+    }
+
+    #[test]
+    fn would_rejects_are_counted_and_timed() {
+        let mut h = CounterHistory::default();
+        fill(&mut h, 0, 7200, 10, |t| (t, if t >= 1000 { 1 } else { 0 } + if t >= 5000 { 2 } else { 0 }));
+        let e = h.evidence("web", at(7200), HOUR);
+        assert_eq!(e.would_reject, 2);
+        assert_eq!(e.last_would_reject, Some(at(5000)));
+        let e = h.evidence("web", at(7200), Duration::from_secs(7000));
+        assert_eq!(e.would_reject, 3);
+        // A window that ends before the second increase sees only the first; it is older than
+        // an hour, so it is timed by the first sample of the next minute.
+        let e = h.evidence("web", at(4990), 2 * HOUR);
+        assert_eq!((e.would_reject, e.last_would_reject), (1, Some(at(1020))));
+        let e = h.evidence("web", at(7200), Duration::from_secs(2200));
+        assert_eq!((e.would_reject, e.last_would_reject), (0, None));
+    }
+
+    #[test]
+    fn a_counter_reset_restarts_from_zero() {
+        let mut h = CounterHistory::default();
+        h.record("web", at(0), 100, 5);
+        h.record("web", at(60), 150, 5);
+        h.record("web", at(120), 20, 1); // restart: 20 and 1 since
+        h.record("web", at(180), 50, 1);
+        let e = h.evidence("web", at(180), HOUR);
+        assert_eq!((e.allowed, e.would_reject), (50 + 20 + 30, 1));
+        assert_eq!(e.last_would_reject, Some(at(120)));
+        // Only one counter going down is a reset too: both restart.
+        h.record("web", at(240), 60, 0);
+        let e = h.evidence("web", at(240), HOUR);
+        assert_eq!((e.allowed, e.would_reject), (50 + 20 + 30 + 60, 1));
+        assert_eq!(h.latest("web").map(|s| (s.allowed, s.would_reject)), Some((100 + 50 + 20 + 30 + 60, 6)));
+    }
+
+    #[test]
+    fn gaps_do_not_count_as_observed() {
+        let mut h = CounterHistory::default();
+        fill(&mut h, 0, 3600, 30, |t| (t, 0));
+        fill(&mut h, 3 * 3600, 4 * 3600, 30, |t| (t, 0)); // the agent was down for two hours
+        let e = h.evidence("web", at(4 * 3600), 4 * HOUR);
+        assert_eq!(e.observed_for, 2 * HOUR);
+        assert_eq!(e.allowed, 4 * 3600);
+    }
+
+    #[test]
+    fn samples_closer_than_the_minimum_interval_replace_the_newest() {
+        let mut h = CounterHistory::default();
+        for i in 0..1000 {
+            h.record("web", at(0) + Duration::from_millis(i), i, 0);
+        }
+        assert!(h.sample_count("web") <= 2, "{}", h.sample_count("web"));
+        assert_eq!(h.latest("web").map(|s| s.allowed), Some(999));
+        // A clock that goes back counts as the newest time.
+        h.record("web", at(0) - HOUR, 1500, 0);
+        assert_eq!(h.latest("web").map(|s| (s.time, s.allowed)), Some((at(0) + Duration::from_millis(999), 1500)));
+    }
+
+    /// A deterministic, uneven traffic pattern: cumulative counters at every 10 s step up to
+    /// `end`.
+    fn traffic(end: u64) -> Vec<(u64, u64)> {
+        let (mut allowed, mut would_reject) = (0, 0);
+        (0..=end / 10)
+            .map(|i| {
+                allowed += (i * 7919) % 13;
+                would_reject += u64::from((i * 104_729) % 997 == 0);
+                (allowed, would_reject)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compaction_bounds_memory_and_keeps_the_answer() {
+        let end = 30 * 3600;
+        let table = traffic(end);
+        let traffic = |t: u64| table[(t / 10) as usize];
+        let mut full = CounterHistory::new(HistoryLimits { fine: Duration::MAX, ..HistoryLimits::default() });
+        let mut compact = CounterHistory::default();
+        fill(&mut full, 0, end, 10, traffic);
+        fill(&mut compact, 0, end, 10, traffic);
+        assert_eq!(full.sample_count("web"), (end / 10 + 1) as usize);
+        // One hour of 10-second samples, then one per minute.
+        assert!(compact.sample_count("web") <= 360 + 29 * 60 + 2, "{}", compact.sample_count("web"));
+        for window_mins in [1, 30, 59, 60, 61, 90, 24 * 60, 29 * 60, 40 * 60] {
+            // Windows that start on a whole minute: exactly the same answer.
+            for now in [end, end - 600, end - 3600] {
+                let a = full.evidence("web", at(now), mins(window_mins));
+                let b = compact.evidence("web", at(now), mins(window_mins));
+                assert_eq!((a.allowed, a.would_reject, a.observed_for), (b.allowed, b.would_reject, b.observed_for));
+                let (la, lb) = (a.last_would_reject, b.last_would_reject);
+                let close = match (la, lb) {
+                    (Some(x), Some(y)) => elapsed(x, y) < mins(1),
+                    (x, y) => x == y,
+                };
+                assert!(close, "{window_mins}m at {now}: {la:?} vs {lb:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn retention_drops_old_samples_but_keeps_a_base() {
+        let limits = HistoryLimits { retain: 2 * HOUR, ..HistoryLimits::default() };
+        let mut h = CounterHistory::new(limits);
+        fill(&mut h, 0, 10 * 3600, 60, |t| (t, 0));
+        assert!(h.sample_count("web") <= 2 * 60 + 2 + 60, "{}", h.sample_count("web"));
+        let e = h.evidence("web", at(10 * 3600), 2 * HOUR);
+        assert_eq!((e.allowed, e.observed_for), (2 * 3600, 2 * HOUR));
+        h.prune(at(10 * 3600) + 3 * HOUR);
+        assert_eq!(h.services().count(), 0);
+    }
+
+    #[test]
+    fn destinations_are_ranked_within_the_window() {
+        let mut h = CounterHistory::default();
+        h.record_destination("web", at(0), "old:1/tcp", 50);
+        for (d, n) in [("a:1/tcp", 1), ("b:2/tcp", 5), ("c:3/udp", 3), ("d:4/tcp", 2), ("e:5/tcp", 2), ("f:6/tcp", 1)] {
+            h.record_destination("web", at(7200), d, n);
+        }
+        h.record_destination("web", at(7230), "a:1/tcp", 3);
+        let e = h.evidence("web", at(7300), HOUR);
+        let expected = [("a:1/tcp", 4), ("b:2/tcp", 5), ("c:3/udp", 3), ("d:4/tcp", 2), ("e:5/tcp", 2)];
+        let mut expected: Vec<(String, u64)> = expected.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect();
+        expected.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        assert_eq!(e.top_destinations, expected);
+        assert_eq!(h.evidence("web", at(7300), 3 * HOUR).top_destinations.first(), Some(&("old:1/tcp".to_owned(), 50)));
+    }
+
+    #[test]
+    fn history_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/history.jsonl");
+        let table = traffic(3 * 3600);
+        let mut h = CounterHistory::default();
+        fill(&mut h, 0, 3 * 3600, 10, |t| table[(t / 10) as usize]);
+        h.record_destination("web", at(3 * 3600 - 100), "db:5432/tcp", 2);
+        h.append(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let windows = [mins(5), HOUR, 2 * HOUR, 3 * HOUR];
+        let now = at(3 * 3600);
+        let loaded = CounterHistory::load(&path).unwrap();
+        assert_eq!(loaded.skipped_lines, 0);
+        let mut loaded = loaded.history;
+        for w in windows {
+            assert_eq!(loaded.evidence("web", now, w), h.evidence("web", now, w));
+        }
+        // Saving compacts the file; loading it gives the same answers.
+        let before = fs::read_to_string(&path).unwrap().lines().count();
+        loaded.save(&path).unwrap();
+        let after = fs::read_to_string(&path).unwrap().lines().count();
+        assert!(after < before, "{after} < {before}");
+        assert_eq!(loaded.appended_since_save(), 0);
+        let mut again = CounterHistory::load(&path).unwrap().history;
+        for w in windows {
+            assert_eq!(again.evidence("web", now, w), h.evidence("web", now, w));
+        }
+        // After a restart the kernel counters start from 0 again: a reset, not a loss.
+        let latest = again.latest("web").unwrap();
+        again.record("web", at(3 * 3600 + 10), 5, 1);
+        assert_eq!(again.latest("web").map(|s| s.allowed), Some(latest.allowed + 5));
+        assert_eq!(again.latest("web").map(|s| s.would_reject), Some(latest.would_reject + 1));
+        // And without a reset the counters continue from their raw values.
+        let (raw_allowed, raw_would_reject) = table[3 * 360];
+        let mut continued = CounterHistory::load(&path).unwrap().history;
+        continued.record("web", at(3 * 3600 + 10), raw_allowed + 7, raw_would_reject);
+        assert_eq!(continued.latest("web").map(|s| s.allowed), Some(latest.allowed + 7));
+        // Appending after the save adds only the new lines.
+        again.append(&path).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), after + 1);
+        assert_eq!(again.appended_since_save(), 1);
+    }
+
+    #[test]
+    fn a_torn_line_is_skipped_and_a_missing_file_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        let loaded = CounterHistory::load(&path).unwrap();
+        assert_eq!((loaded.history.services().count(), loaded.skipped_lines), (0, 0));
+        let mut h = CounterHistory::default();
+        h.record("web", at(0), 1, 0);
+        h.record("web", at(60), 2, 0);
+        h.append(&path).unwrap();
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"kind\":\"sample\",\"serv").unwrap();
+        let loaded = CounterHistory::load(&path).unwrap();
+        assert_eq!(loaded.skipped_lines, 1);
+        assert_eq!(loaded.history.latest("web"), h.latest("web"));
+    }
+
+    #[test]
+    fn too_many_pending_lines_turn_the_append_into_a_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        let mut h = CounterHistory::new(HistoryLimits { pending: 10, ..HistoryLimits::default() });
+        fill(&mut h, 0, 600, 10, |t| (t, 0));
+        h.append(&path).unwrap();
+        let loaded = CounterHistory::load(&path).unwrap().history;
+        assert_eq!(loaded.evidence("web", at(600), HOUR), h.evidence("web", at(600), HOUR));
+        assert_eq!(h.appended_since_save(), 0);
+    }
+
+    #[test]
+    fn records_go_to_the_log_one_line_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log/promotions.jsonl");
+        let mut e = evidence(1234, 0);
+        e.last_would_reject = Some(at(5));
+        let record = PromotionRecord {
+            time: UNIX_EPOCH + Duration::from_millis(1_750_000_000_123),
+            service: "web".into(),
+            environment: "prod".into(),
+            from: Mode::Audit,
+            to: Mode::Enforce,
+            who: Actor { user: "alice".into(), uid: 1000 },
+            reason: Some("clean for a week".into()),
+            forced: false,
+            overridden: None,
+            evidence: Some(e),
+        };
+        append_log(&path, &record).unwrap();
+        let forced = PromotionRecord { forced: true, overridden: Some("…".into()), evidence: None, ..record.clone() };
+        append_log(&path, &forced).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(
+            text.starts_with("{\"time\":\"2025-06-15T15:06:40.123Z\",\"service\":\"web\",\"environment\":\"prod\""),
+            "{text}"
+        );
+        assert!(text.contains("\"who\":{\"user\":\"alice\",\"uid\":1000}"), "{text}");
+        assert_eq!(read_log(&path).unwrap(), vec![record, forced]);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(read_log(&dir.path().join("none")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rfc3339_round_trips() {
+        assert_eq!(rfc3339::format(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339::format(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339::format(UNIX_EPOCH + Duration::from_secs(4_107_542_399)), "2100-02-28T23:59:59.000Z");
+        assert_eq!(rfc3339::parse("2000-02-29T00:00:00Z"), Some(UNIX_EPOCH + Duration::from_secs(951_782_400)));
+        assert_eq!(rfc3339::parse("1970-01-01T00:00:00.5+00:00"), Some(UNIX_EPOCH + Duration::from_millis(500)));
+        for secs in (0..5_000_000_000u64).step_by(123_456_789) {
+            let t = UNIX_EPOCH + Duration::from_millis(secs * 1000 + secs % 1000);
+            assert_eq!(rfc3339::parse(&rfc3339::format(t)), Some(t), "{secs}");
+        }
+        for bad in ["", "2020-01-01", "2020-13-01T00:00:00Z", "2020-01-01T24:00:00Z", "2020-01-01T00:00:00+02:00", "x"]
+        {
+            assert_eq!(rfc3339::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn evidence_serializes_readably() {
+        let mut e = evidence(10, 2);
+        e.last_would_reject = Some(at(60));
+        e.top_destinations = vec![("db:5432/tcp".into(), 2)];
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["window_secs"], 86_400);
+        assert_eq!(json["top_destinations"][0][0], "db:5432/tcp");
+        assert!(json["last_would_reject"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(serde_json::from_value::<Evidence>(json).unwrap(), e);
+        let config: GateConfig =
+            serde_json::from_str(r#"{"window_secs":3600,"min_connections":5,"min_observed_secs":60}"#).unwrap();
+        assert_eq!(config, GateConfig { window: HOUR, min_connections: 5, min_observed: mins(1) });
+    }
+}

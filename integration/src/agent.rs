@@ -1,0 +1,189 @@
+//! A real `policyctl agent` process for tests, with its own pins, state, control socket and
+//! metrics port, and the test cgroups its policy selects; both clean up on drop.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test fixtures fail the test by panicking, with the reason"
+)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use depfence::agent::control::{self, AgentStatus, Request};
+use depfence::cgroup::ChildCgroup;
+use depfence::datapath::pins::{PinLayout, ensure_bpffs, random_suffix};
+
+use crate::fixture::cgroup2_root;
+
+/// A running `policyctl agent` with its own pins, state, socket and metrics port; stopped
+/// (SIGKILL by PID) and its pins removed on drop.
+pub struct Agent {
+    policyctl: PathBuf,
+    child: Option<Child>,
+    pins: PinLayout,
+    state: tempfile::TempDir,
+    /// Its control socket.
+    pub socket: PathBuf,
+    /// Its metrics port on 127.0.0.1.
+    pub metrics: u16,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Agent {
+    /// Starts `policyctl agent` (the binary at `policyctl`) and waits until it is ready.
+    pub fn start(policyctl: &Path, policy: &Path, environment: &str) -> Self {
+        let (bpffs, _) = ensure_bpffs().unwrap();
+        let pins = PinLayout::new(bpffs.join(format!("depfence-test-agent-{}", random_suffix())));
+        let state = tempfile::tempdir().unwrap();
+        let socket = state.path().join("control.sock");
+        let log = state.path().join("agent.log");
+        let mut agent =
+            Agent { policyctl: policyctl.to_owned(), child: None, pins, socket, metrics: free_port(), log, state };
+        agent.spawn(policy, environment);
+        agent
+    }
+
+    /// (Re)starts the agent process on the same pins and state, and waits until it is ready.
+    pub fn spawn(&mut self, policy: &Path, environment: &str) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new(&self.policyctl)
+            .arg("agent")
+            .arg(policy)
+            .args(["--environment", environment, "--metrics-listen", &format!("127.0.0.1:{}", self.metrics)])
+            .arg("--pin-root")
+            .arg(self.pins.root())
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.try_status().is_ok_and(|s| s.ready) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent not ready in 20 s; log:\n{}", self.log_text());
+    }
+
+    /// The agent's status, or why it did not answer.
+    pub fn try_status(&self) -> Result<AgentStatus, control::ClientError> {
+        let body = control::request(&self.socket, &Request::Status)?;
+        Ok(serde_json::from_value(body).unwrap())
+    }
+
+    /// The agent's status.
+    pub fn status(&self) -> AgentStatus {
+        self.try_status().unwrap_or_else(|e| panic!("status: {e}; log:\n{}", self.log_text()))
+    }
+
+    /// Everything the agent logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The metrics page.
+    pub fn metrics(&self) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.metrics)).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    /// The value of one sample line of the metrics page (`name{labels}`), or None.
+    pub fn sample(&self, series: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    /// Waits until `check` holds for the status (the agent works in 100 ms – 1 s ticks).
+    pub fn wait_status(&self, what: &str, check: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = self.status();
+            if check(&status) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{what}: {status:#?}\nlog:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = self.pins.remove_all() {
+            eprintln!("cleanup: pins {}: {e}", self.pins.root().display());
+        }
+    }
+}
+
+/// The test's cgroups: `depfence-test-agent-<rand>/…` under the cgroup2 root, removed on drop.
+pub struct Cgroups {
+    top: ChildCgroup,
+    /// The children, in creation order.
+    pub children: Vec<ChildCgroup>,
+}
+
+impl Cgroups {
+    /// A fresh `depfence-test-agent-<rand>` below the cgroup2 root.
+    pub fn new() -> Self {
+        let top =
+            ChildCgroup::create(&cgroup2_root().unwrap(), &format!("depfence-test-agent-{}", random_suffix())).unwrap();
+        Self { top, children: Vec::new() }
+    }
+    /// Path of the top relative to the cgroup2 mount.
+    pub fn relative(&self) -> String {
+        self.top.dir().file_name().unwrap().to_string_lossy().into_owned()
+    }
+    /// Creates a child cgroup.
+    pub fn child(&mut self, name: &str) -> PathBuf {
+        let child = ChildCgroup::create(self.top.dir(), name).unwrap();
+        let dir = child.dir().to_owned();
+        self.children.push(child);
+        dir
+    }
+}
+
+impl Default for Cgroups {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        let _ = self.top.kill_all();
+        while let Some(child) = self.children.pop() {
+            if let Err(e) = child.remove() {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
+}
