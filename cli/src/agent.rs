@@ -24,7 +24,9 @@ fn ask(socket: &Path, request: &Request) -> Result<serde_json::Value, CliError> 
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
+#[allow(clippy::too_many_arguments, reason = "the agent's command-line options")]
 pub fn run_agent(
+    gate: depfence::promote::GateConfig,
     policy: &Path,
     environment: String,
     metrics_listen: &str,
@@ -55,6 +57,7 @@ pub fn run_agent(
     config.pin_root = pin_root;
     config.state_dir = state_dir;
     config.control_socket = socket;
+    config.gate = gate;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -249,6 +252,42 @@ pub fn apply_candidate(socket: &Path, candidate: Option<PathBuf>, activate: bool
                 None if activate => eprintln!("the candidate is now the policy (generation {})", status.generation),
                 None => eprintln!("no candidate"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ClientError::Refused(message)) => {
+            eprintln!("{message}");
+            Ok(ExitCode::from(crate::output::EXIT_INVALID))
+        }
+        Err(e) => Err(client_error(e)),
+    }
+}
+
+/// `policyctl promote` / `demote`.
+pub fn change_mode(
+    socket: &Path,
+    service: String,
+    environment: Option<String>,
+    mode: depfence::policy::Mode,
+    force: bool,
+    reason: Option<String>,
+) -> Result<ExitCode, CliError> {
+    let verb = if mode == depfence::policy::Mode::Enforce { "promoted" } else { "demoted" };
+    let request = Request::Promote { service: service.clone(), environment, mode, force, reason };
+    match control::request(socket, &request) {
+        Ok(body) => {
+            let outcome = body.get("outcome").cloned().unwrap_or_default();
+            let changed = outcome.get("changed").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            let file = outcome.get("file").and_then(serde_json::Value::as_str).unwrap_or("?");
+            if !changed {
+                eprintln!("{service} already has that mode; {file} is unchanged");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(overridden) = outcome.get("overridden").and_then(serde_json::Value::as_str) {
+                eprintln!("warning: forced past the evidence gate: {overridden}");
+            }
+            print!("{}", outcome.get("diff").and_then(serde_json::Value::as_str).unwrap_or(""));
+            let generation = body.get("generation").and_then(serde_json::Value::as_u64).unwrap_or(0);
+            eprintln!("{service} {verb}: {file} rewritten, applied as generation {generation}");
             Ok(ExitCode::SUCCESS)
         }
         Err(ClientError::Refused(message)) => {

@@ -176,6 +176,49 @@ pub enum Command {
         /// Log lines as text or JSON.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         log_format: Output,
+        /// `promote --enforce` refuses if the service had would-rejects within this window.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        promote_window: std::time::Duration,
+        /// ... or fewer connections than this in the window.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        promote_min_connections: u64,
+        /// ... or was observed for less than this part of the window.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+        promote_min_observed: std::time::Duration,
+    },
+    /// Move a service to enforce once the evidence says it is safe: no would-rejects within the
+    /// window and enough observed traffic (or `--force --reason`). Rewrites the mode in the
+    /// policy file (comments and layout kept); the running agent applies it at once.
+    Promote {
+        /// The service.
+        service: String,
+        /// Promote to enforce (the only target).
+        #[arg(long, required = true)]
+        enforce: bool,
+        /// The environment (default: the agent's).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
+        /// Promote even though the evidence does not allow it.
+        #[arg(long, requires = "reason")]
+        force: bool,
+        /// Why (logged with who and when; required with --force).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Move a service back to audit (no evidence needed); logged like a promotion.
+    Demote {
+        /// The service.
+        service: String,
+        /// The environment (default: the agent's).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
+        /// Why (logged with who and when).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
     },
     /// Make the running agent re-read its policy now (as SIGHUP does).
     Reload {

@@ -79,8 +79,25 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 crate::agent::status(&socket.socket, output)
             }
         }
-        Command::Agent { policy, environment, metrics_listen, pin_root, state_dir, socket, log_format } => {
+        Command::Agent {
+            policy,
+            environment,
+            metrics_listen,
+            pin_root,
+            state_dir,
+            socket,
+            log_format,
+            promote_window,
+            promote_min_connections,
+            promote_min_observed,
+        } => {
+            let gate = depfence::promote::GateConfig {
+                window: promote_window,
+                min_connections: promote_min_connections,
+                min_observed: promote_min_observed,
+            };
             crate::agent::run_agent(
+                gate,
                 policy.path()?,
                 environment,
                 &metrics_listen,
@@ -91,6 +108,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             )
         }
         Command::Reload { socket } => crate::agent::reload(&socket.socket),
+        Command::Promote { service, enforce: _, environment, force, reason, socket } => {
+            crate::agent::change_mode(&socket.socket, service, environment, policy::Mode::Enforce, force, reason)
+        }
+        Command::Demote { service, environment, reason, socket } => {
+            crate::agent::change_mode(&socket.socket, service, environment, policy::Mode::Audit, false, reason)
+        }
         Command::Events { follow, json, recent, socket } => crate::agent::events(&socket.socket, follow, json, recent),
         Command::Apply { candidate, drop: _, activate, socket } => {
             crate::agent::apply_candidate(&socket.socket, candidate, activate)

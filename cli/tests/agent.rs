@@ -232,3 +232,82 @@ fn candidate_policy_is_shadowed_then_activated() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("candidate.toml:3:") && stderr.contains("nope"), "{stderr}");
 }
+
+/// `promote --enforce` is refused while the evidence shows would-rejects (or too little
+/// traffic), accepted when it is clean; the policy file is rewritten with its comments, the
+/// agent applies it at once, and every change is logged with who and why.
+#[test]
+fn promotion_is_gated_on_evidence_and_logged() {
+    if !privileged("promotion_is_gated_on_evidence_and_logged") {
+        return;
+    }
+    let mut cgroups = Cgroups::new();
+    let app = cgroups.child("app");
+    let batch = cgroups.child("batch-1");
+    let (db, other) = (tcp_listener(LO4), tcp_listener(LO4));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    write_policy(&policy, &cgroups.relative(), "audit", db);
+    let gate = ["--promote-window", "30s", "--promote-min-observed", "1s", "--promote-min-connections", "5"];
+    let agent = Agent::start_with(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod", &gate);
+
+    // Too little traffic yet.
+    let out = policyctl(&["promote", "batch", "--enforce"], &agent.socket);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("promotion refused"), "{out:?}");
+
+    // app makes one undeclared connection; batch only declared ones.
+    assert_eq!(probe(&app, "tcp", LO4, db, 5), Ok(5));
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Ok(1));
+    assert_eq!(probe(&batch, "tcp", LO4, db, 6), Ok(6));
+    agent.wait_status("counted", |s| service(s, "app").is_some_and(|a| a.would_reject == 1));
+    std::thread::sleep(Duration::from_millis(2200)); // two samples a second apart
+    let before = std::fs::read_to_string(&policy).unwrap();
+
+    let out = policyctl(&["promote", "app", "--enforce"], &agent.socket);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("app had 1 would-rejected connection in the last 30s")
+            && stderr.contains(&format!("127.0.0.1:{other}/tcp (1)")),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), before, "a refusal changes nothing");
+
+    // --force needs a reason (clap refuses), and with one it goes through, logged as forced.
+    assert_eq!(policyctl(&["promote", "app", "--enforce", "--force"], &agent.socket).status.code(), Some(2));
+
+    let out = policyctl(&["promote", "batch", "--enforce"], &agent.socket);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&policy).unwrap();
+    assert!(text.contains("# test policy"), "comments kept:\n{text}");
+    assert!(text.contains("mode = { prod = \"enforce\" }"), "{text}");
+    let status = agent.status();
+    assert_eq!(service(&status, "batch").unwrap().mode, "enforce");
+    assert_eq!(probe(&batch, "tcp", LO4, other, 1), Err(EPERM), "enforced at once");
+
+    let out = policyctl(
+        &["promote", "app", "--enforce", "--force", "--reason", "INC-42: other is a known cache"],
+        &agent.socket,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forced past the evidence gate"));
+    let out = policyctl(&["demote", "batch", "--reason", "rollback drill"], &agent.socket);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(probe(&batch, "tcp", LO4, other, 1), Ok(1), "back in audit");
+
+    let log = depfence::promote::read_log(&agent.state_dir().join("promotions.jsonl")).unwrap();
+    let summary: Vec<(&str, &str, bool, Option<&str>)> =
+        log.iter().map(|r| (r.service.as_str(), r.who.user.as_str(), r.forced, r.reason.as_deref())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("batch", "root", false, None),
+            ("app", "root", true, Some("INC-42: other is a known cache")),
+            ("batch", "root", false, Some("rollback drill")),
+        ]
+    );
+    assert!(log[1].overridden.as_deref().is_some_and(|o| o.contains("would-rejected")));
+    assert_eq!(log[0].to, depfence::policy::Mode::Enforce);
+    assert_eq!(log[2].to, depfence::policy::Mode::Audit);
+}

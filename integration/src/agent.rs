@@ -25,6 +25,7 @@ use crate::fixture::cgroup2_root;
 /// (SIGKILL by PID) and its pins removed on drop.
 pub struct Agent {
     policyctl: PathBuf,
+    extra_args: Vec<String>,
     child: Option<Child>,
     pins: PinLayout,
     state: tempfile::TempDir,
@@ -42,13 +43,26 @@ fn free_port() -> u16 {
 impl Agent {
     /// Starts `policyctl agent` (the binary at `policyctl`) and waits until it is ready.
     pub fn start(policyctl: &Path, policy: &Path, environment: &str) -> Self {
+        Self::start_with(policyctl, policy, environment, &[])
+    }
+
+    /// [`Agent::start`] with more command-line options.
+    pub fn start_with(policyctl: &Path, policy: &Path, environment: &str, extra_args: &[&str]) -> Self {
         let (bpffs, _) = ensure_bpffs().unwrap();
         let pins = PinLayout::new(bpffs.join(format!("depfence-test-agent-{}", random_suffix())));
         let state = tempfile::tempdir().unwrap();
         let socket = state.path().join("control.sock");
         let log = state.path().join("agent.log");
-        let mut agent =
-            Agent { policyctl: policyctl.to_owned(), child: None, pins, socket, metrics: free_port(), log, state };
+        let mut agent = Agent {
+            policyctl: policyctl.to_owned(),
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            child: None,
+            pins,
+            socket,
+            metrics: free_port(),
+            log,
+            state,
+        };
         agent.spawn(policy, environment);
         agent
     }
@@ -66,6 +80,7 @@ impl Agent {
             .arg(self.state.path())
             .arg("--socket")
             .arg(&self.socket)
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -90,6 +105,11 @@ impl Agent {
     /// The agent's status.
     pub fn status(&self) -> AgentStatus {
         self.try_status().unwrap_or_else(|e| panic!("status: {e}; log:\n{}", self.log_text()))
+    }
+
+    /// Its state directory.
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
     }
 
     /// Everything the agent logged.

@@ -42,8 +42,10 @@ pub enum Request {
     Promote {
         /// The service.
         service: String,
+        /// The environment (default: the agent's).
+        environment: Option<String>,
         /// `enforce` to promote, `audit` to demote.
-        mode: String,
+        mode: crate::policy::Mode,
         /// Force past the evidence gate (needs a reason).
         force: bool,
         /// Why (logged with who and when).

@@ -27,6 +27,7 @@ use crate::snapshot::{Connection, Snapshot};
 pub mod control;
 pub mod discovery;
 pub mod kernel;
+pub mod rollout;
 pub mod telemetry;
 
 use self::control::{AgentStatus, CandidateStatus, ReloadStatus, Request, Response, ServiceStatus};
@@ -60,6 +61,8 @@ pub struct AgentConfig {
     pub scan_interval: Duration,
     /// Exact-rule capacity of the kernel map (two generations must fit during a swap).
     pub rule_capacity: u32,
+    /// What `promote --enforce` requires.
+    pub gate: crate::promote::GateConfig,
 }
 
 impl AgentConfig {
@@ -74,6 +77,7 @@ impl AgentConfig {
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
             scan_interval: Duration::from_millis(250),
             rule_capacity: abi::MAX_RULES,
+            gate: crate::promote::GateConfig::default(),
         }
     }
 }
@@ -123,8 +127,8 @@ fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Erro
 
 /// A message to the state task.
 enum Message {
-    /// A control request and where to answer.
-    Request(Request, oneshot::Sender<Response>),
+    /// A control request, the uid of the process that sent it, and where to answer.
+    Request(Request, Option<u32>, oneshot::Sender<Response>),
     /// A subscription to new events (with the recent ones).
     Subscribe(usize, oneshot::Sender<(Vec<EventRecord>, broadcast::Receiver<EventRecord>)>),
     /// A policy file changed.
@@ -166,6 +170,7 @@ struct Agent {
     events: EventLog,
     event_tx: broadcast::Sender<EventRecord>,
     dropped: u64,
+    rollout: rollout::Rollout,
 }
 
 impl Agent {
@@ -263,16 +268,23 @@ impl Agent {
             let service = self.kernel.service_of_cgroup(event.policy_cgroup_id).map(str::to_owned);
             let cgroup = self.found.iter().find(|c| c.id == event.cgroup_id).map(|c| c.relative.clone());
             let record = EventRecord::new(&event, service, cgroup, now);
+            if let (Some(service), "would_reject") = (&record.service, record.verdict.as_str()) {
+                self.rollout.record_destination(service, now, &record.destination);
+            }
             let _ = self.event_tx.send(record.clone());
             self.events.record(record);
         }
     }
 
     fn export(&mut self) {
+        let now = SystemTime::now();
         for (name, service) in self.kernel.services() {
             let counters = self.kernel.counters(service.slot);
             telemetry::export_service(name, counters, service.mode, service.mode_since, service.cgroups.len());
+            let [allowed, would_reject, ..] = counters;
+            self.rollout.record(name, now, allowed, would_reject);
         }
+        self.rollout.persist(now, false);
         let dropped = self.kernel.maps().global(abi::GLOBAL_EVENTS_DROPPED).unwrap_or(0);
         counter!("depfence_events_dropped_total").absolute(dropped);
         self.dropped = dropped;
@@ -348,7 +360,7 @@ impl Agent {
         }))
     }
 
-    fn handle(&mut self, request: Request) -> Response {
+    fn handle(&mut self, request: Request, uid: Option<u32>) -> Response {
         match request {
             Request::Status => Response::ok(self.status()),
             Request::Explain { from, to } => self.explain(&from, &to),
@@ -372,8 +384,48 @@ impl Agent {
                 }
             }
             Request::ActivateCandidate => self.activate_candidate(),
-            Request::Promote { .. } | Request::Events { .. } => Response::error("not supported by this agent"),
+            Request::Promote { service, environment, mode, force, reason } => {
+                self.change_mode(&service, environment, mode, force, reason, uid)
+            }
+            Request::Events { .. } => Response::error("events are streamed, not requested"),
         }
+    }
+
+    fn change_mode(
+        &mut self,
+        service: &str,
+        environment: Option<String>,
+        mode: crate::policy::Mode,
+        force: bool,
+        reason: Option<String>,
+        uid: Option<u32>,
+    ) -> Response {
+        let Some((snapshot, _)) = &self.active else { return Response::error("no policy in force yet") };
+        if snapshot.service(service).is_none() {
+            return Response::error(format!("the policy in force has no service `{service}`"));
+        }
+        let environment = environment.unwrap_or_else(|| self.config.environment.clone());
+        let who = uid.map_or_else(
+            || crate::promote::Actor { user: "unknown".into(), uid: u32::MAX },
+            |uid| crate::promote::Actor { user: rollout::user_name(uid), uid },
+        );
+        // The evidence is this machine's; an environment other than the agent's has none here.
+        if mode == crate::policy::Mode::Enforce && !force && environment != self.config.environment {
+            return Response::error(format!(
+                "this agent runs in `{}`; it has no evidence for `{environment}` (ask an agent there, or --force)",
+                self.config.environment
+            ));
+        }
+        let policy = self.config.policy.clone();
+        let outcome = match self.rollout.change_mode(&policy, service, &environment, mode, force, reason, who) {
+            Ok(outcome) => outcome,
+            Err(message) => return Response::error(message),
+        };
+        if outcome.changed && !self.reload("mode changed by policyctl") {
+            let errors = self.last_reload.as_ref().map(|r| r.errors.join("\n")).unwrap_or_default();
+            return Response::error(format!("the policy file was rewritten but not applied:\n{errors}"));
+        }
+        Response::ok(serde_json::json!({ "outcome": outcome, "generation": self.kernel.generation() }))
     }
 
     /// The candidate's files replace the policy's; the reload makes it active.
@@ -433,6 +485,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     }
     let layout = PinLayout::new(&config.pin_root);
     let kernel = Kernel::open(&layout, &config.state_dir, cgroup2.mount(), config.rule_capacity)?;
+    let rollout = rollout::Rollout::open(&config.state_dir, config.gate);
 
     telemetry::describe();
     if let Some(addr) = config.metrics_listen {
@@ -460,6 +513,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         events: EventLog::default(),
         event_tx,
         dropped: 0,
+        rollout,
     };
     // Consumers before producers: the event log exists before the first apply.
     agent.found = discovery::walk(agent.cgroup2.mount()).unwrap_or_default();
@@ -495,9 +549,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                     // Editors write in several steps: let the burst settle, then read once.
                     reload_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));
                 }
-                Some(Message::Request(request, reply)) => {
+                Some(Message::Request(request, uid, reply)) => {
                     agent.drain_events();
-                    let response = tokio::task::block_in_place(|| agent.handle(request));
+                    let response = tokio::task::block_in_place(|| agent.handle(request, uid));
                     let _ = reply.send(response);
                 }
                 Some(Message::Subscribe(recent, reply)) => {
@@ -507,6 +561,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             },
         }
     }
+    agent.rollout.persist(SystemTime::now(), true);
     info!("agent stopping; the kernel keeps enforcing the last policy");
     let _ = std::fs::remove_file(&agent.config.control_socket);
     Ok(())
@@ -609,7 +664,7 @@ async fn serve_connection(stream: tokio::net::UnixStream, tx: mpsc::Sender<Messa
         }
     }
     let (reply, answer) = oneshot::channel();
-    if tx.send(Message::Request(request, reply)).await.is_err() {
+    if tx.send(Message::Request(request, peer.map(|p| p.uid()), reply)).await.is_err() {
         return Ok(());
     }
     let response = answer.await.unwrap_or_else(|_| Response::error("the agent is stopping"));
