@@ -108,7 +108,7 @@ fn status_json_inside_a_run_shows_its_maps_links_and_cgroup() {
     assert!(rules.exact.len() >= 3 && !rules.cidrs.is_empty(), "{rules:?}");
 
     let binary = policyctl();
-    let (pid, out) = run_enforced(policy.path(), &[binary.to_str().unwrap(), "status", "--output", "json"]);
+    let (pid, out) = run_enforced(policy.path(), &[binary.to_str().unwrap(), "status", "--kernel", "--output", "json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
