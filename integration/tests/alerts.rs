@@ -28,9 +28,7 @@ use std::{
     time::Duration,
 };
 
-use depfence_integration::prometheus::{
-    Json, Prometheus, alert_rule_tests, alert_rules, find_tool, repo_root, require_tool,
-};
+use depfence_integration::prometheus::{Prometheus, alert_rule_tests, alert_rules, find_tool, repo_root, require_tool};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -460,21 +458,17 @@ print(json.dumps({"kinds": [d["kind"] for d in docs], "args": c["args"], "mounts
         println!("PyYAML is not installed: the manifest was checked as text only");
         return;
     }
-    let parsed = Json::parse(stdout.trim()).unwrap();
-    let strings = |json: Option<&Json>| -> Vec<String> {
-        json.and_then(Json::as_array).unwrap().iter().map(|j| j.as_str().unwrap().to_owned()).collect()
-    };
-    assert_eq!(strings(parsed.get("kinds")), ["Namespace", "ConfigMap", "DaemonSet"]);
-    assert_eq!(strings(parsed.get("args")), args);
-    let mounts = parsed.get("mounts").unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(parsed["kinds"], serde_json::json!(["Namespace", "ConfigMap", "DaemonSet"]));
+    assert_eq!(parsed["args"], serde_json::json!(args));
+    let mounts = &parsed["mounts"];
     for path in ["/sys/fs/bpf", "/sys/fs/cgroup", "/run/depfence", "/var/lib/depfence"] {
-        assert_eq!(mounts.get(path).and_then(Json::as_str), Some(path), "{path} is not the host's {path}");
+        assert_eq!(mounts[path], path, "{path} is not the host's {path}");
     }
-    assert_eq!(mounts.get("/etc/depfence/policy").and_then(Json::as_str), Some("configMap:depfence-policy"));
-    let propagation = parsed.get("propagation").unwrap();
-    assert_eq!(propagation.get("/sys/fs/bpf").and_then(Json::as_str), Some("Bidirectional"));
-    assert_eq!(parsed.get("selector"), Some(&Json::Bool(true)));
+    assert_eq!(mounts["/etc/depfence/policy"], "configMap:depfence-policy");
+    assert_eq!(parsed["propagation"]["/sys/fs/bpf"], "Bidirectional");
+    assert_eq!(parsed["selector"], true);
     // The text extraction above read the same policy as the YAML parser.
-    assert_eq!(parsed.get("policy").and_then(Json::as_str), Some(policy.as_str()));
+    assert_eq!(parsed["policy"], policy.as_str());
     println!("parsed with PyYAML: Namespace, ConfigMap, DaemonSet; the policy is {} bytes", policy.len());
 }

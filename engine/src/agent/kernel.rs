@@ -427,6 +427,14 @@ impl Kernel {
         std::fs::rename(&tmp, &self.state_file).map_err(io)
     }
 
+    /// Entries this agent has in (`DF_RULES`, `DF_CIDRS`, `DF_CGROUPS`), from its own books:
+    /// counting the maps would take one syscall per entry.
+    pub fn fill(&self) -> (usize, usize, usize) {
+        let rulesets = self.services.values().flat_map(|s| std::iter::once(&s.ruleset).chain(s.candidate.as_ref()));
+        let (exact, cidrs) = rulesets.fold((0, 0), |(e, c), (_, r)| (e + r.exact.len(), c + r.cidrs.len()));
+        (exact, cidrs, self.services.values().map(|s| s.cgroups.len()).sum())
+    }
+
     /// Counters of a service: (allowed, would_reject, rejected, candidate_would_reject).
     pub fn counters(&self, slot: u32) -> [u64; 4] {
         let c = |v| self.datapath.maps.counter(slot, v).unwrap_or(0);

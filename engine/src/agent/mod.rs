@@ -33,7 +33,7 @@ pub mod telemetry;
 use self::control::{AgentStatus, CandidateStatus, ReloadStatus, Request, Response, ServiceStatus};
 use self::discovery::{FoundCgroup, Selectors};
 use self::kernel::{Desired, Kernel};
-use self::telemetry::{EventLog, EventRecord, mode_name, unix_seconds};
+use self::telemetry::{DestinationOwners, EventLog, EventRecord, mode_name, unix_seconds};
 
 /// Where the agent pins its maps and links by default.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/depfence";
@@ -171,6 +171,7 @@ struct Agent {
     event_tx: broadcast::Sender<EventRecord>,
     dropped: u64,
     rollout: rollout::Rollout,
+    owners: DestinationOwners,
 }
 
 impl Agent {
@@ -198,6 +199,9 @@ impl Agent {
         });
         let ok = result.is_ok();
         let errors = result.err().unwrap_or_default();
+        if let (true, Some((snapshot, _))) = (ok, &self.active) {
+            self.owners = DestinationOwners::new(snapshot);
+        }
         if ok {
             let hash = self.active.as_ref().map(|(s, _)| s.hash().to_string()).unwrap_or_default();
             info!(
@@ -267,7 +271,7 @@ impl Agent {
         for event in self.kernel.maps().drain_events() {
             let service = self.kernel.service_of_cgroup(event.policy_cgroup_id).map(str::to_owned);
             let cgroup = self.found.iter().find(|c| c.id == event.cgroup_id).map(|c| c.relative.clone());
-            let record = EventRecord::new(&event, service, cgroup, now);
+            let record = EventRecord::new(&event, service, cgroup, &self.owners, now);
             if let (Some(service), "would_reject") = (&record.service, record.verdict.as_str()) {
                 self.rollout.record_destination(service, now, &record.destination);
             }
@@ -288,11 +292,11 @@ impl Agent {
         let dropped = self.kernel.maps().global(abi::GLOBAL_EVENTS_DROPPED).unwrap_or(0);
         counter!("depfence_events_dropped_total").absolute(dropped);
         self.dropped = dropped;
-        let maps = self.kernel.maps();
+        let (rules, cidrs, cgroups) = self.kernel.fill();
         let fill = [
-            ("DF_RULES", maps.rules.keys().count(), self.config.rule_capacity),
-            ("DF_CIDRS", maps.cidrs.keys().count(), abi::MAX_CIDRS),
-            ("DF_CGROUPS", maps.cgroups.keys().count(), abi::MAX_CGROUPS),
+            ("DF_RULES", rules, self.config.rule_capacity),
+            ("DF_CIDRS", cidrs, abi::MAX_CIDRS),
+            ("DF_CGROUPS", cgroups, abi::MAX_CGROUPS),
         ];
         for (map, entries, capacity) in fill {
             gauge!("depfence_map_entries", "map" => map).set(entries as f64);
@@ -514,6 +518,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         event_tx,
         dropped: 0,
         rollout,
+        owners: DestinationOwners::default(),
     };
     // Consumers before producers: the event log exists before the first apply.
     agent.found = discovery::walk(agent.cgroup2.mount()).unwrap_or_default();

@@ -101,6 +101,9 @@ pub struct EventRecord {
     pub comm: String,
     /// `addr:port/proto`.
     pub destination: String,
+    /// The service that owns the destination, when the policy says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<String>,
     /// `allowed`, `would_reject`, `rejected` or `candidate_would_reject`.
     pub verdict: String,
     /// Policy generation that judged it.
@@ -133,7 +136,14 @@ pub fn destination(addr: IpAddr, port: u16, proto: u8) -> String {
 
 impl EventRecord {
     /// Resolves a kernel event; `service` and `cgroup` come from the agent's tables.
-    pub fn new(event: &Event, service: Option<String>, cgroup: Option<String>, now: SystemTime) -> Self {
+    pub fn new(
+        event: &Event,
+        service: Option<String>,
+        cgroup: Option<String>,
+        owners: &DestinationOwners,
+        now: SystemTime,
+    ) -> Self {
+        let addr = words_addr(event.addr);
         let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
         Self {
             time: humantime::format_rfc3339_millis(now).to_string(),
@@ -142,10 +152,57 @@ impl EventRecord {
             pid: (event.pid_tgid >> 32) as u32,
             tid: event.pid_tgid as u32,
             comm: String::from_utf8_lossy(event.comm.get(..comm_len).unwrap_or_default()).into_owned(),
-            destination: destination(words_addr(event.addr), event.port, event.proto),
+            destination: destination(addr, event.port, event.proto),
+            destination_service: owners.owner(addr, event.port, event.proto).map(str::to_owned),
             verdict: verdict_name(event.verdict).to_owned(),
             generation: event.generation,
         }
+    }
+}
+
+/// Which service a destination belongs to: every address rule of the policy that names its
+/// target service (explicitly, or inferred from that service's endpoints), most specific first.
+#[derive(Debug, Default)]
+pub struct DestinationOwners {
+    hosts: std::collections::HashMap<IpAddr, Vec<(crate::policy::PortRange, crate::policy::Proto, String)>>,
+    blocks: Vec<(ipnet::IpNet, crate::policy::PortRange, crate::policy::Proto, String)>,
+}
+
+impl DestinationOwners {
+    /// Indexes a snapshot's rules that have a target.
+    pub fn new(snapshot: &crate::snapshot::Snapshot) -> Self {
+        let mut owners = Self::default();
+        let services = snapshot.services();
+        let mut seen = BTreeSet::new();
+        for rule in services.iter().flat_map(|s| &s.net_rules) {
+            let Some(target) = rule.target.and_then(|t| services.get(t as usize)) else { continue };
+            if !seen.insert((rule.net, rule.ports, rule.proto, rule.target)) {
+                continue;
+            }
+            let entry = (rule.ports, rule.proto, target.name.clone());
+            if rule.net.prefix_len() == rule.net.max_prefix_len() {
+                owners.hosts.entry(rule.net.addr()).or_default().push(entry);
+            } else {
+                owners.blocks.push((rule.net, entry.0, entry.1, entry.2));
+            }
+        }
+        owners.blocks.sort_by_key(|b| std::cmp::Reverse(b.0.prefix_len()));
+        owners
+    }
+
+    /// The service that owns `addr:port` over `proto`, if the policy says.
+    pub fn owner(&self, addr: IpAddr, port: u16, proto: u8) -> Option<&str> {
+        let addr = addr.to_canonical();
+        let proto = match proto {
+            abi::IPPROTO_TCP => crate::policy::Proto::Tcp,
+            abi::IPPROTO_UDP => crate::policy::Proto::Udp,
+            _ => crate::policy::Proto::Any,
+        };
+        let fits = |ports: &crate::policy::PortRange, p: &crate::policy::Proto| ports.contains(port) && p.covers(proto);
+        if let Some(name) = self.hosts.get(&addr).and_then(|v| v.iter().find(|(ports, p, _)| fits(ports, p))) {
+            return Some(&name.2);
+        }
+        self.blocks.iter().find(|(net, ports, p, _)| net.contains(&addr) && fits(ports, p)).map(|b| b.3.as_str())
     }
 }
 
@@ -162,9 +219,11 @@ impl EventLog {
     pub fn record(&mut self, event: EventRecord) {
         let service = event.service.clone().unwrap_or_else(|| "_unknown".to_owned());
         let seen = self.destinations.entry(service.clone()).or_default();
-        let label = if seen.contains(&event.destination) || seen.len() < MAX_DESTINATIONS_PER_SERVICE {
-            seen.insert(event.destination.clone());
-            event.destination.clone()
+        // The destination service where the policy knows it, else the address.
+        let name = event.destination_service.clone().unwrap_or_else(|| event.destination.clone());
+        let label = if seen.contains(&name) || seen.len() < MAX_DESTINATIONS_PER_SERVICE {
+            seen.insert(name.clone());
+            name
         } else {
             OVERFLOW.to_owned()
         };
@@ -212,6 +271,7 @@ mod tests {
             tid: 1,
             comm: "x".into(),
             destination: destination.to_owned(),
+            destination_service: None,
             verdict: verdict.to_owned(),
             generation: 1,
         }
@@ -239,6 +299,32 @@ mod tests {
         let recent = log.recent(2);
         assert_eq!(recent.len(), 2);
         assert_eq!(recent[1].destination, format!("10.0.0.1:{}/tcp", RECENT_EVENTS + 2));
+    }
+
+    #[test]
+    fn destination_owners_come_from_rules_with_targets() {
+        let compiled = crate::compile::compile_str(
+            "t.toml",
+            r#"
+version = 1
+[services.db]
+endpoints = [{ ip = "10.0.0.5", ports = [5432], proto = "tcp" }]
+[services.pool]
+endpoints = [{ cidr = "10.1.0.0/24", ports = [443] }]
+[services.app]
+allow = [{ service = "db" }, { service = "pool" }, { cidr = "192.0.2.0/24" }]
+"#,
+        )
+        .map_err(|(_, d)| format!("{d:?}"))
+        .unwrap();
+        let owners = DestinationOwners::new(&compiled.snapshot);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(owners.owner(ip("10.0.0.5"), 5432, abi::IPPROTO_TCP), Some("db"));
+        assert_eq!(owners.owner(ip("::ffff:10.0.0.5"), 5432, abi::IPPROTO_TCP), Some("db"));
+        assert_eq!(owners.owner(ip("10.0.0.5"), 5433, abi::IPPROTO_TCP), None, "another port");
+        assert_eq!(owners.owner(ip("10.0.0.5"), 5432, abi::IPPROTO_UDP), None, "another protocol");
+        assert_eq!(owners.owner(ip("10.1.0.77"), 443, abi::IPPROTO_UDP), Some("pool"));
+        assert_eq!(owners.owner(ip("192.0.2.1"), 80, abi::IPPROTO_TCP), None, "a block without a service");
     }
 
     #[test]
