@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "tests")]
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -44,6 +44,29 @@ allow = [{{ service = "db" }}]
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Test cgroups with `app`, a `db` server the policy allows and another it does not, and the
+/// policy file (app in `mode`).
+struct Setup {
+    cgroups: Cgroups,
+    app: PathBuf,
+    db: u16,
+    other: u16,
+    dir: tempfile::TempDir,
+    policy: PathBuf,
+}
+
+impl Setup {
+    fn new(mode: &str) -> Self {
+        let mut cgroups = Cgroups::new();
+        let app = cgroups.child("app");
+        let (db, other) = (tcp_listener(LO4), tcp_listener(LO4));
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.toml");
+        write_policy(&policy, &cgroups.relative(), mode, db);
+        Self { cgroups, app, db, other, dir, policy }
+    }
+}
+
 fn service<'a>(status: &'a AgentStatus, name: &str) -> Option<&'a ServiceStatus> {
     status.services.iter().find(|s| s.name == name)
 }
@@ -56,12 +79,7 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     if !privileged("agent_applies_reloads_and_keeps_the_last_good_policy") {
         return;
     }
-    let mut cgroups = Cgroups::new();
-    let app = cgroups.child("app");
-    let (db, other) = (tcp_listener(LO4), tcp_listener(LO4));
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    write_policy(&policy, &cgroups.relative(), "enforce", db);
+    let Setup { mut cgroups, app, db, other, dir: _dir, policy } = Setup::new("enforce");
     let mut agent = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
 
     // app enforces (its own mode), the allowed dependency works.
@@ -146,12 +164,7 @@ fn enforcement_survives_agent_kill_and_restart_keeps_counters() {
     if !privileged("enforcement_survives_agent_kill_and_restart_keeps_counters") {
         return;
     }
-    let mut cgroups = Cgroups::new();
-    let app = cgroups.child("app");
-    let (db, other) = (tcp_listener(LO4), tcp_listener(LO4));
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    write_policy(&policy, &cgroups.relative(), "enforce", db);
+    let Setup { cgroups: _cgroups, app, db, other, dir: _dir, policy } = Setup::new("enforce");
     let mut agent = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
     agent.wait_status("counted", |s| service(s, "app").is_some_and(|a| a.rejected == 1));
@@ -192,12 +205,7 @@ fn candidate_policy_is_shadowed_then_activated() {
     if !privileged("candidate_policy_is_shadowed_then_activated") {
         return;
     }
-    let mut cgroups = Cgroups::new();
-    let app = cgroups.child("app");
-    let (db, cache) = (tcp_listener(LO4), tcp_listener(LO4));
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    write_policy(&policy, &cgroups.relative(), "enforce", db);
+    let Setup { cgroups, app, db, other: cache, dir, policy } = Setup::new("enforce");
     // The candidate moves app from db to cache.
     let candidate = dir.path().join("candidate.toml");
     write_policy(&candidate, &cgroups.relative(), "enforce", cache);
@@ -241,13 +249,8 @@ fn promotion_is_gated_on_evidence_and_logged() {
     if !privileged("promotion_is_gated_on_evidence_and_logged") {
         return;
     }
-    let mut cgroups = Cgroups::new();
-    let app = cgroups.child("app");
+    let Setup { mut cgroups, app, db, other, dir: _dir, policy } = Setup::new("audit");
     let batch = cgroups.child("batch-1");
-    let (db, other) = (tcp_listener(LO4), tcp_listener(LO4));
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    write_policy(&policy, &cgroups.relative(), "audit", db);
     let gate = ["--promote-window", "30s", "--promote-min-observed", "1s", "--promote-min-connections", "5"];
     let agent = Agent::start_with(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod", &gate);
 

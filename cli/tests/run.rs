@@ -3,23 +3,10 @@
 //! a reason elsewhere; under CI a skip is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail by panicking")]
 
-use std::io::Write as _;
-use std::net::TcpListener;
-
 use assert_cmd::Command;
 
-/// An HTTP server on 127.0.0.1 that answers 200 to everything; returns its port.
 fn http_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut request = [0u8; 1024];
-            let _ = std::io::Read::read(&mut stream, &mut request);
-            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok");
-        }
-    });
-    port
+    depfence_integration::fixture::http_server(depfence_integration::fixture::LO4)
 }
 
 fn policy(web_port: u16) -> tempfile::NamedTempFile {

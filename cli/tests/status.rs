@@ -11,8 +11,6 @@
 )]
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -25,18 +23,8 @@ fn policyctl() -> PathBuf {
     assert_cmd::cargo::cargo_bin("policyctl")
 }
 
-/// An HTTP server on 127.0.0.1 that answers 200 to everything; returns its port.
 fn http_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut request = [0u8; 1024];
-            let _ = std::io::Read::read(&mut stream, &mut request);
-            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok");
-        }
-    });
-    port
+    depfence_integration::fixture::http_server(depfence_integration::fixture::LO4)
 }
 
 /// `deploy` may reach `web` (two IPv4 ports and one IPv6 address: exact rules) and one block

@@ -9,10 +9,11 @@
 )]
 
 use std::{
-    io,
+    io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use depfence::cgroup::{Cgroup2, ChildCgroup, spawn_in};
@@ -200,4 +201,27 @@ pub fn udp_receiver(ip: IpAddr) -> (UdpSocket, u16) {
     let s = UdpSocket::bind((ip, 0)).unwrap();
     let port = s.local_addr().unwrap().port();
     (s, port)
+}
+
+/// A tiny HTTP server on `ip` (thread lives until the test process exits): reads the request
+/// head, answers `HTTP/1.0 200 OK`, closes. Returns the port.
+pub fn http_server(ip: IpAddr) -> u16 {
+    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                }
+            }
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+        }
+    });
+    port
 }

@@ -31,7 +31,7 @@ use depfence_bpf_common::{
     VERDICT_ALLOWED, VERDICT_REJECTED, VERDICT_WOULD_REJECT, prog_names, user::words_addr,
 };
 use depfence_integration::fixture::{
-    Cgroup, EPERM, LO4, LO6, Pins, attached, crate_binary, probe, probe_line, state, tcp_listener,
+    Cgroup, EPERM, LO4, LO6, Pins, attached, crate_binary, http_server, probe, probe_line, state, tcp_listener,
 };
 
 fn privileged(test: &str) -> bool {
@@ -51,29 +51,6 @@ fn comm(e: &Event) -> &str {
 /// The thread group id (the process id) of an event.
 fn tgid(e: &Event) -> u32 {
     (e.pid_tgid >> 32) as u32
-}
-
-/// A tiny HTTP server on `ip` (thread lives until the test process exits): reads the request
-/// head, answers `HTTP/1.0 200 OK`, closes. Returns the port.
-fn http_server(ip: IpAddr) -> u16 {
-    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
-        }
-    });
-    port
 }
 
 /// Runs real curl inside `cgroup` against `http://ip:port/`: (exit code, `%{http_code}`, stderr).
