@@ -262,18 +262,24 @@ pub fn apply_candidate(socket: &Path, candidate: Option<PathBuf>, activate: bool
     }
 }
 
-/// `policyctl promote` / `demote`.
-pub fn change_mode(
-    socket: &Path,
-    service: String,
-    environment: Option<String>,
-    mode: depfence::policy::Mode,
-    force: bool,
-    reason: Option<String>,
-) -> Result<ExitCode, CliError> {
-    let verb = if mode == depfence::policy::Mode::Enforce { "promoted" } else { "demoted" };
-    let request = Request::Promote { service: service.clone(), environment, mode, force, reason };
+/// `policyctl promote` / `demote` (a [`Request::Promote`]).
+pub fn change_mode(socket: &Path, request: Request) -> Result<ExitCode, CliError> {
+    let Request::Promote { service, mode, dry_run, .. } = &request else {
+        return Err(CliError::Usage("not a mode change".into()));
+    };
+    let (service, dry_run) = (service.clone(), *dry_run);
+    let verb = if *mode == depfence::policy::Mode::Enforce { "promoted" } else { "demoted" };
     match control::request(socket, &request) {
+        Ok(body) if dry_run => {
+            let evidence = body.get("evidence").cloned().unwrap_or_default();
+            let count = |k: &str| evidence.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            eprintln!(
+                "{service} may be promoted: {} connections, none would-rejected, in the last {}s",
+                count("allowed"),
+                count("window_secs")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Ok(body) => {
             let outcome = body.get("outcome").cloned().unwrap_or_default();
             let changed = outcome.get("changed").and_then(serde_json::Value::as_bool).unwrap_or(false);

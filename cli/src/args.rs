@@ -204,6 +204,10 @@ pub enum Command {
         /// Why (logged with who and when; required with --force).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
+        /// Only check the evidence (exit 0 if a promotion would be accepted, 1 if not); change
+        /// nothing. For policies kept elsewhere (a ConfigMap, a repository).
+        #[arg(long, conflicts_with_all = ["force", "reason"])]
+        dry_run: bool,
         #[command(flatten)]
         socket: SocketArg,
     },

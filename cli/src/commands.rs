@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
+use depfence::agent::control::Request;
 use depfence::compile::{self, Analysis, Compiled};
 use depfence::diag::Diagnostics;
 use depfence::policy::{self, Destination, Parsed};
@@ -108,11 +109,21 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             )
         }
         Command::Reload { socket } => crate::agent::reload(&socket.socket),
-        Command::Promote { service, enforce: _, environment, force, reason, socket } => {
-            crate::agent::change_mode(&socket.socket, service, environment, policy::Mode::Enforce, force, reason)
+        Command::Promote { service, enforce: _, environment, force, reason, dry_run, socket } => {
+            let request =
+                Request::Promote { service, environment, mode: policy::Mode::Enforce, force, reason, dry_run };
+            crate::agent::change_mode(&socket.socket, request)
         }
         Command::Demote { service, environment, reason, socket } => {
-            crate::agent::change_mode(&socket.socket, service, environment, policy::Mode::Audit, false, reason)
+            let request = Request::Promote {
+                service,
+                environment,
+                mode: policy::Mode::Audit,
+                force: false,
+                reason,
+                dry_run: false,
+            };
+            crate::agent::change_mode(&socket.socket, request)
         }
         Command::Events { follow, json, recent, socket } => crate::agent::events(&socket.socket, follow, json, recent),
         Command::Apply { candidate, drop: _, activate, socket } => {

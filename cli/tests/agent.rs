@@ -280,6 +280,15 @@ fn promotion_is_gated_on_evidence_and_logged() {
     // --force needs a reason (clap refuses), and with one it goes through, logged as forced.
     assert_eq!(policyctl(&["promote", "app", "--enforce", "--force"], &agent.socket).status.code(), Some(2));
 
+    // --dry-run checks the evidence only.
+    let out = policyctl(&["promote", "app", "--enforce", "--dry-run"], &agent.socket);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("promotion would be refused: app had 1"), "{out:?}");
+    let out = policyctl(&["promote", "batch", "--enforce", "--dry-run"], &agent.socket);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch may be promoted: 6 connections"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), before, "a dry run changes nothing");
+
     let out = policyctl(&["promote", "batch", "--enforce"], &agent.socket);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&policy).unwrap();

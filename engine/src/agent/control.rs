@@ -50,6 +50,9 @@ pub enum Request {
         force: bool,
         /// Why (logged with who and when).
         reason: Option<String>,
+        /// Only check the evidence; change nothing.
+        #[serde(default)]
+        dry_run: bool,
     },
     /// Load a candidate policy, evaluated in the kernel beside the active one.
     ApplyCandidate {

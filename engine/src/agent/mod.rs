@@ -388,10 +388,31 @@ impl Agent {
                 }
             }
             Request::ActivateCandidate => self.activate_candidate(),
-            Request::Promote { service, environment, mode, force, reason } => {
+            Request::Promote { service, environment, mode, force, reason, dry_run } => {
+                if dry_run {
+                    return self.check_promotion(&service, environment);
+                }
                 self.change_mode(&service, environment, mode, force, reason, uid)
             }
             Request::Events { .. } => Response::error("events are streamed, not requested"),
+        }
+    }
+
+    /// The evidence gate alone: would a promotion to enforce be accepted now?
+    fn check_promotion(&mut self, service: &str, environment: Option<String>) -> Response {
+        let Some((snapshot, _)) = &self.active else { return Response::error("no policy in force yet") };
+        if snapshot.service(service).is_none() {
+            return Response::error(format!("the policy in force has no service `{service}`"));
+        }
+        if environment.is_some_and(|e| e != self.config.environment) {
+            return Response::error(format!(
+                "this agent runs in `{}`; it has no evidence for other environments",
+                self.config.environment
+            ));
+        }
+        match self.rollout.check(service, SystemTime::now()) {
+            Ok(evidence) => Response::ok(serde_json::json!({ "dry_run": true, "evidence": evidence })),
+            Err(refusal) => Response::error(format!("promotion would be refused: {refusal}")),
         }
     }
 

@@ -109,6 +109,13 @@ impl Rollout {
         self.history.evidence(service, now, self.gate.window)
     }
 
+    /// Runs the gate on the evidence now; returns the evidence it accepted.
+    pub fn check(&mut self, service: &str, now: SystemTime) -> Result<Evidence, crate::promote::Refusal> {
+        self.persist(now, true);
+        let evidence = self.evidence(service, now);
+        gate(&evidence, &self.gate).map(|()| evidence)
+    }
+
     /// Changes `service`'s mode in `environment` in the policy at `policy` (after the gate, for
     /// a promotion to enforce, unless `force`), and logs it. The caller reloads.
     #[allow(clippy::too_many_arguments, reason = "one request's fields")]
