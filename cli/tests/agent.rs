@@ -323,3 +323,42 @@ fn promotion_is_gated_on_evidence_and_logged() {
     assert_eq!(log[0].to, depfence::policy::Mode::Enforce);
     assert_eq!(log[2].to, depfence::policy::Mode::Audit);
 }
+
+/// `events --follow` streams new events as they happen; `explain --live` judges against the
+/// policy in force.
+#[test]
+fn events_follow_and_live_explain() {
+    if !privileged("events_follow_and_live_explain") {
+        return;
+    }
+    let Setup { cgroups: _cgroups, app, db, other, dir: _dir, policy } = Setup::new("enforce");
+    let agent = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
+    let mut follow = Command::new(assert_cmd::cargo::cargo_bin("policyctl"))
+        .args(["events", "--follow", "--json", "--recent", "0", "--socket"])
+        .arg(&agent.socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(follow.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["verdict"], "rejected");
+    assert_eq!(event["service"], "app");
+    assert_eq!(event["destination"], format!("127.0.0.1:{other}/tcp"));
+    assert_eq!(event["comm"], "depfence-probe");
+
+    let out = policyctl(&["explain", "--live", "--from", "app", "--to", &format!("127.0.0.1:{db}")], &agent.socket);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("allowed") && text.contains("policy.toml:"), "{text}");
+    let out = policyctl(
+        &["explain", "--live", "--from", "app", "--to", &format!("127.0.0.1:{other}"), "--output", "json"],
+        &agent.socket,
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((body["verdict"].as_str(), body["mode"].as_str()), (Some("rejected"), Some("enforce")));
+}
