@@ -361,4 +361,14 @@ fn events_follow_and_live_explain() {
     );
     let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((body["verdict"].as_str(), body["mode"].as_str()), (Some("rejected"), Some("enforce")));
+
+    // SIGHUP re-reads the policy (the same one: same generation).
+    let status = Command::new("kill").args(["-HUP", &agent.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.log_text().contains("reason=\"SIGHUP\"") {
+        assert!(Instant::now() < deadline, "no reload on SIGHUP:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(agent.status().generation, 1);
 }

@@ -107,6 +107,11 @@ impl Agent {
         self.try_status().unwrap_or_else(|e| panic!("status: {e}; log:\n{}", self.log_text()))
     }
 
+    /// The agent process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Its state directory.
     pub fn state_dir(&self) -> &Path {
         self.state.path()
