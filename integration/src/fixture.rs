@@ -142,6 +142,14 @@ pub fn attached(cg: &Cgroup, pins: &Pins) -> Datapath {
     dp
 }
 
+/// Installs `allows` as ruleset 1 and puts the cgroup `cgroup_id` in enforce on it, counting
+/// in `slot`.
+pub fn enforce(dp: &mut Datapath, cgroup_id: u64, slot: u32, allows: &[depfence::datapath::rules::Allow]) {
+    let ruleset = depfence::datapath::rules::compile(1, allows).unwrap();
+    dp.maps.install(&ruleset).unwrap();
+    dp.maps.set_cgroup(cgroup_id, state(1, depfence_bpf_common::MODE_ENFORCE, slot)).unwrap();
+}
+
 /// A cgroup state: `ruleset` active in `mode`, counted in `slot`, generation = ruleset.
 pub fn state(ruleset: u32, mode: u32, slot: u32) -> CgroupState {
     CgroupState { ruleset_id: ruleset, mode, candidate_ruleset: 0, flags: 0, counter_slot: slot, generation: ruleset }
@@ -180,6 +188,20 @@ pub fn probe(cgroup: &Path, kind: &str, ip: IpAddr, port: u16, count: u64) -> Re
         (Some("ok"), Some(n)) => Ok(n.parse().unwrap()),
         (Some("err"), Some(e)) => Err(e.parse().unwrap()),
         _ => panic!("probe said {line:?}"),
+    }
+}
+
+/// Retries `probe` for up to two seconds until it gives `expected`, and returns what it gave
+/// last. For what the kernel does asynchronously: a link whose last reference went away (its
+/// pin removed, the last fd closed) is released from a workqueue, a little after the unpin.
+pub fn probe_until(cgroup: &Path, kind: &str, ip: IpAddr, port: u16, expected: Result<u64, i32>) -> Result<u64, i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = probe(cgroup, kind, ip, port, 1);
+        if got == expected || std::time::Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -31,7 +31,8 @@ use depfence_bpf_common::{
     VERDICT_ALLOWED, VERDICT_REJECTED, VERDICT_WOULD_REJECT, prog_names, user::words_addr,
 };
 use depfence_integration::fixture::{
-    Cgroup, EPERM, LO4, LO6, Pins, attached, crate_binary, http_server, probe, probe_line, state, tcp_listener,
+    Cgroup, EPERM, LO4, LO6, Pins, attached, crate_binary, enforce, http_server, probe, probe_line, probe_until, state,
+    tcp_listener,
 };
 
 fn privileged(test: &str) -> bool {
@@ -166,17 +167,16 @@ fn tcp_fast_open_goes_through_the_connect_hooks() {
     let (no4, no4_port) = listen(LO4);
     let (ok6, ok6_port) = listen(LO6);
     let (no6, no6_port) = listen(LO6);
-    let rs = compile(
-        1,
+    let slot = 6;
+    enforce(
+        &mut dp,
+        cg.id(),
+        slot,
         &[
             Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: ok4_port, rule_id: 1 },
             Allow::Host { addr: LO6, proto: IPPROTO_TCP, port: ok6_port, rule_id: 2 },
         ],
-    )
-    .unwrap();
-    dp.maps.install(&rs).unwrap();
-    let slot = 6;
-    dp.maps.set_cgroup(cg.id(), state(1, MODE_ENFORCE, slot)).unwrap();
+    );
 
     assert_eq!(probe(&cg.path, "tfo", LO4, no4_port, 1), Err(EPERM));
     assert_eq!(probe(&cg.path, "tfo", LO6, no6_port, 1), Err(EPERM));
@@ -475,17 +475,16 @@ fn coexists_with_a_foreign_multi_program_on_the_same_cgroup() {
     let pins = Pins::new();
     let mut dp = attached(&cg, &pins);
     eprintln!("bpftool cgroup show:\n{}", bpftool_cgroup(&cg.path));
-    let rs = compile(
-        1,
+    let slot = 13;
+    enforce(
+        &mut dp,
+        cg.id(),
+        slot,
         &[
             Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: a, rule_id: 1 },
             Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: x, rule_id: 2 },
         ],
-    )
-    .unwrap();
-    dp.maps.install(&rs).unwrap();
-    let slot = 13;
-    dp.maps.set_cgroup(cg.id(), state(1, MODE_ENFORCE, slot)).unwrap();
+    );
 
     assert_eq!(probe(&cg.path, "tcp", LO4, a, 1), Ok(1), "both allow A");
     assert_eq!(probe(&cg.path, "tcp", LO4, b, 1), Err(EPERM), "depfence refuses B");
@@ -498,7 +497,7 @@ fn coexists_with_a_foreign_multi_program_on_the_same_cgroup() {
     // depfence goes (its link pins removed): the foreign program stays.
     drop(dp);
     drop(pins);
-    assert_eq!(probe(&cg.path, "tcp", LO4, b, 1), Ok(1), "depfence detached");
+    assert_eq!(probe_until(&cg.path, "tcp", LO4, b, Ok(1)), Ok(1), "depfence detached");
     assert_eq!(probe(&cg.path, "tcp", LO4, x, 1), Err(EPERM), "the foreign program is still attached");
     drop(foreign);
     assert_eq!(probe(&cg.path, "tcp", LO4, x, 1), Ok(1), "the foreign program detached");
@@ -603,7 +602,7 @@ fn override_foreign_program_on_an_ancestor_is_replaced_below() {
     assert_eq!(probe(&cg.path, "tcp", LO4, x, 1), Err(EPERM), "the ancestor itself keeps it");
     drop(dp);
     drop(pins);
-    assert_eq!(probe(&below, "tcp", LO4, x, 1), Err(EPERM), "depfence gone: inherited again");
+    assert_eq!(probe_until(&below, "tcp", LO4, x, Err(EPERM)), Err(EPERM), "depfence gone: inherited again");
     drop(foreign);
 }
 
@@ -671,5 +670,5 @@ fn enforcement_survives_kill_9_of_the_loader() {
     drop(ad);
     drop(loader);
     drop(pins); // unpins the links: detached
-    assert_eq!(probe(&cg.path, "tcp", LO4, denied, 1), Ok(1), "detached with the pins");
+    assert_eq!(probe_until(&cg.path, "tcp", LO4, denied, Ok(1)), Ok(1), "detached with the pins");
 }

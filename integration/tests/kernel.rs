@@ -28,7 +28,7 @@ use depfence_bpf_common::{
     prog_names, user::words_addr,
 };
 use depfence_integration::fixture::{
-    Cgroup, ECONNREFUSED, EPERM, LO4, LO6, Pins, attached, probe, state, tcp_listener, udp_receiver,
+    Cgroup, ECONNREFUSED, EPERM, LO4, LO6, Pins, attached, enforce, probe, probe_until, state, tcp_listener, udp_receiver,
 };
 
 fn cgroup_level(dir: &Path) -> io::Result<u32> {
@@ -57,19 +57,18 @@ fn enforce_audit_v4_v6_udp() {
     let (udp6_ok, udp6_ok_port) = udp_receiver(LO6);
     let (_udp6_no, udp6_no_port) = udp_receiver(LO6);
 
-    let rs = compile(
-        1,
+    let slot = 7;
+    enforce(
+        &mut dp,
+        cg.id(),
+        slot,
         &[
             Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: allowed4, rule_id: 11 },
             Allow::Host { addr: LO6, proto: IPPROTO_TCP, port: allowed6, rule_id: 12 },
             Allow::Host { addr: LO4, proto: IPPROTO_UDP, port: udp_ok_port, rule_id: 13 },
             Allow::Host { addr: LO6, proto: IPPROTO_UDP, port: udp6_ok_port, rule_id: 14 },
         ],
-    )
-    .unwrap();
-    dp.maps.install(&rs).unwrap();
-    let slot = 7;
-    dp.maps.set_cgroup(cg.id(), state(1, MODE_ENFORCE, slot)).unwrap();
+    );
     let c = |dp: &Datapath, v| dp.maps.counter(slot, v).unwrap();
 
     // enforce: allowed destinations pass, others get EPERM.
@@ -221,7 +220,7 @@ fn pins_adopt_hot_swap_candidate_cidr() {
     drop(ad);
     drop(pins); // unpin links (detach) and maps
     // Detached: the program no longer runs for this cgroup.
-    assert_eq!(probe(&cg.path, "tcp", LO6, other6, 1), Ok(1));
+    assert_eq!(probe_until(&cg.path, "tcp", LO6, other6, Ok(1)), Ok(1));
 }
 
 /// ns per hook invocation from the kernel's own accounting (BPF_ENABLE_STATS).
