@@ -28,7 +28,8 @@ use depfence_bpf_common::{
     prog_names, user::words_addr,
 };
 use depfence_integration::fixture::{
-    Cgroup, ECONNREFUSED, EPERM, LO4, LO6, Pins, attached, enforce, probe, probe_until, state, tcp_listener, udp_receiver,
+    Cgroup, ECONNREFUSED, EPERM, LO4, LO6, Pins, attached, enforce, probe, probe_until, state, tcp_listener,
+    udp_receiver,
 };
 
 fn cgroup_level(dir: &Path) -> io::Result<u32> {
