@@ -13,7 +13,11 @@ pub mod compile;
 #[cfg(feature = "datapath")]
 pub mod datapath;
 pub mod diag;
+#[cfg(feature = "dns")]
+pub mod dns;
 pub mod graph;
+#[cfg(feature = "guard")]
+pub mod guard;
 pub mod policy;
 pub mod problem;
 pub mod promote;

@@ -8,6 +8,7 @@ use thiserror::Error;
 const MODE_HELP: &str = "a mode is one of `off`, `audit` or `enforce`";
 const PORTS_HELP: &str =
     "ports are a number (`443`), a range (`\"8000-8100\"`) or a list of them (`[443, \"8000-8100\"]`)";
+const RPC_HELP: &str = "an rpc name is `/package.Service/Method`, `/package.Service/*` for every method of a service, or `/*` for every call";
 const CYCLE_HELP: &str = "break the cycle, mark one of its dependencies `critical = false` if the service starts without it, or declare it in `[[intrinsic_cycles]]` with a reason";
 
 /// What is wrong with a policy.
@@ -202,6 +203,25 @@ pub enum Problem {
         /// The service.
         service: String,
     },
+    /// An RPC name pattern that is not valid.
+    #[error("invalid rpc name `{value}`: {reason}")]
+    InvalidRpcPattern {
+        /// The value as written.
+        value: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// An `rpc_allow` entry whose `rpcs` list is empty.
+    #[error("`rpcs` is empty, so the entry allows no call")]
+    EmptyRpcList,
+    /// An `rpc_allow` entry for a service the network policy does not let the caller reach.
+    #[error("`{service}` may call rpcs of `{target}` but has no network allow for it")]
+    RpcWithoutAllow {
+        /// The calling service.
+        service: String,
+        /// The backend service.
+        target: String,
+    },
     /// A declared intrinsic cycle whose services do not form one cycle.
     #[error("declared intrinsic cycle {services} is not a dependency cycle")]
     StaleIntrinsicCycle {
@@ -239,6 +259,9 @@ impl Problem {
             Problem::EmptyNarrowing { .. } => "depfence::empty_narrowing",
             Problem::NoLayer { .. } => "depfence::no_layer",
             Problem::StaleIntrinsicCycle { .. } => "depfence::stale_intrinsic_cycle",
+            Problem::InvalidRpcPattern { .. } => "depfence::invalid_rpc",
+            Problem::EmptyRpcList => "depfence::empty_rpcs",
+            Problem::RpcWithoutAllow { .. } => "depfence::rpc_without_allow",
         }
     }
 
@@ -280,6 +303,11 @@ impl Problem {
             Problem::StaleIntrinsicCycle { .. } => {
                 Some("remove the declaration, or list exactly the services of the cycle".into())
             }
+            Problem::InvalidRpcPattern { .. } => Some(RPC_HELP.into()),
+            Problem::EmptyRpcList => Some(format!("list the calls the service may make; {RPC_HELP}")),
+            Problem::RpcWithoutAllow { target, .. } => Some(format!(
+                "add `{{ service = \"{target}\" }}` to `allow`: the kernel must let the connection through before the guard judges its calls, and the dependency graph checks see it"
+            )),
             _ => None,
         }
     }

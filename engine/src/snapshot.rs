@@ -2,7 +2,8 @@
 //!
 //! A [`Snapshot`] holds, per service, its mode in every environment and its allow rules already
 //! in the shape the kernel maps use: one rule per (address block, protocol, port range). Service
-//! references are expanded into the target's endpoints. Its content hash covers everything that
+//! references are expanded into the target's endpoints. It also holds each service's declared
+//! endpoints and its RPC rules (`rpc_allow`), which the in-process guard reads. Its content hash covers everything that
 //! changes behaviour; source positions (for `explain`) ride beside it in [`DebugInfo`] and are not
 //! hashed, so reformatting a policy never changes the hash.
 
@@ -14,10 +15,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::policy::{HostPattern, Mode, PortRange, Proto, Selector};
+use crate::policy::{Destination, HostPattern, Mode, PortRange, Proto, RpcPattern, Selector};
 
 /// Version of the snapshot encoding; a loader refuses another.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Format 2 added each service's endpoints and RPC rules, and service positions.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 /// First bytes of an encoded snapshot file.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"DEPFNCE\0";
@@ -59,6 +61,29 @@ pub struct HostRule {
     pub origin: OriginId,
 }
 
+/// A declared endpoint of a service (where others reach it), one per port range.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EndpointRule {
+    /// Address, block or host name.
+    pub destination: Destination,
+    /// Protocol.
+    pub proto: Proto,
+    /// Port range ([`PortRange::ANY`] when the endpoint lists no ports).
+    pub ports: PortRange,
+}
+
+/// One RPC rule: the service may call RPCs matching `pattern` on the backend service `target`.
+/// Ordered by target, then pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RpcRule {
+    /// The backend service.
+    pub target: ServiceId,
+    /// The calls it allows.
+    pub pattern: RpcPattern,
+    /// Where the pattern was written (an index into [`DebugInfo::origins`]).
+    pub origin: OriginId,
+}
+
 /// A service's compiled policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRuleset {
@@ -80,6 +105,10 @@ pub struct ServiceRuleset {
     pub net_rules: Vec<NetRule>,
     /// Host-name rules, sorted.
     pub host_rules: Vec<HostRule>,
+    /// Declared endpoints, in the order written.
+    pub endpoints: Vec<EndpointRule>,
+    /// RPC rules (`rpc_allow`), sorted, one per (target, pattern).
+    pub rpc_rules: Vec<RpcRule>,
 }
 
 impl ServiceRuleset {
@@ -148,8 +177,11 @@ pub struct Origin {
 pub struct DebugInfo {
     /// Policy file names.
     pub files: Vec<String>,
-    /// One origin per allow entry.
+    /// One origin per allow entry and per `rpc_allow` pattern.
     pub origins: Vec<Origin>,
+    /// Where each service is defined (its name in `[services.NAME]`), indexed like
+    /// [`Snapshot::services`].
+    pub services: Vec<Origin>,
 }
 
 /// A SHA-256 content hash.
@@ -238,6 +270,23 @@ pub enum Verdict {
     Rejected,
 }
 
+impl Verdict {
+    /// The metric label: `allowed`, `would_reject` or `rejected`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::WouldReject => "would_reject",
+            Verdict::Rejected => "rejected",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The outcome of [`Snapshot::decide`]: the verdict and the rule that decided it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision<'s> {
@@ -306,15 +355,32 @@ impl Snapshot {
 
     /// Where a rule was written: `file:line:col` of its allow entry (empty if unknown).
     pub fn rule_position(&self, rule: &NetRule) -> String {
-        let debug = self.debug_info();
-        debug
-            .origins
-            .get(rule.origin as usize)
+        self.origin_position(rule.origin)
+    }
+
+    /// Where an allow entry or `rpc_allow` pattern was written: `file:line:col` (empty if
+    /// unknown).
+    pub fn origin_position(&self, origin: OriginId) -> String {
+        self.position(self.debug.origins.get(origin as usize))
+    }
+
+    /// Where a service is defined: `file:line:col` of its name (empty if unknown).
+    pub fn service_position(&self, service: ServiceId) -> String {
+        self.position(self.debug.services.get(service as usize))
+    }
+
+    fn position(&self, origin: Option<&Origin>) -> String {
+        origin
             .map(|o| {
-                let file = debug.files.get(o.file as usize).map_or("?", String::as_str);
+                let file = self.debug.files.get(o.file as usize).map_or("?", String::as_str);
                 format!("{file}:{}:{}", o.line, o.column)
             })
             .unwrap_or_default()
+    }
+
+    /// Total number of RPC rules.
+    pub fn rpc_rule_count(&self) -> usize {
+        self.content.services.iter().map(|s| s.rpc_rules.len()).sum()
     }
 
     /// Index of an environment by name.

@@ -7,10 +7,13 @@ use rayon::prelude::*;
 use super::endpoints::EndpointIndex;
 use super::{Edge, EdgeKind, Node};
 use crate::diag::{Diagnostic, Diagnostics, Loc, Located, Sources};
-use crate::policy::{AllowEntry, Destination, Mode, ModeSpec, PolicySet, PortRange, Proto, Service, Target};
+use crate::policy::{
+    AllowEntry, Destination, Mode, ModeSpec, PolicySet, PortRange, Proto, RpcPattern, Service, Target,
+};
 use crate::problem::{Problem, closest};
 use crate::snapshot::{
-    DebugInfo, EnvironmentEntry, HostRule, NetRule, Origin, ServiceId, ServiceRuleset, SnapshotContent,
+    DebugInfo, EndpointRule, EnvironmentEntry, HostRule, NetRule, Origin, RpcRule, ServiceId, ServiceRuleset,
+    SnapshotContent,
 };
 
 /// The environment a policy without `[environments]` has.
@@ -112,8 +115,15 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
     }
 
     let index = EndpointIndex::new(&services);
-    let mut debug =
-        DebugInfo { files: policy.sources.files().iter().map(|f| f.name().to_owned()).collect(), origins: Vec::new() };
+    let mut debug = DebugInfo {
+        files: policy.sources.files().iter().map(|f| f.name().to_owned()).collect(),
+        origins: Vec::new(),
+        services: services
+            .iter()
+            .enumerate()
+            .map(|(id, s)| origin_of(&policy.sources, s.name.loc, id as ServiceId))
+            .collect(),
+    };
     let ctx = Context {
         policy,
         services: &services,
@@ -123,12 +133,13 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         env_names: &env_names,
         index: &index,
     };
-    // Each service's allow entries get the origin ids after those of the services before it.
+    // Each service's allow entries and rpc_allow patterns get the origin ids after those of the
+    // services before it.
     let first_origins: Vec<u32> = services
         .iter()
         .scan(0u32, |next, s| {
             let first = *next;
-            *next += s.allow.len() as u32;
+            *next += (s.allow.len() + rpc_pattern_count(s)) as u32;
             Some(first)
         })
         .collect();
@@ -170,7 +181,7 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
     let Context { policy, services, service_names, layers, environments, env_names, index } = *ctx;
     let mut diags = Diagnostics::default();
     let diags = &mut diags;
-    let mut debug = DebugInfo { files: Vec::new(), origins: Vec::new() };
+    let mut debug = DebugInfo::default();
     let mut edges: BTreeMap<(usize, usize), Edge> = BTreeMap::new();
     let mut reached = Vec::new();
 
@@ -244,6 +255,8 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
             }
         }
     }
+    let rpc_rules = resolve_rpc_rules(ctx, id, service, first_origin + debug.origins.len() as u32, &edges, diags);
+    debug.origins.extend(rpc_origins(&policy.sources, service, id as ServiceId));
     net_rules.sort_unstable();
     net_rules.dedup_by(|b, a| (a.net, a.proto, a.ports, a.target) == (b.net, b.proto, b.ports, b.target));
     host_rules.sort_unstable();
@@ -258,6 +271,8 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
         modes,
         net_rules,
         host_rules,
+        endpoints: endpoint_rules(service),
+        rpc_rules,
     };
     ServicePart {
         node,
@@ -266,6 +281,69 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
         ruleset,
         diags: std::mem::take(diags),
     }
+}
+
+fn rpc_pattern_count(service: &Service) -> usize {
+    service.rpc_allow.iter().map(|e| e.rpcs.len()).sum()
+}
+
+/// The `rpc_allow` patterns of a service in canonical order (backend name, then pattern), so
+/// reordering them changes neither the snapshot content nor its hash. Origin ids follow this
+/// order.
+fn rpc_patterns_in_order(service: &Service) -> Vec<(&Located<String>, &Located<RpcPattern>)> {
+    let mut patterns: Vec<_> =
+        service.rpc_allow.iter().flat_map(|e| e.rpcs.iter().map(move |p| (&e.service, p))).collect();
+    patterns.sort_by(|(a, p), (b, q)| (&a.value, &p.value).cmp(&(&b.value, &q.value)));
+    patterns
+}
+
+fn rpc_origins(sources: &Sources, service: &Service, id: ServiceId) -> Vec<Origin> {
+    rpc_patterns_in_order(service).into_iter().map(|(_, p)| origin_of(sources, p.loc, id)).collect()
+}
+
+/// The RPC rules of a service; its patterns get origin ids from `first_origin` on. An
+/// `rpc_allow` entry needs a dependency edge (declared or inferred) to its backend, so no RPC
+/// dependency escapes the graph checks and the kernel lets the connection through.
+fn resolve_rpc_rules(
+    ctx: &Context<'_, '_>,
+    id: usize,
+    service: &Service,
+    first_origin: u32,
+    edges: &BTreeMap<(usize, usize), Edge>,
+    diags: &mut Diagnostics,
+) -> Vec<RpcRule> {
+    let mut checked: BTreeSet<&str> = BTreeSet::new();
+    let mut rules = Vec::new();
+    for entry in &service.rpc_allow {
+        let Some(to) = ctx.service_names.get(&entry.service, diags) else { continue };
+        if !edges.contains_key(&(id, to)) && checked.insert(entry.service.value.as_str()) {
+            diags.push(Diagnostic::error(
+                Problem::RpcWithoutAllow { service: service.name.value.clone(), target: entry.service.value.clone() },
+                entry.loc,
+                format!("no network allow for `{}`", entry.service.value),
+            ));
+        }
+    }
+    for (origin, (target, pattern)) in (first_origin..).zip(rpc_patterns_in_order(service)) {
+        if let Some(&to) = ctx.service_names.index.get(target.value.as_str()) {
+            rules.push(RpcRule { target: to as ServiceId, pattern: pattern.value.clone(), origin });
+        }
+    }
+    rules.sort_unstable();
+    rules.dedup_by(|b, a| (a.target, &a.pattern) == (b.target, &b.pattern));
+    rules
+}
+
+/// A service's declared endpoints, one per port range.
+fn endpoint_rules(service: &Service) -> Vec<EndpointRule> {
+    let mut rules = Vec::new();
+    for endpoint in &service.endpoints {
+        let ports: &[PortRange] = if endpoint.ports.is_empty() { &[PortRange::ANY] } else { &endpoint.ports };
+        for &ports in ports {
+            rules.push(EndpointRule { destination: endpoint.destination.value.clone(), proto: endpoint.proto, ports });
+        }
+    }
+    rules
 }
 
 /// A total order of allow entries by what they mean (target, ports, protocol, criticality).

@@ -330,6 +330,97 @@ pub struct AllowEntry {
     pub loc: Loc,
 }
 
+/// An RPC name pattern of an `rpc_allow` entry: `/package.Service/Method` (one method),
+/// `/package.Service/*` (every method of a service) or `/*` (every call). Names are gRPC paths,
+/// matched case-sensitively.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RpcPattern {
+    /// `/*`: every call to the backend.
+    Any,
+    /// `/package.Service/*`: every method of one service (the fully qualified service name).
+    Service(String),
+    /// `/package.Service/Method`: one method.
+    Method {
+        /// Fully qualified service name, e.g. `billing.Billing`.
+        service: String,
+        /// Method name, e.g. `Charge`.
+        method: String,
+    },
+}
+
+impl RpcPattern {
+    /// Parses and validates a pattern; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<RpcPattern, &'static str> {
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err("an rpc name starts with `/`, as in `/billing.Billing/Charge`");
+        };
+        if rest == "*" {
+            return Ok(RpcPattern::Any);
+        }
+        let Some((service, method)) = rest.split_once('/') else {
+            return Err("expected `/package.Service/Method`, `/package.Service/*` or `/*`");
+        };
+        if method.contains('/') {
+            return Err("an rpc name has two parts, `/package.Service/Method`");
+        }
+        if service.contains('*') || (method.contains('*') && method != "*") {
+            return Err("`*` stands only for a whole method (`/package.Service/*`) or for every call (`/*`)");
+        }
+        if service.is_empty() || !service.split('.').all(is_identifier) {
+            return Err(
+                "the service is dot-separated identifiers of letters, digits and `_`, as in `billing.v1.Billing`",
+            );
+        }
+        if method == "*" {
+            return Ok(RpcPattern::Service(service.to_owned()));
+        }
+        if !is_identifier(method) {
+            return Err("the method is one identifier of letters, digits and `_`, as in `Charge`");
+        }
+        Ok(RpcPattern::Method { service: service.to_owned(), method: method.to_owned() })
+    }
+
+    /// True when the RPC name (a request path such as `/billing.Billing/Charge`) matches.
+    pub fn matches(&self, rpc: &str) -> bool {
+        let Some((service, method)) = rpc.strip_prefix('/').and_then(|r| r.rsplit_once('/')) else {
+            return *self == RpcPattern::Any && rpc.starts_with('/');
+        };
+        match self {
+            RpcPattern::Any => true,
+            RpcPattern::Service(s) => s == service && !method.is_empty(),
+            RpcPattern::Method { service: s, method: m } => s == service && m == method,
+        }
+    }
+}
+
+fn is_identifier(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl fmt::Display for RpcPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RpcPattern::Any => f.write_str("/*"),
+            RpcPattern::Service(service) => write!(f, "/{service}/*"),
+            RpcPattern::Method { service, method } => write!(f, "/{service}/{method}"),
+        }
+    }
+}
+
+/// One entry of a service's `rpc_allow` list: the RPCs it may call on one backend service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcAllowEntry {
+    /// The backend service.
+    pub service: Located<String>,
+    /// The calls it may make, each where it was written.
+    pub rpcs: Vec<Located<RpcPattern>>,
+    /// The whole entry.
+    pub loc: Loc,
+}
+
 /// One `[services.NAME]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
@@ -353,6 +444,8 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// What it may contact.
     pub allow: Vec<AllowEntry>,
+    /// Which RPCs it may call on which backend services (the in-process guard).
+    pub rpc_allow: Vec<RpcAllowEntry>,
 }
 
 /// A cycle the team accepts, with a reason; it becomes one supernode in the bootstrap order.

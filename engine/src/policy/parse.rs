@@ -22,10 +22,11 @@ const TOP_KEYS: &[&str] = &["version", "environments", "model", "services", "int
 const ENVIRONMENT_KEYS: &[&str] = &["mode"];
 const MODEL_KEYS: &[&str] = &["layers", "isolated"];
 const SERVICE_KEYS: &[&str] =
-    &["cgroup", "layer", "group", "owner", "description", "tier", "mode", "endpoints", "allow"];
+    &["cgroup", "layer", "group", "owner", "description", "tier", "mode", "endpoints", "allow", "rpc_allow"];
 const SELECTOR_KEYS: &[&str] = &["regex"];
 const ENDPOINT_KEYS: &[&str] = &["ip", "cidr", "host", "ports", "proto"];
 const ALLOW_KEYS: &[&str] = &["service", "ip", "cidr", "host", "ports", "proto", "critical", "reason"];
+const RPC_ALLOW_KEYS: &[&str] = &["service", "rpcs"];
 const CYCLE_KEYS: &[&str] = &["services", "reason"];
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -310,6 +311,7 @@ impl Parser<'_> {
             mode: ModeSpec::Inherit,
             endpoints: Vec::new(),
             allow: Vec::new(),
+            rpc_allow: Vec::new(),
         };
         for (k, v) in table.iter() {
             match k.get_ref().as_ref() {
@@ -338,6 +340,13 @@ impl Parser<'_> {
                     for item in self.array("allow", v).unwrap_or_default() {
                         if let Some(entry) = self.allow_entry(item) {
                             service.allow.push(entry);
+                        }
+                    }
+                }
+                "rpc_allow" => {
+                    for item in self.array("rpc_allow", v).unwrap_or_default() {
+                        if let Some(entry) = self.rpc_allow_entry(item) {
+                            service.rpc_allow.push(entry);
                         }
                     }
                 }
@@ -601,6 +610,69 @@ impl Parser<'_> {
             critical,
             loc: self.loc(value.span()),
         })
+    }
+
+    /// `{ service = "billing", rpcs = ["/billing.Billing/Charge", "/billing.Billing/*"] }`.
+    fn rpc_allow_entry(&mut self, value: &Value<'_>) -> Option<RpcAllowEntry> {
+        let table = self.table("rpc_allow", value)?;
+        let mut service = None;
+        let mut rpcs = None;
+        let mut ok = true;
+        for (k, v) in table.iter() {
+            match k.get_ref().as_ref() {
+                "service" => {
+                    service = self.name_value("service", v);
+                    ok &= service.is_some();
+                }
+                "rpcs" => {
+                    let Some(items) = v.get_ref().as_array() else {
+                        self.wrong_type("rpcs", "an array of rpc names", v);
+                        ok = false;
+                        continue;
+                    };
+                    if items.is_empty() {
+                        self.error(Problem::EmptyRpcList, v.span(), "empty");
+                        ok = false;
+                        continue;
+                    }
+                    // Every pattern is checked (and reported), even after a bad one.
+                    let mut patterns = Vec::with_capacity(items.len());
+                    for item in items {
+                        let Some(text) = self.string("rpcs", item) else {
+                            ok = false;
+                            continue;
+                        };
+                        match RpcPattern::parse(text) {
+                            Ok(pattern) => patterns.push(Located::new(pattern, self.loc(item.span()))),
+                            Err(reason) => {
+                                self.error(
+                                    Problem::InvalidRpcPattern { value: text.to_owned(), reason },
+                                    item.span(),
+                                    "invalid rpc name",
+                                );
+                                ok = false;
+                            }
+                        }
+                    }
+                    rpcs = Some(patterns);
+                }
+                _ => self.unknown_key(k, "an rpc_allow entry", RPC_ALLOW_KEYS),
+            }
+        }
+        for (key, missing) in [("service", !table.contains_key("service")), ("rpcs", !table.contains_key("rpcs"))] {
+            if missing {
+                self.error(
+                    Problem::MissingKey { key, context: "an rpc_allow entry" },
+                    value.span(),
+                    format!("no `{key}`").as_str(),
+                );
+                ok = false;
+            }
+        }
+        match (service, rpcs) {
+            (Some(service), Some(rpcs)) if ok => Some(RpcAllowEntry { service, rpcs, loc: self.loc(value.span()) }),
+            _ => None,
+        }
     }
 
     fn intrinsic_cycle(&mut self, value: &Value<'_>) -> Option<IntrinsicCycle> {

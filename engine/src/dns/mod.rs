@@ -1,0 +1,34 @@
+//! The userspace core of DNS-aware backends (issue 5): host-name rules enforced through a DNS
+//! proxy that knows which process asked.
+//!
+//! - [`names`]: per service, the names it may resolve ([`NameMatcher`], from the snapshot's
+//!   host rules), matched on label boundaries, case-insensitively.
+//! - [`Proxy`]: UDP and TCP listeners on loopback (IPv4 and IPv6) that receive queries sent to
+//!   any `127.53.x.y` address, ask an [`Attributor`] who sent each one, and answer from the
+//!   address it was sent to. An allowed name is resolved upstream; a denied one gets `REFUSED`
+//!   (or `NXDOMAIN`) in enforce, and is answered but reported in audit. An upstream failure
+//!   gives a prompt `SERVFAIL`.
+//! - [`AllowSet`]: the A/AAAA answers of allowed names, per service, for the record's TTL
+//!   clamped to a floor and a cap, with change notifications for the kernel maps, and
+//!   shared-address conflict reports.
+//!
+//! Not here yet: the eBPF redirect of port-53 traffic to the proxy, the reply-source rewrite,
+//! the kernel-backed attributor, and the agent wiring (see the README, "DNS proxy (core)").
+
+pub mod allow;
+pub mod attrib;
+pub mod names;
+mod proxy;
+mod socket;
+pub mod upstream;
+
+pub use allow::{AllowChange, AllowEntry, AllowSet, AllowSink, SharedAddress, TtlBounds};
+pub use attrib::{Attribution, Attributor, StaticAttributor, Transport, slot_addr, slot_index};
+pub use names::{DnsPolicy, Grant, NameMatcher, ServicePolicy};
+pub use proxy::{DenyResponse, DnsError, DnsEvent, EventSink, Proxy, ProxyConfig, QueryEvent, Unattributed};
+pub use upstream::UpstreamError;
+
+/// Now, on tokio's clock (so tests with a paused clock see time pass), as a std instant.
+pub fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
