@@ -32,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use toml_edit::{DocumentMut, InlineTable, Item, Key, Table, Value};
 
-use super::{LoadError, Mode, Parsed, PolicySet, collect_toml_files, parse_sources, read_files};
+use super::{LoadError, Mode, Parsed, PolicySet, parse_sources, read_files};
 use crate::compile::{CompileError, Compiled, DEFAULT_ENVIRONMENT, DEFAULT_MODE, analyze_parsed};
 use crate::diag::{Diagnostics, Sources};
 use crate::problem::closest;
@@ -341,16 +341,7 @@ pub fn rewrite_service_mode(
 
 /// The policy's files, as [`super::load`] lists them.
 fn policy_files(path: &Path) -> Result<Vec<PathBuf>, EditError> {
-    let metadata = fs::metadata(path).map_err(|source| LoadError::Io { path: path.to_owned(), source })?;
-    if !metadata.is_dir() {
-        return Ok(vec![path.to_owned()]);
-    }
-    let mut files = Vec::new();
-    collect_toml_files(path, &mut files)?;
-    if files.is_empty() {
-        return Err(LoadError::EmptyDirectory { path: path.to_owned() }.into());
-    }
-    Ok(files)
+    Ok(super::policy_files(path)?)
 }
 
 /// The policy's environments in declaration order (the first definition of each), as the

@@ -50,19 +50,22 @@ pub struct Parsed {
 /// Reads a policy from a file, or from every `*.toml` file in a directory tree (in path order,
 /// merged into one policy).
 pub fn load(path: &Path) -> Result<Parsed, LoadError> {
+    Ok(parse_sources(read_files(&policy_files(path)?)?))
+}
+
+/// The files of a policy: the file itself, or every `*.toml` file of a directory tree in path
+/// order (dotfiles skipped).
+pub(crate) fn policy_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let io = |source| LoadError::Io { path: path.to_owned(), source };
-    let metadata = std::fs::metadata(path).map_err(io)?;
-    let files = if metadata.is_dir() {
-        let mut files = Vec::new();
-        collect_toml_files(path, &mut files)?;
-        if files.is_empty() {
-            return Err(LoadError::EmptyDirectory { path: path.to_owned() });
-        }
-        files
-    } else {
-        vec![path.to_owned()]
-    };
-    Ok(parse_sources(read_files(&files)?))
+    if !std::fs::metadata(path).map_err(io)?.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    collect_toml_files(path, &mut files)?;
+    if files.is_empty() {
+        return Err(LoadError::EmptyDirectory { path: path.to_owned() });
+    }
+    Ok(files)
 }
 
 /// Reads files, returning names and texts in order, or the error of the first that cannot be
