@@ -372,3 +372,50 @@ fn events_follow_and_live_explain() {
     }
     assert_eq!(agent.status().generation, 1);
 }
+
+/// A policy that is a directory of team files: an edit to one file is applied, and a
+/// promotion rewrites the file that defines the service.
+#[test]
+fn directory_policy_reloads_and_promotes_in_the_right_file() {
+    if !privileged("directory_policy_reloads_and_promotes_in_the_right_file") {
+        return;
+    }
+    let mut cgroups = Cgroups::new();
+    let app = cgroups.child("app");
+    let (db, other) = (tcp_listener(LO4), tcp_listener(LO4));
+    let dir = tempfile::tempdir().unwrap();
+    let top = cgroups.relative();
+    std::fs::write(dir.path().join("00-global.toml"), "version = 1\n[environments]\nprod = \"audit\"\n").unwrap();
+    let db_file = dir.path().join("10-db.toml");
+    std::fs::write(
+        &db_file,
+        format!("version = 1\n[services.db]\nendpoints = [{{ ip = \"127.0.0.1\", ports = [{db}] }}]\n"),
+    )
+    .unwrap();
+    let app_file = dir.path().join("20-app.toml");
+    std::fs::write(
+        &app_file,
+        format!("version = 1\n# team app\n[services.app]\ncgroup = \"{top}/app\"\nallow = [{{ service = \"db\" }}]\n"),
+    )
+    .unwrap();
+    let gate = ["--promote-window", "30s", "--promote-min-observed", "1s", "--promote-min-connections", "2"];
+    let agent = Agent::start_with(&assert_cmd::cargo::cargo_bin("policyctl"), dir.path(), "prod", &gate);
+    assert_eq!(probe(&app, "tcp", LO4, db, 3), Ok(3));
+
+    // An edit in the db team's file (a second port) is applied at once.
+    std::fs::write(
+        &db_file,
+        format!("version = 1\n[services.db]\nendpoints = [{{ ip = \"127.0.0.1\", ports = [{db}, {other}] }}]\n"),
+    )
+    .unwrap();
+    agent.wait_status("generation 2", |s| s.generation == 2);
+    std::thread::sleep(Duration::from_millis(2200));
+    let out = policyctl(&["promote", "app", "--enforce"], &agent.socket);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let app_text = std::fs::read_to_string(&app_file).unwrap();
+    assert!(app_text.contains("# team app") && app_text.contains("mode = { prod = \"enforce\" }"), "{app_text}");
+    assert!(!std::fs::read_to_string(&db_file).unwrap().contains("mode"), "only the app team's file changes");
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Ok(1), "the second db port is allowed");
+    let stray = tcp_listener(LO4);
+    assert_eq!(probe(&app, "tcp", LO4, stray, 1), Err(EPERM), "enforced");
+}
