@@ -823,68 +823,19 @@ mod unix_ms {
 
 /// Times as RFC 3339 UTC text with milliseconds, `2025-01-31T23:59:59.123Z`.
 pub mod rfc3339 {
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    /// Formats a time (times before 1970 are shown as the epoch).
+    /// Formats a time, to the millisecond (times before 1970 are shown as the epoch).
     pub fn format(time: SystemTime) -> String {
-        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = since.as_secs();
-        let (days, rest) = (secs / 86_400, secs % 86_400);
-        let (year, month, day) = civil_from_days(days as i64);
-        format!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-            rest / 3600,
-            rest % 3600 / 60,
-            rest % 60,
-            since.subsec_millis()
-        )
+        humantime::format_rfc3339_millis(time.max(UNIX_EPOCH)).to_string()
     }
 
-    /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)`.
+    /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]` in UTC (`Z` or `+00:00`).
     pub fn parse(text: &str) -> Option<SystemTime> {
-        let text = text.strip_suffix('Z').or_else(|| text.strip_suffix("+00:00"))?;
-        let (date, time) = text.split_once(['T', 't', ' '])?;
-        let mut date = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-        let (year, month, day) = (date.next()??, date.next()??, date.next()??);
-        let (time, fraction) = time.split_once('.').unwrap_or((time, ""));
-        let mut hms = time.splitn(3, ':').map(|p| p.parse::<u64>().ok());
-        let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
-        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
-            return None;
-        }
-        if !fraction.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let nanos: u32 = format!("{:0<9}", fraction.get(..9).unwrap_or(fraction)).parse().ok()?;
-        let days = u64::try_from(days_from_civil(year, month, day)).ok()?;
-        Some(UNIX_EPOCH + Duration::new(days * 86_400 + h * 3600 + m * 60 + s, nanos))
-    }
-
-    /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-    fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-        let y = if month <= 2 { year - 1 } else { year };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (month + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + day - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
-    }
-
-    /// The date of a day count since 1970-01-01.
-    fn civil_from_days(days: i64) -> (i64, i64, i64) {
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        (year, month, day)
+        let utc = text.strip_suffix("+00:00").map(|t| format!("{t}Z"));
+        humantime::parse_rfc3339_weak(utc.as_deref().unwrap_or(text)).ok()
     }
 
     pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
