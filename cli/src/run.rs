@@ -4,14 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::net::IpAddr;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use depfence::cgroup::{Cgroup2, ChildCgroup};
 use depfence::datapath::abi::{
-    self, CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, MODE_AUDIT, MODE_ENFORCE, VERDICT_ALLOWED, VERDICT_REJECTED,
-    VERDICT_WOULD_REJECT, prog_names, user::words_addr,
+    CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, MODE_AUDIT, MODE_ENFORCE, VERDICT_ALLOWED, VERDICT_REJECTED,
+    VERDICT_WOULD_REJECT, prog_names,
 };
 use depfence::datapath::pins::{PinLayout, ensure_bpffs};
 use depfence::datapath::rules::{allows_from_snapshot, compile};
@@ -83,7 +82,7 @@ fn supervise(
     let mut child = cgroup
         .spawn(Command::new(program).args(args))
         .map_err(|e| CliError::Usage(format!("cannot run `{}`: {e}", program.to_string_lossy())))?;
-    let mut seen: BTreeMap<(IpAddr, u16, u8), Seen> = BTreeMap::new();
+    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     let status = loop {
         collect(&mut datapath, &mut seen);
         match child.try_wait() {
@@ -108,35 +107,24 @@ fn supervise(
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
-fn collect(datapath: &mut Datapath, seen: &mut BTreeMap<(IpAddr, u16, u8), Seen>) {
+fn collect(datapath: &mut Datapath, seen: &mut BTreeMap<String, Seen>) {
     for event in datapath.maps.drain_events() {
         if event.verdict == VERDICT_ALLOWED {
             continue;
         }
-        let entry = seen.entry((words_addr(event.addr), event.port, event.proto)).or_default();
+        let entry = seen.entry(event.destination()).or_default();
         entry.verdict = event.verdict;
-        let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
-        let comm = String::from_utf8_lossy(event.comm.get(..comm_len).unwrap_or_default()).into_owned();
-        entry.processes.insert((event.pid_tgid >> 32) as u32, comm);
+        entry.processes.insert(event.pid(), event.comm_name().into_owned());
     }
 }
 
-fn report(datapath: &Datapath, seen: &BTreeMap<(IpAddr, u16, u8), Seen>, enforce: bool) {
+fn report(datapath: &Datapath, seen: &BTreeMap<String, Seen>, enforce: bool) {
     let count = |verdict| datapath.maps.counter(SLOT, verdict).unwrap_or(0);
     let (allowed, would, rejected) = (count(VERDICT_ALLOWED), count(VERDICT_WOULD_REJECT), count(VERDICT_REJECTED));
     let mode = if enforce { "enforce" } else { "audit" };
     eprintln!("policyctl run ({mode}): {allowed} allowed, {would} would-reject, {rejected} rejected");
-    for ((addr, port, proto), s) in seen {
+    for (destination, s) in seen {
         let verdict = if s.verdict == VERDICT_REJECTED { "rejected" } else { "would-reject" };
-        let proto = match *proto {
-            abi::IPPROTO_TCP => "tcp",
-            abi::IPPROTO_UDP => "udp",
-            _ => "?",
-        };
-        let destination = match addr {
-            IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
-            IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
-        };
         let who: Vec<String> = s.processes.iter().map(|(pid, comm)| format!("{comm} (pid {pid})")).collect();
         eprintln!("  {verdict:<12} {destination:<28} by {}", who.join(", "));
     }

@@ -43,17 +43,6 @@ fn v4(d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, d))
 }
 
-/// The command name in an event, up to its NUL.
-fn comm(e: &Event) -> &str {
-    let end = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
-    std::str::from_utf8(&e.comm[..end]).unwrap()
-}
-
-/// The thread group id (the process id) of an event.
-fn tgid(e: &Event) -> u32 {
-    (e.pid_tgid >> 32) as u32
-}
-
 /// Runs real curl inside `cgroup` against `http://ip:port/`: (exit code, `%{http_code}`, stderr).
 fn curl(cgroup: &Path, ip: IpAddr, port: u16) -> (i32, String, String) {
     let mut cmd = Command::new("curl");
@@ -119,7 +108,7 @@ fn curl_reaches_only_allowed_loopback_addresses() {
     let events = dp.maps.drain_events();
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
-    assert_eq!((comm(e), words_addr(e.addr), e.port), ("curl", a4, p4));
+    assert_eq!((e.comm_name().as_ref(), words_addr(e.addr), e.port), ("curl", a4, p4));
     assert_eq!((e.verdict, e.proto, e.family, e.cgroup_id), (VERDICT_REJECTED, IPPROTO_TCP, AF_INET, cg.id()));
 
     // audit: all three pass; exactly one would-be rejection.
@@ -131,7 +120,10 @@ fn curl_reaches_only_allowed_loopback_addresses() {
     assert_eq!((c(&dp, VERDICT_ALLOWED), c(&dp, VERDICT_REJECTED)), (4, 1));
     let events = dp.maps.drain_events();
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!((comm(&events[0]), words_addr(events[0].addr), events[0].verdict), ("curl", a4, VERDICT_WOULD_REJECT));
+    assert_eq!(
+        (events[0].comm_name().as_ref(), words_addr(events[0].addr), events[0].verdict),
+        ("curl", a4, VERDICT_WOULD_REJECT)
+    );
     eprintln!("6 curl runs in {:?}", t.elapsed());
 }
 
@@ -239,7 +231,7 @@ fn every_thread_of_a_process_is_policed() {
     assert_eq!(dp.maps.counter(slot, VERDICT_REJECTED).unwrap(), THREADS);
     let events = dp.maps.drain_events();
     assert_eq!(events.len() as u64, THREADS, "{events:?}");
-    let tgids: BTreeSet<u32> = events.iter().map(tgid).collect();
+    let tgids: BTreeSet<u32> = events.iter().map(Event::pid).collect();
     let tids: BTreeSet<u32> = events.iter().map(|e| e.pid_tgid as u32).collect();
     assert_eq!(tgids.len(), 1, "one process: {tgids:?}");
     assert_eq!(tids.len() as u64, THREADS, "each event from its own thread: {tids:?}");
@@ -301,7 +293,7 @@ fn grandchild_processes_are_policed_and_named_in_events() {
     let events = dp.maps.drain_events();
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
-    assert_eq!((tgid(e), comm(e)), (pid, "depfence-probe"), "the event names the grandchild");
+    assert_eq!((e.pid(), e.comm_name().as_ref()), (pid, "depfence-probe"), "the event names the grandchild");
     assert_eq!((e.cgroup_id, e.port, e.verdict), (cg.id(), denied, VERDICT_REJECTED));
 
     let (result, _) = run(allowed);
@@ -665,7 +657,8 @@ fn enforcement_survives_kill_9_of_the_loader() {
     assert_eq!(ad.links.len(), 4, "all four hooks stayed attached");
     assert_eq!(ad.maps.counter(0, VERDICT_REJECTED).unwrap(), 3, "1 before + 2 after the kill");
     assert_eq!(ad.maps.counter(0, VERDICT_ALLOWED).unwrap(), 2, "1 before + 1 after the kill");
-    let events: Vec<_> = ad.maps.drain_events().iter().map(|e| (e.port, e.verdict, comm(e).to_owned())).collect();
+    let events: Vec<_> =
+        ad.maps.drain_events().iter().map(|e| (e.port, e.verdict, e.comm_name().into_owned())).collect();
     assert_eq!(events, vec![(denied, VERDICT_REJECTED, "depfence-probe".to_owned()); 3], "events wait in the ring");
     drop(ad);
     drop(loader);

@@ -90,6 +90,32 @@ impl CidrValue {
     }
 }
 
+impl Event {
+    /// The command name, up to its NUL (lossy if not UTF-8).
+    pub fn comm_name(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        std::string::String::from_utf8_lossy(self.comm.get(..end).unwrap_or_default())
+    }
+
+    /// The process id (thread group id) that made the call.
+    pub fn pid(&self) -> u32 {
+        (self.pid_tgid >> 32) as u32
+    }
+
+    /// The destination as `addr:port/proto` (`[v6]:port/proto`).
+    pub fn destination(&self) -> std::string::String {
+        let proto = match self.proto {
+            crate::IPPROTO_TCP => "tcp",
+            crate::IPPROTO_UDP => "udp",
+            _ => "ip",
+        };
+        match words_addr(self.addr) {
+            IpAddr::V4(a) => std::format!("{a}:{}/{proto}", self.port),
+            IpAddr::V6(a) => std::format!("[{a}]:{}/{proto}", self.port),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

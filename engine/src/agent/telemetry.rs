@@ -121,19 +121,6 @@ pub fn verdict_name(verdict: u32) -> &'static str {
     }
 }
 
-/// `addr:port/proto` of an event's destination.
-pub fn destination(addr: IpAddr, port: u16, proto: u8) -> String {
-    let proto = match proto {
-        abi::IPPROTO_TCP => "tcp",
-        abi::IPPROTO_UDP => "udp",
-        _ => "ip",
-    };
-    match addr {
-        IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
-    }
-}
-
 impl EventRecord {
     /// Resolves a kernel event; `service` and `cgroup` come from the agent's tables.
     pub fn new(
@@ -144,15 +131,14 @@ impl EventRecord {
         now: SystemTime,
     ) -> Self {
         let addr = words_addr(event.addr);
-        let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
         Self {
             time: humantime::format_rfc3339_millis(now).to_string(),
             service,
             cgroup,
-            pid: (event.pid_tgid >> 32) as u32,
+            pid: event.pid(),
             tid: event.pid_tgid as u32,
-            comm: String::from_utf8_lossy(event.comm.get(..comm_len).unwrap_or_default()).into_owned(),
-            destination: destination(addr, event.port, event.proto),
+            comm: event.comm_name().into_owned(),
+            destination: event.destination(),
             destination_service: owners.owner(addr, event.port, event.proto).map(str::to_owned),
             verdict: verdict_name(event.verdict).to_owned(),
             generation: event.generation,
@@ -329,7 +315,11 @@ allow = [{ service = "db" }, { service = "pool" }, { cidr = "192.0.2.0/24" }]
 
     #[test]
     fn destinations_print_like_sockets() {
-        assert_eq!(destination("127.0.0.1".parse().unwrap(), 80, abi::IPPROTO_TCP), "127.0.0.1:80/tcp");
-        assert_eq!(destination("::1".parse().unwrap(), 53, abi::IPPROTO_UDP), "[::1]:53/udp");
+        let destination = |addr: &str, port, proto| {
+            let addr = abi::user::addr_words(addr.parse().unwrap());
+            Event { addr, port, proto, ..Event::default() }.destination()
+        };
+        assert_eq!(destination("127.0.0.1", 80, abi::IPPROTO_TCP), "127.0.0.1:80/tcp");
+        assert_eq!(destination("::1", 53, abi::IPPROTO_UDP), "[::1]:53/udp");
     }
 }
