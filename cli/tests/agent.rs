@@ -10,8 +10,8 @@ use std::{
 
 use depfence::agent::control::{AgentStatus, ServiceStatus};
 use depfence::cgroup::spawn_in;
-use depfence_integration::agent::{Agent, Cgroups};
-use depfence_integration::fixture::{EPERM, LO4, probe, tcp_listener};
+use depfence_integration::agent::Agent;
+use depfence_integration::fixture::{Cgroup, EPERM, LO4, probe, tcp_listener};
 
 fn privileged(test: &str) -> bool {
     depfence_integration::require_privileges(test)
@@ -47,7 +47,7 @@ allow = [{{ service = "db" }}]
 /// Test cgroups with `app`, a `db` server the policy allows and another it does not, and the
 /// policy file (app in `mode`).
 struct Setup {
-    cgroups: Cgroups,
+    cgroups: Cgroup,
     app: PathBuf,
     db: u16,
     other: u16,
@@ -57,7 +57,7 @@ struct Setup {
 
 impl Setup {
     fn new(mode: &str) -> Self {
-        let mut cgroups = Cgroups::new();
+        let mut cgroups = Cgroup::new();
         let app = cgroups.child("app");
         let (db, other) = (tcp_listener(LO4), tcp_listener(LO4));
         let dir = tempfile::tempdir().unwrap();
@@ -151,8 +151,7 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     assert!(lines.iter().any(|e| e["verdict"] == "rejected" && e["service"] == "app"), "{lines:?}");
 
     // A removed cgroup leaves the policy.
-    let removed = cgroups.children.pop().unwrap();
-    removed.remove().unwrap();
+    cgroups.remove_last_child();
     agent.wait_status("batch gone", |s| service(s, "batch").is_none());
     agent.kill9();
 }
@@ -380,7 +379,7 @@ fn directory_policy_reloads_and_promotes_in_the_right_file() {
     if !privileged("directory_policy_reloads_and_promotes_in_the_right_file") {
         return;
     }
-    let mut cgroups = Cgroups::new();
+    let mut cgroups = Cgroup::new();
     let app = cgroups.child("app");
     let (db, other) = (tcp_listener(LO4), tcp_listener(LO4));
     let dir = tempfile::tempdir().unwrap();

@@ -13,8 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use depfence_integration::agent::{Agent, Cgroups};
-use depfence_integration::fixture::{LO4, probe, tcp_listener};
+use depfence_integration::agent::Agent;
+use depfence_integration::fixture::{Cgroup, LO4, probe, tcp_listener};
 use depfence_integration::prometheus::{Prometheus, Sample, require_tool};
 
 /// How long one wait may take; the whole test takes about ten seconds.
@@ -56,7 +56,7 @@ fn prometheus_sees_would_rejects_of_a_real_agent_and_raises_the_audit_alert() {
         return;
     }
     let started = Instant::now();
-    let mut cgroups = Cgroups::new();
+    let mut cgroups = Cgroup::new();
     let app = cgroups.child("app");
     let (db, undeclared) = (tcp_listener(LO4), tcp_listener(LO4));
     let dir = tempfile::tempdir().unwrap();

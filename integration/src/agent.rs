@@ -1,5 +1,6 @@
 //! A real `policyctl agent` process for tests, with its own pins, state, control socket and
-//! metrics port, and the test cgroups its policy selects; both clean up on drop.
+//! metrics port; it cleans up on drop. Its policy selects cgroups made with
+//! [`crate::fixture::Cgroup`].
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -16,10 +17,7 @@ use std::{
 };
 
 use depfence::agent::control::{self, AgentStatus, Request};
-use depfence::cgroup::ChildCgroup;
 use depfence::datapath::pins::{PinLayout, ensure_bpffs, random_suffix};
-
-use crate::fixture::cgroup2_root;
 
 /// A running `policyctl agent` with its own pins, state, socket and metrics port; stopped
 /// (SIGKILL by PID) and its pins removed on drop.
@@ -165,50 +163,6 @@ impl Drop for Agent {
         }
         if let Err(e) = self.pins.remove_all() {
             eprintln!("cleanup: pins {}: {e}", self.pins.root().display());
-        }
-    }
-}
-
-/// The test's cgroups: `depfence-test-agent-<rand>/…` under the cgroup2 root, removed on drop.
-pub struct Cgroups {
-    top: ChildCgroup,
-    /// The children, in creation order.
-    pub children: Vec<ChildCgroup>,
-}
-
-impl Cgroups {
-    /// A fresh `depfence-test-agent-<rand>` below the cgroup2 root.
-    pub fn new() -> Self {
-        let top =
-            ChildCgroup::create(&cgroup2_root().unwrap(), &format!("depfence-test-agent-{}", random_suffix())).unwrap();
-        Self { top, children: Vec::new() }
-    }
-    /// Path of the top relative to the cgroup2 mount.
-    pub fn relative(&self) -> String {
-        self.top.dir().file_name().unwrap().to_string_lossy().into_owned()
-    }
-    /// Creates a child cgroup.
-    pub fn child(&mut self, name: &str) -> PathBuf {
-        let child = ChildCgroup::create(self.top.dir(), name).unwrap();
-        let dir = child.dir().to_owned();
-        self.children.push(child);
-        dir
-    }
-}
-
-impl Default for Cgroups {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        let _ = self.top.kill_all();
-        while let Some(child) = self.children.pop() {
-            if let Err(e) = child.remove() {
-                eprintln!("cleanup: {e}");
-            }
         }
     }
 }

@@ -69,6 +69,14 @@ impl Cgroup {
     pub fn id(&self) -> u64 {
         self.top.id()
     }
+    /// Its path relative to the cgroup2 mount (as a policy's `cgroup = …` names it).
+    pub fn relative(&self) -> String {
+        self.path.file_name().unwrap().to_string_lossy().into_owned()
+    }
+    /// Removes the child created last (it must hold no process).
+    pub fn remove_last_child(&mut self) {
+        self.children.pop().unwrap().remove().unwrap();
+    }
     /// The top cgroup.
     pub fn top(&self) -> &ChildCgroup {
         &self.top
