@@ -179,6 +179,16 @@ impl Prometheus {
             .collect()
     }
 
+    /// The active alerts other than `name`, as `name {labels}` lines (for "nothing else fires").
+    pub fn other_alerts(&self, name: &str) -> io::Result<Vec<String>> {
+        Ok(self
+            .alerts()?
+            .into_iter()
+            .filter(|a| a.name() != name)
+            .map(|a| format!("{} {:?}", a.name(), a.labels))
+            .collect())
+    }
+
     /// Runs `promql` until `predicate` accepts the result, and returns that result; fails after
     /// `timeout` with the last result (or error) and the server's log.
     pub fn wait_for(

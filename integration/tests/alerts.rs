@@ -253,13 +253,7 @@ fn prometheus_scrapes_a_fake_agent_and_raises_the_audit_alert() {
     assert_eq!(series.len(), 1, "{series:?}");
 
     // Nothing else fires: no rejections, the agent is up, nothing is absent.
-    let others: Vec<String> = prometheus
-        .alerts()
-        .unwrap()
-        .into_iter()
-        .filter(|a| a.name() != "DepfenceWouldRejectInAudit")
-        .map(|a| format!("{} {:?}", a.name(), a.labels))
-        .collect();
+    let others = prometheus.other_alerts("DepfenceWouldRejectInAudit").unwrap();
     assert!(others.is_empty(), "{others:?}");
 }
 

@@ -218,11 +218,8 @@ fn every_thread_of_a_process_is_policed() {
     let mut dp = attached(&cg, &pins);
     let allowed = tcp_listener(LO4);
     let denied = tcp_listener(LO4);
-    dp.maps
-        .install(&compile(1, &[Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: allowed, rule_id: 1 }]).unwrap())
-        .unwrap();
     let slot = 9;
-    dp.maps.set_cgroup(cg.id(), state(1, MODE_ENFORCE, slot)).unwrap();
+    enforce(&mut dp, cg.id(), slot, &[Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: allowed, rule_id: 1 }]);
     let n = THREADS.to_string();
 
     // enforce: every thread gets EPERM, none succeeds.
@@ -259,11 +256,8 @@ fn grandchild_processes_are_policed_and_named_in_events() {
     let mut dp = attached(&cg, &pins);
     let allowed = tcp_listener(LO4);
     let denied = tcp_listener(LO4);
-    dp.maps
-        .install(&compile(1, &[Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: allowed, rule_id: 1 }]).unwrap())
-        .unwrap();
     let slot = 11;
-    dp.maps.set_cgroup(cg.id(), state(1, MODE_ENFORCE, slot)).unwrap();
+    enforce(&mut dp, cg.id(), slot, &[Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: allowed, rule_id: 1 }]);
 
     let run = |port: u16| {
         let mut cmd = Command::new("sh");
