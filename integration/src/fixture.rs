@@ -77,10 +77,6 @@ impl Cgroup {
     pub fn remove_last_child(&mut self) {
         self.children.pop().unwrap().remove().unwrap();
     }
-    /// The top cgroup.
-    pub fn top(&self) -> &ChildCgroup {
-        &self.top
-    }
 }
 
 impl Default for Cgroup {

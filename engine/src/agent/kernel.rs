@@ -133,8 +133,8 @@ pub struct Kernel {
     state_file: PathBuf,
     persisted: Persisted,
     services: BTreeMap<String, InstalledService>,
-    /// Cgroup id → relative path of every cgroup with our links attached.
-    attached: BTreeMap<u64, Option<String>>,
+    /// Ids of the cgroups with our links attached.
+    attached: BTreeSet<u64>,
     /// True until the first apply has removed what a previous agent left and no longer needs.
     cleanup_pending: bool,
     /// Hashes of the active and candidate policies last applied.
@@ -161,12 +161,12 @@ impl Kernel {
             Err(source) => return Err(KernelError::State { path: state_file, source }),
         };
         // Links a previous agent pinned: `<prog>-<cgroup id>`.
-        let mut attached = BTreeMap::new();
+        let mut attached = BTreeSet::new();
         if let Ok(entries) = std::fs::read_dir(layout.links_dir()) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if let Some(id) = name.rsplit_once('-').and_then(|(_, id)| id.parse::<u64>().ok()) {
-                    attached.insert(id, None);
+                    attached.insert(id);
                 }
             }
         }
@@ -196,11 +196,6 @@ impl Kernel {
     /// The policy generation in force (counts applied policies, kept across restarts).
     pub fn generation(&self) -> u32 {
         self.persisted.generation
-    }
-
-    /// Counter slot → service.
-    pub fn service_of_slot(&self, slot: u32) -> Option<&str> {
-        self.services.iter().find(|(_, s)| s.slot == slot).map(|(name, _)| name.as_str())
     }
 
     /// The service a registered cgroup id belongs to.
@@ -375,16 +370,15 @@ impl Kernel {
         // 3. Attach where needed; detach where no longer needed.
         let wanted_points: BTreeMap<u64, &FoundCgroup> = desired.attach.iter().map(|c| (c.id, *c)).collect();
         for (id, cgroup) in &wanted_points {
-            if self.attached.contains_key(id) {
-                self.attached.insert(*id, Some(cgroup.relative.clone()));
+            if self.attached.contains(id) {
                 continue;
             }
             let dir = self.cgroup2_mount.join(&cgroup.relative);
             self.datapath.attach(&dir, &prog_names::ALL)?;
-            self.attached.insert(*id, Some(cgroup.relative.clone()));
+            self.attached.insert(*id);
             report.attached.push(cgroup.relative.clone());
         }
-        let stale: Vec<u64> = self.attached.keys().filter(|id| !wanted_points.contains_key(id)).copied().collect();
+        let stale: Vec<u64> = self.attached.iter().filter(|id| !wanted_points.contains_key(id)).copied().collect();
         for id in stale {
             for prog in prog_names::ALL {
                 let _ = std::fs::remove_file(self.layout.link(prog, id));

@@ -19,7 +19,6 @@ use aya::{
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError,
         links::{FdLink, LinkError, PinnedLink},
-        loaded_programs,
     },
 };
 use depfence_bpf_common::{
@@ -500,19 +499,5 @@ impl Adopted {
             links.push((path, link));
         }
         Ok(Self { maps, links })
-    }
-
-    /// (link pin, program id, run_time_ns, run_cnt) of each adopted link's program.
-    pub fn link_stats(&self) -> Result<Vec<(PathBuf, u32, u64, u64)>> {
-        let mut out = Vec::new();
-        for (path, link) in &self.links {
-            let prog_id = link.info()?.program_id();
-            for p in loaded_programs().flatten() {
-                if p.id() == prog_id {
-                    out.push((path.clone(), prog_id, p.run_time().as_nanos() as u64, p.run_count()));
-                }
-            }
-        }
-        Ok(out)
     }
 }

@@ -67,22 +67,6 @@ impl PinLayout {
         fs::create_dir_all(self.maps_dir())?;
         fs::create_dir_all(self.links_dir())
     }
-    /// Every file under the layout (pins), for residue checks.
-    pub fn entries(&self) -> io::Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        for dir in [self.maps_dir(), self.links_dir()] {
-            match fs::read_dir(&dir) {
-                Ok(rd) => {
-                    for e in rd {
-                        out.push(e?.path());
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
-    }
     /// Unpin everything (links first: that detaches the programs), then remove the dirs.
     pub fn remove_all(&self) -> io::Result<()> {
         for dir in [self.links_dir(), self.maps_dir()] {
