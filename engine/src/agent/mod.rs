@@ -33,7 +33,7 @@ pub mod telemetry;
 use self::control::{AgentStatus, CandidateStatus, ReloadStatus, Request, Response, ServiceStatus};
 use self::discovery::{FoundCgroup, Selectors};
 use self::kernel::{Desired, Kernel};
-use self::telemetry::{DestinationOwners, EventLog, EventRecord, mode_name, unix_seconds};
+use self::telemetry::{DestinationOwners, EventLog, EventRecord, unix_seconds};
 
 /// Where the agent pins its maps and links by default.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/depfence";
@@ -244,7 +244,7 @@ impl Agent {
             info!(cgroup_id = id, "cgroup left the policy");
         }
         for (service, from, to) in &report.mode_changes {
-            info!(service, from = from.map(mode_name), to = mode_name(*to), "mode");
+            info!(service, from = from.map(crate::policy::Mode::as_str), to = to.as_str(), "mode");
         }
         gauge!("depfence_policy_generation").set(f64::from(self.kernel.generation()));
         gauge!("depfence_policy_info", "hash" => snapshot.hash().to_string(), "environment" => self.config.environment.clone())
@@ -313,7 +313,7 @@ impl Agent {
                 let [allowed, would_reject, rejected, candidate_would_reject] = self.kernel.counters(s.slot);
                 ServiceStatus {
                     name: name.clone(),
-                    mode: mode_name(s.mode).to_owned(),
+                    mode: s.mode.as_str().to_owned(),
                     mode_since: humantime::format_rfc3339_seconds(s.mode_since).to_string(),
                     cgroups: s.cgroups.values().cloned().collect(),
                     allowed,
@@ -357,7 +357,7 @@ impl Agent {
             "to": to,
             "environment": self.config.environment,
             "generation": self.kernel.generation(),
-            "mode": mode_name(decision.mode),
+            "mode": decision.mode.as_str(),
             "verdict": decision.verdict,
             "rule": decision.rule.map(|r| snapshot.describe_rule(r)),
             "position": decision.rule.map(|r| snapshot.rule_position(r)),

@@ -59,15 +59,6 @@ pub fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// A mode's name.
-pub fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Off => "off",
-        Mode::Audit => "audit",
-        Mode::Enforce => "enforce",
-    }
-}
-
 /// Exports one service's counters and mode.
 pub fn export_service(service: &str, counters: [u64; 4], mode: Mode, mode_since: SystemTime, cgroups: usize) {
     let [allowed, would_reject, rejected, candidate] = counters;
@@ -78,7 +69,7 @@ pub fn export_service(service: &str, counters: [u64; 4], mode: Mode, mode_since:
     counter!("depfence_candidate_would_reject_total", "service" => s.clone()).absolute(candidate);
     for m in [Mode::Off, Mode::Audit, Mode::Enforce] {
         let value = if m == mode { 1.0 } else { 0.0 };
-        gauge!("depfence_service_mode", "service" => s.clone(), "mode" => mode_name(m)).set(value);
+        gauge!("depfence_service_mode", "service" => s.clone(), "mode" => m.as_str()).set(value);
     }
     gauge!("depfence_service_mode_changed_timestamp_seconds", "service" => s.clone()).set(unix_seconds(mode_since));
     gauge!("depfence_service_cgroups", "service" => s).set(cgroups as f64);
