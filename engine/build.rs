@@ -28,6 +28,18 @@ fn main() -> aya_build::Result<()> {
         return Ok(());
     }
     let programs = programs.to_str().ok_or_else(|| std::io::Error::other("non-UTF-8 path"))?;
+    // BPF v3 instructions (kernel ≥ 5.12): the DNS slot allocator needs an atomic
+    // fetch-and-add, which v1 lacks. aya-build fixes the child's RUSTFLAGS, so the CPU goes in
+    // as a profile rustflag (a nightly cargo feature; the child runs on nightly), which rustc
+    // hands to bpf-linker as `--cpu v3`.
+    #[allow(unsafe_code, reason = "set_var before any thread exists: the build script is single-threaded here")]
+    // SAFETY: no other thread reads the environment while this runs.
+    unsafe {
+        env::set_var("CARGO_UNSTABLE_PROFILE_RUSTFLAGS", "true");
+        env::set_var("CARGO_PROFILE_RELEASE_RUSTFLAGS", "-Ctarget-cpu=v3");
+        // Not for the host-side build scripts and proc macros of that build.
+        env::set_var("CARGO_PROFILE_RELEASE_BUILD_OVERRIDE_RUSTFLAGS", "-Ctarget-cpu=generic");
+    }
     aya_build::build_ebpf(
         [aya_build::Package { name: "depfence-bpf", root_dir: programs, ..Default::default() }],
         aya_build::Toolchain::Nightly,

@@ -34,6 +34,7 @@ pub fn run_agent(
     state_dir: PathBuf,
     socket: PathBuf,
     log_format: Output,
+    dns: Option<depfence::agent::DnsSettings>,
 ) -> Result<ExitCode, CliError> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DEPFENCE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -58,6 +59,7 @@ pub fn run_agent(
     config.state_dir = state_dir;
     config.control_socket = socket;
     config.gate = gate;
+    config.dns = dns;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

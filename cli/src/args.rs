@@ -64,6 +64,53 @@ pub struct SocketArg {
     pub socket: PathBuf,
 }
 
+/// The agent's DNS proxy, for services with host rules.
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// Run no DNS proxy (host rules then allow nothing).
+    #[arg(long)]
+    pub no_dns: bool,
+    /// The proxy's port on loopback (0: any free one; the kernel redirect follows it).
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    pub dns_port: u16,
+    /// Upstream DNS server `ADDR:PORT` (repeat for more; default: /etc/resolv.conf's).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub dns_upstream: Vec<std::net::SocketAddr>,
+    /// The answer to a name a service may not resolve, in enforce.
+    #[arg(long, value_enum, default_value_t = DnsDeny::Refused)]
+    pub dns_deny: DnsDeny,
+    /// Shortest time an answered address stays allowed, whatever its TTL.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub dns_ttl_floor: std::time::Duration,
+    /// Longest time (answers' TTLs are lowered to it).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub dns_ttl_cap: std::time::Duration,
+}
+
+/// `--dns-deny`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DnsDeny {
+    /// REFUSED.
+    Refused,
+    /// NXDOMAIN.
+    Nxdomain,
+}
+
+impl DnsArgs {
+    /// The agent's settings (None with `--no-dns`).
+    pub fn settings(&self) -> Option<depfence::agent::DnsSettings> {
+        (!self.no_dns).then(|| depfence::agent::DnsSettings {
+            port: self.dns_port,
+            upstreams: self.dns_upstream.clone(),
+            deny: match self.dns_deny {
+                DnsDeny::Refused => depfence::dns::DenyResponse::Refused,
+                DnsDeny::Nxdomain => depfence::dns::DenyResponse::NxDomain,
+            },
+            ttl: depfence::dns::TtlBounds { floor: self.dns_ttl_floor, cap: self.dns_ttl_cap },
+        })
+    }
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -185,6 +232,8 @@ pub enum Command {
         /// ... or was observed for less than this part of the window.
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
         promote_min_observed: std::time::Duration,
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Move a service to enforce once the evidence says it is safe: no would-rejects within the
     /// window and enough observed traffic (or `--force --reason`). Rewrites the mode in the

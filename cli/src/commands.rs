@@ -91,6 +91,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             promote_window,
             promote_min_connections,
             promote_min_observed,
+            dns,
         } => {
             let gate = depfence::promote::GateConfig {
                 window: promote_window,
@@ -106,6 +107,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 state_dir,
                 socket.socket,
                 log_format,
+                dns.settings(),
             )
         }
         Command::Reload { socket } => crate::agent::reload(&socket.socket),

@@ -45,7 +45,7 @@ fn v4(s: &str) -> IpAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enforce_answers_allowed_names_and_refuses_the_lookalikes() {
     let Some(tools) = Tools::require("enforce_answers_allowed_names_and_refuses_the_lookalikes", true) else { return };
-    let upstream = Dnsmasq::start(&tools, HOSTS, 300, &[]);
+    let upstream = Dnsmasq::start(&tools.dnsmasq, HOSTS, 300, &[]);
     let h = Harness::start(ProxyConfig { upstreams: vec![upstream.addr], ..config() }, "enforce").await;
     let at = SocketAddr::new(slot_addr(7).into(), h.port());
     h.attribute(at.ip(), 4242, "deploy");
@@ -103,7 +103,7 @@ async fn enforce_answers_allowed_names_and_refuses_the_lookalikes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nxdomain_can_be_the_deny_answer() {
     let Some(tools) = Tools::require("nxdomain_can_be_the_deny_answer", true) else { return };
-    let upstream = Dnsmasq::start(&tools, HOSTS, 300, &[]);
+    let upstream = Dnsmasq::start(&tools.dnsmasq, HOSTS, 300, &[]);
     let cfg = ProxyConfig { upstreams: vec![upstream.addr], deny: DenyResponse::NxDomain, ..config() };
     let h = Harness::start(cfg, "enforce").await;
     let at = SocketAddr::new(slot_addr(8).into(), h.port());
@@ -115,7 +115,7 @@ async fn nxdomain_can_be_the_deny_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_answers_denied_names_and_reports_the_asker() {
     let Some(tools) = Tools::require("audit_answers_denied_names_and_reports_the_asker", true) else { return };
-    let upstream = Dnsmasq::start(&tools, HOSTS, 300, &[]);
+    let upstream = Dnsmasq::start(&tools.dnsmasq, HOSTS, 300, &[]);
     let h = Harness::start(ProxyConfig { upstreams: vec![upstream.addr], ..config() }, "audit").await;
     let at = SocketAddr::new(slot_addr(0x0102).into(), h.port());
     h.attribute(at.ip(), 31337, "pip");
@@ -156,7 +156,7 @@ async fn audit_answers_denied_names_and_reports_the_asker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cname_chains_admit_the_final_addresses_for_the_asked_name() {
     let Some(tools) = Tools::require("cname_chains_admit_the_final_addresses_for_the_asked_name", true) else { return };
-    let upstream = Dnsmasq::start(&tools, HOSTS, 300, &["--cname=cdn.mirror.internal,e1.cdn.example"]);
+    let upstream = Dnsmasq::start(&tools.dnsmasq, HOSTS, 300, &["--cname=cdn.mirror.internal,e1.cdn.example"]);
     let h = Harness::start(ProxyConfig { upstreams: vec![upstream.addr], ..config() }, "enforce").await;
     let at = SocketAddr::new(slot_addr(9).into(), h.port());
     h.attribute(at.ip(), 7, "apt");
@@ -175,7 +175,7 @@ async fn cname_chains_admit_the_final_addresses_for_the_asked_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_come_from_the_address_the_query_was_sent_to() {
     let Some(tools) = Tools::require("replies_come_from_the_address_the_query_was_sent_to", false) else { return };
-    let upstream = Dnsmasq::start(&tools, HOSTS, 300, &[]);
+    let upstream = Dnsmasq::start(&tools.dnsmasq, HOSTS, 300, &[]);
     let h = Harness::start(ProxyConfig { upstreams: vec![upstream.addr], ..config() }, "enforce").await;
     for (i, local) in
         [slot_addr(1).into(), slot_addr(0xfffe).into(), v4("127.0.0.1"), v4("::1")].into_iter().enumerate()
@@ -194,7 +194,7 @@ async fn replies_come_from_the_address_the_query_was_sent_to() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_queries_on_one_tcp_connection() {
     let Some(tools) = Tools::require("several_queries_on_one_tcp_connection", false) else { return };
-    let upstream = Dnsmasq::start(&tools, HOSTS, 300, &[]);
+    let upstream = Dnsmasq::start(&tools.dnsmasq, HOSTS, 300, &[]);
     let h = Harness::start(ProxyConfig { upstreams: vec![upstream.addr], ..config() }, "enforce").await;
     let at = SocketAddr::new(slot_addr(11).into(), h.port());
     h.attribute(at.ip(), 5, "git");
@@ -223,7 +223,7 @@ async fn several_queries_on_one_tcp_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unattributed_queries_are_refused_and_reported() {
     let Some(tools) = Tools::require("unattributed_queries_are_refused_and_reported", false) else { return };
-    let upstream = Dnsmasq::start(&tools, HOSTS, 300, &[]);
+    let upstream = Dnsmasq::start(&tools.dnsmasq, HOSTS, 300, &[]);
     let h = Harness::start(ProxyConfig { upstreams: vec![upstream.addr], ..config() }, "enforce").await;
     let at = SocketAddr::new(slot_addr(12).into(), h.port());
     let (rcode, _) = udp_query(at, "a.mirror.internal", RecordType::A).await;
@@ -276,7 +276,7 @@ async fn a_dead_upstream_gives_a_prompt_servfail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_leave_the_allow_set_when_their_ttl_expires() {
     let Some(tools) = Tools::require("answers_leave_the_allow_set_when_their_ttl_expires", true) else { return };
-    let upstream = Dnsmasq::start(&tools, HOSTS, 600, &[]);
+    let upstream = Dnsmasq::start(&tools.dnsmasq, HOSTS, 600, &[]);
     let ttl = TtlBounds { floor: Duration::from_millis(500), cap: Duration::from_secs(2) };
     let h = Harness::start_with(ProxyConfig { upstreams: vec![upstream.addr], ..config() }, "enforce", ttl).await;
     let at = SocketAddr::new(slot_addr(14).into(), h.port());
@@ -300,7 +300,7 @@ async fn answers_leave_the_allow_set_when_their_ttl_expires() {
 async fn concurrent_askers_are_never_mixed_up() {
     let Some(tools) = Tools::require("concurrent_askers_are_never_mixed_up", false) else { return };
     let upstream = Dnsmasq::start(
-        &tools,
+        &tools.dnsmasq,
         HOSTS,
         300,
         &["--address=/wild.mirror.internal/10.0.0.50", "--address=/wild.evil/10.0.0.51"],

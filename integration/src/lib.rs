@@ -29,6 +29,31 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
+/// Finds an executable on `PATH`, then in `/usr/sbin` and `/sbin` (where dnsmasq lives).
+pub fn find_tool(name: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|file| file.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// The path of `tool` when it is installed. Otherwise prints why `test` skips (naming the
+/// Debian `package` that has it; `scripts/setup` installs them all) and returns None; under CI
+/// (`CI=true`) a skip is a failure, so it panics instead.
+pub fn require_tool(test: &str, tool: &str, package: &str) -> Option<std::path::PathBuf> {
+    if let Some(path) = find_tool(tool) {
+        return Some(path);
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let why = format!("`{tool}` is not installed (apt-get install {package}, or run scripts/setup)");
+    assert!(!in_ci, "{test}: cannot run in CI: {why}");
+    eprintln!("skipping {test}: {why}");
+    None
+}
+
 pub mod agent;
+pub mod dns;
 pub mod fixture;
 pub mod prometheus;

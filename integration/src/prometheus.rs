@@ -50,27 +50,11 @@ pub fn alert_rule_tests() -> PathBuf {
     repo_root().join("deploy/prometheus/depfence-alerts.test.yml")
 }
 
-/// Finds an executable on `PATH`.
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|file| file.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
+pub use crate::find_tool;
 
-/// The path of `tool` when it is installed. Otherwise prints why `test` skips and returns None;
-/// under CI (`CI=true`) a skip is a failure, so it panics instead. `scripts/setup` installs
-/// `promtool` and `prometheus` (Debian package `prometheus`).
+/// [`crate::require_tool`] for the Prometheus binaries (Debian package `prometheus`).
 pub fn require_tool(test: &str, tool: &str) -> Option<PathBuf> {
-    if let Some(path) = find_tool(tool) {
-        return Some(path);
-    }
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let why = format!("`{tool}` is not installed (apt-get install prometheus, or run scripts/setup)");
-    assert!(!in_ci, "{test}: cannot run in CI: {why}");
-    eprintln!("skipping {test}: {why}");
-    None
+    crate::require_tool(test, tool, "prometheus")
 }
 
 /// An alert as `/api/v1/alerts` reports it.

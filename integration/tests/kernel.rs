@@ -169,7 +169,7 @@ fn pins_adopt_hot_swap_candidate_cidr() {
     {
         let mut dp = Datapath::load(&pins.layout).unwrap();
         let links = dp.attach(&cg.path, &prog_names::ALL).unwrap();
-        assert_eq!(links.len(), 4);
+        assert_eq!(links.len(), prog_names::ALL.len());
         dp.maps
             .install(&compile(1, &[Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: a, rule_id: 1 }]).unwrap())
             .unwrap();
@@ -183,7 +183,7 @@ fn pins_adopt_hot_swap_candidate_cidr() {
 
     // A second instance adopts from pins (no object load).
     let mut ad = Adopted::open(&pins.layout).unwrap_or_else(|e| panic!("adopt: {e:?}"));
-    assert_eq!(ad.links.len(), 4);
+    assert_eq!(ad.links.len(), prog_names::ALL.len());
     assert_eq!(ad.maps.counter(3, VERDICT_REJECTED).unwrap(), 2, "counters kept across loaders");
 
     // Shadow: candidate ruleset 2 allows only b → connecting to a is allowed (active) but

@@ -11,7 +11,7 @@
 pub mod user;
 
 /// Version of the map layout below. A loader refuses pinned maps whose `DF_META` differs.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Map names (ELF symbol names, also the kernel object names: at most 15 bytes).
 pub mod map_names {
@@ -33,8 +33,19 @@ pub mod map_names {
     pub const CONFIG: &str = "DF_CONFIG";
     /// Event de-duplication window (LRU of `DedupKey` → last emit time).
     pub const DEDUP: &str = "DF_DEDUP";
+    /// Addresses a service may reach because the DNS proxy resolved an allowed name for it
+    /// (`NameKey` → `CidrValue`).
+    pub const NAMES: &str = "DF_NAMES";
+    /// DNS redirect slots: who asked which server, per `127.53.x.y` address (`DnsSlot`).
+    pub const DNS_SLOTS: &str = "DF_DNS_SLOTS";
+    /// The next DNS slot to hand out (one `u64`, incremented atomically).
+    pub const DNS_NEXT: &str = "DF_DNS_NEXT";
+    /// DNS over IPv6 sockets: who asked which server, per asking socket (LRU of socket cookie →
+    /// `DnsSlot`).
+    pub const DNS_SOCKS: &str = "DF_DNS_SOCKS";
     /// Every name above.
-    pub const ALL: [&str; 9] = [CGROUPS, RULES, CIDRS, COUNTERS, GLOBALS, EVENTS, META, CONFIG, DEDUP];
+    pub const ALL: [&str; 13] =
+        [CGROUPS, RULES, CIDRS, COUNTERS, GLOBALS, EVENTS, META, CONFIG, DEDUP, NAMES, DNS_SLOTS, DNS_NEXT, DNS_SOCKS];
 }
 
 /// Program names (ELF symbols) and their attach types.
@@ -47,8 +58,16 @@ pub mod prog_names {
     pub const SENDMSG4: &str = "df_sendmsg4";
     /// cgroup/sendmsg6 (unconnected UDP over IPv6).
     pub const SENDMSG6: &str = "df_sendmsg6";
+    /// cgroup/recvmsg4: a redirected DNS answer's source becomes the server the client asked.
+    pub const RECVMSG4: &str = "df_recvmsg4";
+    /// cgroup/recvmsg6: the same for IPv6 sockets.
+    pub const RECVMSG6: &str = "df_recvmsg6";
+    /// cgroup/getpeername4: a redirected DNS socket's peer is the server the client asked.
+    pub const GETPEERNAME4: &str = "df_getpeername4";
+    /// cgroup/getpeername6: the same for IPv6 sockets.
+    pub const GETPEERNAME6: &str = "df_getpeername6";
     /// Every name above.
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    pub const ALL: [&str; 8] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
     /// Benchmark baseline: one exact hash lookup + one per-CPU counter (DESIGN.md §5 minimum).
     pub const BASELINE4: &str = "df_baseline4";
     /// Benchmark: cgroup hash lookup + rule lookup + counter.
@@ -84,6 +103,17 @@ pub const MAX_COUNTER_SLOTS: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// Event de-duplication LRU entries.
 pub const MAX_DEDUP: u32 = 8_192;
+/// Addresses admitted by the DNS proxy (all services, per protocol).
+pub const MAX_NAMES: u32 = 262_144;
+/// DNS redirect slots: `127.53.0.1` … `127.53.255.254`. Slot `i` is address `127.53.0.0 + i`;
+/// slots 0 and 65535 are never handed out.
+pub const DNS_SLOTS: u32 = 65_536;
+/// IPv6 sockets whose DNS is redirected at once (`DF_DNS_SOCKS`).
+pub const MAX_DNS_SOCKS: u32 = 16_384;
+/// The port DNS is redirected from.
+pub const DNS_PORT: u16 = 53;
+/// First two octets of the DNS slot addresses.
+pub const DNS_SLOT_NET: [u8; 2] = [127, 53];
 
 /// Nearest-registered-ancestor walk bound: levels `MAX_CGROUP_DEPTH-1 ..= 1` are tried
 /// (level 0, the root, is never registered).
@@ -111,6 +141,9 @@ pub const FLAG_CANDIDATE_HAS_CIDR: u32 = 1 << 1;
 pub const FLAG_EVENT_ALLOWED: u32 = 1 << 2;
 /// Emit every event (no de-duplication window) — for tests and debugging.
 pub const FLAG_EVENT_NO_DEDUP: u32 = 1 << 3;
+/// The service is under the DNS proxy: its port-53 traffic is redirected to the proxy, and the
+/// addresses the proxy admitted for it (`DF_NAMES`, keyed by its counter slot) are allowed.
+pub const FLAG_DNS: u32 = 1 << 4;
 
 /// Verdict: a rule matched (or mode off). Counters are indexed
 /// `counter_slot * VERDICT_COUNT + verdict`.
@@ -236,12 +269,55 @@ pub struct Config {
     /// Deepest cgroup level (root = 0) of any registered cgroup; the ancestor walk starts
     /// there. 0 = unknown: walk from `MAX_CGROUP_DEPTH - 1`.
     pub max_level: u32,
-    /// Zero.
-    pub _reserved: u32,
+    /// The DNS proxy's port on loopback (host order); 0 = no DNS redirect.
+    pub dns_proxy_port: u32,
     /// At most one event per (cgroup, destination, verdict) per window; 0 = no de-dup.
     pub dedup_window_ns: u64,
+    /// The DNS proxy's own cgroup: never redirected, so its upstream queries leave.
+    pub dns_exempt_cgroup: u64,
 }
 
+/// `DF_NAMES` key: an address the DNS proxy admitted for a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct NameKey {
+    /// The service's counter slot (stable across policy reloads, unlike ruleset ids).
+    pub counter_slot: u32,
+    /// `IPPROTO_TCP` / `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+    /// IPv6 or IPv4-mapped address, network-order bytes in memory.
+    pub addr: [u32; 4],
+}
+
+/// `DF_DNS_SLOTS` and `DF_DNS_SOCKS` value: one redirected DNS exchange (a UDP datagram or
+/// socket, or a TCP connection), written by the connect/sendmsg hook before the query leaves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsSlot {
+    /// Cookie of the asking socket: the reply-source rewrite only touches this socket.
+    pub socket_cookie: u64,
+    /// The asker's own cgroup.
+    pub cgroup_id: u64,
+    /// Thread group id (high 32 bits) and thread id (low 32 bits).
+    pub pid_tgid: u64,
+    /// Command name, NUL-padded.
+    pub comm: [u8; 16],
+    /// The server the client addressed (IPv4-mapped for IPv4).
+    pub server_addr: [u32; 4],
+    /// Its port, host order.
+    pub server_port: u16,
+    /// `IPPROTO_*`.
+    pub proto: u8,
+    /// `AF_INET` / `AF_INET6` (as the caller used it).
+    pub family: u8,
+    /// Counter slot of the service whose policy applied.
+    pub counter_slot: u32,
+    /// Which use of the slot this is (the allocation counter's value), so a reader can tell a
+    /// reused slot from the one it expects.
+    pub sequence: u64,
+}
 /// `DF_DEDUP` key (LRU hash, value = last emit time in ns).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -309,7 +385,10 @@ const _: () = assert!(size_of::<CidrKeyData>() == 20);
 const _: () = assert!(size_of::<PortRange>() == 12);
 const _: () = assert!(size_of::<CidrValue>() == 4 + 12 * MAX_CIDR_PORT_RANGES);
 const _: () = assert!(size_of::<Meta>() == 8);
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 24);
+const _: () = assert!(size_of::<NameKey>() == 24);
+const _: () = assert!(size_of::<DnsSlot>() == 72);
+const _: () = assert!(align_of::<DnsSlot>() == 8);
 const _: () = assert!(size_of::<DedupKey>() == 32);
 const _: () = assert!(size_of::<Event>() == 80);
 const _: () = assert!(align_of::<Event>() == 8);

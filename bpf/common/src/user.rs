@@ -7,7 +7,9 @@ extern crate std;
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use crate::{CgroupState, CidrKeyData, CidrValue, Config, DedupKey, Event, Meta, PortRange, RuleKey, RuleValue};
+use crate::{
+    CgroupState, CidrKeyData, CidrValue, Config, DedupKey, DnsSlot, Event, Meta, NameKey, PortRange, RuleKey, RuleValue,
+};
 
 // SAFETY: all are #[repr(C)], Copy, contain only integers, and have no implicit padding
 // (sizes are asserted in lib.rs).
@@ -21,6 +23,8 @@ unsafe impl aya::Pod for Meta {}
 unsafe impl aya::Pod for Event {}
 unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for DedupKey {}
+unsafe impl aya::Pod for NameKey {}
+unsafe impl aya::Pod for DnsSlot {}
 
 /// 16-byte address (IPv4 → IPv4-mapped) as the kernel sees it: network-order bytes in memory.
 pub fn addr_words(ip: IpAddr) -> [u32; 4] {
@@ -90,11 +94,40 @@ impl CidrValue {
     }
 }
 
+/// A kernel command name, up to its NUL (lossy if not UTF-8).
+fn comm_str(comm: &[u8; 16]) -> std::borrow::Cow<'_, str> {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    std::string::String::from_utf8_lossy(comm.get(..end).unwrap_or_default())
+}
+
+impl NameKey {
+    /// The key of an address admitted for the service with `counter_slot`.
+    pub fn new(counter_slot: u32, proto: u8, addr: IpAddr) -> Self {
+        Self { counter_slot, proto, _pad: [0; 3], addr: addr_words(addr) }
+    }
+}
+
+impl DnsSlot {
+    /// The asking command's name.
+    pub fn comm_name(&self) -> std::borrow::Cow<'_, str> {
+        comm_str(&self.comm)
+    }
+
+    /// The asking process (thread group id).
+    pub fn pid(&self) -> u32 {
+        (self.pid_tgid >> 32) as u32
+    }
+
+    /// The server the client addressed.
+    pub fn server(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(words_addr(self.server_addr), self.server_port)
+    }
+}
+
 impl Event {
     /// The command name, up to its NUL (lossy if not UTF-8).
     pub fn comm_name(&self) -> std::borrow::Cow<'_, str> {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
-        std::string::String::from_utf8_lossy(self.comm.get(..end).unwrap_or_default())
+        comm_str(&self.comm)
     }
 
     /// The process id (thread group id) that made the call.

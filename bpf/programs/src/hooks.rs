@@ -1,8 +1,10 @@
 //! The hooks, maps and their shared core (compiled only for the bpf target).
 
-use core::ptr::{addr_of, addr_of_mut, read_volatile};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::bpf_sock_addr,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
@@ -13,12 +15,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use depfence_bpf_common::{
-    AF_INET, AF_INET6, ALLOW, BPF_F_NO_PREALLOC, CgroupState, CidrKeyData, CidrValue, Config, DENY, DedupKey,
-    EVENTS_BYTES, Event, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_EVENT_ALLOWED, FLAG_EVENT_NO_DEDUP,
-    GLOBAL_BAD_SLOT, GLOBAL_COUNT, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, GLOBAL_UNREGISTERED, MAX_CGROUP_DEPTH,
-    MAX_CGROUPS, MAX_CIDR_PORT_RANGES, MAX_CIDRS, MAX_COUNTER_SLOTS, MAX_DEDUP, MAX_RULES, MODE_AUDIT, MODE_ENFORCE,
-    MODE_OFF, Meta, RuleKey, RuleValue, VERDICT_ALLOWED, VERDICT_CANDIDATE_WOULD_REJECT, VERDICT_COUNT,
-    VERDICT_REJECTED, VERDICT_WOULD_REJECT,
+    AF_INET, AF_INET6, ALLOW, BPF_F_NO_PREALLOC, CgroupState, CidrKeyData, CidrValue, Config, DENY, DNS_PORT,
+    DNS_SLOT_NET, DNS_SLOTS, DedupKey, DnsSlot, EVENTS_BYTES, Event, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR,
+    FLAG_DNS, FLAG_EVENT_ALLOWED, FLAG_EVENT_NO_DEDUP, GLOBAL_BAD_SLOT, GLOBAL_COUNT, GLOBAL_EVENTS_DEDUPED,
+    GLOBAL_EVENTS_DROPPED, GLOBAL_UNREGISTERED, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, MAX_CGROUPS,
+    MAX_CIDR_PORT_RANGES, MAX_CIDRS, MAX_COUNTER_SLOTS, MAX_DEDUP, MAX_DNS_SOCKS, MAX_NAMES, MAX_RULES, MODE_AUDIT,
+    MODE_ENFORCE, MODE_OFF, Meta, NameKey, RuleKey, RuleValue, VERDICT_ALLOWED, VERDICT_CANDIDATE_WOULD_REJECT,
+    VERDICT_COUNT, VERDICT_REJECTED, VERDICT_WOULD_REJECT,
 };
 
 #[map]
@@ -41,6 +44,14 @@ static DF_META: Array<Meta> = Array::with_max_entries(1, 0);
 static DF_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static DF_DEDUP: LruHashMap<DedupKey, u64> = LruHashMap::with_max_entries(MAX_DEDUP, 0);
+#[map]
+static DF_NAMES: HashMap<NameKey, CidrValue> = HashMap::with_max_entries(MAX_NAMES, BPF_F_NO_PREALLOC);
+#[map]
+static DF_DNS_SLOTS: Array<DnsSlot> = Array::with_max_entries(DNS_SLOTS, 0);
+#[map]
+static DF_DNS_NEXT: Array<u64> = Array::with_max_entries(1, 0);
+#[map]
+static DF_DNS_SOCKS: LruHashMap<u64, DnsSlot> = LruHashMap::with_max_entries(MAX_DNS_SOCKS, 0);
 /// Baseline for benchmarks: DESIGN.md §5's "one exact hash lookup + one per-CPU counter".
 #[map]
 static DF_BASE_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
@@ -120,9 +131,31 @@ fn find_state() -> (u64, u64, Option<&'static CgroupState>) {
     (own, 0, None)
 }
 
+/// Where a ruleset's allows live besides its exact rules.
+#[derive(Clone, Copy)]
+struct Extra {
+    /// The ruleset has address blocks (`DF_CIDRS`).
+    cidr: bool,
+    /// The service is under the DNS proxy: addresses admitted for its counter slot
+    /// (`DF_NAMES`) are allowed too.
+    names_slot: Option<u32>,
+}
+
+/// Rule id of the first range of `v` that covers `d`'s protocol and port, or 0.
+#[inline(always)]
+fn range_hit(v: &CidrValue, d: &Dest) -> u32 {
+    // A fixed-size array walked at most MAX_CIDR_PORT_RANGES times: the verifier sees the bound.
+    for r in v.ranges.iter().take((v.count as usize).min(MAX_CIDR_PORT_RANGES)) {
+        if (r.proto == 0 || r.proto == d.proto) && r.port_lo <= d.port && d.port <= r.port_hi {
+            return r.rule_id;
+        }
+    }
+    0
+}
+
 /// Rule id (≥ 1) of the first rule of `ruleset` that allows `d`, or 0.
 #[inline(always)]
-fn matches(ruleset: u32, d: &Dest, with_cidr: bool) -> u32 {
+fn matches(ruleset: u32, d: &Dest, extra: Extra) -> u32 {
     if ruleset == 0 {
         return 0;
     }
@@ -134,18 +167,20 @@ fn matches(ruleset: u32, d: &Dest, with_cidr: bool) -> u32 {
     if let Some(v) = unsafe { DF_RULES.get(key) } {
         return v.rule_id;
     }
-    if !with_cidr {
-        return 0;
+    if extra.cidr {
+        let lpm = Key::new(128 + 32, CidrKeyData { ruleset_be: ruleset.to_be(), addr: d.addr });
+        if let Some(v) = DF_CIDRS.get(&lpm) {
+            let hit = range_hit(v, d);
+            if hit != 0 {
+                return hit;
+            }
+        }
     }
-    let lpm = Key::new(128 + 32, CidrKeyData { ruleset_be: ruleset.to_be(), addr: d.addr });
-    let Some(v) = DF_CIDRS.get(&lpm) else {
-        return 0;
-    };
-    let v: &CidrValue = v;
-    // A fixed-size array walked at most MAX_CIDR_PORT_RANGES times: the verifier sees the bound.
-    for r in v.ranges.iter().take((v.count as usize).min(MAX_CIDR_PORT_RANGES)) {
-        if (r.proto == 0 || r.proto == d.proto) && r.port_lo <= d.port && d.port <= r.port_hi {
-            return r.rule_id;
+    if let Some(counter_slot) = extra.names_slot {
+        let key = NameKey { counter_slot, proto: d.proto, _pad: [0; 3], addr: d.addr };
+        // SAFETY: map lookup of a plain-data value.
+        if let Some(v) = unsafe { DF_NAMES.get(key) } {
+            return range_hit(v, d);
         }
     }
     0
@@ -206,6 +241,172 @@ fn emit(own: u64, policy: u64, s: &CgroupState, d: &Dest, verdict: u32, ruleset:
     entry.submit(0);
 }
 
+/// Write one 4-byte context field.
+#[inline(always)]
+unsafe fn ctx_set(p: *mut u32, value: u32) {
+    unsafe { write_volatile(p, value) }
+}
+
+/// Write the IPv6 address of a context, one 4-byte store per word.
+///
+/// # Safety
+/// `sa` is the hook's context, of a hook that may rewrite `user_ip6`.
+#[inline(always)]
+unsafe fn set_user_ip6(sa: *mut bpf_sock_addr, [w0, w1, w2, w3]: [u32; 4]) {
+    unsafe {
+        ctx_set(addr_of_mut!((*sa).user_ip6[0]), w0);
+        ctx_set(addr_of_mut!((*sa).user_ip6[1]), w1);
+        ctx_set(addr_of_mut!((*sa).user_ip6[2]), w2);
+        ctx_set(addr_of_mut!((*sa).user_ip6[3]), w3);
+    }
+}
+
+/// The IPv4 address (network-order bytes in memory) of DNS slot `index`: `127.53.x.y`.
+#[inline(always)]
+fn slot_ip4(index: u32) -> u32 {
+    let [x, y] = (index as u16).to_be_bytes();
+    u32::from_ne_bytes([DNS_SLOT_NET[0], DNS_SLOT_NET[1], x, y])
+}
+
+/// `::1` as the context holds it.
+const IP6_LOOPBACK: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+/// Records who asked which server.
+///
+/// # Safety
+/// `slot` points at one whole `DnsSlot` (a map value or a stack variable).
+#[inline(always)]
+unsafe fn record_asker(slot: *mut DnsSlot, cookie: u64, own: u64, s: &CgroupState, d: &Dest, sequence: u64) {
+    unsafe {
+        (*slot).socket_cookie = cookie;
+        (*slot).cgroup_id = own;
+        (*slot).pid_tgid = bpf_get_current_pid_tgid();
+        raw::bpf_get_current_comm(addr_of_mut!((*slot).comm).cast(), 16);
+        (*slot).server_addr = d.addr;
+        (*slot).server_port = d.port;
+        (*slot).proto = d.proto;
+        (*slot).family = d.family;
+        (*slot).counter_slot = s.counter_slot;
+        (*slot).sequence = sequence;
+    }
+}
+
+/// Sends a policed process's DNS query to the proxy on loopback, and records who asked which
+/// server. False when there is no proxy, or the asker is the proxy itself.
+///
+/// * IPv4 sockets: the query takes the next slot of `DF_DNS_SLOTS` and goes to `127.53.x.y`
+///   (the slot's address): the proxy reads the asker from the address the query arrived at.
+/// * IPv6 sockets go to `[::1]` (an IPv4-mapped address fails on `IPV6_V6ONLY` sockets, and
+///   sendmsg6 may not rewrite to one); the asker is recorded under the socket's cookie in
+///   `DF_DNS_SOCKS`, which the proxy finds with one `sock_diag` lookup.
+#[inline(always)]
+fn redirect_dns(ctx: &SockAddrContext, v6: bool, own: u64, s: &CgroupState, d: &Dest) -> bool {
+    let Some(cfg) = DF_CONFIG.get(0) else {
+        return false;
+    };
+    let proxy_port = cfg.dns_proxy_port;
+    if proxy_port == 0 || proxy_port > 0xffff || own == cfg.dns_exempt_cgroup {
+        return false;
+    }
+    // SAFETY: helper on the hook's own context.
+    let cookie = unsafe { raw::bpf_get_socket_cookie(ctx.as_ptr()) };
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    if v6 {
+        let mut record = DnsSlot::default();
+        // SAFETY: a whole stack value.
+        unsafe { record_asker(&mut record, cookie, own, s, d, 0) };
+        if DF_DNS_SOCKS.insert(cookie, record, 0).is_err() {
+            return false;
+        }
+        // SAFETY: `sa` is the connect6/sendmsg6 context, which may be rewritten.
+        unsafe { set_user_ip6(sa, IP6_LOOPBACK) };
+    } else {
+        let Some(next) = DF_DNS_NEXT.get_ptr_mut(0) else {
+            return false;
+        };
+        // An atomic fetch-and-add (BPF_ATOMIC | BPF_FETCH): the bpf target has no
+        // compare-and-swap, so `AtomicU64::fetch_add` does not exist there; the intrinsic lowers
+        // to the one instruction. Every concurrent asker gets its own value.
+        // SAFETY: an aligned u64 in a map value, shared by every CPU, only ever touched atomically.
+        let sequence = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(next, 1) };
+        // Slots 1 ..= DNS_SLOTS - 2: never 127.53.0.0 or 127.53.255.255.
+        let index = (sequence % u64::from(DNS_SLOTS - 2)) as u32 + 1;
+        let Some(slot) = DF_DNS_SLOTS.get_ptr_mut(index) else {
+            return false;
+        };
+        // SAFETY: `slot` is one whole map value; the context write is a 4-byte store to a field
+        // connect4/sendmsg4 hooks may rewrite.
+        unsafe {
+            record_asker(slot, cookie, own, s, d, sequence);
+            ctx_set(addr_of_mut!((*sa).user_ip4), slot_ip4(index));
+        }
+    }
+    // SAFETY: as above.
+    unsafe { ctx_set(addr_of_mut!((*sa).user_port), u32::from((proxy_port as u16).to_be())) };
+    true
+}
+
+/// recvmsg/getpeername: a peer that is the proxy, on a socket whose query was redirected,
+/// becomes the server the client addressed, so stub resolvers accept the answer. Everything
+/// else is left alone.
+#[inline(always)]
+fn restore_dns_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let Some(cfg) = DF_CONFIG.get(0) else {
+        return 1;
+    };
+    let proxy_port = cfg.dns_proxy_port;
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: 4-byte reads of the kernel context.
+    let port = unsafe { u16::from_be(ctx_u32(addr_of!((*sa).user_port)) as u16) };
+    if proxy_port == 0 || u32::from(port) != proxy_port {
+        return 1;
+    }
+    let slot = if v6 {
+        // SAFETY: 4-byte reads of the kernel context.
+        let peer = unsafe {
+            [
+                ctx_u32(addr_of!((*sa).user_ip6[0])),
+                ctx_u32(addr_of!((*sa).user_ip6[1])),
+                ctx_u32(addr_of!((*sa).user_ip6[2])),
+                ctx_u32(addr_of!((*sa).user_ip6[3])),
+            ]
+        };
+        if peer != IP6_LOOPBACK {
+            return 1;
+        }
+        // SAFETY: helper on the hook's own context; the value is plain data.
+        let Some(slot) = (unsafe { DF_DNS_SOCKS.get(raw::bpf_get_socket_cookie(ctx.as_ptr())) }) else {
+            return 1;
+        };
+        slot
+    } else {
+        // SAFETY: a 4-byte read of the kernel context.
+        let [a, b, x, y] = unsafe { ctx_u32(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
+        if [a, b] != DNS_SLOT_NET {
+            return 1;
+        }
+        let Some(slot) = DF_DNS_SLOTS.get(u32::from(u16::from_be_bytes([x, y]))) else {
+            return 1;
+        };
+        // SAFETY: helper on the hook's own context.
+        if slot.socket_cookie != unsafe { raw::bpf_get_socket_cookie(ctx.as_ptr()) } {
+            return 1;
+        }
+        slot
+    };
+    let server = slot.server_addr;
+    // SAFETY: 4-byte writes to fields recvmsg and getpeername hooks may rewrite.
+    unsafe {
+        if v6 {
+            set_user_ip6(sa, server);
+        } else {
+            ctx_set(addr_of_mut!((*sa).user_ip4), server[3]);
+        }
+        ctx_set(addr_of_mut!((*sa).user_port), u32::from(slot.server_port.to_be()));
+    }
+    1
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (own, policy, state) = find_state();
@@ -225,9 +426,18 @@ fn decide(ctx: &SockAddrContext, v6: bool) -> i32 {
     let base = slot * VERDICT_COUNT;
     let d = read_dest(ctx, v6);
     let flags = s.flags;
+    let dns = flags & FLAG_DNS != 0;
+    if dns
+        && d.port == DNS_PORT
+        && (d.proto == IPPROTO_UDP || d.proto == IPPROTO_TCP)
+        && redirect_dns(ctx, v6, own, s, &d)
+    {
+        return ALLOW;
+    }
+    let names_slot = if dns { Some(slot) } else { None };
 
     let active = s.ruleset_id;
-    let hit = matches(active, &d, flags & FLAG_ACTIVE_HAS_CIDR != 0);
+    let hit = matches(active, &d, Extra { cidr: flags & FLAG_ACTIVE_HAS_CIDR != 0, names_slot });
     let (verdict, ret) = if hit != 0 {
         (VERDICT_ALLOWED, ALLOW)
     } else if mode == MODE_ENFORCE {
@@ -244,7 +454,10 @@ fn decide(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
 
     let cand = s.candidate_ruleset;
-    if cand != 0 && cand != active && matches(cand, &d, flags & FLAG_CANDIDATE_HAS_CIDR != 0) == 0 {
+    if cand != 0
+        && cand != active
+        && matches(cand, &d, Extra { cidr: flags & FLAG_CANDIDATE_HAS_CIDR != 0, names_slot }) == 0
+    {
         bump(&DF_COUNTERS, base + VERDICT_CANDIDATE_WOULD_REJECT);
         emit(own, policy, s, &d, VERDICT_CANDIDATE_WOULD_REJECT, cand);
     }
@@ -269,6 +482,26 @@ pub fn df_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn df_sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn df_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_dns_peer(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn df_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_dns_peer(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn df_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_dns_peer(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn df_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_dns_peer(&ctx, true)
 }
 
 /// The benchmark variants' shared tail: one exact `DF_RULES` lookup for the destination in

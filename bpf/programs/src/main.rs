@@ -10,6 +10,10 @@
 //! Host builds (`cargo build --workspace`, clippy, rust-analyzer) compile only a stub `main`,
 //! so the crate can stay a workspace member without breaking them.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The DNS slot allocator needs an atomic fetch-and-add, which the bpf target only offers
+// through the intrinsic (it has no compare-and-swap, so no `AtomicU64::fetch_add`).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features, reason = "atomic_xadd, see above"))]
 #![allow(unsafe_code, reason = "eBPF helpers and context reads are raw pointer operations")]
 
 #[cfg(target_arch = "bpf")]

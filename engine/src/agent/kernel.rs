@@ -18,8 +18,8 @@ use super::discovery::FoundCgroup;
 use crate::datapath::{
     Datapath, DatapathError,
     abi::{
-        self, CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, MAX_COUNTER_SLOTS, MODE_AUDIT,
-        MODE_ENFORCE, MODE_OFF, prog_names,
+        self, CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, MAX_COUNTER_SLOTS,
+        MODE_AUDIT, MODE_ENFORCE, MODE_OFF, prog_names,
     },
     pins::PinLayout,
     rules::{CompileError, CompiledRuleset, allows_from_snapshot, compile},
@@ -139,6 +139,8 @@ pub struct Kernel {
     cleanup_pending: bool,
     /// Hashes of the active and candidate policies last applied.
     applied: Option<(ContentHash, Option<ContentHash>)>,
+    /// The DNS proxy's port and own cgroup, when it runs (the redirect's half of `DF_CONFIG`).
+    dns: Option<(u16, u64)>,
 }
 
 fn kernel_mode(mode: Mode) -> u32 {
@@ -180,7 +182,14 @@ impl Kernel {
             attached,
             cleanup_pending: true,
             applied: None,
+            dns: None,
         })
+    }
+
+    /// From the next apply on, services with host rules send their DNS to the proxy on
+    /// `port` (loopback); processes in `exempt_cgroup` (the proxy's own) are never redirected.
+    pub fn set_dns_proxy(&mut self, port: u16, exempt_cgroup: u64) {
+        self.dns = Some((port, exempt_cgroup));
     }
 
     /// The maps (counters, events).
@@ -317,6 +326,10 @@ impl Kernel {
             if candidate.as_ref().is_some_and(|c| !c.1.cidrs.is_empty()) {
                 flags |= FLAG_CANDIDATE_HAS_CIDR;
             }
+            let has_names = desired.snapshot.service(service).is_some_and(|(_, s)| !s.host_rules.is_empty());
+            if self.dns.is_some() && has_names {
+                flags |= FLAG_DNS;
+            }
             let state = CgroupState {
                 ruleset_id: ruleset.0,
                 mode: kernel_mode(mode),
@@ -386,7 +399,13 @@ impl Kernel {
             self.attached.remove(&id);
         }
         let max_level = desired.matched.iter().map(|(c, _)| c.relative.split('/').count() as u32).max().unwrap_or(0);
-        self.datapath.maps.set_config(Config { max_level, _reserved: 0, dedup_window_ns: 1_000_000_000 })?;
+        let (dns_proxy_port, dns_exempt_cgroup) = self.dns.map_or((0, 0), |(port, cgroup)| (u32::from(port), cgroup));
+        self.datapath.maps.set_config(Config {
+            max_level,
+            dns_proxy_port,
+            dedup_window_ns: 1_000_000_000,
+            dns_exempt_cgroup,
+        })?;
 
         // 4. Free what no cgroup points at any more, once no running hook can read it.
         self.datapath.maps.wait_for_readers()?;

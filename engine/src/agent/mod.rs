@@ -22,6 +22,8 @@ use tracing::{error, info, warn};
 
 use crate::cgroup::Cgroup2;
 use crate::datapath::{abi, pins::PinLayout};
+use crate::dns::kernel::KernelDns;
+use crate::dns::{AllowChange, AllowSet, DenyResponse, DnsEvent, DnsPolicy, Proxy, ProxyConfig, TtlBounds};
 use crate::snapshot::{Connection, Snapshot};
 
 pub mod control;
@@ -63,6 +65,22 @@ pub struct AgentConfig {
     pub rule_capacity: u32,
     /// What `promote --enforce` requires.
     pub gate: crate::promote::GateConfig,
+    /// The DNS proxy for services with host rules (None: no proxy, and host rules allow
+    /// nothing).
+    pub dns: Option<DnsSettings>,
+}
+
+/// How the agent's DNS proxy runs.
+#[derive(Debug, Clone, Default)]
+pub struct DnsSettings {
+    /// Its port on loopback; 0 takes a free one (the kernel redirect learns it either way).
+    pub port: u16,
+    /// Upstream servers; empty: the nameservers of /etc/resolv.conf.
+    pub upstreams: Vec<SocketAddr>,
+    /// The answer to a denied name in enforce.
+    pub deny: DenyResponse,
+    /// How long an answered address stays allowed.
+    pub ttl: TtlBounds,
 }
 
 impl AgentConfig {
@@ -78,6 +96,7 @@ impl AgentConfig {
             scan_interval: Duration::from_millis(250),
             rule_capacity: abi::MAX_RULES,
             gate: crate::promote::GateConfig::default(),
+            dns: Some(DnsSettings::default()),
         }
     }
 }
@@ -111,6 +130,9 @@ pub enum AgentError {
         /// Why.
         message: String,
     },
+    /// The DNS proxy could not start.
+    #[error("dns proxy: {0}")]
+    Dns(#[from] crate::dns::DnsError),
     /// The policy does not declare the agent's environment.
     #[error("the policy has no environment `{environment}` (it declares: {declared})")]
     UnknownEnvironment {
@@ -133,6 +155,48 @@ enum Message {
     Subscribe(usize, oneshot::Sender<(Vec<EventRecord>, broadcast::Receiver<EventRecord>)>),
     /// A policy file changed.
     PolicyChanged,
+    /// The DNS proxy judged a question (or saw something worth recording).
+    Dns(DnsEvent),
+}
+
+/// The running DNS proxy and its kernel half.
+struct DnsRuntime {
+    proxy: Proxy,
+    kernel: Arc<KernelDns>,
+}
+
+/// Starts the DNS proxy: questions are attributed from the kernel's slots, admitted addresses
+/// go into `DF_NAMES` before the answer leaves, and events go to the state task.
+async fn start_dns(
+    settings: &DnsSettings,
+    layout: &PinLayout,
+    tx: mpsc::Sender<Message>,
+) -> Result<DnsRuntime, AgentError> {
+    let kernel = Arc::new(KernelDns::open(layout).map_err(kernel::KernelError::from)?);
+    let sink = Arc::clone(&kernel);
+    let allow = Arc::new(AllowSet::new(settings.ttl, abi::MAX_NAMES as usize / 2, move |change: &AllowChange| {
+        if let Err(e) = sink.apply_change(change) {
+            warn!("dns allow set: {e}");
+        }
+    }));
+    tokio::spawn(Arc::clone(&allow).run_sweeper());
+    let config = ProxyConfig {
+        port: settings.port,
+        upstreams: settings.upstreams.clone(),
+        deny: settings.deny,
+        ..ProxyConfig::default()
+    };
+    let events = move |event: DnsEvent| {
+        telemetry::export_dns_event(&event);
+        let allowed = matches!(&event, DnsEvent::Query(q) if q.verdict == crate::snapshot::Verdict::Allowed);
+        if !allowed && tx.try_send(Message::Dns(event)).is_err() {
+            counter!("depfence_dns_events_dropped_total").increment(1);
+        }
+    };
+    let attributor: Arc<dyn crate::dns::Attributor> = Arc::clone(&kernel) as _;
+    let proxy = Proxy::bind(config, DnsPolicy::default(), attributor, allow, events).await?;
+    info!(port = proxy.port(), upstreams = ?proxy.upstreams(), "dns proxy listening on loopback");
+    Ok(DnsRuntime { proxy, kernel })
 }
 
 /// A compiled policy or the rendered reasons it was refused.
@@ -172,6 +236,7 @@ struct Agent {
     dropped: u64,
     rollout: rollout::Rollout,
     owners: DestinationOwners,
+    dns: Option<DnsRuntime>,
 }
 
 impl Agent {
@@ -237,6 +302,10 @@ impl Agent {
         let candidate = self.candidate.as_ref().map(|(_, s, e)| (s.as_ref(), *e));
         let desired = Desired { snapshot: &snapshot, environment, candidate, matched: &matched, attach: &attach };
         let report = self.kernel.apply(&desired)?;
+        if let Some(dns) = &self.dns {
+            dns.kernel.set_services(self.kernel.services().iter().map(|(name, s)| (name.as_str(), s.slot)));
+            dns.proxy.set_policy(DnsPolicy::from_snapshot(&snapshot, environment));
+        }
         for cgroup in &report.registered {
             info!(cgroup, service = selectors.service_of(cgroup).unwrap_or_default(), "cgroup registered");
         }
@@ -277,6 +346,42 @@ impl Agent {
             }
             let _ = self.event_tx.send(record.clone());
             self.events.record(record);
+        }
+    }
+
+    /// Records what the DNS proxy reported: judged questions that were not simply allowed go
+    /// to the event log (and a would-reject counts as evidence against promotion).
+    fn dns_event(&mut self, event: DnsEvent) {
+        match event {
+            DnsEvent::Query(query) if query.verdict != crate::snapshot::Verdict::Allowed => {
+                let now = SystemTime::now();
+                let cgroup = self.found.iter().find(|c| c.id == query.who.cgroup_id).map(|c| c.relative.clone());
+                let record = EventRecord::from_query(&query, cgroup, self.kernel.generation(), now);
+                if record.verdict == "would_reject" {
+                    self.rollout.record_destination(&query.who.service, now, &record.destination);
+                }
+                info!(
+                    service = %query.who.service,
+                    name = query.name,
+                    pid = query.who.pid,
+                    comm = query.who.comm,
+                    verdict = record.verdict,
+                    "dns question"
+                );
+                let _ = self.event_tx.send(record.clone());
+                self.events.record(record);
+            }
+            DnsEvent::SharedAddress(shared) => warn!(
+                service = %shared.service,
+                addr = %shared.addr,
+                allowed = shared.allowed_name,
+                denied = shared.denied_name,
+                "an allowed and a denied name share an address: connecting to it is allowed"
+            ),
+            DnsEvent::Unattributed { client, local, name, .. } => {
+                warn!(%client, %local, name, "dns question from no known service: refused");
+            }
+            _ => {}
         }
     }
 
@@ -509,7 +614,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         });
     }
     let layout = PinLayout::new(&config.pin_root);
-    let kernel = Kernel::open(&layout, &config.state_dir, cgroup2.mount(), config.rule_capacity)?;
+    let mut kernel = Kernel::open(&layout, &config.state_dir, cgroup2.mount(), config.rule_capacity)?;
     let rollout = rollout::Rollout::open(&config.state_dir, config.gate);
 
     telemetry::describe();
@@ -525,6 +630,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let listener = bind_control(&config.control_socket)?;
     tokio::spawn(serve_control(listener, tx.clone()));
     let _watcher = watch_policy(&config.policy, tx.clone());
+    let dns = match &config.dns {
+        Some(settings) => {
+            let dns = start_dns(settings, &layout, tx.clone()).await?;
+            let own = crate::dns::kernel::own_cgroup_id(&cgroup2).unwrap_or(0);
+            kernel.set_dns_proxy(dns.proxy.port(), own);
+            Some(dns)
+        }
+        None => None,
+    };
 
     let (event_tx, _) = broadcast::channel(4096);
     let mut agent = Agent {
@@ -540,6 +654,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         dropped: 0,
         rollout,
         owners: DestinationOwners::default(),
+        dns,
     };
     // Consumers before producers: the event log exists before the first apply.
     agent.found = discovery::walk(agent.cgroup2.mount()).unwrap_or_default();
@@ -571,6 +686,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             _ = export.tick() => tokio::task::block_in_place(|| agent.export()),
             message = rx.recv() => match message {
                 None => break,
+                Some(Message::Dns(event)) => agent.dns_event(event),
                 Some(Message::PolicyChanged) => {
                     // Editors write in several steps: let the burst settle, then read once.
                     reload_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));

@@ -14,6 +14,7 @@ use metrics::{counter, describe_counter, describe_gauge, gauge};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::abi::{self, Event, user::words_addr};
+use crate::dns::{DnsEvent, QueryEvent};
 use crate::policy::Mode;
 
 /// Destinations kept as their own label value per service; the rest go to [`OVERFLOW`].
@@ -52,6 +53,18 @@ pub fn describe() {
         "Unix time of the service's last mode change (or of its first apply)."
     );
     describe_gauge!("depfence_service_cgroups", "Cgroups currently matched to the service on this machine.");
+    describe_counter!(
+        "depfence_dns_queries_total",
+        "DNS questions from services under the DNS proxy, by service and verdict (allowed, would_reject, rejected)."
+    );
+    describe_counter!("depfence_dns_upstream_failures_total", "DNS questions answered SERVFAIL: the upstream failed.");
+    describe_counter!("depfence_dns_unattributed_total", "DNS questions the proxy could not attribute (refused).");
+    describe_counter!(
+        "depfence_dns_shared_addresses_total",
+        "Answers where a name the service may resolve shares an address with one it may not."
+    );
+    describe_counter!("depfence_dns_allow_set_full_total", "Answered addresses not admitted: the allow set was full.");
+    describe_counter!("depfence_dns_bad_queries_total", "Malformed DNS messages and queries refused under overload.");
 }
 
 /// Seconds since the Unix epoch.
@@ -97,6 +110,10 @@ pub struct EventRecord {
     pub destination_service: Option<String>,
     /// `allowed`, `would_reject`, `rejected` or `candidate_would_reject`.
     pub verdict: String,
+    /// For a DNS question the proxy judged: its record type (`A`, `AAAA`, …); `destination`
+    /// is then the name asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
     /// Policy generation that judged it.
     pub generation: u32,
 }
@@ -132,8 +149,48 @@ impl EventRecord {
             destination: event.destination(),
             destination_service: owners.owner(addr, event.port, event.proto).map(str::to_owned),
             verdict: verdict_name(event.verdict).to_owned(),
+            query: None,
             generation: event.generation,
         }
+    }
+
+    /// A DNS question the proxy judged; `cgroup` comes from the agent's tables.
+    pub fn from_query(query: &QueryEvent, cgroup: Option<String>, generation: u32, now: SystemTime) -> Self {
+        Self {
+            time: humantime::format_rfc3339_millis(now).to_string(),
+            service: Some(query.who.service.to_string()),
+            cgroup,
+            pid: query.who.pid,
+            tid: 0,
+            comm: query.who.comm.clone(),
+            destination: query.name.clone(),
+            destination_service: None,
+            verdict: query.verdict.as_str().to_owned(),
+            query: Some(query.qtype.clone()),
+            generation,
+        }
+    }
+}
+
+/// Counts what the DNS proxy reports (any thread).
+pub fn export_dns_event(event: &DnsEvent) {
+    match event {
+        DnsEvent::Query(q) => {
+            let service = q.who.service.to_string();
+            counter!("depfence_dns_queries_total", "service" => service.clone(), "verdict" => q.verdict.as_str())
+                .increment(1);
+            if q.upstream_error.is_some() {
+                counter!("depfence_dns_upstream_failures_total", "service" => service).increment(1);
+            }
+        }
+        DnsEvent::Unattributed { .. } => counter!("depfence_dns_unattributed_total").increment(1),
+        DnsEvent::SharedAddress(shared) => {
+            counter!("depfence_dns_shared_addresses_total", "service" => shared.service.to_string()).increment(1);
+        }
+        DnsEvent::AllowSetFull { service, .. } => {
+            counter!("depfence_dns_allow_set_full_total", "service" => service.to_string()).increment(1);
+        }
+        _ => counter!("depfence_dns_bad_queries_total").increment(1),
     }
 }
 
@@ -250,6 +307,7 @@ mod tests {
             destination: destination.to_owned(),
             destination_service: None,
             verdict: verdict.to_owned(),
+            query: None,
             generation: 1,
         }
     }

@@ -125,7 +125,7 @@ fn io_syscall(call: &'static str, io_error: io::Error) -> aya::sys::SyscallError
     aya::sys::SyscallError { call, io_error }
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 

@@ -28,10 +28,10 @@ use serde::Serialize;
 use super::{
     DatapathError, Maps,
     abi::{
-        ABI_VERSION, DedupKey, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_EVENT_ALLOWED, FLAG_EVENT_NO_DEDUP,
-        GLOBAL_BAD_SLOT, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, GLOBAL_UNREGISTERED, MODE_AUDIT, MODE_ENFORCE,
-        MODE_OFF, Meta, VERDICT_ALLOWED, VERDICT_CANDIDATE_WOULD_REJECT, VERDICT_REJECTED, VERDICT_WOULD_REJECT,
-        map_names,
+        ABI_VERSION, DedupKey, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, FLAG_EVENT_ALLOWED,
+        FLAG_EVENT_NO_DEDUP, GLOBAL_BAD_SLOT, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, GLOBAL_UNREGISTERED,
+        MODE_AUDIT, MODE_ENFORCE, MODE_OFF, Meta, VERDICT_ALLOWED, VERDICT_CANDIDATE_WOULD_REJECT, VERDICT_REJECTED,
+        VERDICT_WOULD_REJECT, map_names,
     },
     pins::PinLayout,
 };
@@ -209,7 +209,7 @@ pub struct LinkStatus {
     pub link_id: u32,
     /// Kernel link type (`cgroup`).
     pub link_type: String,
-    /// Attach type (`connect4`, `connect6`, `sendmsg4`, `sendmsg6`), from the link's fdinfo.
+    /// Attach type (`connect4`, `sendmsg6`, `recvmsg4`, `getpeername6`, …), from the link's fdinfo.
     pub attach_type: Option<String>,
     /// The attached program.
     pub program: ProgramStatus,
@@ -741,6 +741,7 @@ pub fn flag_names(flags: u32) -> Vec<String> {
         (FLAG_CANDIDATE_HAS_CIDR, "candidate_has_cidr"),
         (FLAG_EVENT_ALLOWED, "event_allowed"),
         (FLAG_EVENT_NO_DEDUP, "event_no_dedup"),
+        (FLAG_DNS, "dns"),
     ];
     let mut names: Vec<String> =
         known.iter().filter(|(bit, _)| flags & bit != 0).map(|(_, n)| (*n).to_owned()).collect();
@@ -758,6 +759,10 @@ pub fn attach_type_name(attach_type: u32) -> String {
         11 => "connect6".to_owned(),
         14 => "sendmsg4".to_owned(),
         15 => "sendmsg6".to_owned(),
+        19 => "recvmsg4".to_owned(),
+        20 => "recvmsg6".to_owned(),
+        29 => "getpeername4".to_owned(),
+        30 => "getpeername6".to_owned(),
         other => format!("attach_type({other})"),
     }
 }
@@ -872,8 +877,18 @@ mod tests {
             ["active_has_cidr", "event_no_dedup", "0x200"]
         );
         assert_eq!(
-            [10, 11, 14, 15, 3].map(attach_type_name),
-            ["connect4", "connect6", "sendmsg4", "sendmsg6", "attach_type(3)"]
+            [10, 11, 14, 15, 19, 20, 29, 30, 3].map(attach_type_name),
+            [
+                "connect4",
+                "connect6",
+                "sendmsg4",
+                "sendmsg6",
+                "recvmsg4",
+                "recvmsg6",
+                "getpeername4",
+                "getpeername6",
+                "attach_type(3)"
+            ]
         );
     }
 

@@ -17,6 +17,8 @@
 
 pub mod allow;
 pub mod attrib;
+#[cfg(feature = "datapath")]
+pub mod kernel;
 pub mod names;
 mod proxy;
 mod socket;

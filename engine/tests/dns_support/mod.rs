@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,26 +19,7 @@ use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The path of `tool` (PATH, then /usr/sbin and /sbin, where dnsmasq lives).
-pub fn find_tool(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
-
-/// Skips `test` with a reason when `tool` is missing; under CI (`CI=true`) fails instead.
-pub fn require_tool(test: &str, tool: &str, package: &str) -> Option<PathBuf> {
-    if let Some(path) = find_tool(tool) {
-        return Some(path);
-    }
-    let why = format!("`{tool}` is not installed (apt-get install {package}, or run scripts/setup)");
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    assert!(!in_ci, "{test}: cannot run in CI: {why}");
-    eprintln!("skipping {test}: {why}");
-    None
-}
+pub use depfence_integration::dns::Dnsmasq;
 
 /// The tools a test needs.
 pub struct Tools {
@@ -48,98 +29,10 @@ pub struct Tools {
 
 impl Tools {
     pub fn require(test: &str, dig: bool) -> Option<Tools> {
-        let dnsmasq = require_tool(test, "dnsmasq", "dnsmasq-base")?;
-        let dig = if dig { Some(require_tool(test, "dig", "bind9-dnsutils")?) } else { None };
+        let dnsmasq = depfence_integration::dns::require_dnsmasq(test)?;
+        let dig = if dig { Some(depfence_integration::require_tool(test, "dig", "bind9-dnsutils")?) } else { None };
         Some(Tools { dnsmasq, dig })
     }
-}
-
-/// A dnsmasq serving a hosts file on its own 127.0.0.x address; killed and cleaned on drop.
-pub struct Dnsmasq {
-    pub addr: SocketAddr,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-static NEXT_ADDR: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-impl Dnsmasq {
-    /// Serves `hosts` (hosts-file lines) with TTL `ttl` and extra dnsmasq options.
-    pub fn start(tools: &Tools, hosts: &str, ttl: u32, extra: &[&str]) -> Dnsmasq {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("hosts");
-        std::fs::write(&file, hosts).unwrap();
-        // dnsmasq may drop privileges before reading: let anyone read.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        for _ in 0..20 {
-            // A loopback address per instance (tests run in parallel), a free port on it.
-            let n = NEXT_ADDR.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let ip: IpAddr = format!("127.0.{}.{}", 100 + std::process::id() % 100, 1 + n % 250).parse().unwrap();
-            let port = free_port(ip);
-            let mut child = Command::new(&tools.dnsmasq)
-                .args([
-                    "--keep-in-foreground",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    "--pid-file=",
-                    "--log-facility=-",
-                    "--local=/internal/",
-                    "--local=/evil/",
-                    "--local=/example/",
-                ])
-                .arg(format!("--addn-hosts={}", file.display()))
-                .arg(format!("--listen-address={ip}"))
-                .arg(format!("--port={port}"))
-                .arg(format!("--local-ttl={ttl}"))
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("start dnsmasq: {e}"));
-            let addr = SocketAddr::new(ip, port);
-            if wait_answering(addr, &mut child) {
-                return Dnsmasq { addr, child, _dir: dir };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("dnsmasq did not start");
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port(ip: IpAddr) -> u16 {
-    let s = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
-    s.local_addr().unwrap().port()
-}
-
-/// Polls `server` with a query until it answers (true) or the child exits or 5 s pass (false).
-fn wait_answering(server: SocketAddr, child: &mut Child) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let socket = std::net::UdpSocket::bind(SocketAddr::new(server.ip(), 0)).unwrap();
-    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let query = encode_query(1, "probe.internal", RecordType::A);
-    while Instant::now() < deadline {
-        if child.try_wait().ok().flatten().is_some() {
-            return false;
-        }
-        let _ = socket.send_to(&query, server);
-        let mut buf = [0u8; 512];
-        if socket.recv_from(&mut buf).is_ok() {
-            return true;
-        }
-    }
-    false
 }
 
 pub fn encode_query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {

@@ -1,0 +1,266 @@
+//! Host-name rules end to end (root): a real `policyctl agent` with its DNS proxy, a dnsmasq the
+//! test starts, and real clients (curl, Python's getaddrinfo, dig, getent) in a policed cgroup
+//! whose port-53 traffic the kernel redirects to the proxy.
+//!
+//! Each client runs in its own mount namespace where /etc/resolv.conf names a loopback server
+//! (`127.0.0.1` or `::1`) that nothing answers on: only the redirect can make a name resolve,
+//! and no query ever leaves the machine. Skips with a reason elsewhere; under CI a skip is a
+//! failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, reason = "tests")]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use depfence::agent::control::{AgentStatus, ServiceStatus};
+use depfence::agent::telemetry::EventRecord;
+use depfence::cgroup::spawn_in;
+use depfence_integration::agent::Agent;
+use depfence_integration::dns::{Dnsmasq, require_dnsmasq};
+use depfence_integration::fixture::{Cgroup, http_server};
+use depfence_integration::{require_privileges, require_tool};
+
+/// The mirror the service may reach by name, and two look-alikes it may not.
+const MIRROR: Ipv4Addr = Ipv4Addr::new(127, 0, 57, 1);
+const EVIL_PREFIX: Ipv4Addr = Ipv4Addr::new(127, 0, 57, 2);
+const EVIL_SUFFIX: Ipv4Addr = Ipv4Addr::new(127, 0, 57, 3);
+
+struct Tools {
+    curl: PathBuf,
+    python: PathBuf,
+    dig: PathBuf,
+    dnsmasq: PathBuf,
+}
+
+fn tools(test: &str) -> Option<Tools> {
+    if !require_privileges(test) {
+        return None;
+    }
+    Some(Tools {
+        curl: require_tool(test, "curl", "curl")?,
+        python: require_tool(test, "python3", "python3")?,
+        dig: require_tool(test, "dig", "bind9-dnsutils")?,
+        dnsmasq: require_dnsmasq(test)?,
+    })
+}
+
+/// A cgroup for the service, a mirror and two look-alikes serving HTTP on one port, dnsmasq
+/// answering their names, and the agent in `mode` with the proxy forwarding to dnsmasq.
+struct Setup {
+    _cgroups: Cgroup,
+    app: PathBuf,
+    port: u16,
+    _dns: Dnsmasq,
+    dir: tempfile::TempDir,
+    agent: Agent,
+}
+
+impl Setup {
+    fn new(tools: &Tools, mode: &str) -> Setup {
+        let mut cgroups = Cgroup::new();
+        let app = cgroups.child("app");
+        // One port for all three, so only the name decides.
+        let port = http_server(IpAddr::V4(MIRROR));
+        for ip in [EVIL_PREFIX, EVIL_SUFFIX] {
+            serve_on(ip, port);
+        }
+        let hosts = format!(
+            "{MIRROR} a.mirror.internal\n{EVIL_PREFIX} evilmirror.internal\n{EVIL_SUFFIX} mirror.internal.evil\n"
+        );
+        let dns = Dnsmasq::start(&tools.dnsmasq, &hosts, 30, &[]);
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            format!(
+                r#"version = 1
+[environments]
+prod = "{mode}"
+
+[services.app]
+cgroup = "{}/app"
+allow = [{{ host = "*.mirror.internal", ports = [{port}], proto = "tcp" }}]
+"#,
+                cgroups.relative()
+            ),
+        )
+        .unwrap();
+        for (name, server) in [("resolv.conf", "127.0.0.1"), ("resolv6.conf", "::1")] {
+            std::fs::write(dir.path().join(name), format!("nameserver {server}\noptions timeout:1 attempts:1\n"))
+                .unwrap();
+        }
+        let upstream = dns.addr.to_string();
+        let agent = Agent::start_with(
+            &assert_cmd::cargo::cargo_bin("policyctl"),
+            &policy,
+            "prod",
+            &["--dns-upstream", &upstream],
+        );
+        agent.wait_status("app registered", |s| service(s, "app").is_some_and(|a| !a.cgroups.is_empty()));
+        Setup { _cgroups: cgroups, app, port, _dns: dns, dir, agent }
+    }
+
+    /// Runs `program args…` in the service's cgroup, with /etc/resolv.conf replaced by
+    /// `resolv` (a file of the test dir) in a private mount namespace.
+    fn run(&self, resolv: &str, program: &Path, args: &[&str]) -> Output {
+        let resolv = self.dir.path().join(resolv);
+        let mut command = Command::new("unshare");
+        command
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#,
+            ])
+            .arg(&resolv)
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null());
+        spawn_in(&self.app, command.stdout(Stdio::piped()).stderr(Stdio::piped())).unwrap().wait_with_output().unwrap()
+    }
+
+    /// curl's HTTP status for `host` (or its exit code when it got none).
+    fn curl(&self, tools: &Tools, host: &str) -> Result<String, i32> {
+        let url = format!("http://{host}:{}/", self.port);
+        let out = self.run("resolv.conf", &tools.curl, &["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(out.status.code().unwrap_or(-1))
+        }
+    }
+
+    /// The addresses Python's getaddrinfo finds for `name`, or its error, asking the server
+    /// of `resolv` (glibc's stub resolver, over UDP).
+    fn getaddrinfo(&self, tools: &Tools, resolv: &str, name: &str) -> String {
+        let script = "import socket, sys\n\
+                      try:\n    print(sorted({a[4][0] for a in socket.getaddrinfo(sys.argv[1], 80, proto=socket.IPPROTO_TCP)}))\n\
+                      except socket.gaierror as e:\n    print('error', e.errno)";
+        let out = self.run(resolv, &tools.python, &["-c", script, name]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The agent's event log.
+    fn events(&self) -> Vec<EventRecord> {
+        let out = Command::new(assert_cmd::cargo::cargo_bin("policyctl"))
+            .args(["events", "--json", "--socket"])
+            .arg(&self.agent.socket)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+/// Another HTTP server on `ip:port` (the fixture picks its own port).
+fn serve_on(ip: Ipv4Addr, port: u16) {
+    let listener = std::net::TcpListener::bind((ip, port)).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            use std::io::{Read as _, Write as _};
+            let mut stream = stream;
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+        }
+    });
+}
+
+fn service<'a>(status: &'a AgentStatus, name: &str) -> Option<&'a ServiceStatus> {
+    status.services.iter().find(|s| s.name == name)
+}
+
+/// The issue's acceptance test: allowed `*.mirror.internal`, the service reaches
+/// `a.mirror.internal` by name and is refused `evilmirror.internal` and `mirror.internal.evil`
+/// in enforce, over UDP and TCP, from IPv4 and IPv6 sockets.
+#[test]
+fn enforce_resolves_allowed_names_and_refuses_look_alikes() {
+    let test = "enforce_resolves_allowed_names_and_refuses_look_alikes";
+    let Some(tools) = tools(test) else { return };
+    let setup = Setup::new(&tools, "enforce");
+
+    // By name: resolved through the redirect and the proxy, the answer admitted, connected.
+    assert_eq!(setup.curl(&tools, "a.mirror.internal"), Ok("200".to_owned()));
+    // The look-alikes do not resolve (curl: 6, could not resolve host)…
+    assert_eq!(setup.curl(&tools, "evilmirror.internal"), Err(6));
+    assert_eq!(setup.curl(&tools, "mirror.internal.evil"), Err(6));
+    // … and their address is refused by the kernel (curl: 7), as no allowed name led there.
+    assert_eq!(setup.curl(&tools, &EVIL_PREFIX.to_string()), Err(7));
+
+    // glibc from Python, to an IPv4 and to an IPv6 server (a dual-stack socket connected to
+    // the proxy's IPv4-mapped slot address; the reply's source is rewritten back to ::1).
+    assert_eq!(setup.getaddrinfo(&tools, "resolv.conf", "a.mirror.internal"), format!("['{MIRROR}']"));
+    assert_eq!(setup.getaddrinfo(&tools, "resolv6.conf", "a.mirror.internal"), format!("['{MIRROR}']"));
+    assert_eq!(setup.getaddrinfo(&tools, "resolv6.conf", "evilmirror.internal"), "error -3");
+
+    // dig over UDP and TCP: the answer, and REFUSED for a look-alike.
+    let dig = |args: &[&str]| String::from_utf8_lossy(&setup.run("resolv.conf", &tools.dig, args).stdout).into_owned();
+    assert_eq!(dig(&["+short", "a.mirror.internal"]).trim(), MIRROR.to_string());
+    assert_eq!(dig(&["+tcp", "+short", "a.mirror.internal"]).trim(), MIRROR.to_string());
+    assert!(dig(&["+tcp", "mirror.internal.evil"]).contains("status: REFUSED"));
+    // dig's IPv6 sockets are IPV6_V6ONLY: they go to the proxy on [::1], found by sock_diag.
+    assert_eq!(dig(&["@::1", "+short", "a.mirror.internal"]).trim(), MIRROR.to_string());
+    assert_eq!(dig(&["@::1", "+tcp", "+short", "a.mirror.internal"]).trim(), MIRROR.to_string());
+    let refused = dig(&["@::1", "evilmirror.internal"]);
+    assert!(refused.contains("status: REFUSED") && refused.contains("SERVER: ::1#53"), "{refused}");
+
+    // Reported with the asking process.
+    let events = setup.events();
+    let refused = events
+        .iter()
+        .find(|e| e.destination == "evilmirror.internal" && e.comm == "curl")
+        .unwrap_or_else(|| panic!("no event for curl's evilmirror.internal: {events:#?}"));
+    assert_eq!((refused.verdict.as_str(), refused.service.as_deref()), ("rejected", Some("app")));
+    // curl (glibc) asks for A and AAAA at once: both are refused and reported.
+    let asked: std::collections::BTreeSet<_> = events
+        .iter()
+        .filter(|e| e.destination == "evilmirror.internal" && e.comm == "curl")
+        .filter_map(|e| e.query.as_deref())
+        .collect();
+    assert_eq!(asked, std::collections::BTreeSet::from(["A", "AAAA"]));
+    assert!(refused.pid > 0 && refused.cgroup.as_deref().is_some_and(|c| c.ends_with("/app")), "{refused:?}");
+    assert!(events.iter().any(|e| e.destination == "mirror.internal.evil" && e.verdict == "rejected"));
+    let rejected = setup.agent.sample("depfence_dns_queries_total{service=\"app\",verdict=\"rejected\"}");
+    assert!(rejected.is_some_and(|n| n >= 4.0), "{rejected:?}");
+    let allowed = setup.agent.sample("depfence_dns_queries_total{service=\"app\",verdict=\"allowed\"}");
+    assert!(allowed.is_some_and(|n| n >= 4.0), "{allowed:?}");
+    // One refused connect (the look-alike's address); nothing else was refused.
+    let status = setup.agent.status();
+    let app = service(&status, "app").unwrap();
+    assert_eq!(app.rejected, 1, "{app:?}");
+}
+
+/// In audit the look-alikes are answered (nothing breaks) and counted as would-rejects with
+/// the asking process, and the connections to their addresses are would-rejects too.
+#[test]
+fn audit_answers_look_alikes_and_reports_who_asked() {
+    let test = "audit_answers_look_alikes_and_reports_who_asked";
+    let Some(tools) = tools(test) else { return };
+    let setup = Setup::new(&tools, "audit");
+
+    assert_eq!(setup.curl(&tools, "a.mirror.internal"), Ok("200".to_owned()));
+    assert_eq!(setup.curl(&tools, "evilmirror.internal"), Ok("200".to_owned()));
+    assert_eq!(setup.getaddrinfo(&tools, "resolv.conf", "mirror.internal.evil"), format!("['{EVIL_SUFFIX}']"));
+
+    let events = setup.events();
+    let curl = events
+        .iter()
+        .find(|e| e.destination == "evilmirror.internal" && e.query.is_some())
+        .unwrap_or_else(|| panic!("no dns event for evilmirror.internal: {events:#?}"));
+    assert_eq!((curl.verdict.as_str(), curl.comm.as_str()), ("would_reject", "curl"));
+    let python = events.iter().find(|e| e.destination == "mirror.internal.evil").unwrap();
+    assert_eq!((python.verdict.as_str(), python.comm.as_str()), ("would_reject", "python3"));
+    // The connection to the look-alike's address: allowed in audit, counted.
+    assert!(
+        events
+            .iter()
+            .any(|e| e.destination == format!("{EVIL_PREFIX}:{}/tcp", setup.port) && e.verdict == "would_reject"),
+        "{events:#?}"
+    );
+    let status =
+        setup.agent.wait_status("would-reject counted", |s| service(s, "app").is_some_and(|a| a.would_reject >= 1));
+    let app = service(&status, "app").unwrap();
+    assert_eq!((app.would_reject, app.rejected), (1, 0), "{app:?}");
+    assert!(app.allowed >= 1, "a.mirror.internal was allowed by its name: {app:?}");
+}
