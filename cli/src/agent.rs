@@ -150,7 +150,11 @@ fn render_status(s: &AgentStatus) -> String {
             let _ = writeln!(
                 out,
                 "  last would-reject: {} {} by {} (pid {}) at {}",
-                e.destination, e.verdict, e.comm, e.pid, e.time
+                e.subject(),
+                e.verdict,
+                e.comm,
+                e.pid,
+                e.time
             );
         }
     }
@@ -207,7 +211,7 @@ fn render_event(e: &EventRecord) -> String {
         e.time,
         e.verdict,
         e.service.as_deref().unwrap_or("?"),
-        e.destination,
+        e.subject(),
         e.comm,
         e.pid,
         e.cgroup.as_deref().unwrap_or("?")

@@ -263,4 +263,17 @@ fn audit_answers_look_alikes_and_reports_who_asked() {
     let app = service(&status, "app").unwrap();
     assert_eq!((app.would_reject, app.rejected), (1, 0), "{app:?}");
     assert!(app.allowed >= 1, "a.mirror.internal was allowed by its name: {app:?}");
+
+    // A clean stop turns the redirect off (nothing would answer on the proxy's port); the
+    // policy itself stays in force.
+    let mut agent = setup.agent;
+    let config = |agent: &Agent| {
+        let maps = depfence::datapath::Maps::from_pins(agent.pins()).unwrap();
+        maps.config.get(&0, 0).unwrap()
+    };
+    assert_ne!(config(&agent).dns_proxy_port, 0);
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    let after = config(&agent);
+    assert_eq!((after.dns_proxy_port, after.dns_exempt_cgroup), (0, 0));
+    assert!(depfence::datapath::Maps::from_pins(agent.pins()).unwrap().cgroup_states().iter().any(|(id, _)| *id != 0));
 }

@@ -120,6 +120,19 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM (a clean stop), and wait for it to exit; returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {}", child.id());
+        child.wait().unwrap()
+    }
+
+    /// Where it pins its maps and links.
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
     /// SIGKILL, and wait for it.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().unwrap();

@@ -192,6 +192,16 @@ impl Kernel {
         self.dns = Some((port, exempt_cgroup));
     }
 
+    /// Turns the DNS redirect off (the agent is stopping): DNS goes to the servers the clients
+    /// name again, instead of to a port nobody will answer on.
+    pub fn stop_dns_redirect(&mut self) -> Result<()> {
+        self.dns = None;
+        let config = self.datapath.maps.config.get(&0, 0).map_err(crate::datapath::map_err(abi::map_names::CONFIG));
+        let config = config.map_err(KernelError::Datapath)?;
+        self.datapath.maps.set_config(Config { dns_proxy_port: 0, dns_exempt_cgroup: 0, ..config })?;
+        Ok(())
+    }
+
     /// The maps (counters, events).
     pub fn maps(&mut self) -> &mut crate::datapath::Maps {
         &mut self.datapath.maps

@@ -704,6 +704,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         }
     }
     agent.rollout.persist(SystemTime::now(), true);
+    if agent.dns.take().is_some()
+        && let Err(e) = agent.kernel.stop_dns_redirect()
+    {
+        warn!("turning the dns redirect off: {e}");
+    }
     info!("agent stopping; the kernel keeps enforcing the last policy");
     let _ = std::fs::remove_file(&agent.config.control_socket);
     Ok(())

@@ -154,6 +154,14 @@ impl EventRecord {
         }
     }
 
+    /// What was judged, for people: the destination, or `dns A name` for a DNS question.
+    pub fn subject(&self) -> String {
+        match &self.query {
+            Some(qtype) => format!("dns {qtype} {}", self.destination),
+            None => self.destination.clone(),
+        }
+    }
+
     /// A DNS question the proxy judged; `cgroup` comes from the agent's tables.
     pub fn from_query(query: &QueryEvent, cgroup: Option<String>, generation: u32, now: SystemTime) -> Self {
         Self {
