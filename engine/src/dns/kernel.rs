@@ -51,6 +51,8 @@ pub struct KernelDns {
     names: Mutex<Names>,
     /// The services in force.
     services: RwLock<Services>,
+    /// The `sock_diag` socket for IPv6 attribution, opened on first use and kept.
+    diag: Mutex<Option<netlink_sys::Socket>>,
 }
 
 /// Counter slot → service name, and back.
@@ -74,6 +76,7 @@ impl KernelDns {
             sockets: open_pinned(layout, map_names::DNS_SOCKS)?,
             names: Mutex::new(Names { map: open_pinned(layout, map_names::NAMES)?, ranges: BTreeMap::new() }),
             services: RwLock::default(),
+            diag: Mutex::new(None),
         })
     }
 
@@ -101,15 +104,23 @@ impl KernelDns {
         if !local.ip().is_loopback() || !local.is_ipv6() {
             return None;
         }
-        let cookie = match client_socket_cookie(transport, client, local) {
+        let mut diag = self.diag.lock().unwrap_or_else(PoisonError::into_inner);
+        let cookie = match client_socket_cookie(&mut diag, transport, client, local) {
             Ok(cookie) => cookie?,
             Err(e) => {
+                *diag = None; // start afresh next time
                 tracing::warn!("sock_diag lookup of dns client {client}: {e}");
                 return None;
             }
         };
+        drop(diag);
         let record = self.sockets.get(&cookie, 0).ok()?;
         (record.socket_cookie == cookie).then_some(record)
+    }
+
+    /// Entries in `DF_NAMES` (addresses admitted, per protocol).
+    pub fn admitted(&self) -> usize {
+        self.names.lock().unwrap_or_else(PoisonError::into_inner).ranges.len()
     }
 
     /// Puts an allow-set change into `DF_NAMES`. Addresses of a service that has no counter
@@ -172,9 +183,14 @@ fn value_of(ranges: &[(u8, u16, u16)]) -> Option<CidrValue> {
 }
 
 /// The cookie of the client socket of a loopback exchange: the socket that sent from `client`
-/// to the proxy at `local`, found with one exact `sock_diag` request. None when no such socket
-/// exists (any more).
-fn client_socket_cookie(transport: Transport, client: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u64>> {
+/// to the proxy at `local`, found with one exact `sock_diag` request on `diag` (opened if
+/// None). None when no such socket exists (any more).
+fn client_socket_cookie(
+    diag: &mut Option<netlink_sys::Socket>,
+    transport: Transport,
+    client: SocketAddr,
+    local: SocketAddr,
+) -> std::io::Result<Option<u64>> {
     use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
     use netlink_packet_sock_diag::SockDiagMessage;
     use netlink_packet_sock_diag::constants::{AF_INET6, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
@@ -210,9 +226,15 @@ fn client_socket_cookie(transport: Transport, client: SocketAddr, local: SocketA
     let mut bytes = vec![0; message.buffer_len()];
     message.serialize(&mut bytes);
 
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let socket = match diag {
+        Some(socket) => socket,
+        None => {
+            let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+            socket.bind_auto()?;
+            socket.connect(&NetlinkAddr::new(0, 0))?;
+            diag.insert(socket)
+        }
+    };
     socket.send(&bytes, 0)?;
     let mut reply = vec![0u8; 8192];
     let size = socket.recv(&mut &mut reply[..], 0)?;
