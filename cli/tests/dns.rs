@@ -56,7 +56,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(tools: &Tools, mode: &str) -> Setup {
+    /// `agent_args`: more options for the agent.
+    fn new(tools: &Tools, mode: &str, agent_args: &[&str]) -> Setup {
         let mut cgroups = Cgroup::new();
         let app = cgroups.child("app");
         // One port for all three, so only the name decides.
@@ -90,12 +91,9 @@ allow = [{{ host = "*.mirror.internal", ports = [{port}], proto = "tcp" }}]
                 .unwrap();
         }
         let upstream = dns.addr.to_string();
-        let agent = Agent::start_with(
-            &assert_cmd::cargo::cargo_bin("policyctl"),
-            &policy,
-            "prod",
-            &["--dns-upstream", &upstream],
-        );
+        let args: Vec<&str> =
+            ["--dns-upstream", upstream.as_str()].into_iter().chain(agent_args.iter().copied()).collect();
+        let agent = Agent::start_with(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod", &args);
         agent.wait_status("app registered", |s| service(s, "app").is_some_and(|a| !a.cgroups.is_empty()));
         Setup { _cgroups: cgroups, app, port, _dns: dns, dir, agent }
     }
@@ -178,7 +176,8 @@ fn service<'a>(status: &'a AgentStatus, name: &str) -> Option<&'a ServiceStatus>
 fn enforce_resolves_allowed_names_and_refuses_look_alikes() {
     let test = "enforce_resolves_allowed_names_and_refuses_look_alikes";
     let Some(tools) = tools(test) else { return };
-    let setup = Setup::new(&tools, "enforce");
+    // Answers stay allowed for at most 2 s (dnsmasq says 30).
+    let setup = Setup::new(&tools, "enforce", &["--dns-ttl-floor", "1s", "--dns-ttl-cap", "2s"]);
 
     // By name: resolved through the redirect and the proxy, the answer admitted, connected.
     assert_eq!(setup.curl(&tools, "a.mirror.internal"), Ok("200".to_owned()));
@@ -229,6 +228,22 @@ fn enforce_resolves_allowed_names_and_refuses_look_alikes() {
     let status = setup.agent.status();
     let app = service(&status, "app").unwrap();
     assert_eq!(app.rejected, 1, "{app:?}");
+
+    // The answer's address is allowed for the (capped) TTL, then no more: connecting by
+    // address works right after the lookup and is refused once the entry expired.
+    let by_address = MIRROR.to_string();
+    assert_eq!(setup.getaddrinfo(&tools, "resolv.conf", "a.mirror.internal"), format!("['{MIRROR}']"));
+    assert_eq!(setup.curl(&tools, &by_address), Ok("200".to_owned()));
+    let resolved = std::time::Instant::now();
+    let refused = loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if setup.curl(&tools, &by_address) == Err(7) {
+            break resolved.elapsed();
+        }
+        assert!(resolved.elapsed() < std::time::Duration::from_secs(6), "still allowed after 6 s");
+    };
+    assert!(refused >= std::time::Duration::from_millis(1500), "expired after {refused:?}, before the 2 s cap");
+    assert_eq!(service(&setup.agent.status(), "app").unwrap().rejected, 2);
 }
 
 /// In audit the look-alikes are answered (nothing breaks) and counted as would-rejects with
@@ -237,7 +252,7 @@ fn enforce_resolves_allowed_names_and_refuses_look_alikes() {
 fn audit_answers_look_alikes_and_reports_who_asked() {
     let test = "audit_answers_look_alikes_and_reports_who_asked";
     let Some(tools) = tools(test) else { return };
-    let setup = Setup::new(&tools, "audit");
+    let setup = Setup::new(&tools, "audit", &[]);
 
     assert_eq!(setup.curl(&tools, "a.mirror.internal"), Ok("200".to_owned()));
     assert_eq!(setup.curl(&tools, "evilmirror.internal"), Ok("200".to_owned()));

@@ -316,4 +316,31 @@ mod tests {
             }
         }
     }
+
+    /// A service allowed another service whose endpoints are host names may resolve those
+    /// names, with the endpoints' ports; the other service itself may not (it has no such rule).
+    #[test]
+    fn host_endpoints_of_an_allowed_service_are_its_names() {
+        let text = r#"version = 1
+[environments]
+prod = "enforce"
+
+[services.mirror]
+endpoints = [{ host = "*.mirror.internal", ports = [443], proto = "tcp" }]
+
+[services.builder]
+allow = [{ service = "mirror" }]
+"#;
+        let snapshot = crate::compile::compile_str("p.toml", text).map_err(|(_, d)| d).unwrap().snapshot;
+        let policy = DnsPolicy::from_snapshot(&snapshot, 0);
+        let builder = policy.service("builder").unwrap();
+        assert_eq!(builder.mode, Mode::Enforce);
+        assert_eq!(
+            builder.names.grants("a.mirror.internal"),
+            [Grant { proto: Proto::Tcp, ports: PortRange { first: 443, last: 443 } }]
+        );
+        assert!(!builder.names.matches("evilmirror.internal"));
+        assert!(!builder.names.matches("mirror.internal.evil"));
+        assert!(policy.service("mirror").unwrap().names.is_empty());
+    }
 }
