@@ -128,6 +128,16 @@ fn render_status(s: &AgentStatus) -> String {
     if let Some(c) = &s.candidate {
         let _ = writeln!(out, "candidate: {} (hash {})", c.path.display(), c.hash.get(..12).unwrap_or(&c.hash));
     }
+    if let Some(d) = &s.dns {
+        let upstreams: Vec<String> = d.upstreams.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "dns proxy: port {} on loopback, upstream {}, {} address(es) allowed by name",
+            d.port,
+            upstreams.join(", "),
+            d.admitted
+        );
+    }
     if s.services.is_empty() {
         let _ = writeln!(out, "no service of the policy has a cgroup on this machine");
     }

@@ -50,7 +50,7 @@ struct Setup {
     _cgroups: Cgroup,
     app: PathBuf,
     port: u16,
-    _dns: Dnsmasq,
+    dns: Dnsmasq,
     dir: tempfile::TempDir,
     agent: Agent,
 }
@@ -95,7 +95,7 @@ allow = [{{ host = "*.mirror.internal", ports = [{port}], proto = "tcp" }}]
             ["--dns-upstream", upstream.as_str()].into_iter().chain(agent_args.iter().copied()).collect();
         let agent = Agent::start_with(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod", &args);
         agent.wait_status("app registered", |s| service(s, "app").is_some_and(|a| !a.cgroups.is_empty()));
-        Setup { _cgroups: cgroups, app, port, _dns: dns, dir, agent }
+        Setup { _cgroups: cgroups, app, port, dns, dir, agent }
     }
 
     /// Runs `program args…` in the service's cgroup, with /etc/resolv.conf replaced by
@@ -226,6 +226,9 @@ fn enforce_resolves_allowed_names_and_refuses_look_alikes() {
     assert!(allowed.is_some_and(|n| n >= 4.0), "{allowed:?}");
     // One refused connect (the look-alike's address); nothing else was refused.
     let status = setup.agent.status();
+    let dns = status.dns.as_ref().unwrap();
+    assert_eq!(dns.upstreams, [setup.dns.addr]);
+    assert!(dns.port != 0 && dns.admitted >= 1, "{dns:?}");
     let app = service(&status, "app").unwrap();
     assert_eq!(app.rejected, 1, "{app:?}");
 

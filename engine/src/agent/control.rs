@@ -112,6 +112,20 @@ pub struct AgentStatus {
     pub services_without_cgroups: usize,
     /// Kernel events lost (ring buffer full).
     pub events_dropped: u64,
+    /// The DNS proxy, when it runs.
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+}
+
+/// The agent's DNS proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Its port on loopback.
+    pub port: u16,
+    /// Where it forwards allowed names.
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// Addresses allowed in the kernel through resolved names (per protocol).
+    pub admitted: usize,
 }
 
 /// How the last reload went.

@@ -444,6 +444,11 @@ impl Agent {
             services_without_cgroups: total.saturating_sub(services.len()),
             services,
             events_dropped: self.dropped,
+            dns: self.dns.as_ref().map(|d| control::DnsStatus {
+                port: d.proxy.port(),
+                upstreams: d.proxy.upstreams().to_vec(),
+                admitted: d.kernel.admitted(),
+            }),
         }
     }
 
