@@ -65,8 +65,10 @@ impl Setup {
         for ip in [EVIL_PREFIX, EVIL_SUFFIX] {
             serve_on(ip, port);
         }
+        // `shared.evil` is a denied name on the mirror's address.
         let hosts = format!(
-            "{MIRROR} a.mirror.internal\n{EVIL_PREFIX} evilmirror.internal\n{EVIL_SUFFIX} mirror.internal.evil\n"
+            "{MIRROR} a.mirror.internal\n{EVIL_PREFIX} evilmirror.internal\n{EVIL_SUFFIX} mirror.internal.evil\n\
+             {MIRROR} shared.evil\n"
         );
         let dns = Dnsmasq::start(&tools.dnsmasq, &hosts, 30, &[]);
         let dir = tempfile::tempdir().unwrap();
@@ -98,10 +100,9 @@ allow = [{{ host = "*.mirror.internal", ports = [{port}], proto = "tcp" }}]
         Setup { _cgroups: cgroups, app, port, dns, dir, agent }
     }
 
-    /// Runs `program args…` in the service's cgroup, with /etc/resolv.conf replaced by
-    /// `resolv` (a file of the test dir) in a private mount namespace.
-    fn run(&self, resolv: &str, program: &Path, args: &[&str]) -> Output {
-        let resolv = self.dir.path().join(resolv);
+    /// Starts `program args…` in the service's cgroup, with /etc/resolv.conf replaced by
+    /// `resolv` (a file of the test dir) in a private mount namespace; stdout and stderr piped.
+    fn spawn(&self, resolv: &str, program: &Path, args: &[&str]) -> std::process::Child {
         let mut command = Command::new("unshare");
         command
             .args([
@@ -112,11 +113,18 @@ allow = [{{ host = "*.mirror.internal", ports = [{port}], proto = "tcp" }}]
                 "-c",
                 r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#,
             ])
-            .arg(&resolv)
+            .arg(self.dir.path().join(resolv))
             .arg(program)
             .args(args)
-            .stdin(Stdio::null());
-        spawn_in(&self.app, command.stdout(Stdio::piped()).stderr(Stdio::piped())).unwrap().wait_with_output().unwrap()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        spawn_in(&self.app, &mut command).unwrap()
+    }
+
+    /// [`Setup::spawn`], and wait for it.
+    fn run(&self, resolv: &str, program: &Path, args: &[&str]) -> Output {
+        self.spawn(resolv, program, args).wait_with_output().unwrap()
     }
 
     /// curl's HTTP status for `host` (or its exit code when it got none).
@@ -143,7 +151,7 @@ allow = [{{ host = "*.mirror.internal", ports = [{port}], proto = "tcp" }}]
     /// The agent's event log.
     fn events(&self) -> Vec<EventRecord> {
         let out = Command::new(assert_cmd::cargo::cargo_bin("policyctl"))
-            .args(["events", "--json", "--socket"])
+            .args(["events", "--json", "--recent", "1000", "--socket"])
             .arg(&self.agent.socket)
             .output()
             .unwrap();
@@ -276,6 +284,42 @@ fn audit_answers_look_alikes_and_reports_who_asked() {
             .any(|e| e.destination == format!("{EVIL_PREFIX}:{}/tcp", setup.port) && e.verdict == "would_reject"),
         "{events:#?}"
     );
+    // A denied name answered with an address an allowed name has: reported.
+    assert_eq!(setup.getaddrinfo(&tools, "resolv.conf", "shared.evil"), format!("['{MIRROR}']"));
+    let shared = setup.agent.sample("depfence_dns_shared_addresses_total{service=\"app\"}");
+    assert!(shared.is_some_and(|n| n >= 1.0), "{shared:?}");
+    assert!(setup.agent.log_text().contains("an allowed and a denied name share an address"));
+
+    // Exact attribution under concurrency: 24 processes ask at once, each its own name; each
+    // question is reported with the pid of the process that asked it.
+    let script = "import os, socket, sys\n\
+                  try:\n    socket.getaddrinfo(sys.argv[1], 80, proto=socket.IPPROTO_TCP)\n\
+                  except socket.gaierror:\n    pass\n\
+                  print(os.getpid())";
+    let children: Vec<_> = (0..24)
+        .map(|i| {
+            let name = format!("asker-{i}.evil");
+            (name.clone(), setup.spawn("resolv.conf", &tools.python, &["-c", script, &name]))
+        })
+        .collect();
+    let askers: Vec<(String, u32)> = children
+        .into_iter()
+        .map(|(name, child)| {
+            let out = child.wait_with_output().unwrap();
+            (name, String::from_utf8_lossy(&out.stdout).trim().parse().unwrap())
+        })
+        .collect();
+    let events = setup.events();
+    for (name, pid) in &askers {
+        let asked: Vec<u32> = events.iter().filter(|e| &e.destination == name).map(|e| e.pid).collect();
+        assert!(
+            !asked.is_empty() && asked.iter().all(|p| p == pid),
+            "{name}: asked by {pid}, reported {asked:?}; events: {:?}; log: {}",
+            events.iter().map(|e| (&e.destination, e.pid)).collect::<Vec<_>>(),
+            setup.agent.log_text()
+        );
+    }
+
     let status =
         setup.agent.wait_status("would-reject counted", |s| service(s, "app").is_some_and(|a| a.would_reject >= 1));
     let app = service(&status, "app").unwrap();

@@ -326,9 +326,12 @@ fn redirect_dns(ctx: &SockAddrContext, v6: bool, own: u64, s: &CgroupState, d: &
         };
         // An atomic fetch-and-add (BPF_ATOMIC | BPF_FETCH): the bpf target has no
         // compare-and-swap, so `AtomicU64::fetch_add` does not exist there; the intrinsic lowers
-        // to the one instruction. Every concurrent asker gets its own value.
+        // to the one instruction, and every concurrent asker gets its own value. SeqCst, not
+        // Relaxed: the LLVM 22 BPF back end emits a relaxed fetch-add without its FETCH flag
+        // (a plain `lock +=`) yet reads the result register as if fetched, so every asker got
+        // slot 2. cli/tests/dns.rs catches that with 24 concurrent askers.
         // SAFETY: an aligned u64 in a map value, shared by every CPU, only ever touched atomically.
-        let sequence = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(next, 1) };
+        let sequence = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(next, 1) };
         // Slots 1 ..= DNS_SLOTS - 2: never 127.53.0.0 or 127.53.255.255.
         let index = (sequence % u64::from(DNS_SLOTS - 2)) as u32 + 1;
         let Some(slot) = DF_DNS_SLOTS.get_ptr_mut(index) else {
