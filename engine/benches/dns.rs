@@ -16,7 +16,6 @@
 )]
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,13 +23,9 @@ use depfence::compile::compile_str;
 use depfence::dns::{
     AllowSet, Attribution, DnsEvent, DnsPolicy, Proxy, ProxyConfig, StaticAttributor, TtlBounds, slot_addr,
 };
+use depfence_integration::dns::{Dnsmasq, require_dnsmasq};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
-
-fn find(tool: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain(["/usr/sbin".into()]).map(|d| d.join(tool)).find(|p| p.is_file())
-}
 
 fn query(id: u16, name: &str) -> Vec<u8> {
     let mut m = Message::query();
@@ -59,38 +54,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--test");
-    let Some(dnsmasq) = find("dnsmasq") else {
-        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "dns bench: dnsmasq is not installed");
-        eprintln!("skipping the dns bench: `dnsmasq` is not installed (apt-get install dnsmasq-base)");
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let hosts = dir.path().join("hosts");
-    std::fs::write(&hosts, "10.0.0.10 a.mirror.internal\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let upstream: SocketAddr = {
-        let s = UdpSocket::bind("127.0.0.97:0").unwrap();
-        s.local_addr().unwrap()
-    };
-    let mut child = Command::new(dnsmasq)
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--pid-file=",
-            "--local-ttl=300",
-        ])
-        .arg(format!("--addn-hosts={}", hosts.display()))
-        .arg(format!("--listen-address={}", upstream.ip()))
-        .arg(format!("--port={}", upstream.port()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let Some(dnsmasq) = require_dnsmasq("the dns bench") else { return };
+    let dnsmasq = Dnsmasq::start(&dnsmasq, "10.0.0.10 a.mirror.internal\n", 300, &[]);
+    let upstream = dnsmasq.addr;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let policy = {
@@ -171,6 +137,4 @@ fn main() {
     assert_eq!(allow.live("web").len(), 1, "the answer entered the allow set");
     assert!(events.load(std::sync::atomic::Ordering::Relaxed) >= p.len() as u64);
     drop(proxy);
-    let _ = child.kill();
-    let _ = child.wait();
 }

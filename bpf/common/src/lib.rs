@@ -314,9 +314,6 @@ pub struct DnsSlot {
     pub family: u8,
     /// Counter slot of the service whose policy applied.
     pub counter_slot: u32,
-    /// Which use of the slot this is (the allocation counter's value), so a reader can tell a
-    /// reused slot from the one it expects.
-    pub sequence: u64,
 }
 /// `DF_DEDUP` key (LRU hash, value = last emit time in ns).
 #[repr(C)]
@@ -387,7 +384,7 @@ const _: () = assert!(size_of::<CidrValue>() == 4 + 12 * MAX_CIDR_PORT_RANGES);
 const _: () = assert!(size_of::<Meta>() == 8);
 const _: () = assert!(size_of::<Config>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<DnsSlot>() == 72);
+const _: () = assert!(size_of::<DnsSlot>() == 64);
 const _: () = assert!(align_of::<DnsSlot>() == 8);
 const _: () = assert!(size_of::<DedupKey>() == 32);
 const _: () = assert!(size_of::<Event>() == 80);

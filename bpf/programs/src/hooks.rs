@@ -276,7 +276,7 @@ const IP6_LOOPBACK: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 /// # Safety
 /// `slot` points at one whole `DnsSlot` (a map value or a stack variable).
 #[inline(always)]
-unsafe fn record_asker(slot: *mut DnsSlot, cookie: u64, own: u64, s: &CgroupState, d: &Dest, sequence: u64) {
+unsafe fn record_asker(slot: *mut DnsSlot, cookie: u64, own: u64, s: &CgroupState, d: &Dest) {
     unsafe {
         (*slot).socket_cookie = cookie;
         (*slot).cgroup_id = own;
@@ -287,7 +287,6 @@ unsafe fn record_asker(slot: *mut DnsSlot, cookie: u64, own: u64, s: &CgroupStat
         (*slot).proto = d.proto;
         (*slot).family = d.family;
         (*slot).counter_slot = s.counter_slot;
-        (*slot).sequence = sequence;
     }
 }
 
@@ -314,7 +313,7 @@ fn redirect_dns(ctx: &SockAddrContext, v6: bool, own: u64, s: &CgroupState, d: &
     if v6 {
         let mut record = DnsSlot::default();
         // SAFETY: a whole stack value.
-        unsafe { record_asker(&mut record, cookie, own, s, d, 0) };
+        unsafe { record_asker(&mut record, cookie, own, s, d) };
         if DF_DNS_SOCKS.insert(cookie, record, 0).is_err() {
             return false;
         }
@@ -340,7 +339,7 @@ fn redirect_dns(ctx: &SockAddrContext, v6: bool, own: u64, s: &CgroupState, d: &
         // SAFETY: `slot` is one whole map value; the context write is a 4-byte store to a field
         // connect4/sendmsg4 hooks may rewrite.
         unsafe {
-            record_asker(slot, cookie, own, s, d, sequence);
+            record_asker(slot, cookie, own, s, d);
             ctx_set(addr_of_mut!((*sa).user_ip4), slot_ip4(index));
         }
     }
