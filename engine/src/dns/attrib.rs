@@ -1,11 +1,13 @@
 //! Who asked: mapping a query's addresses to the process and service behind it.
 //!
-//! The kernel half (not built yet) redirects a policed process's port-53 traffic to the proxy at
-//! a per-query loopback address `127.53.x.y`, allocated atomically in the connect/sendmsg hook,
-//! and stores the asker (pid, comm, cgroup) and the original server under that slot. The
-//! destination address of the packet the proxy receives therefore names the asker exactly, with
-//! no transaction-id races. An [`Attributor`] turns `(client, local)` addresses into an
-//! [`Attribution`]; [`StaticAttributor`] is an in-memory one for tests and embedding.
+//! The kernel half (`dns::kernel`, feature `agent`) redirects a policed process's port-53
+//! traffic to the proxy. From an IPv4 socket each query goes to its own loopback address
+//! `127.53.x.y`, allocated atomically in the connect/sendmsg hook, which stores the asker (pid,
+//! comm, cgroup) and the original server under that slot: the destination address of the packet
+//! the proxy receives names the asker exactly, with no transaction-id races. (IPv6 sockets go to
+//! `[::1]` and are found by socket cookie; see `dns::kernel`.) An [`Attributor`] turns
+//! `(client, local)` addresses into an [`Attribution`]; [`StaticAttributor`] is an in-memory
+//! one for tests and embedding.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

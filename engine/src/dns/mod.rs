@@ -4,20 +4,21 @@
 //! - [`names`]: per service, the names it may resolve ([`NameMatcher`], from the snapshot's
 //!   host rules), matched on label boundaries, case-insensitively.
 //! - [`Proxy`]: UDP and TCP listeners on loopback (IPv4 and IPv6) that receive queries sent to
-//!   any `127.53.x.y` address, ask an [`Attributor`] who sent each one, and answer from the
-//!   address it was sent to. An allowed name is resolved upstream; a denied one gets `REFUSED`
+//!   any `127.53.x.y` address or to `[::1]`, ask an [`Attributor`] who sent each one, and answer
+//!   from the address it was sent to. An allowed name is resolved upstream; a denied one gets `REFUSED`
 //!   (or `NXDOMAIN`) in enforce, and is answered but reported in audit. An upstream failure
 //!   gives a prompt `SERVFAIL`.
 //! - [`AllowSet`]: the A/AAAA answers of allowed names, per service, for the record's TTL
 //!   clamped to a floor and a cap, with change notifications for the kernel maps, and
 //!   shared-address conflict reports.
 //!
-//! Not here yet: the eBPF redirect of port-53 traffic to the proxy, the reply-source rewrite,
-//! the kernel-backed attributor, and the agent wiring (see the README, "DNS proxy (core)").
+//! - [`kernel`] (feature `agent`): the kernel half as the agent runs it: the attributor that
+//!   reads the eBPF redirect's records, and the `DF_NAMES` writer for admitted addresses (see
+//!   the README, "Host-name rules: the DNS proxy").
 
 pub mod allow;
 pub mod attrib;
-#[cfg(feature = "datapath")]
+#[cfg(feature = "agent")]
 pub mod kernel;
 pub mod names;
 mod proxy;
