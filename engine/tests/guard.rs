@@ -80,6 +80,48 @@ fn checks_say_which_rule_decided() {
     assert_eq!(d.backend(), None);
 }
 
+/// A service is named by its name or a Kubernetes cluster name of it, and by nothing that
+/// merely starts with its name: `billing.evil.com` is an unknown backend, so a call to it is
+/// refused in enforce even though `billing`'s patterns would allow the RPC.
+#[test]
+fn service_names_are_exact_or_cluster_names() {
+    let text = policy("enforce").replace(
+        r#"endpoints = [{ ip = "127.0.0.1", proto = "tcp" }]"#,
+        r#"endpoints = [{ ip = "127.0.0.1", proto = "tcp" }, { host = "billing.payments.example.org", ports = [443] }]"#,
+    );
+    let guard = Guard::from_snapshot(snapshot(&text), "prod").unwrap();
+    let charge = |authority: &str| {
+        let d = guard.check("checkout", "/billing.Billing/Charge", authority);
+        (d.verdict, d.backend().map(str::to_owned))
+    };
+    let billing = (Verdict::Allowed, Some("billing".to_owned()));
+    for authority in [
+        "billing",
+        "billing:50051",
+        "Billing:50051",
+        "billing.prod.svc:50051",
+        "billing.prod.svc.cluster.local",
+        "billing.prod.svc.cluster.local.:50051",
+        "billing.payments.example.org:443",
+    ] {
+        assert_eq!(charge(authority), billing, "{authority}");
+    }
+    for authority in [
+        "billing.evil.com",
+        "billing.evil.com:50051",
+        "billing.com:443",
+        "billing.prod:50051",
+        "billing.a.b.svc",
+        "billing.prod.svc.example.org",
+        "billing.payments.example.org:444",
+        "billingx:50051",
+    ] {
+        let d = guard.check("checkout", "/billing.Billing/Charge", authority);
+        assert_eq!(d.verdict, Verdict::Rejected, "{authority}");
+        assert!(matches!(d.reason, Reason::UnknownBackend { .. }), "{authority}: {:?}", d.reason);
+    }
+}
+
 #[test]
 fn loading_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();

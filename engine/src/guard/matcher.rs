@@ -1,9 +1,16 @@
 //! The pure decision: one compiled snapshot, one environment, and a call (caller service, RPC
 //! name, backend authority) give a verdict and the reason for it. Built once per snapshot;
-//! judging a call allocates nothing and does a handful of hash lookups, whatever the number of
-//! rules.
+//! judging a call allocates nothing and does a fixed number of hash lookups, whatever the number
+//! of rules.
+//!
+//! The rules are keyed by names, not ids: (backend, caller, RPC path) for an exact method and
+//! (backend, caller) for everything else the caller may call on the backend. The backend's
+//! name in a key is its *key name*, its lowercase name. So the common call, whose authority is
+//! `name` or `name:port`, is judged from the strings it comes with: one lookup when a method
+//! pattern allows it, two otherwise. Any other authority (an IP address, a cluster name, a
+//! `host` endpoint, capitals) is first resolved to its backend, and then judged the same way
+//! with the backend's key name.
 
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -73,51 +80,85 @@ impl Reason {
     }
 }
 
-const KIND_METHOD: u8 = 0;
-const KIND_SERVICE: u8 = 1;
-const KIND_ANY: u8 = 2;
-
-/// A rule's key: caller, backend, pattern kind and the text to compare (the whole path
-/// `/pkg.Service/Method` for a method, `/pkg.Service` for a service, empty for `/*`).
-#[derive(Debug, PartialEq, Eq)]
-struct RuleKey {
-    caller: ServiceId,
-    backend: ServiceId,
-    kind: u8,
-    name: Box<str>,
+/// A caller as a rule knows it: its id and its mode in the environment.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    id: ServiceId,
+    mode: Mode,
 }
 
-/// The borrowed form of [`RuleKey`], for lookups without allocation. It hashes exactly as the
-/// key does (`Box<str>` hashes as `str`).
-struct RuleQuery<'a> {
-    caller: ServiceId,
-    backend: ServiceId,
-    kind: u8,
-    name: &'a str,
+/// An exact-method rule's key: the backend's key name, the caller's name as written, and the
+/// whole path `/pkg.Service/Method`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct MethodKey {
+    backend: Box<str>,
+    caller: Box<str>,
+    rpc: Box<str>,
 }
 
-impl Hash for RuleKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        pair(self.caller, self.backend, self.kind).hash(state);
-        self.name.hash(state);
+/// The borrowed form of [`MethodKey`], for lookups without allocation; it hashes as the key
+/// does (a `Box<str>` hashes as its `str`).
+#[derive(Hash)]
+struct MethodQuery<'a> {
+    backend: &'a str,
+    caller: &'a str,
+    rpc: &'a str,
+}
+
+impl Equivalent<MethodKey> for MethodQuery<'_> {
+    fn equivalent(&self, key: &MethodKey) -> bool {
+        self.rpc == &*key.rpc && self.backend == &*key.backend && self.caller == &*key.caller
     }
 }
 
-impl Hash for RuleQuery<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        pair(self.caller, self.backend, self.kind).hash(state);
-        self.name.hash(state);
+/// A (backend key name, caller name) pair's key.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PairKey {
+    backend: Box<str>,
+    caller: Box<str>,
+}
+
+/// The borrowed form of [`PairKey`].
+#[derive(Hash)]
+struct PairQuery<'a> {
+    backend: &'a str,
+    caller: &'a str,
+}
+
+impl Equivalent<PairKey> for PairQuery<'_> {
+    fn equivalent(&self, key: &PairKey) -> bool {
+        self.backend == &*key.backend && self.caller == &*key.caller
     }
 }
 
-/// Caller, backend and kind in one word, hashed with one write.
-fn pair(caller: ServiceId, backend: ServiceId, kind: u8) -> u64 {
-    (u64::from(caller) << 34) ^ (u64::from(backend) << 2) ^ u64::from(kind)
+/// What a caller may call on a backend besides exact methods, consulted when the method misses.
+#[derive(Debug)]
+struct PairRules {
+    caller: Caller,
+    backend: ServiceId,
+    /// `/pkg.Service/*` rules as (`/pkg.Service`, rule), sorted by name.
+    services: Vec<(Box<str>, u32)>,
+    /// The `/*` rule.
+    any: Option<u32>,
 }
 
-impl Equivalent<RuleKey> for RuleQuery<'_> {
-    fn equivalent(&self, key: &RuleKey) -> bool {
-        self.caller == key.caller && self.backend == key.backend && self.kind == key.kind && self.name == &*key.name
+impl PairRules {
+    /// The rule other than an exact method that allows `rpc`: its service's `*`, then `/*`.
+    #[inline(always)]
+    fn find(&self, rpc: &str) -> Option<u32> {
+        if !rpc.starts_with('/') {
+            return None;
+        }
+        if !self.services.is_empty()
+            && let Some((service, method)) = rpc.rsplit_once('/')
+            && !service.is_empty()
+            && !method.is_empty()
+            && let Ok(index) = self.services.binary_search_by(|(name, _)| (**name).cmp(service))
+            && let Some(&(_, rule)) = self.services.get(index)
+        {
+            return Some(rule);
+        }
+        self.any
     }
 }
 
@@ -135,15 +176,20 @@ struct NameEntry {
 /// The index of one snapshot for one environment.
 #[derive(Debug)]
 pub(crate) struct Matcher {
-    /// Service names as written → id (callers).
-    callers: HashMap<Box<str>, ServiceId>,
+    /// Service names as written → id and mode (callers).
+    callers: HashMap<Box<str>, Caller>,
     /// Lowercase host names of `host` endpoints, and lowercase service names (authorities).
     names: HashMap<Box<str>, NameEntry>,
     /// Service names, shared for metric labels.
     pub(crate) labels: Vec<Arc<str>>,
-    /// Mode of each service in the environment.
-    modes: Vec<Mode>,
-    rules: HashMap<RuleKey, u32>,
+    /// Each backend's key name in the rule maps: its lowercase name, or `#id` when another
+    /// service's name differs from it only in case.
+    backend_keys: Vec<Box<str>>,
+    /// Per backend: an authority whose host is the backend's key name names it, on any port (no
+    /// `host` endpoint is that name). Only then may a call be judged from its host as written.
+    by_name: Vec<bool>,
+    methods: HashMap<MethodKey, (Caller, ServiceId, u32)>,
+    pairs: HashMap<PairKey, PairRules>,
     /// Wildcard host endpoints, longest domain first.
     host_wildcards: Vec<(HostPattern, PortRange, ServiceId)>,
     /// Single-address endpoints.
@@ -159,28 +205,21 @@ impl Matcher {
         let mut m = Matcher {
             callers: HashMap::with_capacity(services.len()),
             names: HashMap::with_capacity(services.len()),
-            labels: Vec::with_capacity(services.len()),
-            modes: Vec::with_capacity(services.len()),
-            rules: HashMap::with_capacity(snapshot.rpc_rule_count()),
+            labels: services.iter().map(|s| Arc::from(s.name.as_str())).collect(),
+            backend_keys: Vec::with_capacity(services.len()),
+            by_name: Vec::with_capacity(services.len()),
+            methods: HashMap::with_capacity(snapshot.rpc_rule_count()),
+            pairs: HashMap::new(),
             host_wildcards: Vec::new(),
             addrs: HashMap::new(),
             blocks: Vec::new(),
         };
+        // Names and endpoints first: which backend a name reaches decides the rules' keys.
         for (id, service) in (0..).zip(services) {
-            m.callers.insert(service.name.as_str().into(), id);
+            let mode = service.modes.get(env).copied().unwrap_or(Mode::Off);
+            m.callers.insert(service.name.as_str().into(), Caller { id, mode });
             let entry = m.names.entry(service.name.to_ascii_lowercase().into_boxed_str()).or_default();
             entry.service = entry.service.or(Some(id));
-            m.labels.push(Arc::from(service.name.as_str()));
-            m.modes.push(service.modes.get(env).copied().unwrap_or(Mode::Off));
-            for (index, rule) in (0..).zip(&service.rpc_rules) {
-                let (kind, name) = match &rule.pattern {
-                    RpcPattern::Method { service, method } => (KIND_METHOD, format!("/{service}/{method}")),
-                    RpcPattern::Service(service) => (KIND_SERVICE, format!("/{service}")),
-                    RpcPattern::Any => (KIND_ANY, String::new()),
-                };
-                let key = RuleKey { caller: id, backend: rule.target, kind, name: name.into_boxed_str() };
-                m.rules.entry(key).or_insert(index);
-            }
             for endpoint in service.endpoints.iter().filter(|e| e.proto.covers(Proto::Tcp)) {
                 match &endpoint.destination {
                     Destination::Host(host) if host.wildcard => {
@@ -198,50 +237,109 @@ impl Matcher {
         }
         m.host_wildcards.sort_by_key(|(host, _, _)| std::cmp::Reverse(host.domain.len()));
         m.blocks.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
+        for (id, service) in (0..).zip(services) {
+            let lower = service.name.to_ascii_lowercase();
+            let entry = m.names.get(lower.as_str());
+            let own = entry.is_some_and(|e| e.service == Some(id));
+            let by_name = own
+                && entry.is_some_and(|e| e.hosts.is_empty())
+                && !m.host_wildcards.iter().any(|(pattern, _, _)| pattern.matches(&lower));
+            m.by_name.push(by_name);
+            m.backend_keys.push(if own { lower } else { format!("#{id}") }.into_boxed_str());
+        }
+        for (id, service) in (0..).zip(services) {
+            let caller = Caller { id, mode: service.modes.get(env).copied().unwrap_or(Mode::Off) };
+            for (index, rule) in (0..).zip(&service.rpc_rules) {
+                let Some(backend) = m.backend_keys.get(rule.target as usize) else { continue };
+                let pair = m
+                    .pairs
+                    .entry(PairKey { backend: backend.clone(), caller: service.name.as_str().into() })
+                    .or_insert_with(|| PairRules { caller, backend: rule.target, services: Vec::new(), any: None });
+                // The first of equal patterns wins (the compiler merges duplicates anyway).
+                match &rule.pattern {
+                    RpcPattern::Method { service: rpc_service, method } => {
+                        let key = MethodKey {
+                            backend: backend.clone(),
+                            caller: service.name.as_str().into(),
+                            rpc: format!("/{rpc_service}/{method}").into_boxed_str(),
+                        };
+                        m.methods.entry(key).or_insert((caller, rule.target, index));
+                    }
+                    RpcPattern::Service(rpc_service) => {
+                        let name: Box<str> = format!("/{rpc_service}").into();
+                        if let Err(at) = pair.services.binary_search_by(|(s, _)| s.cmp(&name)) {
+                            pair.services.insert(at, (name, index));
+                        }
+                    }
+                    RpcPattern::Any => pair.any = pair.any.or(Some(index)),
+                }
+            }
+        }
         m
     }
 
     /// Judges a call from `caller` to RPC `rpc` on the backend named by `authority`
     /// (`host[:port]`).
+    /// Inlined, so that the verdict is built in place rather than passed back through memory.
+    #[inline]
     pub(crate) fn decide(&self, caller: &str, rpc: &str, authority: &str) -> (Verdict, Mode, Reason) {
-        let Some(&caller) = self.callers.get(caller) else {
-            return (Verdict::Allowed, Mode::Off, Reason::UnknownCaller);
-        };
-        let mode = self.modes.get(caller as usize).copied().unwrap_or(Mode::Off);
-        let backend = self.resolve_backend(authority);
-        if mode == Mode::Off {
-            return (Verdict::Allowed, mode, Reason::Off { caller, backend });
+        // The common call: the host is the backend's key name.
+        let host = host_as_written(authority);
+        match host.and_then(|host| self.judge(host, caller, rpc, true)) {
+            Some(judged) => judged,
+            None => self.decide_resolved(caller, rpc, authority, host),
         }
-        let reason = match backend {
-            None => Reason::UnknownBackend { caller },
-            Some(backend) => match self.find_rule(caller, backend, rpc) {
-                Some(rule) => return (Verdict::Allowed, mode, Reason::Rule { caller, backend, rule }),
-                None => Reason::NoRule { caller, backend },
-            },
-        };
-        let verdict = if mode == Mode::Enforce { Verdict::Rejected } else { Verdict::WouldReject };
-        (verdict, mode, reason)
     }
 
-    /// The most specific rule of `caller` for `backend` that matches `rpc`: the exact method,
-    /// then the service's `*`, then `/*`.
-    fn find_rule(&self, caller: ServiceId, backend: ServiceId, rpc: &str) -> Option<u32> {
-        if !rpc.starts_with('/') {
+    /// [`Matcher::decide`] for a call the host as written does not decide: resolves the
+    /// authority to its backend first.
+    #[inline(never)]
+    fn decide_resolved(&self, caller: &str, rpc: &str, authority: &str, host: Option<&str>) -> (Verdict, Mode, Reason) {
+        let backend = self.resolve_backend(authority);
+        if let Some(id) = backend
+            && let Some(key) = self.backend_keys.get(id as usize)
+            // Judged above already when the host is that key name and names the backend.
+            && !(host == Some(&**key) && self.by_name(id))
+            && let Some(judged) = self.judge(key, caller, rpc, false)
+        {
+            return judged;
+        }
+        // The caller has no rule for the backend: the verdict needs its mode.
+        match self.callers.get(caller) {
+            Some(&caller) => verdict(caller, backend, None),
+            None => (Verdict::Allowed, Mode::Off, Reason::UnknownCaller),
+        }
+    }
+
+    /// Judges a call by the rules of `caller` for the backend whose key name is `backend`; None
+    /// when the caller has no rule for it. With `as_written`, `backend` is the authority's host
+    /// as written, and the rules count only for a backend that name reaches on any port.
+    #[inline(always)]
+    fn judge(&self, backend: &str, caller: &str, rpc: &str, as_written: bool) -> Option<(Verdict, Mode, Reason)> {
+        if let Some(&(caller, id, rule)) = self.methods.get(&MethodQuery { backend, caller, rpc })
+            && (!as_written || self.by_name(id))
+        {
+            return Some(verdict(caller, Some(id), Some(rule)));
+        }
+        let pair = self.pairs.get(&PairQuery { backend, caller })?;
+        if as_written && !self.by_name(pair.backend) {
             return None;
         }
-        let query = |kind, name| RuleQuery { caller, backend, kind, name };
-        if let Some(&rule) = self.rules.get(&query(KIND_METHOD, rpc)) {
-            return Some(rule);
+        Some(verdict(pair.caller, Some(pair.backend), pair.find(rpc)))
+    }
+
+    fn by_name(&self, backend: ServiceId) -> bool {
+        self.by_name.get(backend as usize).copied().unwrap_or(false)
+    }
+
+    /// The rule of `caller` that allows `rpc` on `backend`, by the index (for tests).
+    #[cfg(test)]
+    fn find_rule(&self, caller: &str, backend: ServiceId, rpc: &str) -> Option<u32> {
+        let key = self.backend_keys.get(backend as usize)?;
+        match self.judge(key, caller, rpc, false)?.2 {
+            Reason::Rule { rule, .. } => Some(rule),
+            _ => None,
         }
-        if let Some(slash) = rpc.rfind('/')
-            && slash > 0
-            && slash + 1 < rpc.len()
-            && let Some(service) = rpc.get(..slash)
-            && let Some(&rule) = self.rules.get(&query(KIND_SERVICE, service))
-        {
-            return Some(rule);
-        }
-        self.rules.get(&query(KIND_ANY, "")).copied()
     }
 
     /// The backend service an authority names; see the module documentation of
@@ -254,7 +352,7 @@ impl Matcher {
         // Only an address starts with a digit or holds a `:` (IPv6); a name that starts with a
         // digit fails the parse and is looked up as a name.
         let first = host.as_bytes().first().copied().unwrap_or_default();
-        if (first.is_ascii_digit() || first == b':' || host.contains(':'))
+        if (first.is_ascii_digit() || host.contains(':'))
             && let Ok(ip) = host.parse::<IpAddr>()
         {
             return self.resolve_ip(ip.to_canonical(), port);
@@ -268,7 +366,7 @@ impl Matcher {
         self.resolve_name(host, port)
     }
 
-    /// As [`Matcher::resolve_backend`], for a lowercase host name.
+    /// As [`Matcher::resolve_backend`], for a lowercase host name without a final dot.
     fn resolve_name(&self, host: &str, port: Option<u16>) -> Option<ServiceId> {
         let entry = self.names.get(host);
         if let Some(id) = entry.and_then(|e| pick(&e.hosts, port)) {
@@ -279,18 +377,11 @@ impl Matcher {
                 return Some(*id);
             }
         }
-        // A service name, or a service name followed by a domain: the longest such prefix.
         if let Some(id) = entry.and_then(|e| e.service) {
             return Some(id);
         }
-        let mut candidate = host;
-        loop {
-            let dot = candidate.bytes().rposition(|b| b == b'.')?;
-            candidate = candidate.get(..dot)?;
-            if let Some(id) = self.names.get(candidate).and_then(|e| e.service) {
-                return Some(id);
-            }
-        }
+        let name = cluster_service_name(host)?;
+        self.names.get(name).and_then(|e| e.service)
     }
 
     fn resolve_ip(&self, ip: IpAddr, port: Option<u16>) -> Option<ServiceId> {
@@ -304,6 +395,48 @@ impl Matcher {
             .find(|(net, ports, _)| net.contains(&ip) && port.is_none_or(|p| ports.contains(p)))
             .map(|&(_, _, id)| id)
     }
+}
+
+/// The verdict for a call of `caller` to `backend` (None: the authority names no service) that
+/// `rule` allows (None: no rule does).
+fn verdict(caller: Caller, backend: Option<ServiceId>, rule: Option<u32>) -> (Verdict, Mode, Reason) {
+    let Caller { id: caller, mode } = caller;
+    let refused = if mode == Mode::Enforce { Verdict::Rejected } else { Verdict::WouldReject };
+    match (mode, backend, rule) {
+        (Mode::Off, _, _) => (Verdict::Allowed, mode, Reason::Off { caller, backend }),
+        (_, None, _) => (refused, mode, Reason::UnknownBackend { caller }),
+        (_, Some(backend), None) => (refused, mode, Reason::NoRule { caller, backend }),
+        (_, Some(backend), Some(rule)) => (Verdict::Allowed, mode, Reason::Rule { caller, backend, rule }),
+    }
+}
+
+/// The host of `host[:digits]`, without a final dot, as written: the key the common call's
+/// rules are found by. For an authority whose host is a key name (a lowercase name: letters,
+/// digits, `-`, `_`, `.`; no `@`, `[` or `:`) this is the host [`split_authority`] finds.
+/// Anything else finds no rule by it and is resolved in full. None when the authority does not
+/// start with a letter, as a name does (IP addresses).
+#[inline]
+fn host_as_written(authority: &str) -> Option<&str> {
+    if !authority.as_bytes().first()?.is_ascii_alphabetic() {
+        return None;
+    }
+    let digits = authority.bytes().rev().take_while(u8::is_ascii_digit).count();
+    let host = match authority.len().checked_sub(digits + 1).and_then(|colon| authority.split_at_checked(colon)) {
+        Some((host, port)) if port.starts_with(':') => host,
+        _ => authority,
+    };
+    Some(host.strip_suffix('.').unwrap_or(host))
+}
+
+/// The suffixes of a Kubernetes service's cluster names, longest first.
+const CLUSTER_SUFFIXES: [&str; 2] = [".svc.cluster.local", ".svc"];
+
+/// The service of a Kubernetes cluster name, `name.namespace.svc[.cluster.local]` with a
+/// namespace of one label.
+fn cluster_service_name(host: &str) -> Option<&str> {
+    let rest = CLUSTER_SUFFIXES.iter().find_map(|suffix| host.strip_suffix(suffix))?;
+    let (name, namespace) = rest.rsplit_once('.')?;
+    (!name.is_empty() && !namespace.is_empty()).then_some(name)
 }
 
 /// The owner whose ports hold `port` (any owner when the authority has no port).
@@ -381,12 +514,23 @@ endpoints = [{ ip = "10.0.0.5", ports = [50051] }, { host = "pay.example.com", p
 [services.ledger]
 endpoints = [{ cidr = "10.1.0.0/16", ports = [7000] }, { host = "*.ledger.internal" }]
 [services."billing.v2"]
+# `audit-log` on port 9 is this service's, on any other port the service `audit-log`.
+[services.shadow]
+endpoints = [{ host = "audit-log", ports = [9] }]
+[services.audit-log]
+# Two names that differ only in case.
+[services.Vault]
+[services.vault]
 [services.checkout]
-allow = [{ service = "billing" }, { service = "ledger" }, { service = "billing.v2" }]
+allow = [{ service = "billing" }, { service = "ledger" }, { service = "billing.v2" }, { service = "shadow" }, { service = "audit-log" }, { service = "Vault" }, { service = "vault" }]
 rpc_allow = [
   { service = "billing", rpcs = ["/billing.Billing/Charge", "/billing.Admin/*"] },
   { service = "ledger", rpcs = ["/*"] },
   { service = "billing.v2", rpcs = ["/billing.Billing/Charge"] },
+  { service = "shadow", rpcs = ["/shadow.S/*"] },
+  { service = "audit-log", rpcs = ["/log.Log/Write"] },
+  { service = "Vault", rpcs = ["/vault.Vault/Open"] },
+  { service = "vault", rpcs = ["/vault.Vault/Seal"] },
 ]
 [services.reports]
 mode = "off"
@@ -426,8 +570,14 @@ mode = "off"
             ("pay.example.com:444", None),
             ("a.ledger.internal:9", Some("ledger")),
             ("ledgerx.internal", None),
-            // The name rule: a service name followed by any domain.
-            ("ledger.internal.example", Some("ledger")),
+            // A service name followed by a domain names the service only as a cluster name.
+            ("ledger.internal.example", None),
+            ("billing.com", None),
+            ("billing.prod", None),
+            ("billing.prod.svc", Some("billing")),
+            ("billing.prod.svc.cluster.local.:50051", Some("billing")),
+            ("billing.a.b.svc", None),
+            (".prod.svc", None),
             ("", None),
             (":80", None),
         ];
@@ -481,7 +631,7 @@ mode = "off"
     #[test]
     fn index_agrees_with_linear_matching() {
         let (s, m) = matcher("qa");
-        let (caller, checkout) = s.service("checkout").unwrap();
+        let (_, checkout) = s.service("checkout").unwrap();
         let paths = [
             "/billing.Billing/Charge",
             "/billing.Billing/Charg",
@@ -500,10 +650,93 @@ mode = "off"
             let (backend_id, _) = s.service(backend).unwrap();
             for path in paths {
                 let linear = checkout.rpc_rules.iter().any(|r| r.target == backend_id && r.pattern.matches(path));
-                let indexed = m.find_rule(caller, backend_id, path).is_some();
+                let indexed = m.find_rule("checkout", backend_id, path).is_some();
                 assert_eq!(indexed, linear, "{backend} {path}");
             }
         }
+    }
+
+    /// Whatever the authority, `decide` (the host as written first, resolution after) agrees
+    /// with the definition: resolve the authority, then any rule of the caller for that backend
+    /// whose pattern matches the RPC.
+    #[test]
+    fn decisions_agree_with_the_definition() {
+        use proptest::prelude::*;
+        use proptest::sample::select;
+
+        let (s, m) = matcher("qa");
+        let env = s.environment_index("qa").unwrap();
+        let reference = |caller: &str, rpc: &str, authority: &str| {
+            let Some((id, service)) = s.service(caller) else { return (Verdict::Allowed, Mode::Off, None, None) };
+            let mode = service.modes[env];
+            let backend = m.resolve_backend(authority);
+            let allowed = mode == Mode::Off
+                || backend.is_some_and(|b| service.rpc_rules.iter().any(|r| r.target == b && r.pattern.matches(rpc)));
+            let verdict = match (allowed, mode) {
+                (true, _) => Verdict::Allowed,
+                (false, Mode::Enforce) => Verdict::Rejected,
+                (false, _) => Verdict::WouldReject,
+            };
+            (verdict, mode, Some(id), backend)
+        };
+        let hosts = [
+            "billing",
+            "Billing",
+            "BILLING",
+            "billing.v2",
+            "billing.v2.ns.svc",
+            "ledger",
+            "Ledger",
+            "shadow",
+            "audit-log",
+            "Audit-Log",
+            "vault",
+            "Vault",
+            "VAULT",
+            "checkout",
+            "reports",
+            "billing.prod.svc",
+            "billing.prod.svc.cluster.local",
+            "billing.evil.com",
+            "pay.example.com",
+            "x.ledger.internal",
+            "10.0.0.5",
+            "10.1.2.3",
+            "[::ffff:10.0.0.5]",
+            "[::1]",
+            "nowhere",
+            "b",
+            "",
+        ];
+        let strategy = (
+            select(vec!["checkout", "reports", "billing", "nobody", "Checkout"]),
+            select(vec![
+                "/billing.Billing/Charge",
+                "/billing.Admin/Refund",
+                "/billing.Admin/",
+                "/shadow.S/Get",
+                "/vault.Vault/Open",
+                "/vault.Vault/Seal",
+                "/x.Y/Z",
+                "/",
+                "",
+                "nope",
+            ]),
+            (select(vec!["", "user@", "u:p@"]), select(hosts.to_vec()), select(vec!["", "."])),
+            select(vec!["", ":", ":9", ":443", ":7000", ":50051", ":99999", ":x", ":9:9"]),
+        );
+        proptest!(ProptestConfig::with_cases(4000), |((caller, rpc, (user, host, dot), port) in strategy)| {
+            let authority = format!("{user}{host}{dot}{port}");
+            let (verdict, mode, reason) = m.decide(caller, rpc, &authority);
+            let got = (verdict, mode, reason.caller(), reason.backend());
+            prop_assert_eq!(got, reference(caller, rpc, &authority), "{} {} {}", caller, rpc, authority);
+        });
+        // The cases the fast path must leave to resolution.
+        assert_eq!(name(&s, m.decide("checkout", "/shadow.S/Get", "audit-log:9").2.backend()), Some("shadow"));
+        assert_eq!(m.decide("checkout", "/shadow.S/Get", "audit-log:9").0, Verdict::Allowed);
+        assert_eq!(m.decide("checkout", "/log.Log/Write", "audit-log:9").0, Verdict::Rejected);
+        assert_eq!(m.decide("checkout", "/log.Log/Write", "audit-log:80").0, Verdict::Allowed);
+        assert_eq!(m.decide("checkout", "/shadow.S/Get", "audit-log:80").0, Verdict::Rejected);
     }
 
     #[test]

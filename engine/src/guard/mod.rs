@@ -16,25 +16,35 @@
 //! A caller that is not a service of the snapshot (say, removed by a reload) is allowed:
 //! [`Reason::UnknownCaller`]. [`GuardLayer::new`] refuses an unknown service up front.
 //!
-//! **Backends.** The backend is named by the call's authority, `host[:port]`:
+//! **Backends.** The backend is named by the call's authority, `[userinfo@]host[:port]`:
 //! 1. an IP address is the service with a declared endpoint (`ip` or `cidr`, TCP or any) that
 //!    holds the address and the port (the longest prefix wins);
-//! 2. a host name is the service with a declared `host` endpoint that matches it and the port;
-//! 3. otherwise a host name is the service of that name, or the longest service name that the
-//!    host starts with followed by a `.` (`billing`, `billing:50051` and
-//!    `billing.prod.svc.cluster.local` all name `billing`). Names match case-insensitively.
+//! 2. a host name is the service with a declared `host` endpoint that matches it and the port
+//!    (an exact name first, then wildcards, the longest domain first);
+//! 3. otherwise a host name is the service of that name (`billing`, `billing:50051`), or a
+//!    Kubernetes cluster name of it: `billing.<namespace>.svc` or
+//!    `billing.<namespace>.svc.cluster.local`, with a namespace of one label.
 //!
-//! An authority without a port matches endpoints on any port.
+//! Names match case-insensitively, and a final `.` is ignored. An authority without a port
+//! matches endpoints on any port.
+//!
+//! No other name is read as a service: not `billing.evil.com` or `billing.com` (a name that
+//! merely starts with a service's name is some other host, and a call to it is a call to an
+//! unknown backend), not the short `billing.prod` (also a valid external name), and not a
+//! cluster domain other than `cluster.local`. A service reached by such a name declares it as a
+//! `host` endpoint (`{ host = "billing.prod" }`), which rule 2 resolves exactly.
 //!
 //! **Snapshots.** The guard holds the current snapshot and its index in an [`ArcSwap`]: a check
 //! loads it once, so every answer comes from exactly one snapshot, and a reload replaces both
 //! at once. [`Guard::reload`] rereads the file (keeping the last good snapshot when the new one
 //! does not load); [`Guard::watch`] polls the file and reloads when it changes.
 //!
-//! **Cost.** A check does a few hash lookups (caller, backend name, then at most three rule
-//! lookups) and allocates nothing, whatever the number of rules; see `benches/guard.rs`.
-//! Authorities that are IP addresses inside `cidr` endpoints are found by a scan of the block
-//! endpoints, longest prefix first.
+//! **Cost.** A check allocates nothing and does a fixed number of hash lookups, whatever the
+//! number of rules (see the `matcher` module and `benches/guard.rs`). The common call, whose
+//! authority is the backend's name with or without a port, takes one lookup when a method
+//! pattern allows it and two otherwise; other authorities are resolved first, which takes one
+//! or two more. Authorities that are IP addresses inside `cidr` endpoints are found by a scan of
+//! the block endpoints, longest prefix first.
 
 mod layer;
 mod matcher;
