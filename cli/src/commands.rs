@@ -10,7 +10,7 @@ use depfence::agent::control::Request;
 use depfence::compile::{self, Analysis, Compiled};
 use depfence::diag::Diagnostics;
 use depfence::policy::{self, Destination, Parsed};
-use depfence::snapshot::{Connection, NetRule, Verdict};
+use depfence::snapshot::{Connection, NetRule, ServiceRuleset, Snapshot, Verdict};
 
 use crate::args::{Cli, Command, ErrorFormat, Output, RunMode, SnapshotFormat};
 use crate::graph;
@@ -34,9 +34,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 eprintln!("note: the policy has {warnings} warning(s); run `policyctl check` to see them");
             }
             eprintln!(
-                "compiled {} services, {} address rules into {} (sha256 {})",
+                "compiled {} services, {} address rules{} into {} (sha256 {})",
                 compiled.snapshot.services().len(),
                 compiled.snapshot.net_rule_count(),
+                rpc_rules_clause(&compiled.snapshot),
                 output.display(),
                 compiled.snapshot.hash()
             );
@@ -189,15 +190,69 @@ fn check(path: &Path, format: ErrorFormat, deny_warnings: bool) -> Result<ExitCo
         let compiled = analysis.freeze().map_err(|e| CliError::Usage(e.to_string()))?;
         let (snapshot, analysis) = (&compiled.snapshot, &compiled.analysis);
         println!(
-            "ok: {} services, {} dependencies, {} address rules, {} environments; sha256 {}",
+            "ok: {} services, {} dependencies, {} address rules{}, {} environments; sha256 {}",
             snapshot.services().len(),
             analysis.edges.len(),
             snapshot.net_rule_count(),
+            rpc_rules_clause(snapshot),
             snapshot.environments().len(),
             snapshot.hash()
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `, N rpc rules (M services)` for the summaries of `check` and `compile`; empty for a policy
+/// without `rpc_allow`, whose summary stays as it was.
+fn rpc_rules_clause(snapshot: &Snapshot) -> String {
+    let rules = snapshot.rpc_rule_count();
+    if rules == 0 {
+        return String::new();
+    }
+    let callers = snapshot.services().iter().filter(|s| !s.rpc_rules.is_empty()).count();
+    let services = if callers == 1 { "service" } else { "services" };
+    format!(", {rules} rpc rules ({callers} {services})")
+}
+
+/// One backend's `rpc_allow` patterns of the explained service, for the in-process guard.
+struct RpcGroup<'s> {
+    backend: &'s str,
+    /// The destination is an endpoint of this backend.
+    destination: bool,
+    /// (pattern, `file:line:col`)
+    patterns: Vec<(String, String)>,
+}
+
+/// The `rpc_allow` patterns of `service`, per backend in the order written, and for each
+/// service that owns the destination (`owners`) an entry even when it has none. Empty when the
+/// service has no `rpc_allow` (it does not use the guard).
+fn rpc_groups<'s>(snapshot: &'s Snapshot, service: &ServiceRuleset, owners: &[String]) -> Vec<RpcGroup<'s>> {
+    if service.rpc_rules.is_empty() {
+        return Vec::new();
+    }
+    let mut groups: Vec<RpcGroup<'s>> = Vec::new();
+    for rule in &service.rpc_rules {
+        let Some(backend) = snapshot.services().get(rule.target as usize).map(|s| s.name.as_str()) else { continue };
+        let pattern = (rule.pattern.to_string(), snapshot.origin_position(rule.origin));
+        match groups.iter_mut().find(|g| g.backend == backend) {
+            Some(group) => group.patterns.push(pattern),
+            None => groups.push(RpcGroup {
+                backend,
+                destination: owners.iter().any(|o| o == backend),
+                patterns: vec![pattern],
+            }),
+        }
+    }
+    for owner in owners {
+        if let Some((_, ruleset)) = snapshot.service(owner)
+            && !groups.iter().any(|g| g.backend == owner)
+        {
+            groups.push(RpcGroup { backend: ruleset.name.as_str(), destination: true, patterns: Vec::new() });
+        }
+    }
+    // The destination's backends first.
+    groups.sort_by_key(|g| !g.destination);
+    groups
 }
 
 fn parse_destination(text: &str) -> Result<Connection, CliError> {
@@ -296,6 +351,7 @@ fn explain(
             Some((env.name.clone(), decision.verdict, decision.mode.to_string()))
         })
         .collect();
+    let rpc = rpc_groups(snapshot, service, &owners);
 
     if output == Output::Json {
         let document = serde_json::json!({
@@ -312,6 +368,13 @@ fn explain(
             })).collect::<Vec<_>>(),
             "verdicts": verdicts.iter().map(|(env, verdict, mode)| serde_json::json!({
                 "environment": env, "mode": mode, "verdict": verdict,
+            })).collect::<Vec<_>>(),
+            "rpc_allow": rpc.iter().map(|g| serde_json::json!({
+                "backend": g.backend,
+                "destination": g.destination,
+                "patterns": g.patterns.iter().map(|(rpc, position)| serde_json::json!({
+                    "rpc": rpc, "position": position,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         let mut out = std::io::stdout().lock();
@@ -367,6 +430,20 @@ fn explain(
             Verdict::Rejected => "rejected (the caller gets EPERM)",
         };
         let _ = writeln!(text, "  {env} ({mode}): {word}");
+    }
+    if !rpc.is_empty() {
+        let _ = writeln!(text, "  rpc_allow of `{from}` (the in-process guard judges each call by these):");
+        for group in &rpc {
+            let mark = if group.destination { " (this destination)" } else { "" };
+            if group.patterns.is_empty() {
+                let _ = writeln!(text, "    `{}`{mark}: none (no rpc to it is allowed)", group.backend);
+                continue;
+            }
+            let _ = writeln!(text, "    `{}`{mark}:", group.backend);
+            for (pattern, position) in &group.patterns {
+                let _ = writeln!(text, "      {pattern} at {position}");
+            }
+        }
     }
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(ExitCode::SUCCESS)

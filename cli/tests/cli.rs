@@ -247,3 +247,133 @@ fn completions_are_generated() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("bootstrap-order") && text.contains("complete -F"), "{text}");
 }
+
+fn rpc_guard_example() -> PathBuf {
+    examples_dir().join("rpc-guard.toml")
+}
+
+/// `policyctl ARGS -p POLICY`, run to the end.
+fn run_on(args: &[&str], policy: &Path) -> std::process::Output {
+    policyctl().args(args).arg("-p").arg(policy).output().unwrap()
+}
+
+#[test]
+fn check_and_compile_count_rpc_rules() {
+    let path = rpc_guard_example();
+    let out = run_on(&["check"], &path);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.starts_with(
+            "ok: 3 services, 2 dependencies, 1 address rules, 3 rpc rules (1 service), 2 environments; sha256 "
+        ),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("guard.snap");
+    let out = policyctl().args(["compile", "-o"]).arg(&out_file).arg("-p").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let expected = format!("compiled 3 services, 1 address rules, 3 rpc rules (1 service) into {}", out_file.display());
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    let snapshot = depfence::snapshot::Snapshot::from_bytes(&std::fs::read(&out_file).unwrap()).unwrap();
+    assert_eq!(snapshot.rpc_rule_count(), 3);
+
+    // A policy without `rpc_allow` keeps the summaries it always had.
+    let policy = write_policy(POLICY);
+    let out = policyctl().args(["compile", "-o"]).arg(&out_file).arg("-p").arg(policy.path()).output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.starts_with("compiled 2 services, 2 address rules into "), "{stderr}");
+}
+
+#[test]
+fn explain_lists_rpc_allow_per_backend_with_positions() {
+    let path = rpc_guard_example();
+    let out = run_on(&["explain", "--from", "checkout", "--to", "127.0.0.1:50051"], &path);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let file = path.display();
+    let expected = format!(
+        "  rpc_allow of `checkout` (the in-process guard judges each call by these):
+    `billing` (this destination):
+      /billing.Billing/Charge at {file}:34:34
+      /billing.Billing/GetInvoice at {file}:34:61
+    `catalog`:
+      /catalog.Catalog/* at {file}:36:34
+"
+    );
+    assert!(stdout.ends_with(&expected), "{stdout}");
+
+    let out = run_on(&["explain", "--output", "json", "--from", "checkout", "--to", "127.0.0.1:50051"], &path);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let groups = doc["rpc_allow"].as_array().unwrap();
+    let summary: Vec<(String, bool, Vec<String>)> = groups
+        .iter()
+        .map(|g| {
+            let patterns = g["patterns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| format!("{} {}", p["rpc"].as_str().unwrap(), p["position"].as_str().unwrap()))
+                .collect();
+            (g["backend"].as_str().unwrap().to_owned(), g["destination"].as_bool().unwrap(), patterns)
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "billing".to_owned(),
+                true,
+                vec![
+                    format!("/billing.Billing/Charge {file}:34:34"),
+                    format!("/billing.Billing/GetInvoice {file}:34:61")
+                ]
+            ),
+            ("catalog".to_owned(), false, vec![format!("/catalog.Catalog/* {file}:36:34")]),
+        ]
+    );
+
+    // A service without `rpc_allow` does not use the guard: nothing about rpcs.
+    let out = run_on(&["explain", "--output", "json", "--from", "billing", "--to", "127.0.0.1:50051"], &path);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["rpc_allow"], serde_json::json!([]));
+}
+
+#[test]
+fn explain_says_when_the_destination_has_no_rpc_allow() {
+    let policy = write_policy(
+        r#"version = 1
+[services.billing]
+endpoints = [{ ip = "10.0.0.5", ports = [50051] }]
+[services.ledger]
+endpoints = [{ ip = "10.0.0.6", ports = [7000] }]
+[services.checkout]
+allow = [{ service = "billing" }, { service = "ledger" }]
+rpc_allow = [{ service = "billing", rpcs = ["/billing.Billing/*"] }]
+"#,
+    );
+    let out = policyctl()
+        .args(["explain", "--from", "checkout", "--to", "10.0.0.6:7000", "-p"])
+        .arg(policy.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let expected = format!(
+        "    `ledger` (this destination): none (no rpc to it is allowed)\n    `billing`:\n      /billing.Billing/* at {}:8:45\n",
+        policy.path().display()
+    );
+    assert!(stdout.contains("  default (audit): allowed\n  rpc_allow of `checkout`"), "{stdout}");
+    assert!(stdout.ends_with(&expected), "{stdout}");
+
+    // The plain example policy: no rpc lines at all.
+    let policy = write_policy(POLICY);
+    let out = policyctl()
+        .args(["explain", "--from", "api", "--to", "10.0.5.10:5432", "-p"])
+        .arg(policy.path())
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8(out.stdout).unwrap().contains("rpc_allow"));
+}

@@ -27,7 +27,13 @@ use tower::{Layer, Service};
 const USAGE: &str = "usage: guard_demo server ADDR | guard_demo client SNAPSHOT ENVIRONMENT ADDR [ROUNDS]";
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().without_time().with_target(false).with_env_filter("depfence=info").init();
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .without_time()
+        .with_target(false)
+        .with_ansi(colour)
+        .with_env_filter("depfence=info")
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
