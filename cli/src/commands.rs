@@ -27,7 +27,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 SnapshotFormat::Binary => compiled.snapshot.to_bytes()?,
                 SnapshotFormat::Json => serde_json::to_vec_pretty(&compiled.snapshot).map_err(std::io::Error::from)?,
             };
-            std::fs::write(&output, bytes)
+            depfence::snapshot::write_file(&output, &bytes)
                 .map_err(|source| CliError::Io { context: format!("writing `{}`", output.display()), source })?;
             let warnings = compiled.analysis.diagnostics.warnings().count();
             if warnings > 0 {

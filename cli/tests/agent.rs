@@ -90,6 +90,19 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     assert_eq!((app_status.mode.as_str(), app_status.allowed), ("enforce", 1));
     assert_eq!(status.generation, 1);
 
+    // The agent publishes the snapshot in force for in-process guards.
+    let published = || {
+        let path = agent.state_dir().join(depfence::snapshot::AGENT_SNAPSHOT_FILE);
+        let snapshot = depfence::snapshot::Snapshot::from_bytes(&std::fs::read(&path).unwrap()).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o644, "readable by unprivileged services");
+        snapshot.hash().to_string()
+    };
+    assert_eq!(Some(published()), status.policy_hash);
+    let guard = depfence::guard::Guard::from_agent(agent.state_dir(), "prod").unwrap();
+    let _watch = guard.watch(Duration::from_millis(50)).unwrap();
+    assert_eq!(Some(guard.snapshot_hash().to_string()), status.policy_hash);
+
     // A cgroup that appears later is under its service's policy within a second.
     let created = Instant::now();
     let batch = cgroups.child("batch-7");
@@ -114,6 +127,7 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     let errors = &status.last_reload.as_ref().unwrap().errors;
     assert!(errors.iter().any(|e| e.contains("policy.toml:12:8") && e.contains("enforse")), "{errors:?}");
     assert_eq!(status.generation, 1);
+    assert_eq!(Some(published()), status.policy_hash, "an invalid policy is never published");
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM), "the last good policy is still enforced");
     assert_eq!(probe(&app, "tcp", LO4, db, 1), Ok(1));
     assert_eq!(agent.sample("depfence_policy_last_reload_successful"), Some(0.0));
@@ -122,7 +136,14 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
 
     // A valid edit (app to audit) is applied at once.
     write_policy(&policy, &cgroups.relative(), "audit", db);
-    agent.wait_status("generation 2", |s| s.generation == 2 && s.last_reload.as_ref().is_some_and(|r| r.ok));
+    let status =
+        agent.wait_status("generation 2", |s| s.generation == 2 && s.last_reload.as_ref().is_some_and(|r| r.ok));
+    assert_eq!(Some(published()), status.policy_hash);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Some(guard.snapshot_hash().to_string()) != status.policy_hash {
+        assert!(Instant::now() < deadline, "the guard did not follow the agent's new snapshot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Ok(1), "now in audit");
     let status = agent.wait_status("app would-reject", |s| service(s, "app").is_some_and(|a| a.would_reject == 1));
     let app_status = service(&status, "app").unwrap();

@@ -8,7 +8,10 @@
 //! hashed, so reformatting a policy never changes the hash.
 
 use std::fmt;
+use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use ipnet::IpNet;
 use rayon::prelude::*;
@@ -213,6 +216,25 @@ pub enum SnapshotError {
     /// Decoding or encoding failed.
     #[error("snapshot encoding: {0}")]
     Encoding(#[from] postcard::Error),
+}
+
+/// The file in the agent's state directory that holds the snapshot in force, for in-process
+/// guards (`Guard::from_agent`). The agent replaces it whenever a policy is applied.
+pub const AGENT_SNAPSHOT_FILE: &str = "snapshot.bin";
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced, then
+/// renamed over `path`, readable by everyone (a snapshot holds no secret, and unprivileged
+/// services read it). A reader never sees a half-written snapshot.
+pub fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut file = tempfile::Builder::new()
+        .prefix(".snapshot")
+        .permissions(std::fs::Permissions::from_mode(0o644))
+        .tempfile_in(dir)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// The immutable compiled policy.

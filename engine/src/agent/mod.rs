@@ -222,6 +222,19 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Writes the snapshot in force to the state directory, where in-process guards follow it
+/// (`Guard::from_agent`). A failure is logged: the kernel already enforces the policy.
+fn publish_snapshot(state_dir: &Path, snapshot: &Snapshot) {
+    let path = state_dir.join(crate::snapshot::AGENT_SNAPSHOT_FILE);
+    let written = snapshot
+        .to_bytes()
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| crate::snapshot::write_file(&path, &bytes).map_err(|e| e.to_string()));
+    if let Err(e) = written {
+        warn!(path = %path.display(), "cannot publish the snapshot for in-process guards: {e}");
+    }
+}
+
 /// The state task's data.
 struct Agent {
     config: AgentConfig,
@@ -266,6 +279,7 @@ impl Agent {
         let errors = result.err().unwrap_or_default();
         if let (true, Some((snapshot, _))) = (ok, &self.active) {
             self.owners = DestinationOwners::new(snapshot);
+            publish_snapshot(&self.config.state_dir, snapshot);
         }
         if ok {
             let hash = self.active.as_ref().map(|(s, _)| s.hash().to_string()).unwrap_or_default();

@@ -174,6 +174,14 @@ impl Guard {
         Self::build(snapshot, environment, Some(path))
     }
 
+    /// Follows the snapshot the agent applies: the agent writes it to
+    /// [`AGENT_SNAPSHOT_FILE`](crate::snapshot::AGENT_SNAPSHOT_FILE) in its state directory
+    /// (`/var/lib/depfence` unless `--state-dir` says otherwise) whenever a policy comes into
+    /// force. Call [`Guard::watch`] to pick up the next ones.
+    pub fn from_agent(state_dir: impl AsRef<Path>, environment: &str) -> Result<Guard, LoadError> {
+        Self::from_file(state_dir.as_ref().join(crate::snapshot::AGENT_SNAPSHOT_FILE), environment)
+    }
+
     /// A guard over a snapshot already in memory (from the agent, or compiled in process).
     /// [`Guard::replace`] swaps it.
     pub fn from_snapshot(snapshot: Snapshot, environment: &str) -> Result<Guard, LoadError> {
