@@ -525,7 +525,7 @@ endpoints = [{ host = "audit-log", ports = [9] }]
 allow = [{ service = "billing" }, { service = "ledger" }, { service = "billing.v2" }, { service = "shadow" }, { service = "audit-log" }, { service = "Vault" }, { service = "vault" }]
 rpc_allow = [
   { service = "billing", rpcs = ["/billing.Billing/Charge", "/billing.Admin/*"] },
-  { service = "ledger", rpcs = ["/*"] },
+  { service = "ledger", rpcs = ["/*", "/ledger.Ledger/Get"] },
   { service = "billing.v2", rpcs = ["/billing.Billing/Charge"] },
   { service = "shadow", rpcs = ["/shadow.S/*"] },
   { service = "audit-log", rpcs = ["/log.Log/Write"] },
@@ -609,6 +609,11 @@ mode = "off"
         assert_eq!(m.decide("checkout", "/billing.Admin/x/y", "billing").0, Verdict::Rejected);
         assert_eq!(m.decide("checkout", "/a/b/c", "ledger").0, Verdict::Allowed);
         assert_eq!(m.decide("checkout", "no-slash", "ledger").0, Verdict::Rejected);
+        // A method of a service the caller has a method rule for: that rule, else `/*`.
+        let (v, _, r) = m.decide("checkout", "/ledger.Ledger/Get", "ledger");
+        assert_eq!((v, rule_text(r).as_str()), (Verdict::Allowed, "/ledger.Ledger/Get"));
+        let (v, _, r) = m.decide("checkout", "/ledger.Ledger/Put", "ledger");
+        assert_eq!((v, rule_text(r).as_str()), (Verdict::Allowed, "/*"));
         // Rules are per backend: Charge on billing.v2 is allowed, Admin on billing.v2 is not.
         assert_eq!(m.decide("checkout", "/billing.Billing/Charge", "billing.v2").0, Verdict::Allowed);
         assert_eq!(m.decide("checkout", "/billing.Admin/X", "billing.v2").0, Verdict::Rejected);
@@ -716,6 +721,8 @@ mode = "off"
                 "/billing.Admin/",
                 "/shadow.S/Get",
                 "/vault.Vault/Open",
+                "/ledger.Ledger/Get",
+                "/ledger.Ledger/Put",
                 "/vault.Vault/Seal",
                 "/x.Y/Z",
                 "/",
