@@ -53,9 +53,7 @@ fn snapshot(text: &str) -> Snapshot {
 
 /// Writes a snapshot the way a careful deployer does: a temporary file, then a rename.
 fn install(path: &Path, snapshot: &Snapshot) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, snapshot.to_bytes().unwrap()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    depfence::snapshot::write_file(path, &snapshot.to_bytes().unwrap()).unwrap();
 }
 
 #[test]

@@ -71,9 +71,7 @@ fn wait_for(lines: &mpsc::Receiver<String>, text: &str, seen: &mut Vec<String>) 
 
 fn install(path: &Path, policy: &str) {
     let snapshot = compile_str("rpc-guard.toml", policy).unwrap_or_else(|_| panic!("the example compiles")).snapshot;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, snapshot.to_bytes().unwrap()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    depfence::snapshot::write_file(path, &snapshot.to_bytes().unwrap()).unwrap();
 }
 
 #[test]

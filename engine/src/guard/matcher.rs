@@ -280,6 +280,7 @@ impl Matcher {
 
     /// Judges a call from `caller` to RPC `rpc` on the backend named by `authority`
     /// (`host[:port]`).
+    ///
     /// Inlined, so that the verdict is built in place rather than passed back through memory.
     #[inline]
     pub(crate) fn decide(&self, caller: &str, rpc: &str, authority: &str) -> (Verdict, Mode, Reason) {
