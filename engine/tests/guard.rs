@@ -205,6 +205,24 @@ fn the_watch_reloads_a_changed_file() {
     assert_eq!(guard.generation(), generation);
 }
 
+#[test]
+fn the_watch_picks_up_a_change_made_before_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("guard.snap");
+    install(&path, &snapshot(&policy("audit")));
+    let guard = Guard::from_file(&path, "prod").unwrap();
+    // Changed after the load, before the watch: the watch's first look must not take the new
+    // file for the one in force.
+    install(&path, &snapshot(&policy("enforce")));
+    let _watcher = guard.watch(Duration::from_millis(10)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guard.check("checkout", "/billing.Billing/Refund", "127.0.0.1").verdict != Verdict::Rejected {
+        assert!(Instant::now() < deadline, "the watch never loaded the file changed before it started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(guard.generation(), 2);
+}
+
 /// Two snapshots whose answers are correlated across two services: in `A` checkout may charge
 /// and ledger may not, in `B` the reverse. Many threads check while another swaps A and B
 /// thousands of times; every observation must fit exactly one snapshot, the one the decision

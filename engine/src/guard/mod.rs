@@ -297,7 +297,9 @@ fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
 }
 
 fn watch_loop(guard: &Guard, path: &Path, interval: Duration, stopped: &mpsc::Receiver<()>) {
-    let mut seen = stamp(path);
+    // Nothing seen yet: the first poll rereads the file, so a change made after the guard
+    // loaded it but before this thread took its first look is not missed.
+    let mut seen = None;
     let mut last_error = None;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
         let now = stamp(path);
