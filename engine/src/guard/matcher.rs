@@ -7,14 +7,16 @@
 //! (backend, caller) for everything else the caller may call on the backend. The backend's
 //! name in a key is its *key name*, its lowercase name. So the common call, whose authority is
 //! `name` or `name:port`, is judged from the strings it comes with: one lookup when a method
-//! pattern allows it, two otherwise. Any other authority (an IP address, a cluster name, a
-//! `host` endpoint, capitals) is first resolved to its backend, and then judged the same way
-//! with the backend's key name.
+//! pattern allows it, two otherwise. A call's strings are hashed once for both lookups (the
+//! pair's hash is the first half of the method's). Any other authority (an IP address, a
+//! cluster name, a `host` endpoint, capitals) is first resolved to its backend, and then judged
+//! the same way with the backend's key name.
 
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hashbrown::{Equivalent, HashMap};
+use hashbrown::{HashMap, HashTable};
 use ipnet::IpNet;
 
 use crate::policy::{Destination, HostPattern, Mode, PortRange, Proto, RpcPattern};
@@ -87,79 +89,120 @@ struct Caller {
     mode: Mode,
 }
 
-/// An exact-method rule's key: the backend's key name, the caller's name as written, and the
-/// whole path `/pkg.Service/Method`.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct MethodKey {
-    backend: Box<str>,
-    caller: Box<str>,
-    rpc: Box<str>,
+/// A rule's key: the backend's key name, the caller's name as written and, for an exact
+/// method, the whole path `/pkg.Service/Method`, in one string.
+#[derive(Debug)]
+struct RuleKey {
+    text: Box<str>,
+    backend_len: usize,
+    caller_len: usize,
 }
 
-/// The borrowed form of [`MethodKey`], for lookups without allocation; it hashes as the key
-/// does (a `Box<str>` hashes as its `str`).
-#[derive(Hash)]
-struct MethodQuery<'a> {
-    backend: &'a str,
-    caller: &'a str,
-    rpc: &'a str,
-}
+impl RuleKey {
+    fn new(backend: &str, caller: &str, rpc: &str) -> RuleKey {
+        RuleKey { text: [backend, caller, rpc].concat().into(), backend_len: backend.len(), caller_len: caller.len() }
+    }
 
-impl Equivalent<MethodKey> for MethodQuery<'_> {
-    fn equivalent(&self, key: &MethodKey) -> bool {
-        self.rpc == &*key.rpc && self.backend == &*key.backend && self.caller == &*key.caller
+    /// Whether this is the key of `(backend, caller, rpc)`.
+    #[inline(always)]
+    fn is(&self, backend: &str, caller: &str, rpc: &str) -> bool {
+        // Bytes, not `str` ranges: no char-boundary checks.
+        let text = self.text.as_bytes();
+        self.backend_len == backend.len()
+            && self.caller_len == caller.len()
+            && text.len() == backend.len() + caller.len() + rpc.len()
+            && text.split_at_checked(backend.len()).is_some_and(|(b, rest)| {
+                rest.split_at_checked(caller.len())
+                    .is_some_and(|(c, r)| r == rpc.as_bytes() && b == backend.as_bytes() && c == caller.as_bytes())
+            })
     }
 }
 
-/// A (backend key name, caller name) pair's key.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct PairKey {
-    backend: Box<str>,
-    caller: Box<str>,
+/// The hashes of a call's rule keys, from one pass over its strings.
+#[derive(Clone, Copy)]
+struct KeyHashes {
+    /// Of (backend, caller).
+    pair: u64,
+    /// Of (backend, caller, RPC path).
+    method: u64,
 }
 
-/// The borrowed form of [`PairKey`].
-#[derive(Hash)]
-struct PairQuery<'a> {
-    backend: &'a str,
-    caller: &'a str,
-}
-
-impl Equivalent<PairKey> for PairQuery<'_> {
-    fn equivalent(&self, key: &PairKey) -> bool {
-        self.backend == &*key.backend && self.caller == &*key.caller
-    }
+/// An exact-method rule.
+#[derive(Debug)]
+struct MethodRule {
+    /// The key's hash, kept for the table's growth while it is built.
+    hash: u64,
+    key: RuleKey,
+    caller: Caller,
+    backend: ServiceId,
+    /// The backend is reached by its key name as written (see [`Matcher::by_name`]).
+    by_name: bool,
+    rule: u32,
 }
 
 /// What a caller may call on a backend besides exact methods, consulted when the method misses.
 #[derive(Debug)]
 struct PairRules {
+    /// As [`MethodRule::hash`].
+    hash: u64,
+    /// The key, with an empty RPC path.
+    key: RuleKey,
     caller: Caller,
     backend: ServiceId,
-    /// `/pkg.Service/*` rules as (`/pkg.Service`, rule), sorted by name.
+    /// As [`MethodRule::by_name`].
+    by_name: bool,
+    /// `/pkg.Service/*` rules as (`/pkg.Service`, rule), sorted by [`by_length`]: a search
+    /// compares the bytes of names of the same length only.
     services: Vec<(Box<str>, u32)>,
     /// The `/*` rule.
     any: Option<u32>,
 }
 
 impl PairRules {
+    /// The `/pkg.Service/*` rule of `service` (`/pkg.Service`). A backend has a few gRPC
+    /// services: up to [`LINEAR_SEARCH_MAX`] rules are scanned, comparing bytes only when the
+    /// lengths are equal; longer lists are searched by halves.
+    #[inline(always)]
+    fn service_rule(&self, service: &[u8]) -> Option<u32> {
+        if self.services.len() <= LINEAR_SEARCH_MAX {
+            // A plain loop: `Iterator::find` here was a call, not inlined.
+            for (name, rule) in &self.services {
+                if name.len() == service.len() && name.as_bytes() == service {
+                    return Some(*rule);
+                }
+            }
+            return None;
+        }
+        let index = self.services.binary_search_by(|(name, _)| by_length(name.as_bytes(), service)).ok()?;
+        self.services.get(index).map(|&(_, rule)| rule)
+    }
+
     /// The rule other than an exact method that allows `rpc`: its service's `*`, then `/*`.
     #[inline(always)]
     fn find(&self, rpc: &str) -> Option<u32> {
         if !rpc.starts_with('/') {
             return None;
         }
+        // The service is what precedes the last `/` (method names are short: search backwards).
         if !self.services.is_empty()
-            && let Some((service, method)) = rpc.rsplit_once('/')
-            && !service.is_empty()
-            && !method.is_empty()
-            && let Ok(index) = self.services.binary_search_by(|(name, _)| (**name).cmp(service))
-            && let Some(&(_, rule)) = self.services.get(index)
+            && let Some(slash) = rpc.bytes().rposition(|b| b == b'/')
+            && slash > 0
+            && slash + 1 < rpc.len()
+            && let Some(service) = rpc.as_bytes().get(..slash)
+            && let Some(rule) = self.service_rule(service)
         {
             return Some(rule);
         }
         self.any
     }
+}
+
+/// How many `/pkg.Service/*` rules of a pair are searched one by one.
+const LINEAR_SEARCH_MAX: usize = 8;
+
+/// Orders by length, then by bytes.
+fn by_length(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 /// Endpoints that share an address or host name: (ports, service).
@@ -188,12 +231,15 @@ pub(crate) struct Matcher {
     /// Per backend: an authority whose host is the backend's key name names it, on any port (no
     /// `host` endpoint is that name). Only then may a call be judged from its host as written.
     by_name: Vec<bool>,
-    methods: HashMap<MethodKey, (Caller, ServiceId, u32)>,
-    pairs: HashMap<PairKey, PairRules>,
+    /// Hashes the rule keys, written as their parts in turn (see [`Matcher::key_hashes`]).
+    hasher: foldhash::fast::RandomState,
+    methods: HashTable<MethodRule>,
+    pairs: HashTable<PairRules>,
     /// Wildcard host endpoints, longest domain first.
     host_wildcards: Vec<(HostPattern, PortRange, ServiceId)>,
-    /// Single-address endpoints.
-    addrs: HashMap<IpAddr, Owners>,
+    /// Single-address endpoints, by the address's canonical text (`10.0.0.5`, `fd00::5`): an
+    /// authority that writes it so is found without parsing.
+    addrs: HashMap<Box<str>, Owners>,
     /// Block endpoints, longest prefix first.
     blocks: Vec<(IpNet, PortRange, ServiceId)>,
 }
@@ -208,8 +254,9 @@ impl Matcher {
             labels: services.iter().map(|s| Arc::from(s.name.as_str())).collect(),
             backend_keys: Vec::with_capacity(services.len()),
             by_name: Vec::with_capacity(services.len()),
-            methods: HashMap::with_capacity(snapshot.rpc_rule_count()),
-            pairs: HashMap::new(),
+            hasher: foldhash::fast::RandomState::default(),
+            methods: HashTable::with_capacity(snapshot.rpc_rule_count()),
+            pairs: HashTable::new(),
             host_wildcards: Vec::new(),
             addrs: HashMap::new(),
             blocks: Vec::new(),
@@ -229,7 +276,8 @@ impl Matcher {
                         m.names.entry(host.domain.as_str().into()).or_default().hosts.push((endpoint.ports, id));
                     }
                     Destination::Net(net) if net.prefix_len() == net.max_prefix_len() => {
-                        m.addrs.entry(net.addr()).or_default().push((endpoint.ports, id));
+                        let text = net.addr().to_canonical().to_string().into_boxed_str();
+                        m.addrs.entry(text).or_default().push((endpoint.ports, id));
                     }
                     Destination::Net(net) => m.blocks.push((*net, endpoint.ports, id)),
                 }
@@ -250,24 +298,25 @@ impl Matcher {
         for (id, service) in (0..).zip(services) {
             let caller = Caller { id, mode: service.modes.get(env).copied().unwrap_or(Mode::Off) };
             for (index, rule) in (0..).zip(&service.rpc_rules) {
-                let Some(backend) = m.backend_keys.get(rule.target as usize) else { continue };
-                let pair = m
-                    .pairs
-                    .entry(PairKey { backend: backend.clone(), caller: service.name.as_str().into() })
-                    .or_insert_with(|| PairRules { caller, backend: rule.target, services: Vec::new(), any: None });
+                let Some(backend) = m.backend_keys.get(rule.target as usize).cloned() else { continue };
+                let (by_name, name) = (m.by_name(rule.target), service.name.as_str());
+                // Every rule's pair has an entry: a call no method rule allows is judged by it.
+                let pair = m.pair_entry(&backend, name, caller, rule.target);
                 // The first of equal patterns wins (the compiler merges duplicates anyway).
                 match &rule.pattern {
                     RpcPattern::Method { service: rpc_service, method } => {
-                        let key = MethodKey {
-                            backend: backend.clone(),
-                            caller: service.name.as_str().into(),
-                            rpc: format!("/{rpc_service}/{method}").into_boxed_str(),
-                        };
-                        m.methods.entry(key).or_insert((caller, rule.target, index));
+                        let rpc = format!("/{rpc_service}/{method}");
+                        let hash = m.key_hashes(&backend, name, &rpc).method;
+                        m.methods.entry(hash, |r| r.key.is(&backend, name, &rpc), |r| r.hash).or_insert_with(|| {
+                            let key = RuleKey::new(&backend, name, &rpc);
+                            MethodRule { hash, key, caller, backend: rule.target, by_name, rule: index }
+                        });
                     }
                     RpcPattern::Service(rpc_service) => {
                         let name: Box<str> = format!("/{rpc_service}").into();
-                        if let Err(at) = pair.services.binary_search_by(|(s, _)| s.cmp(&name)) {
+                        if let Err(at) =
+                            pair.services.binary_search_by(|(s, _)| by_length(s.as_bytes(), name.as_bytes()))
+                        {
                             pair.services.insert(at, (name, index));
                         }
                     }
@@ -276,6 +325,36 @@ impl Matcher {
             }
         }
         m
+    }
+
+    /// The hashes of the rule keys for (backend, caller, RPC path): the parts are written in
+    /// turn, so the pair's hash is the hasher's state after the first two.
+    #[inline(always)]
+    fn key_hashes(&self, backend: &str, caller: &str, rpc: &str) -> KeyHashes {
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write(backend.as_bytes());
+        hasher.write(caller.as_bytes());
+        let pair = hasher.finish();
+        hasher.write(rpc.as_bytes());
+        KeyHashes { pair, method: hasher.finish() }
+    }
+
+    /// The entry of (backend, caller), made empty if it is new.
+    fn pair_entry(&mut self, backend: &str, caller_name: &str, caller: Caller, id: ServiceId) -> &mut PairRules {
+        let hash = self.key_hashes(backend, caller_name, "").pair;
+        let by_name = self.by_name(id);
+        self.pairs
+            .entry(hash, |p| p.key.is(backend, caller_name, ""), |p| p.hash)
+            .or_insert_with(|| PairRules {
+                hash,
+                key: RuleKey::new(backend, caller_name, ""),
+                caller,
+                backend: id,
+                by_name,
+                services: Vec::new(),
+                any: None,
+            })
+            .into_mut()
     }
 
     /// Judges a call from `caller` to RPC `rpc` on the backend named by `authority`
@@ -317,13 +396,14 @@ impl Matcher {
     /// as written, and the rules count only for a backend that name reaches on any port.
     #[inline(always)]
     fn judge(&self, backend: &str, caller: &str, rpc: &str, as_written: bool) -> Option<(Verdict, Mode, Reason)> {
-        if let Some(&(caller, id, rule)) = self.methods.get(&MethodQuery { backend, caller, rpc })
-            && (!as_written || self.by_name(id))
+        let hashes = self.key_hashes(backend, caller, rpc);
+        if let Some(method) = self.methods.find(hashes.method, |r| r.key.is(backend, caller, rpc))
+            && (!as_written || method.by_name)
         {
-            return Some(verdict(caller, Some(id), Some(rule)));
+            return Some(verdict(method.caller, Some(method.backend), Some(method.rule)));
         }
-        let pair = self.pairs.get(&PairQuery { backend, caller })?;
-        if as_written && !self.by_name(pair.backend) {
+        let pair = self.pairs.find(hashes.pair, |p| p.key.is(backend, caller, ""))?;
+        if as_written && !pair.by_name {
             return None;
         }
         Some(verdict(pair.caller, Some(pair.backend), pair.find(rpc)))
@@ -353,10 +433,14 @@ impl Matcher {
         // Only an address starts with a digit or holds a `:` (IPv6); a name that starts with a
         // digit fails the parse and is looked up as a name.
         let first = host.as_bytes().first().copied().unwrap_or_default();
-        if (first.is_ascii_digit() || host.contains(':'))
-            && let Ok(ip) = host.parse::<IpAddr>()
-        {
-            return self.resolve_ip(ip.to_canonical(), port);
+        if first.is_ascii_digit() || host.contains(':') {
+            // The address as an endpoint writes it, then as parsed.
+            if let Some(id) = self.addrs.get(host).and_then(|owners| pick(owners, port)) {
+                return Some(id);
+            }
+            if let Ok(ip) = host.parse::<IpAddr>() {
+                return self.resolve_ip(ip.to_canonical(), host, port);
+            }
         }
         let host = host.strip_suffix('.').unwrap_or(host);
         if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -385,11 +469,21 @@ impl Matcher {
         self.names.get(name).and_then(|e| e.service)
     }
 
-    fn resolve_ip(&self, ip: IpAddr, port: Option<u16>) -> Option<ServiceId> {
-        if let Some(owners) = self.addrs.get(&ip)
-            && let Some(id) = pick(owners, port)
-        {
-            return Some(id);
+    /// As [`Matcher::resolve_backend`], for an address written as `text`, when that text is not
+    /// an endpoint's.
+    fn resolve_ip(&self, ip: IpAddr, text: &str, port: Option<u16>) -> Option<ServiceId> {
+        // Another spelling of an endpoint's address (`::ffff:10.0.0.5`, `fd00:0::5`): its
+        // canonical text, written without allocating (at most 45 bytes).
+        let mut buffer = [0u8; 64];
+        let mut unwritten = &mut buffer[..];
+        if std::io::Write::write_fmt(&mut unwritten, format_args!("{ip}")).is_ok() {
+            let written = 64 - unwritten.len();
+            if let Some(canonical) = buffer.get(..written).and_then(|b| std::str::from_utf8(b).ok())
+                && canonical != text
+                && let Some(id) = self.addrs.get(canonical).and_then(|owners| pick(owners, port))
+            {
+                return Some(id);
+            }
         }
         self.blocks
             .iter()
@@ -515,6 +609,7 @@ endpoints = [{ ip = "10.0.0.5", ports = [50051] }, { host = "pay.example.com", p
 [services.ledger]
 endpoints = [{ cidr = "10.1.0.0/16", ports = [7000] }, { host = "*.ledger.internal" }]
 [services."billing.v2"]
+endpoints = [{ ip = "fd00::5", ports = [8443] }, { ip = "::ffff:10.2.0.1", ports = [8443] }]
 # `audit-log` on port 9 is this service's, on any other port the service `audit-log`.
 [services.shadow]
 endpoints = [{ host = "audit-log", ports = [9] }]
@@ -563,6 +658,13 @@ mode = "off"
             ("10.0.0.5", Some("billing")),
             ("10.0.0.5:50052", None),
             ("[::ffff:10.0.0.5]:50051", Some("billing")),
+            // Any spelling of an endpoint's address.
+            ("[fd00::5]:8443", Some("billing.v2")),
+            ("[fd00:0::5]:8443", Some("billing.v2")),
+            ("[FD00::5]:8443", Some("billing.v2")),
+            ("[fd00::5]:8444", None),
+            ("10.2.0.1:8443", Some("billing.v2")),
+            ("[::ffff:10.2.0.1]:8443", Some("billing.v2")),
             ("user@10.0.0.5:50051", Some("billing")),
             ("10.1.200.3:7000", Some("ledger")),
             ("10.1.200.3:7001", None),
@@ -710,6 +812,9 @@ mode = "off"
             "10.1.2.3",
             "[::ffff:10.0.0.5]",
             "[::1]",
+            "[fd00::5]",
+            "[fd00:0::5]",
+            "10.2.0.1",
             "nowhere",
             "b",
             "",
@@ -731,7 +836,7 @@ mode = "off"
                 "nope",
             ]),
             (select(vec!["", "user@", "u:p@"]), select(hosts.to_vec()), select(vec!["", "."])),
-            select(vec!["", ":", ":9", ":443", ":7000", ":50051", ":99999", ":x", ":9:9"]),
+            select(vec!["", ":", ":9", ":443", ":7000", ":8443", ":50051", ":99999", ":x", ":9:9"]),
         );
         proptest!(ProptestConfig::with_cases(4000), |((caller, rpc, (user, host, dot), port) in strategy)| {
             let authority = format!("{user}{host}{dot}{port}");
