@@ -40,10 +40,11 @@
 //! does not load); [`Guard::watch`] polls the file and reloads when it changes.
 //!
 //! **Cost.** A check allocates nothing and does a fixed number of hash lookups, whatever the
-//! number of rules (see the `matcher` module and `benches/guard.rs`). The common call, whose
-//! authority is the backend's name with or without a port, takes one lookup when a method
-//! pattern allows it and two otherwise; other authorities are resolved first, which takes one
-//! or two more. Authorities that are IP addresses inside `cidr` endpoints are found by a scan of
+//! number of rules (see the `matcher` module, `benches/guard.rs` and
+//! `benches/guard_instructions.rs`). The common call, whose authority is the backend's name with
+//! or without a port, takes one lookup when a method pattern allows it and two otherwise, from
+//! one hashing pass over its strings; other authorities are resolved first, which takes one or
+//! two more. Authorities that are IP addresses inside `cidr` endpoints are found by a scan of
 //! the block endpoints, longest prefix first.
 
 mod layer;
