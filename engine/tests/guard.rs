@@ -175,6 +175,15 @@ fn reload_switches_audit_to_enforce_and_keeps_the_last_good_snapshot() {
     assert_eq!(guard.snapshot_hash(), enforce.hash());
 }
 
+/// Waits (up to 10 s) until a watching guard judges checkout's Refund `verdict`.
+fn wait_for_refund(guard: &Guard, verdict: Verdict) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guard.check("checkout", "/billing.Billing/Refund", "127.0.0.1").verdict != verdict {
+        assert!(Instant::now() < deadline, "the watch did not reload to {verdict:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn the_watch_reloads_a_changed_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -182,21 +191,14 @@ fn the_watch_reloads_a_changed_file() {
     install(&path, &snapshot(&policy("audit")));
     let guard = Guard::from_file(&path, "prod").unwrap();
     let watcher = guard.watch(Duration::from_millis(10)).unwrap();
-    let wait_for = |verdict: Verdict| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while guard.check("checkout", "/billing.Billing/Refund", "127.0.0.1").verdict != verdict {
-            assert!(Instant::now() < deadline, "the watch did not reload to {verdict:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     install(&path, &snapshot(&policy("enforce")));
-    wait_for(Verdict::Rejected);
+    wait_for_refund(&guard, Verdict::Rejected);
     // A half-written file is not applied; the complete one is, at a later poll.
     std::fs::write(&path, b"DEPFNCE\0\x02").unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(guard.check("checkout", "/billing.Billing/Refund", "127.0.0.1").verdict, Verdict::Rejected);
     install(&path, &snapshot(&policy("audit")));
-    wait_for(Verdict::WouldReject);
+    wait_for_refund(&guard, Verdict::WouldReject);
     drop(watcher);
     // Stopped: later changes are not picked up.
     let generation = guard.generation();
@@ -215,11 +217,7 @@ fn the_watch_picks_up_a_change_made_before_it_started() {
     // file for the one in force.
     install(&path, &snapshot(&policy("enforce")));
     let _watcher = guard.watch(Duration::from_millis(10)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while guard.check("checkout", "/billing.Billing/Refund", "127.0.0.1").verdict != Verdict::Rejected {
-        assert!(Instant::now() < deadline, "the watch never loaded the file changed before it started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_refund(&guard, Verdict::Rejected);
     assert_eq!(guard.generation(), 2);
 }
 

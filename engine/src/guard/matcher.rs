@@ -135,8 +135,6 @@ struct MethodRule {
     key: RuleKey,
     caller: Caller,
     backend: ServiceId,
-    /// The backend is reached by its key name as written (see [`Matcher::by_name`]).
-    by_name: bool,
     rule: u32,
 }
 
@@ -149,8 +147,6 @@ struct PairRules {
     key: RuleKey,
     caller: Caller,
     backend: ServiceId,
-    /// As [`MethodRule::by_name`].
-    by_name: bool,
     /// `/pkg.Service/*` rules as (`/pkg.Service`, rule), sorted by [`by_length`]: a search
     /// compares the bytes of names of the same length only.
     services: Vec<(Box<str>, u32)>,
@@ -299,7 +295,7 @@ impl Matcher {
             let caller = Caller { id, mode: service.modes.get(env).copied().unwrap_or(Mode::Off) };
             for (index, rule) in (0..).zip(&service.rpc_rules) {
                 let Some(backend) = m.backend_keys.get(rule.target as usize).cloned() else { continue };
-                let (by_name, name) = (m.by_name(rule.target), service.name.as_str());
+                let name = service.name.as_str();
                 // Every rule's pair has an entry: a call no method rule allows is judged by it.
                 let pair = m.pair_entry(&backend, name, caller, rule.target);
                 // The first of equal patterns wins (the compiler merges duplicates anyway).
@@ -309,7 +305,7 @@ impl Matcher {
                         let hash = m.key_hashes(&backend, name, &rpc).method;
                         m.methods.entry(hash, |r| r.key.is(&backend, name, &rpc), |r| r.hash).or_insert_with(|| {
                             let key = RuleKey::new(&backend, name, &rpc);
-                            MethodRule { hash, key, caller, backend: rule.target, by_name, rule: index }
+                            MethodRule { hash, key, caller, backend: rule.target, rule: index }
                         });
                     }
                     RpcPattern::Service(rpc_service) => {
@@ -342,7 +338,6 @@ impl Matcher {
     /// The entry of (backend, caller), made empty if it is new.
     fn pair_entry(&mut self, backend: &str, caller_name: &str, caller: Caller, id: ServiceId) -> &mut PairRules {
         let hash = self.key_hashes(backend, caller_name, "").pair;
-        let by_name = self.by_name(id);
         self.pairs
             .entry(hash, |p| p.key.is(backend, caller_name, ""), |p| p.hash)
             .or_insert_with(|| PairRules {
@@ -350,7 +345,6 @@ impl Matcher {
                 key: RuleKey::new(backend, caller_name, ""),
                 caller,
                 backend: id,
-                by_name,
                 services: Vec::new(),
                 any: None,
             })
@@ -398,12 +392,12 @@ impl Matcher {
     fn judge(&self, backend: &str, caller: &str, rpc: &str, as_written: bool) -> Option<(Verdict, Mode, Reason)> {
         let hashes = self.key_hashes(backend, caller, rpc);
         if let Some(method) = self.methods.find(hashes.method, |r| r.key.is(backend, caller, rpc))
-            && (!as_written || method.by_name)
+            && (!as_written || self.by_name(method.backend))
         {
             return Some(verdict(method.caller, Some(method.backend), Some(method.rule)));
         }
         let pair = self.pairs.find(hashes.pair, |p| p.key.is(backend, caller, ""))?;
-        if as_written && !pair.by_name {
+        if as_written && !self.by_name(pair.backend) {
             return None;
         }
         Some(verdict(pair.caller, Some(pair.backend), pair.find(rpc)))
@@ -762,6 +756,26 @@ mode = "off"
                 assert_eq!(indexed, linear, "{backend} {path}");
             }
         }
+    }
+
+    /// Past `LINEAR_SEARCH_MAX` service wildcards for one backend the search is by halves;
+    /// every listed service, of any length, is found, and only those.
+    #[test]
+    fn many_service_wildcards_are_searched_by_halves() {
+        let services: Vec<String> =
+            (0..3 * LINEAR_SEARCH_MAX).map(|i| format!("p{i}.{}", "S".repeat(i % 5 + 1))).collect();
+        let rpcs: Vec<String> = services.iter().map(|s| format!("\"/{s}/*\"")).collect();
+        let policy = format!(
+            "version = 1\n[environments]\nqa = \"enforce\"\n[services.api]\n[services.web]\nallow = [{{ service = \"api\" }}]\nrpc_allow = [{{ service = \"api\", rpcs = [{}] }}]\n",
+            rpcs.join(", ")
+        );
+        let snapshot = compile_str("p.toml", &policy).unwrap_or_else(|(_, d)| panic!("{d:?}")).snapshot;
+        let m = Matcher::new(&snapshot, 0);
+        for service in &services {
+            assert_eq!(m.decide("web", &format!("/{service}/Get"), "api").0, Verdict::Allowed, "{service}");
+            assert_eq!(m.decide("web", &format!("/{service}x/Get"), "api").0, Verdict::Rejected, "{service}x");
+        }
+        assert_eq!(m.decide("web", "/p0.SS/Get", "api").0, Verdict::Rejected);
     }
 
     /// Whatever the authority, `decide` (the host as written first, resolution after) agrees
