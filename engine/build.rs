@@ -40,8 +40,11 @@ fn main() -> aya_build::Result<()> {
         // Not for the host-side build scripts and proc macros of that build.
         env::set_var("CARGO_PROFILE_RELEASE_BUILD_OVERRIDE_RUSTFLAGS", "-Ctarget-cpu=generic");
     }
+    // The hook benchmark's cost-floor programs only where asked for (the privileged tests and
+    // benchmarks): the shipped object leaves them out.
+    let features: &[&str] = if env::var_os("CARGO_FEATURE_BENCH_PROGRAMS").is_some() { &["bench"] } else { &[] };
     aya_build::build_ebpf(
-        [aya_build::Package { name: "depfence-bpf", root_dir: programs, ..Default::default() }],
+        [aya_build::Package { name: "depfence-bpf", root_dir: programs, features, ..Default::default() }],
         aya_build::Toolchain::Nightly,
     )
 }

@@ -146,11 +146,11 @@ fn render_status(s: &AgentStatus) -> String {
         let _ = writeln!(
             out,
             "  connections: {} allowed, {} would-reject, {} rejected{}",
-            svc.allowed,
-            svc.would_reject,
-            svc.rejected,
+            svc.counts.allowed,
+            svc.counts.would_reject,
+            svc.counts.rejected,
             if s.candidate.is_some() {
-                format!(", {} candidate would-reject", svc.candidate_would_reject)
+                format!(", {} candidate would-reject", svc.counts.candidate_would_reject)
             } else {
                 String::new()
             }

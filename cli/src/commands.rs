@@ -10,7 +10,8 @@ use depfence::agent::control::Request;
 use depfence::compile::{self, Analysis, Compiled};
 use depfence::diag::Diagnostics;
 use depfence::policy::{self, Destination, Parsed};
-use depfence::snapshot::{Connection, NetRule, ServiceRuleset, Snapshot, Verdict};
+use depfence::snapshot::{Connection, NetRule, ServiceRuleset, Snapshot};
+use depfence::verdict::Verdict;
 
 use crate::args::{Cli, Command, ErrorFormat, Output, RunMode, SnapshotFormat};
 use crate::graph;
@@ -428,6 +429,7 @@ fn explain(
             Verdict::Allowed => "allowed (mode off: no evaluation)",
             Verdict::WouldReject => "would be rejected (audit: allowed, counted and reported)",
             Verdict::Rejected => "rejected (the caller gets EPERM)",
+            Verdict::CandidateWouldReject => "would be rejected by the candidate",
         };
         let _ = writeln!(text, "  {env} ({mode}): {word}");
     }

@@ -232,7 +232,8 @@ mod tests {
 
     use std::path::PathBuf;
 
-    use depfence::datapath::status::{ConfigStatus, Counters, GlobalCounters, ProgramStatus};
+    use depfence::datapath::status::{ConfigStatus, GlobalCounters, ProgramStatus};
+    use depfence::verdict::Counts;
 
     use super::*;
 
@@ -297,7 +298,7 @@ mod tests {
                     generation: 3,
                     flags: vec!["active_has_cidr".into()],
                     counter_slot: 0,
-                    counters: Some(Counters { allowed: 5, would_reject: 0, rejected: 2, candidate_would_reject: 1 }),
+                    counters: Some(Counts { allowed: 5, would_reject: 0, rejected: 2, candidate_would_reject: 1 }),
                 }],
                 globals: Some(GlobalCounters { events_dropped: 0, events_deduped: 6, unregistered: 0, bad_slot: 0 }),
                 config: Some(ConfigStatus { max_level: 1, dedup_window_ns: 1_000_000_000 }),

@@ -85,9 +85,9 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     // app enforces (its own mode), the allowed dependency works.
     assert_eq!(probe(&app, "tcp", LO4, db, 1), Ok(1));
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
-    let status = agent.wait_status("app counted", |s| service(s, "app").is_some_and(|a| a.rejected == 1));
+    let status = agent.wait_status("app counted", |s| service(s, "app").is_some_and(|a| a.counts.rejected == 1));
     let app_status = service(&status, "app").unwrap();
-    assert_eq!((app_status.mode.as_str(), app_status.allowed), ("enforce", 1));
+    assert_eq!((app_status.mode.as_str(), app_status.counts.allowed), ("enforce", 1));
     assert_eq!(status.generation, 1);
 
     // The agent publishes the snapshot in force for in-process guards.
@@ -110,7 +110,8 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     let took = created.elapsed();
     assert!(took < Duration::from_secs(1), "registered after {took:?}");
     assert_eq!(probe(&batch, "tcp", LO4, other, 1), Ok(1), "batch is in audit (the environment's default)");
-    let status = agent.wait_status("batch would-reject", |s| service(s, "batch").is_some_and(|b| b.would_reject == 1));
+    let status =
+        agent.wait_status("batch would-reject", |s| service(s, "batch").is_some_and(|b| b.counts.would_reject == 1));
     let last = service(&status, "batch").unwrap().last_would_reject.clone().unwrap();
     assert_eq!(
         (last.destination.as_str(), last.comm.as_str()),
@@ -145,9 +146,10 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Ok(1), "now in audit");
-    let status = agent.wait_status("app would-reject", |s| service(s, "app").is_some_and(|a| a.would_reject == 1));
+    let status =
+        agent.wait_status("app would-reject", |s| service(s, "app").is_some_and(|a| a.counts.would_reject == 1));
     let app_status = service(&status, "app").unwrap();
-    assert_eq!((app_status.mode.as_str(), app_status.rejected, app_status.allowed), ("audit", 2, 2));
+    assert_eq!((app_status.mode.as_str(), app_status.counts.rejected, app_status.counts.allowed), ("audit", 2, 2));
 
     // The metrics say the same.
     std::thread::sleep(Duration::from_millis(1100));
@@ -187,7 +189,7 @@ fn enforcement_survives_agent_kill_and_restart_keeps_counters() {
     let Setup { cgroups: _cgroups, app, db, other, dir: _dir, policy } = Setup::new("enforce");
     let mut agent = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
-    agent.wait_status("counted", |s| service(s, "app").is_some_and(|a| a.rejected == 1));
+    agent.wait_status("counted", |s| service(s, "app").is_some_and(|a| a.counts.rejected == 1));
     let since = service(&agent.status(), "app").unwrap().mode_since.clone();
 
     agent.kill9();
@@ -208,7 +210,7 @@ fn enforcement_survives_agent_kill_and_restart_keeps_counters() {
     eprintln!("restart to ready: {:?}", started.elapsed());
     let status = agent.status();
     let app_status = service(&status, "app").unwrap();
-    assert_eq!((app_status.rejected, app_status.allowed), (201, 1), "counters carried on");
+    assert_eq!((app_status.counts.rejected, app_status.counts.allowed), (201, 1), "counters carried on");
     assert_eq!(status.generation, 1, "same policy, same generation");
     assert_eq!(app_status.mode_since, since, "a restart is not a mode change");
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
@@ -236,7 +238,7 @@ fn candidate_policy_is_shadowed_then_activated() {
     assert_eq!(probe(&app, "tcp", LO4, db, 1), Ok(1), "the active policy decides");
     assert_eq!(probe(&app, "tcp", LO4, cache, 1), Err(EPERM));
     let status = agent.wait_status("candidate counted", |s| {
-        service(s, "app").is_some_and(|a| a.candidate_would_reject == 1 && a.rejected == 1)
+        service(s, "app").is_some_and(|a| a.counts.candidate_would_reject == 1 && a.counts.rejected == 1)
     });
     assert!(status.candidate.is_some());
     let text = String::from_utf8(policyctl(&["status"], &agent.socket).stdout).unwrap();
@@ -283,7 +285,7 @@ fn promotion_is_gated_on_evidence_and_logged() {
     assert_eq!(probe(&app, "tcp", LO4, db, 5), Ok(5));
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Ok(1));
     assert_eq!(probe(&batch, "tcp", LO4, db, 6), Ok(6));
-    agent.wait_status("counted", |s| service(s, "app").is_some_and(|a| a.would_reject == 1));
+    agent.wait_status("counted", |s| service(s, "app").is_some_and(|a| a.counts.would_reject == 1));
     std::thread::sleep(Duration::from_millis(2200)); // two samples a second apart
     let before = std::fs::read_to_string(&policy).unwrap();
 

@@ -15,6 +15,7 @@ use std::process::{Command, Output, Stdio};
 use depfence::agent::control::{AgentStatus, ServiceStatus};
 use depfence::agent::telemetry::EventRecord;
 use depfence::cgroup::spawn_in;
+use depfence::verdict::Verdict;
 use depfence_integration::agent::Agent;
 use depfence_integration::dns::{Dnsmasq, require_dnsmasq};
 use depfence_integration::fixture::{Cgroup, http_server};
@@ -227,7 +228,7 @@ fn enforce_resolves_allowed_names_and_refuses_look_alikes() {
         .collect();
     assert_eq!(asked, std::collections::BTreeSet::from(["A", "AAAA"]));
     assert!(refused.pid > 0 && refused.cgroup.as_deref().is_some_and(|c| c.ends_with("/app")), "{refused:?}");
-    assert!(events.iter().any(|e| e.destination == "mirror.internal.evil" && e.verdict == "rejected"));
+    assert!(events.iter().any(|e| e.destination == "mirror.internal.evil" && e.verdict == Verdict::Rejected));
     let rejected = setup.agent.sample("depfence_dns_queries_total{service=\"app\",verdict=\"rejected\"}");
     assert!(rejected.is_some_and(|n| n >= 4.0), "{rejected:?}");
     let allowed = setup.agent.sample("depfence_dns_queries_total{service=\"app\",verdict=\"allowed\"}");
@@ -238,7 +239,7 @@ fn enforce_resolves_allowed_names_and_refuses_look_alikes() {
     assert_eq!(dns.upstreams, [setup.dns.addr]);
     assert!(dns.port != 0 && dns.admitted >= 1, "{dns:?}");
     let app = service(&status, "app").unwrap();
-    assert_eq!(app.rejected, 1, "{app:?}");
+    assert_eq!(app.counts.rejected, 1, "{app:?}");
 
     // The answer's address is allowed for the (capped) TTL, then no more: connecting by
     // address works right after the lookup and is refused once the entry expired.
@@ -254,7 +255,7 @@ fn enforce_resolves_allowed_names_and_refuses_look_alikes() {
         assert!(resolved.elapsed() < std::time::Duration::from_secs(6), "still allowed after 6 s");
     };
     assert!(refused >= std::time::Duration::from_millis(1500), "expired after {refused:?}, before the 2 s cap");
-    assert_eq!(service(&setup.agent.status(), "app").unwrap().rejected, 2);
+    assert_eq!(service(&setup.agent.status(), "app").unwrap().counts.rejected, 2);
 }
 
 /// In audit the look-alikes are answered (nothing breaks) and counted as would-rejects with
@@ -281,7 +282,7 @@ fn audit_answers_look_alikes_and_reports_who_asked() {
     assert!(
         events
             .iter()
-            .any(|e| e.destination == format!("{EVIL_PREFIX}:{}/tcp", setup.port) && e.verdict == "would_reject"),
+            .any(|e| e.destination == format!("{EVIL_PREFIX}:{}/tcp", setup.port) && e.verdict == Verdict::WouldReject),
         "{events:#?}"
     );
     // A denied name answered with an address an allowed name has: reported.
@@ -320,11 +321,12 @@ fn audit_answers_look_alikes_and_reports_who_asked() {
         );
     }
 
-    let status =
-        setup.agent.wait_status("would-reject counted", |s| service(s, "app").is_some_and(|a| a.would_reject >= 1));
+    let status = setup
+        .agent
+        .wait_status("would-reject counted", |s| service(s, "app").is_some_and(|a| a.counts.would_reject >= 1));
     let app = service(&status, "app").unwrap();
-    assert_eq!((app.would_reject, app.rejected), (1, 0), "{app:?}");
-    assert!(app.allowed >= 1, "a.mirror.internal was allowed by its name: {app:?}");
+    assert_eq!((app.counts.would_reject, app.counts.rejected), (1, 0), "{app:?}");
+    assert!(app.counts.allowed >= 1, "a.mirror.internal was allowed by its name: {app:?}");
 
     // A clean stop turns the redirect off (nothing would answer on the proxy's port); the
     // policy itself stays in force.

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use depfence::guard::Guard;
-use depfence::snapshot::Verdict;
+use depfence::verdict::Verdict;
 
 #[path = "support/guard_cases.rs"]
 mod guard_cases;

@@ -23,3 +23,4 @@ pub mod problem;
 pub mod promote;
 pub mod snapshot;
 pub mod synth;
+pub mod verdict;

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::policy::{Destination, HostPattern, Mode, PortRange, Proto, RpcPattern, Selector};
+use crate::verdict::Verdict;
 
 /// Version of the snapshot encoding; a loader refuses another.
 /// Format 2 added each service's endpoints and RPC rules, and service positions.
@@ -128,14 +129,15 @@ impl ServiceRuleset {
     /// Judges `conn` from this service in environment `env` (an index into
     /// [`Snapshot::environments`]).
     pub fn decide(&self, env: usize, conn: &Connection) -> Decision<'_> {
-        let mode = self.modes.get(env).copied().unwrap_or(Mode::Off);
+        let mode = self.mode(env);
         let rule = self.matching_rule(conn);
-        let verdict = match (mode, rule) {
-            (Mode::Off, _) | (_, Some(_)) => Verdict::Allowed,
-            (Mode::Audit, None) => Verdict::WouldReject,
-            (Mode::Enforce, None) => Verdict::Rejected,
-        };
-        Decision { verdict, mode, rule }
+        Decision { verdict: crate::verdict::decide(mode, rule.is_some()), mode, rule }
+    }
+
+    /// The service's mode in environment `env` (an index into [`Snapshot::environments`]);
+    /// `off` for an environment the snapshot does not have.
+    pub fn mode(&self, env: usize) -> Mode {
+        self.modes.get(env).copied().unwrap_or(Mode::Off)
     }
 }
 
@@ -277,35 +279,6 @@ impl std::str::FromStr for Connection {
         };
         let socket: std::net::SocketAddr = socket.parse().map_err(|_| error("not an address with a port"))?;
         Ok(Connection { addr: socket.ip(), port: socket.port(), proto })
-    }
-}
-
-/// What happens to a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    /// A rule allows it (or the mode is `off`).
-    Allowed,
-    /// No rule allows it; the service is in audit, so it passes and is counted.
-    WouldReject,
-    /// No rule allows it; the service enforces, so the caller gets `EPERM`.
-    Rejected,
-}
-
-impl Verdict {
-    /// The metric label: `allowed`, `would_reject` or `rejected`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Allowed => "allowed",
-            Verdict::WouldReject => "would_reject",
-            Verdict::Rejected => "rejected",
-        }
-    }
-}
-
-impl fmt::Display for Verdict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -22,7 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use depfence::dns::{AllowChange, DenyResponse, DnsEvent, ProxyConfig, Transport, TtlBounds, slot_addr};
-use depfence::snapshot::Verdict;
+use depfence::verdict::Verdict;
 use dns_support::*;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;

@@ -21,7 +21,8 @@ use depfence::compile::{Analysis, Compiled, EdgeKind, compile, compile_str};
 use depfence::diag::{Diagnostic, Severity, Sources};
 use depfence::policy::{Mode, PortRange, Proto, load};
 use depfence::problem::Problem;
-use depfence::snapshot::{Connection, Snapshot, Verdict};
+use depfence::snapshot::{Connection, Snapshot};
+use depfence::verdict::Verdict;
 
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy-examples")

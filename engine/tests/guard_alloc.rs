@@ -12,7 +12,7 @@ use std::hint::black_box;
 
 use depfence::compile::compile_str;
 use depfence::guard::Guard;
-use depfence::snapshot::Verdict;
+use depfence::verdict::Verdict;
 
 struct Counting;
 

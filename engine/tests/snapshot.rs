@@ -14,7 +14,8 @@ use std::path::Path;
 
 use depfence::compile::{Compiled, compile, compile_str};
 use depfence::policy::{Mode, PortRange, Proto, load, parse_sources};
-use depfence::snapshot::{Connection, SNAPSHOT_MAGIC, Snapshot, SnapshotError, Verdict};
+use depfence::snapshot::{Connection, SNAPSHOT_MAGIC, Snapshot, SnapshotError};
+use depfence::verdict::Verdict;
 
 fn compiled(text: &str) -> Compiled {
     match compile_str("policy.toml", text) {

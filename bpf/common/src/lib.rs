@@ -7,7 +7,10 @@
 //! order *in memory* (exactly what the kernel context gives in `user_ip6[i]` / `user_ip4`).
 #![no_std]
 
-#[cfg(feature = "user")]
+pub mod lookup;
+#[cfg(feature = "aya")]
+mod pod;
+#[cfg(feature = "std")]
 pub mod user;
 
 /// Version of the map layout below. A loader refuses pinned maps whose `DF_META` differs.
@@ -156,6 +159,31 @@ pub const VERDICT_REJECTED: u32 = 2;
 pub const VERDICT_CANDIDATE_WOULD_REJECT: u32 = 3;
 /// Number of verdicts (counters per slot).
 pub const VERDICT_COUNT: u32 = 4;
+
+/// The one rule every depfence decision follows (kernel connect and sendmsg, DNS proxy, RPC
+/// guard, `explain`): the `VERDICT_*` for something that `matched` an allow rule, or did not,
+/// under `mode` (`MODE_*`).
+///
+/// * `off`, or a match: allowed;
+/// * no match in `enforce`: rejected;
+/// * no match in `audit`: would-reject (allowed, counted and reported). A mode this build does
+///   not know fails open the same way, so it shows up in the counters.
+#[inline(always)]
+pub const fn verdict_of(mode: u32, matched: bool) -> u32 {
+    if matched || mode == MODE_OFF {
+        VERDICT_ALLOWED
+    } else if mode == MODE_ENFORCE {
+        VERDICT_REJECTED
+    } else {
+        VERDICT_WOULD_REJECT
+    }
+}
+
+/// What a connect or sendmsg hook returns for a verdict: only a rejection is refused.
+#[inline(always)]
+pub const fn action_of(verdict: u32) -> i32 {
+    if verdict == VERDICT_REJECTED { DENY } else { ALLOW }
+}
 
 /// `DF_GLOBALS` slot (per-CPU u64): events suppressed by the de-duplication window (not lost: counted).
 pub const GLOBAL_EVENTS_DEDUPED: u32 = 3;

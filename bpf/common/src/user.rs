@@ -1,30 +1,10 @@
-//! Host-side impls (feature `user`): `aya::Pod` and conversions from std types.
-#![allow(
-    unsafe_code,
-    reason = "aya::Pod is an unsafe trait; every impl below is for a padding-free repr(C) integer type"
-)]
+//! Host-side conversions (feature `std`): addresses from std types, key constructors, and the
+//! readable parts of an event.
 extern crate std;
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use crate::{
-    CgroupState, CidrKeyData, CidrValue, Config, DedupKey, DnsSlot, Event, Meta, NameKey, PortRange, RuleKey, RuleValue,
-};
-
-// SAFETY: all are #[repr(C)], Copy, contain only integers, and have no implicit padding
-// (sizes are asserted in lib.rs).
-unsafe impl aya::Pod for CgroupState {}
-unsafe impl aya::Pod for RuleKey {}
-unsafe impl aya::Pod for RuleValue {}
-unsafe impl aya::Pod for CidrKeyData {}
-unsafe impl aya::Pod for PortRange {}
-unsafe impl aya::Pod for CidrValue {}
-unsafe impl aya::Pod for Meta {}
-unsafe impl aya::Pod for Event {}
-unsafe impl aya::Pod for Config {}
-unsafe impl aya::Pod for DedupKey {}
-unsafe impl aya::Pod for NameKey {}
-unsafe impl aya::Pod for DnsSlot {}
+use crate::{CidrKeyData, CidrValue, DnsSlot, Event, NameKey, PortRange, RuleKey};
 
 /// 16-byte address (IPv4 → IPv4-mapped) as the kernel sees it: network-order bytes in memory.
 pub fn addr_words(ip: IpAddr) -> [u32; 4] {

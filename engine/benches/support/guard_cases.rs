@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use depfence::compile::compile_str;
 use depfence::guard::Guard;
-use depfence::snapshot::Verdict;
+use depfence::verdict::Verdict;
 
 /// The two policy sizes: (label, backends, method patterns per backend).
 pub const SIZES: [(&str, usize, usize); 2] = [("10", 1, 10), ("10k", 100, 100)];

@@ -159,14 +159,9 @@ pub struct ServiceStatus {
     pub mode_since: String,
     /// Its cgroups (relative to the cgroup2 mount).
     pub cgroups: Vec<String>,
-    /// Connections allowed.
-    pub allowed: u64,
-    /// Connections that would have been rejected (audit).
-    pub would_reject: u64,
-    /// Connections rejected (enforce).
-    pub rejected: u64,
-    /// Connections the candidate would reject.
-    pub candidate_would_reject: u64,
+    /// Its connections by verdict (the kernel's counters).
+    #[serde(flatten)]
+    pub counts: crate::verdict::Counts,
     /// The last would-reject event.
     pub last_would_reject: Option<EventRecord>,
 }

@@ -19,13 +19,13 @@ use crate::datapath::{
     Datapath, DatapathError,
     abi::{
         self, CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, MAX_COUNTER_SLOTS,
-        MODE_AUDIT, MODE_ENFORCE, MODE_OFF, prog_names,
+        prog_names,
     },
     pins::PinLayout,
     rules::{CompileError, CompiledRuleset, allows_from_snapshot, compile},
 };
-use crate::policy::Mode;
 use crate::snapshot::{ContentHash, Snapshot};
+use crate::verdict::{Counts, Mode};
 
 /// Applying a policy to the kernel failed; what was in force before stays in force.
 #[derive(Debug, thiserror::Error)]
@@ -141,14 +141,6 @@ pub struct Kernel {
     applied: Option<(ContentHash, Option<ContentHash>)>,
     /// The DNS proxy's port and own cgroup, when it runs (the redirect's half of `DF_CONFIG`).
     dns: Option<(u16, u64)>,
-}
-
-fn kernel_mode(mode: Mode) -> u32 {
-    match mode {
-        Mode::Off => MODE_OFF,
-        Mode::Audit => MODE_AUDIT,
-        Mode::Enforce => MODE_ENFORCE,
-    }
 }
 
 impl Kernel {
@@ -342,7 +334,7 @@ impl Kernel {
             }
             let state = CgroupState {
                 ruleset_id: ruleset.0,
-                mode: kernel_mode(mode),
+                mode: mode.code(),
                 candidate_ruleset: candidate.as_ref().map_or(0, |c| c.0),
                 flags,
                 counter_slot: slot,
@@ -458,14 +450,8 @@ impl Kernel {
         (exact, cidrs, self.services.values().map(|s| s.cgroups.len()).sum())
     }
 
-    /// Counters of a service: (allowed, would_reject, rejected, candidate_would_reject).
-    pub fn counters(&self, slot: u32) -> [u64; 4] {
-        let c = |v| self.datapath.maps.counter(slot, v).unwrap_or(0);
-        [
-            c(abi::VERDICT_ALLOWED),
-            c(abi::VERDICT_WOULD_REJECT),
-            c(abi::VERDICT_REJECTED),
-            c(abi::VERDICT_CANDIDATE_WOULD_REJECT),
-        ]
+    /// The counters of a service's slot.
+    pub fn counters(&self, slot: u32) -> Counts {
+        self.datapath.maps.counts(slot).unwrap_or_default()
     }
 }

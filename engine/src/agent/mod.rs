@@ -25,6 +25,7 @@ use crate::datapath::{abi, pins::PinLayout};
 use crate::dns::kernel::KernelDns;
 use crate::dns::{AllowChange, AllowSet, DenyResponse, DnsEvent, DnsPolicy, Proxy, ProxyConfig, TtlBounds};
 use crate::snapshot::{Connection, Snapshot};
+use crate::verdict::Verdict;
 
 pub mod control;
 pub mod discovery;
@@ -188,7 +189,7 @@ async fn start_dns(
     };
     let events = move |event: DnsEvent| {
         telemetry::export_dns_event(&event);
-        let allowed = matches!(&event, DnsEvent::Query(q) if q.verdict == crate::snapshot::Verdict::Allowed);
+        let allowed = matches!(&event, DnsEvent::Query(q) if q.verdict == Verdict::Allowed);
         if !allowed && tx.try_send(Message::Dns(event)).is_err() {
             counter!("depfence_dns_events_dropped_total").increment(1);
         }
@@ -354,8 +355,8 @@ impl Agent {
         for event in self.kernel.maps().drain_events() {
             let service = self.kernel.service_of_cgroup(event.policy_cgroup_id).map(str::to_owned);
             let cgroup = self.found.iter().find(|c| c.id == event.cgroup_id).map(|c| c.relative.clone());
-            let record = EventRecord::new(&event, service, cgroup, &self.owners, now);
-            if let (Some(service), "would_reject") = (&record.service, record.verdict.as_str()) {
+            let Some(record) = EventRecord::new(&event, service, cgroup, &self.owners, now) else { continue };
+            if let (Some(service), Verdict::WouldReject) = (&record.service, record.verdict) {
                 self.rollout.record_destination(service, now, &record.destination);
             }
             let _ = self.event_tx.send(record.clone());
@@ -367,11 +368,11 @@ impl Agent {
     /// to the event log (and a would-reject counts as evidence against promotion).
     fn dns_event(&mut self, event: DnsEvent) {
         match event {
-            DnsEvent::Query(query) if query.verdict != crate::snapshot::Verdict::Allowed => {
+            DnsEvent::Query(query) if query.verdict != Verdict::Allowed => {
                 let now = SystemTime::now();
                 let cgroup = self.found.iter().find(|c| c.id == query.who.cgroup_id).map(|c| c.relative.clone());
                 let record = EventRecord::from_query(&query, cgroup, self.kernel.generation(), now);
-                if record.verdict == "would_reject" {
+                if record.verdict == Verdict::WouldReject {
                     self.rollout.record_destination(&query.who.service, now, &record.destination);
                 }
                 info!(
@@ -379,7 +380,7 @@ impl Agent {
                     name = query.name,
                     pid = query.who.pid,
                     comm = query.who.comm,
-                    verdict = record.verdict,
+                    verdict = record.verdict.as_str(),
                     "dns question"
                 );
                 let _ = self.event_tx.send(record.clone());
@@ -402,10 +403,9 @@ impl Agent {
     fn export(&mut self) {
         let now = SystemTime::now();
         for (name, service) in self.kernel.services() {
-            let counters = self.kernel.counters(service.slot);
-            telemetry::export_service(name, counters, service.mode, service.mode_since, service.cgroups.len());
-            let [allowed, would_reject, ..] = counters;
-            self.rollout.record(name, now, allowed, would_reject);
+            let counts = self.kernel.counters(service.slot);
+            telemetry::export_service(name, counts, service.mode, service.mode_since, service.cgroups.len());
+            self.rollout.record(name, now, counts.allowed, counts.would_reject);
         }
         self.rollout.persist(now, false);
         let dropped = self.kernel.maps().global(abi::GLOBAL_EVENTS_DROPPED).unwrap_or(0);
@@ -428,19 +428,13 @@ impl Agent {
             .kernel
             .services()
             .iter()
-            .map(|(name, s)| {
-                let [allowed, would_reject, rejected, candidate_would_reject] = self.kernel.counters(s.slot);
-                ServiceStatus {
-                    name: name.clone(),
-                    mode: s.mode.as_str().to_owned(),
-                    mode_since: humantime::format_rfc3339_seconds(s.mode_since).to_string(),
-                    cgroups: s.cgroups.values().cloned().collect(),
-                    allowed,
-                    would_reject,
-                    rejected,
-                    candidate_would_reject,
-                    last_would_reject: self.events.last_would_reject(name).cloned(),
-                }
+            .map(|(name, s)| ServiceStatus {
+                name: name.clone(),
+                mode: s.mode.as_str().to_owned(),
+                mode_since: humantime::format_rfc3339_seconds(s.mode_since).to_string(),
+                cgroups: s.cgroups.values().cloned().collect(),
+                counts: self.kernel.counters(s.slot),
+                last_would_reject: self.events.last_would_reject(name).cloned(),
             })
             .collect::<Vec<_>>();
         let total = self.active.as_ref().map_or(0, |(s, _)| s.services().len());

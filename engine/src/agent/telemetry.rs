@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::datapath::abi::{self, Event, user::words_addr};
 use crate::dns::{DnsEvent, QueryEvent};
-use crate::policy::Mode;
+use crate::verdict::{Counts, Mode, Verdict};
 
 /// Destinations kept as their own label value per service; the rest go to [`OVERFLOW`].
 pub const MAX_DESTINATIONS_PER_SERVICE: usize = 100;
@@ -73,14 +73,18 @@ pub fn unix_seconds(t: SystemTime) -> f64 {
 }
 
 /// Exports one service's counters and mode.
-pub fn export_service(service: &str, counters: [u64; 4], mode: Mode, mode_since: SystemTime, cgroups: usize) {
-    let [allowed, would_reject, rejected, candidate] = counters;
+pub fn export_service(service: &str, counts: Counts, mode: Mode, mode_since: SystemTime, cgroups: usize) {
     let s = service.to_owned();
-    counter!("depfence_connections_total", "service" => s.clone(), "verdict" => "allowed").absolute(allowed);
-    counter!("depfence_connections_total", "service" => s.clone(), "verdict" => "would_reject").absolute(would_reject);
-    counter!("depfence_connections_total", "service" => s.clone(), "verdict" => "rejected").absolute(rejected);
-    counter!("depfence_candidate_would_reject_total", "service" => s.clone()).absolute(candidate);
-    for m in [Mode::Off, Mode::Audit, Mode::Enforce] {
+    for (verdict, count) in counts.iter() {
+        match verdict {
+            Verdict::CandidateWouldReject => {
+                counter!("depfence_candidate_would_reject_total", "service" => s.clone()).absolute(count);
+            }
+            _ => counter!("depfence_connections_total", "service" => s.clone(), "verdict" => verdict.as_str())
+                .absolute(count),
+        }
+    }
+    for m in Mode::ALL {
         let value = if m == mode { 1.0 } else { 0.0 };
         gauge!("depfence_service_mode", "service" => s.clone(), "mode" => m.as_str()).set(value);
     }
@@ -108,8 +112,8 @@ pub struct EventRecord {
     /// The service that owns the destination, when the policy says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_service: Option<String>,
-    /// `allowed`, `would_reject`, `rejected` or `candidate_would_reject`.
-    pub verdict: String,
+    /// The verdict.
+    pub verdict: Verdict,
     /// For a DNS question the proxy judged: its record type (`A`, `AAAA`, …); `destination`
     /// is then the name asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,28 +122,18 @@ pub struct EventRecord {
     pub generation: u32,
 }
 
-/// The name of a kernel verdict.
-pub fn verdict_name(verdict: u32) -> &'static str {
-    match verdict {
-        abi::VERDICT_ALLOWED => "allowed",
-        abi::VERDICT_WOULD_REJECT => "would_reject",
-        abi::VERDICT_REJECTED => "rejected",
-        abi::VERDICT_CANDIDATE_WOULD_REJECT => "candidate_would_reject",
-        _ => "unknown",
-    }
-}
-
 impl EventRecord {
-    /// Resolves a kernel event; `service` and `cgroup` come from the agent's tables.
+    /// Resolves a kernel event; `service` and `cgroup` come from the agent's tables. None
+    /// for an event with a verdict this build does not know.
     pub fn new(
         event: &Event,
         service: Option<String>,
         cgroup: Option<String>,
         owners: &DestinationOwners,
         now: SystemTime,
-    ) -> Self {
+    ) -> Option<Self> {
         let addr = words_addr(event.addr);
-        Self {
+        Some(Self {
             time: humantime::format_rfc3339_millis(now).to_string(),
             service,
             cgroup,
@@ -148,10 +142,10 @@ impl EventRecord {
             comm: event.comm_name().into_owned(),
             destination: event.destination(),
             destination_service: owners.owner(addr, event.port, event.proto).map(str::to_owned),
-            verdict: verdict_name(event.verdict).to_owned(),
+            verdict: Verdict::from_code(event.verdict)?,
             query: None,
             generation: event.generation,
-        }
+        })
     }
 
     /// What was judged, for people: the destination, or `dns A name` for a DNS question.
@@ -173,7 +167,7 @@ impl EventRecord {
             comm: query.who.comm.clone(),
             destination: query.name.clone(),
             destination_service: None,
-            verdict: query.verdict.as_str().to_owned(),
+            verdict: query.verdict,
             query: Some(query.qtype.clone()),
             generation,
         }
@@ -269,16 +263,16 @@ impl EventLog {
         } else {
             OVERFLOW.to_owned()
         };
-        if event.verdict != "allowed" {
+        if event.verdict.is_refusal() {
             counter!(
                 "depfence_destination_events_total",
                 "service" => service.clone(),
                 "destination" => label,
-                "verdict" => event.verdict.clone()
+                "verdict" => event.verdict.as_str()
             )
             .increment(1);
         }
-        if event.verdict == "would_reject" {
+        if event.verdict == Verdict::WouldReject {
             self.last_would_reject.insert(service, event.clone());
         }
         if self.recent.len() == RECENT_EVENTS {
@@ -304,7 +298,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
     use super::*;
 
-    fn record(service: &str, destination: &str, verdict: &str) -> EventRecord {
+    fn record(service: &str, destination: &str, verdict: Verdict) -> EventRecord {
         EventRecord {
             time: String::new(),
             service: Some(service.to_owned()),
@@ -314,7 +308,7 @@ mod tests {
             comm: "x".into(),
             destination: destination.to_owned(),
             destination_service: None,
-            verdict: verdict.to_owned(),
+            verdict,
             query: None,
             generation: 1,
         }
@@ -324,10 +318,10 @@ mod tests {
     fn destinations_are_bounded_per_service() {
         let mut log = EventLog::default();
         for i in 0..(MAX_DESTINATIONS_PER_SERVICE + 5) {
-            log.record(record("web", &format!("10.0.0.1:{i}/tcp"), "would_reject"));
+            log.record(record("web", &format!("10.0.0.1:{i}/tcp"), Verdict::WouldReject));
         }
         assert_eq!(log.destinations["web"].len(), MAX_DESTINATIONS_PER_SERVICE);
-        log.record(record("db", "10.0.0.1:1/tcp", "rejected"));
+        log.record(record("db", "10.0.0.1:1/tcp", Verdict::Rejected));
         assert_eq!(log.destinations["db"].len(), 1);
         assert_eq!(log.last_would_reject("web").unwrap().destination, "10.0.0.1:104/tcp");
         assert!(log.last_would_reject("db").is_none());
@@ -337,7 +331,7 @@ mod tests {
     fn recent_keeps_the_newest() {
         let mut log = EventLog::default();
         for i in 0..(RECENT_EVENTS + 3) {
-            log.record(record("web", &format!("10.0.0.1:{i}/tcp"), "rejected"));
+            log.record(record("web", &format!("10.0.0.1:{i}/tcp"), Verdict::Rejected));
         }
         let recent = log.recent(2);
         assert_eq!(recent.len(), 2);

@@ -36,6 +36,7 @@ pub use depfence_bpf_common as abi;
 
 use self::{pins::PinLayout, rules::CompiledRuleset, sys::ReaderBarrier};
 use crate::cgroup::cgroup_id;
+use crate::verdict::{Counts, Verdict};
 
 /// The eBPF object built by `engine/build.rs` (aya-build copies the `depfence-bpf` bin to
 /// `OUT_DIR`). Empty when built with `AYA_BUILD_SKIP=1`.
@@ -306,6 +307,15 @@ impl Maps {
         Ok(v.iter().sum())
     }
 
+    /// Every counter of `slot`, summed over CPUs.
+    pub fn counts(&self, slot: u32) -> Result<Counts> {
+        let mut counts = Counts::default();
+        for verdict in Verdict::ALL {
+            counts[verdict] = self.counter(slot, verdict.code())?;
+        }
+        Ok(counts)
+    }
+
     /// Zeroes the counters of `slot` on every CPU (before a slot is given to a new owner).
     pub fn reset_counters(&mut self, slot: u32) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io(e))?;
@@ -392,7 +402,9 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        for name in prog_names::ALL.into_iter().chain(prog_names::BENCH) {
+        // The benchmark's cost-floor programs are in the object only with `bench-programs`.
+        let bench = prog_names::BENCH.into_iter().filter(|_| cfg!(feature = "bench-programs"));
+        for name in prog_names::ALL.into_iter().chain(bench) {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?

@@ -29,13 +29,13 @@ use super::{
     DatapathError, Maps,
     abi::{
         ABI_VERSION, DedupKey, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, FLAG_EVENT_ALLOWED,
-        FLAG_EVENT_NO_DEDUP, GLOBAL_BAD_SLOT, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, GLOBAL_UNREGISTERED,
-        MODE_AUDIT, MODE_ENFORCE, MODE_OFF, Meta, VERDICT_ALLOWED, VERDICT_CANDIDATE_WOULD_REJECT, VERDICT_REJECTED,
-        VERDICT_WOULD_REJECT, map_names,
+        FLAG_EVENT_NO_DEDUP, GLOBAL_BAD_SLOT, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, GLOBAL_UNREGISTERED, Meta,
+        map_names,
     },
     pins::PinLayout,
 };
 use crate::cgroup::{Cgroup2, mount_points};
+use crate::verdict::{Counts, Mode};
 
 /// Prefix of the directory names under bpffs that depfence pins into.
 pub const ROOT_PREFIX: &str = "depfence";
@@ -258,20 +258,7 @@ pub struct CgroupStatus {
     /// Row in `DF_COUNTERS`.
     pub counter_slot: u32,
     /// The counters of that row, summed over CPUs (None if the slot cannot be read).
-    pub counters: Option<Counters>,
-}
-
-/// The four per-cgroup counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Counters {
-    /// A rule matched (or mode off).
-    pub allowed: u64,
-    /// Audit let a miss pass.
-    pub would_reject: u64,
-    /// Enforce refused a miss.
-    pub rejected: u64,
-    /// The candidate ruleset would have refused it.
-    pub candidate_would_reject: u64,
+    pub counters: Option<Counts>,
 }
 
 /// `DF_GLOBALS`, summed over CPUs.
@@ -570,7 +557,7 @@ impl Inspector {
         entries.sort_by_key(|(id, _)| *id);
         let mut out = Vec::new();
         for (id, state) in entries {
-            let counters = slot_counters(maps, state.counter_slot);
+            let counters = maps.counts(state.counter_slot);
             if let Err(e) = &counters {
                 warnings.push(format!("cgroup {id}: counter slot {}: {e}", state.counter_slot));
             }
@@ -590,15 +577,6 @@ impl Inspector {
         }
         out
     }
-}
-
-fn slot_counters(maps: &Maps, slot: u32) -> Result<Counters, DatapathError> {
-    Ok(Counters {
-        allowed: maps.counter(slot, VERDICT_ALLOWED)?,
-        would_reject: maps.counter(slot, VERDICT_WOULD_REJECT)?,
-        rejected: maps.counter(slot, VERDICT_REJECTED)?,
-        candidate_would_reject: maps.counter(slot, VERDICT_CANDIDATE_WOULD_REJECT)?,
-    })
 }
 
 fn open_map(path: &Path) -> Result<Map> {
@@ -726,12 +704,7 @@ pub fn cgroup_id_from_pin(pin: &Path) -> Option<u64> {
 
 /// `MODE_*` by name.
 pub fn mode_name(mode: u32) -> String {
-    match mode {
-        MODE_OFF => "off".to_owned(),
-        MODE_AUDIT => "audit".to_owned(),
-        MODE_ENFORCE => "enforce".to_owned(),
-        other => format!("unknown({other})"),
-    }
+    Mode::from_code(mode).map_or_else(|| format!("unknown({mode})"), |m| m.as_str().to_owned())
 }
 
 /// `FLAG_*` bits by name; unknown bits as hex.
@@ -867,9 +840,9 @@ mod tests {
 
     #[test]
     fn names_of_modes_flags_and_attach_types() {
-        assert_eq!(mode_name(MODE_OFF), "off");
-        assert_eq!(mode_name(MODE_AUDIT), "audit");
-        assert_eq!(mode_name(MODE_ENFORCE), "enforce");
+        assert_eq!(mode_name(super::super::abi::MODE_OFF), "off");
+        assert_eq!(mode_name(super::super::abi::MODE_AUDIT), "audit");
+        assert_eq!(mode_name(super::super::abi::MODE_ENFORCE), "enforce");
         assert_eq!(mode_name(7), "unknown(7)");
         assert_eq!(flag_names(0), Vec::<String>::new());
         assert_eq!(

@@ -144,7 +144,7 @@ impl DnsPolicy {
             .services()
             .iter()
             .map(|s| {
-                let mode = s.modes.get(env).copied().unwrap_or(Mode::Off);
+                let mode = s.mode(env);
                 let policy = ServicePolicy { mode, names: NameMatcher::from_rules(&s.host_rules) };
                 (Arc::from(s.name.as_str()), Arc::new(policy))
             })

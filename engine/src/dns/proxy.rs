@@ -20,7 +20,7 @@ use super::names::DnsPolicy;
 use super::socket::{PktUdp, tcp_listener};
 use super::upstream::{self, MAX_UDP, UpstreamError};
 use crate::policy::Mode;
-use crate::snapshot::Verdict;
+use crate::verdict::Verdict;
 
 /// The answer to a name a service may not resolve, in enforce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -598,11 +598,7 @@ impl Inner {
         let who = who.clone();
 
         let grants = service.names.grants(&name);
-        let verdict = match (service.mode, grants.is_empty()) {
-            (Mode::Off, _) | (_, false) => Verdict::Allowed,
-            (Mode::Audit, true) => Verdict::WouldReject,
-            (Mode::Enforce, true) => Verdict::Rejected,
-        };
+        let verdict = crate::verdict::decide(service.mode, !grants.is_empty());
         let report = |reply: &Message, addrs: Vec<IpAddr>, upstream_error: Option<UpstreamError>| {
             self.events.event(DnsEvent::Query(QueryEvent {
                 who: who.clone(),

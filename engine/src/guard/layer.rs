@@ -23,7 +23,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use pin_project_lite::pin_project;
 
 use super::{Decision, Guard, LoadError, Reason};
-use crate::snapshot::Verdict;
+use crate::verdict::Verdict;
 
 /// The gRPC status code `PERMISSION_DENIED`.
 pub const GRPC_PERMISSION_DENIED: u16 = 7;
@@ -283,14 +283,15 @@ where
         let decision = self.guard.check(&self.service, rpc, authority);
         decision.record(&self.service);
         match decision.verdict {
-            Verdict::Allowed => {}
+            // The guard judges against one snapshot: it has no candidate to shadow.
+            Verdict::Allowed | Verdict::CandidateWouldReject => {}
             Verdict::WouldReject => {
                 tracing::warn!(
                     service = %self.service,
                     rpc,
                     authority,
                     backend = decision.backend().unwrap_or(super::metrics::UNKNOWN_BACKEND),
-                    verdict = "would_reject",
+                    verdict = decision.verdict.as_str(),
                     "depfence guard: call not allowed by the policy (audit: passed through)"
                 );
             }
@@ -301,7 +302,7 @@ where
                     rpc,
                     authority,
                     backend = decision.backend().unwrap_or(super::metrics::UNKNOWN_BACKEND),
-                    verdict = "rejected",
+                    verdict = decision.verdict.as_str(),
                     unknown_backend = matches!(decision.reason, Reason::UnknownBackend { .. }),
                     "depfence guard: call rejected"
                 );

@@ -20,7 +20,8 @@ use hashbrown::{HashMap, HashTable};
 use ipnet::IpNet;
 
 use crate::policy::{Destination, HostPattern, Mode, PortRange, Proto, RpcPattern};
-use crate::snapshot::{ServiceId, Snapshot, Verdict};
+use crate::snapshot::{ServiceId, Snapshot};
+use crate::verdict::Verdict;
 
 /// Why a call got its verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +260,7 @@ impl Matcher {
         };
         // Names and endpoints first: which backend a name reaches decides the rules' keys.
         for (id, service) in (0..).zip(services) {
-            let mode = service.modes.get(env).copied().unwrap_or(Mode::Off);
+            let mode = service.mode(env);
             m.callers.insert(service.name.as_str().into(), Caller { id, mode });
             let entry = m.names.entry(service.name.to_ascii_lowercase().into_boxed_str()).or_default();
             entry.service = entry.service.or(Some(id));
@@ -292,7 +293,7 @@ impl Matcher {
             m.backend_keys.push(if own { lower } else { format!("#{id}") }.into_boxed_str());
         }
         for (id, service) in (0..).zip(services) {
-            let caller = Caller { id, mode: service.modes.get(env).copied().unwrap_or(Mode::Off) };
+            let caller = Caller { id, mode: service.mode(env) };
             for (index, rule) in (0..).zip(&service.rpc_rules) {
                 let Some(backend) = m.backend_keys.get(rule.target as usize).cloned() else { continue };
                 let name = service.name.as_str();
@@ -490,13 +491,13 @@ impl Matcher {
 /// `rule` allows (None: no rule does).
 fn verdict(caller: Caller, backend: Option<ServiceId>, rule: Option<u32>) -> (Verdict, Mode, Reason) {
     let Caller { id: caller, mode } = caller;
-    let refused = if mode == Mode::Enforce { Verdict::Rejected } else { Verdict::WouldReject };
-    match (mode, backend, rule) {
-        (Mode::Off, _, _) => (Verdict::Allowed, mode, Reason::Off { caller, backend }),
-        (_, None, _) => (refused, mode, Reason::UnknownBackend { caller }),
-        (_, Some(backend), None) => (refused, mode, Reason::NoRule { caller, backend }),
-        (_, Some(backend), Some(rule)) => (Verdict::Allowed, mode, Reason::Rule { caller, backend, rule }),
-    }
+    let reason = match (mode, backend, rule) {
+        (Mode::Off, _, _) => Reason::Off { caller, backend },
+        (_, None, _) => Reason::UnknownBackend { caller },
+        (_, Some(backend), None) => Reason::NoRule { caller, backend },
+        (_, Some(backend), Some(rule)) => Reason::Rule { caller, backend, rule },
+    };
+    (crate::verdict::decide(mode, backend.is_some() && rule.is_some()), mode, reason)
 }
 
 /// The host of `host[:digits]`, without a final dot, as written: the key the common call's

@@ -64,7 +64,8 @@ pub use matcher::Reason;
 pub use metrics::{GUARD_RELOADS_TOTAL, RPC_CALLS_TOTAL, describe_metrics};
 
 use crate::policy::Mode;
-use crate::snapshot::{ContentHash, RpcRule, Snapshot, SnapshotError, Verdict};
+use crate::snapshot::{ContentHash, RpcRule, Snapshot, SnapshotError};
+use crate::verdict::Verdict;
 use matcher::Matcher;
 
 /// Loading or reloading a snapshot failed. The guard keeps its last good snapshot.

@@ -8,44 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diag::{Loc, Located, Sources};
 
-/// What the kernel does with a connection the policy does not allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// No evaluation: everything passes, nothing is counted.
-    Off,
-    /// Soft-apply: allow, but count and report every would-be rejection.
-    Audit,
-    /// Deny (the caller sees `EPERM`), count and report.
-    Enforce,
-}
-
-impl Mode {
-    /// Parses `off`, `audit` or `enforce`.
-    pub fn parse(text: &str) -> Option<Mode> {
-        match text {
-            "off" => Some(Mode::Off),
-            "audit" => Some(Mode::Audit),
-            "enforce" => Some(Mode::Enforce),
-            _ => None,
-        }
-    }
-
-    /// The keyword.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Off => "off",
-            Mode::Audit => "audit",
-            Mode::Enforce => "enforce",
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::verdict::Mode;
 
 /// Transport protocol of a rule or a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
