@@ -49,9 +49,9 @@ pub struct PolicyArg {
 
 impl PolicyArg {
     /// The policy path, however it was given.
-    pub fn path(&self) -> Result<&std::path::Path, crate::output::CliError> {
+    pub fn path(&self) -> Result<&std::path::Path, crate::error::CliError> {
         self.path.as_deref().or(self.policy.as_deref()).ok_or_else(|| {
-            crate::output::CliError::Usage("no policy given: pass PATH, --policy PATH or set DEPFENCE_POLICY".into())
+            crate::error::CliError::Usage("no policy given: pass PATH, --policy PATH or set DEPFENCE_POLICY".into())
         })
     }
 }
@@ -203,38 +203,7 @@ pub enum Command {
     },
     /// Run the agent: apply the policy to this machine's cgroups in the kernel, follow its
     /// changes, export Prometheus metrics, answer policyctl on the control socket (root).
-    Agent {
-        #[command(flatten)]
-        policy: PolicyArg,
-        /// The environment this machine is in (selects each service's mode).
-        #[arg(short, long, env = "DEPFENCE_ENVIRONMENT", value_name = "NAME")]
-        environment: String,
-        /// Prometheus listen address, or `none`.
-        #[arg(long, value_name = "ADDR", default_value = depfence::agent::DEFAULT_METRICS_LISTEN)]
-        metrics_listen: String,
-        /// bpffs directory for maps and links.
-        #[arg(long, value_name = "DIR", default_value = depfence::agent::DEFAULT_PIN_ROOT)]
-        pin_root: PathBuf,
-        /// State directory (counter slots, evidence, promotion log).
-        #[arg(long, value_name = "DIR", default_value = depfence::agent::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-        #[command(flatten)]
-        socket: SocketArg,
-        /// Log lines as text or JSON.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        log_format: Output,
-        /// `promote --enforce` refuses if the service had would-rejects within this window.
-        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
-        promote_window: std::time::Duration,
-        /// ... or fewer connections than this in the window.
-        #[arg(long, value_name = "N", default_value_t = 100)]
-        promote_min_connections: u64,
-        /// ... or was observed for less than this part of the window.
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
-        promote_min_observed: std::time::Duration,
-        #[command(flatten)]
-        dns: DnsArgs,
-    },
+    Agent(AgentArgs),
     /// Move a service to enforce once the evidence says it is safe: no would-rejects within the
     /// window and enough observed traffic (or `--force --reason`). Rewrites the mode in the
     /// policy file (comments and layout kept); the running agent applies it at once.
@@ -313,6 +282,41 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `policyctl agent`'s options.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub policy: PolicyArg,
+    /// The environment this machine is in (selects each service's mode).
+    #[arg(short, long, env = "DEPFENCE_ENVIRONMENT", value_name = "NAME")]
+    pub environment: String,
+    /// Prometheus listen address, or `none`.
+    #[arg(long, value_name = "ADDR", default_value = depfence::agent::DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: String,
+    /// bpffs directory for maps and links.
+    #[arg(long, value_name = "DIR", default_value = depfence::agent::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// State directory (counter slots, evidence, promotion log).
+    #[arg(long, value_name = "DIR", default_value = depfence::agent::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub socket: SocketArg,
+    /// Log lines as text or JSON.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub log_format: Output,
+    /// `promote --enforce` refuses if the service had would-rejects within this window.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub promote_window: std::time::Duration,
+    /// ... or fewer connections than this in the window.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub promote_min_connections: u64,
+    /// ... or was observed for less than this part of the window.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub promote_min_observed: std::time::Duration,
+    #[command(flatten)]
+    pub dns: DnsArgs,
 }
 
 /// Modes of `policyctl run`.

@@ -1,15 +1,15 @@
-//! `policyctl`: check, compile, draw and explain depfence dependency policies.
+//! `policyctl`: check, compile, draw and explain depfence dependency policies, run the agent
+//! that enforces them, and talk to it.
 //!
-//! Exit codes: 0 ok, 1 invalid policy (or warnings with `--deny-warnings`), 2 usage error
-//! (including a policy path that cannot be read).
+//! A thin front end over the engine: `args` parses the command line, `commands` has one module
+//! per subcommand, `output` prints diagnostics, and `error` holds the failures and the one table
+//! of exit codes (0 ok, 1 invalid policy or a refused request, 2 usage, 3 kernel, 4 agent,
+//! 5 I/O, 64 agent configuration).
 
-mod agent;
 mod args;
 mod commands;
-mod graph;
+mod error;
 mod output;
-mod run;
-mod status;
 
 use std::process::ExitCode;
 
@@ -24,10 +24,10 @@ fn main() -> ExitCode {
     let cli = args::Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,
-        Err(error) if output::is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
-            ExitCode::from(output::EXIT_USAGE)
+            ExitCode::from(error.exit_code())
         }
     }
 }

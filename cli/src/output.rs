@@ -1,4 +1,4 @@
-//! Printing diagnostics, and the errors and exit codes of `policyctl`.
+//! Printing diagnostics: for people (miette), one line each, or as JSON.
 
 use std::io::Write;
 
@@ -6,44 +6,7 @@ use depfence::diag::{Diagnostics, Sources};
 use miette::{GraphicalReportHandler, GraphicalTheme};
 
 use crate::args::ErrorFormat;
-
-/// Exit code for an invalid policy.
-pub const EXIT_INVALID: u8 = 1;
-/// Exit code for a usage error (clap uses it too).
-pub const EXIT_USAGE: u8 = 2;
-
-/// Failures that are not problems in the policy text.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The policy could not be read.
-    #[error(transparent)]
-    Load(#[from] depfence::policy::LoadError),
-    /// Writing output failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// An argument is not valid.
-    #[error("{0}")]
-    Usage(String),
-    /// The snapshot could not be encoded.
-    #[error(transparent)]
-    Snapshot(#[from] depfence::snapshot::SnapshotError),
-}
-
-impl From<std::io::Error> for CliError {
-    fn from(source: std::io::Error) -> Self {
-        CliError::Io { context: "writing output".into(), source }
-    }
-}
-
-/// A closed pipe (`policyctl graph | head`) is not an error.
-pub fn is_broken_pipe(error: &CliError) -> bool {
-    matches!(error, CliError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
-}
+use crate::error::CliError;
 
 /// Prints diagnostics in the chosen format: human and plain to standard error, JSON to standard
 /// output (a program reading it gets one document).

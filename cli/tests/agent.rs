@@ -382,7 +382,11 @@ fn events_follow_and_live_explain() {
         &agent.socket,
     );
     let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((body["verdict"].as_str(), body["mode"].as_str()), (Some("rejected"), Some("enforce")));
+    // Live and offline explain give one shape: the verdict of each environment asked about (the
+    // agent's one, live), and the generation that answered.
+    let verdict = &body["verdicts"][0];
+    assert_eq!((verdict["verdict"].as_str(), verdict["mode"].as_str()), (Some("rejected"), Some("enforce")));
+    assert_eq!(body["live"]["generation"], 1);
 
     // SIGHUP re-reads the policy (the same one: same generation).
     let status = Command::new("kill").args(["-HUP", &agent.pid().to_string()]).status().unwrap();

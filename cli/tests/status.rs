@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 
 use depfence::cgroup::Cgroup2;
 use depfence::datapath::abi::{ABI_VERSION, map_names};
-use depfence::datapath::rules::{CompiledRuleset, allows_from_snapshot, compile};
+use depfence::lower::{CompiledRuleset, allows_from_snapshot, compile};
 use serde_json::Value;
 
 fn policyctl() -> PathBuf {
@@ -45,9 +45,7 @@ fn policy(web_port: u16) -> tempfile::NamedTempFile {
 
 /// The kernel entries `policyctl run` writes for `deploy`, compiled the same way.
 fn kernel_rules(policy: &Path) -> CompiledRuleset {
-    let parsed = depfence::policy::load(policy).unwrap();
-    let analysis = depfence::compile::analyze_parsed(&parsed).unwrap();
-    let compiled = analysis.freeze().unwrap();
+    let compiled = depfence::compile::compile_path(policy).unwrap();
     let (_, deploy) = compiled.snapshot.service("deploy").unwrap();
     compile(1, &allows_from_snapshot(&deploy.net_rules)).unwrap()
 }

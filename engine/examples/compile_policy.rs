@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let compiled = match compile(&parsed.policy) {
         Ok(compiled) => compiled,
-        Err(CompileError::Invalid(diagnostics)) => {
+        Err(CompileError::Invalid { diagnostics, .. }) => {
             println!("compile       {:>9.3} s", started.elapsed().as_secs_f64());
             eprintln!("compile_policy: the policy has {} error(s)", diagnostics.errors().count());
             for d in diagnostics.errors().take(5) {

@@ -15,12 +15,16 @@ pub mod datapath;
 pub mod diag;
 #[cfg(feature = "dns")]
 pub mod dns;
+pub mod durable;
+pub mod explain;
 pub mod graph;
 #[cfg(feature = "guard")]
 pub mod guard;
+pub mod lower;
 pub mod policy;
 pub mod problem;
 pub mod promote;
 pub mod snapshot;
 pub mod synth;
+pub mod timefmt;
 pub mod verdict;

@@ -555,7 +555,7 @@ mod tests {
         assert_eq!(policy.intrinsic_cycles.len(), 1);
 
         let compiled = compile(policy).unwrap_or_else(|e| match e {
-            CompileError::Invalid(d) => panic!("{:?}", d.errors().collect::<Vec<_>>()),
+            CompileError::Invalid { diagnostics: d, .. } => panic!("{:?}", d.errors().collect::<Vec<_>>()),
             e => panic!("{e}"),
         });
         assert!(compiled.analysis.diagnostics.is_empty(), "{:?}", compiled.analysis.diagnostics);

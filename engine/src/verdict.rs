@@ -99,6 +99,17 @@ impl Verdict {
         }
     }
 
+    /// The name for people, in reports and tables: `allowed`, `would-reject`, `rejected`,
+    /// `candidate-would-reject`.
+    pub const fn phrase(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::WouldReject => "would-reject",
+            Verdict::Rejected => "rejected",
+            Verdict::CandidateWouldReject => "candidate-would-reject",
+        }
+    }
+
     /// The kernel's code (`VERDICT_*`: counters and events).
     pub const fn code(self) -> u32 {
         match self {

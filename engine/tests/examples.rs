@@ -129,7 +129,7 @@ fn compile_example(path: &Path) -> (Sources, Compiled) {
     );
     let compiled = match compile(&parsed.policy) {
         Ok(compiled) => compiled,
-        Err(depfence::compile::CompileError::Invalid(diags)) => {
+        Err(depfence::compile::CompileError::Invalid { diagnostics: diags, .. }) => {
             panic!("{}: invalid:\n{}", path.display(), rendered(&sources, diags))
         }
         Err(other) => panic!("{}: {other}", path.display()),

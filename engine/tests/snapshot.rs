@@ -333,7 +333,7 @@ fn verdict_per_environment_mode() {
 fn policy_without_environments_audits() {
     let s = snapshot("version = 1\n[services.web]\nallow = [{ ip = \"10.0.0.1\" }]\n");
     assert_eq!(s.environments().len(), 1);
-    assert_eq!(s.environments()[0].name, depfence::compile::DEFAULT_ENVIRONMENT);
+    assert_eq!(s.environments()[0].name, depfence::policy::DEFAULT_ENVIRONMENT);
     assert_eq!(s.environments()[0].mode, Mode::Audit);
     let (_, web) = s.service("web").unwrap();
     assert_eq!(web.decide(0, &conn("10.0.0.2", 80, Proto::Tcp)).verdict, Verdict::WouldReject);

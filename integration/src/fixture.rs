@@ -148,8 +148,8 @@ pub fn attached(cg: &Cgroup, pins: &Pins) -> Datapath {
 
 /// Installs `allows` as ruleset 1 and puts the cgroup `cgroup_id` in enforce on it, counting
 /// in `slot`.
-pub fn enforce(dp: &mut Datapath, cgroup_id: u64, slot: u32, allows: &[depfence::datapath::rules::Allow]) {
-    let ruleset = depfence::datapath::rules::compile(1, allows).unwrap();
+pub fn enforce(dp: &mut Datapath, cgroup_id: u64, slot: u32, allows: &[depfence::lower::Allow]) {
+    let ruleset = depfence::lower::compile(1, allows).unwrap();
     dp.maps.install(&ruleset).unwrap();
     dp.maps.set_cgroup(cgroup_id, state(1, depfence_bpf_common::MODE_ENFORCE, slot)).unwrap();
 }

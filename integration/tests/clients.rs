@@ -22,10 +22,8 @@ use std::{
 };
 
 use depfence::cgroup::{cgroup_id, spawn_in};
-use depfence::datapath::{
-    Adopted, Datapath, DatapathError,
-    rules::{Allow, compile},
-};
+use depfence::datapath::{Adopted, Datapath, DatapathError};
+use depfence::lower::{Allow, compile};
 use depfence_bpf_common::{
     AF_INET, AF_INET6, CgroupState, Event, FLAG_ACTIVE_HAS_CIDR, IPPROTO_TCP, MODE_AUDIT, MODE_ENFORCE,
     VERDICT_ALLOWED, VERDICT_REJECTED, VERDICT_WOULD_REJECT, prog_names, user::words_addr,

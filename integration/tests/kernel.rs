@@ -18,10 +18,8 @@ use std::{
 };
 
 use depfence::cgroup::{Cgroup2, cgroup_id};
-use depfence::datapath::{
-    Adopted, Datapath,
-    rules::{Allow, allows_from_snapshot, compile},
-};
+use depfence::datapath::{Adopted, Datapath};
+use depfence::lower::{Allow, allows_from_snapshot, compile};
 use depfence_bpf_common::{
     CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, GLOBAL_EVENTS_DEDUPED, GLOBAL_EVENTS_DROPPED, IPPROTO_TCP, IPPROTO_UDP,
     MODE_AUDIT, MODE_ENFORCE, VERDICT_ALLOWED, VERDICT_CANDIDATE_WOULD_REJECT, VERDICT_REJECTED, VERDICT_WOULD_REJECT,

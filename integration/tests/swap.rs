@@ -11,7 +11,7 @@ use std::{
 };
 
 use depfence::cgroup::spawn_in;
-use depfence::datapath::rules::{Allow, CompiledRuleset, compile};
+use depfence::lower::{Allow, CompiledRuleset, compile};
 use depfence_bpf_common::{
     CgroupState, FLAG_EVENT_ALLOWED, FLAG_EVENT_NO_DEDUP, IPPROTO_TCP, MODE_ENFORCE, VERDICT_ALLOWED, VERDICT_REJECTED,
     user::words_addr,

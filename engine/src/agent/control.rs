@@ -166,6 +166,22 @@ pub struct ServiceStatus {
     pub last_would_reject: Option<EventRecord>,
 }
 
+/// The answer to a promotion or demotion ([`Request::Promote`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeChanged {
+    /// What was rewritten.
+    pub outcome: crate::promote::Outcome,
+    /// The policy generation in force afterwards.
+    pub generation: u32,
+}
+
+/// The answer to `promote --dry-run`: the gate would accept a promotion on this evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionCheck {
+    /// The evidence the gate accepted.
+    pub evidence: crate::promote::Evidence,
+}
+
 /// Talking to the agent failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -22,8 +22,8 @@ use crate::datapath::{
         prog_names,
     },
     pins::PinLayout,
-    rules::{CompileError, CompiledRuleset, allows_from_snapshot, compile},
 };
+use crate::lower::{CompileError, CompiledRuleset, allows_from_snapshot, compile};
 use crate::snapshot::{ContentHash, Snapshot};
 use crate::verdict::{Counts, Mode};
 
@@ -437,9 +437,7 @@ impl Kernel {
     fn save(&self) -> Result<()> {
         let io = |source| KernelError::State { path: self.state_file.clone(), source };
         let text = serde_json::to_vec_pretty(&self.persisted).map_err(std::io::Error::other).map_err(io)?;
-        let tmp = self.state_file.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &self.state_file).map_err(io)
+        crate::durable::replace(&self.state_file, &text, crate::durable::Access::Private).map_err(io)
     }
 
     /// Entries this agent has in (`DF_RULES`, `DF_CIDRS`, `DF_CGROUPS`), from its own books:

@@ -30,7 +30,6 @@ use crate::verdict::Verdict;
 pub mod control;
 pub mod discovery;
 pub mod kernel;
-pub mod rollout;
 pub mod telemetry;
 
 use self::control::{AgentStatus, CandidateStatus, ReloadStatus, Request, Response, ServiceStatus};
@@ -202,21 +201,11 @@ async fn start_dns(
 
 /// A compiled policy or the rendered reasons it was refused.
 fn compile_policy(path: &Path) -> Result<Snapshot, Vec<String>> {
-    let parsed = crate::policy::load(path).map_err(|e| vec![e.to_string()])?;
-    let Some(analysis) = crate::compile::analyze_parsed(&parsed) else {
-        return Err(parsed.diagnostics.iter().map(|d| d.to_plain(&parsed.policy.sources)).collect());
-    };
-    let rendered: Vec<String> = analysis.diagnostics.iter().map(|d| d.to_plain(&parsed.policy.sources)).collect();
-    match analysis.freeze() {
-        Ok(compiled) => {
-            for warning in &rendered {
-                warn!(target: "depfence::policy", "{warning}");
-            }
-            Ok(compiled.snapshot)
-        }
-        Err(crate::compile::CompileError::Invalid(_)) => Err(rendered),
-        Err(e) => Err(vec![e.to_string()]),
+    let compiled = crate::compile::compile_path(path).map_err(|e| e.lines())?;
+    for warning in compiled.warning_lines() {
+        warn!(target: "depfence::policy", "{warning}");
     }
+    Ok(compiled.snapshot)
 }
 
 fn now_rfc3339() -> String {
@@ -248,7 +237,7 @@ struct Agent {
     events: EventLog,
     event_tx: broadcast::Sender<EventRecord>,
     dropped: u64,
-    rollout: rollout::Rollout,
+    rollout: crate::promote::Rollout,
     owners: DestinationOwners,
     dns: Option<DnsRuntime>,
 }
@@ -461,25 +450,19 @@ impl Agent {
     }
 
     fn explain(&self, from: &str, to: &str) -> Response {
-        let Some((snapshot, env)) = &self.active else { return Response::error("no policy in force yet") };
-        let Some((_, service)) = snapshot.service(from) else {
-            return Response::error(format!("the policy in force has no service `{from}`"));
-        };
+        let Some((snapshot, _)) = &self.active else { return Response::error("no policy in force yet") };
         let conn: Connection = match to.parse() {
             Ok(c) => c,
             Err(e) => return Response::error(e.to_string()),
         };
-        let decision = service.decide(*env, &conn);
-        Response::ok(serde_json::json!({
-            "from": from,
-            "to": to,
-            "environment": self.config.environment,
-            "generation": self.kernel.generation(),
-            "mode": decision.mode.as_str(),
-            "verdict": decision.verdict,
-            "rule": decision.rule.map(|r| snapshot.describe_rule(r)),
-            "position": decision.rule.map(|r| snapshot.rule_position(r)),
-        }))
+        let environment = crate::explain::Environments::Named(&self.config.environment);
+        match crate::explain::explain(snapshot, None, from, conn, environment) {
+            Ok(mut explanation) => {
+                explanation.live = Some(crate::explain::Live { generation: self.kernel.generation() });
+                Response::ok(explanation)
+            }
+            Err(e) => Response::error(format!("the policy in force: {e}")),
+        }
     }
 
     fn handle(&mut self, request: Request, uid: Option<u32>) -> Response {
@@ -529,7 +512,7 @@ impl Agent {
             ));
         }
         match self.rollout.check(service, SystemTime::now()) {
-            Ok(evidence) => Response::ok(serde_json::json!({ "dry_run": true, "evidence": evidence })),
+            Ok(evidence) => Response::ok(control::PromotionCheck { evidence }),
             Err(refusal) => Response::error(format!("promotion would be refused: {refusal}")),
         }
     }
@@ -550,7 +533,7 @@ impl Agent {
         let environment = environment.unwrap_or_else(|| self.config.environment.clone());
         let who = uid.map_or_else(
             || crate::promote::Actor { user: "unknown".into(), uid: u32::MAX },
-            |uid| crate::promote::Actor { user: rollout::user_name(uid), uid },
+            |uid| crate::promote::Actor { user: crate::promote::user_name(uid), uid },
         );
         // The evidence is this machine's; an environment other than the agent's has none here.
         if mode == crate::policy::Mode::Enforce && !force && environment != self.config.environment {
@@ -568,7 +551,7 @@ impl Agent {
             let errors = self.last_reload.as_ref().map(|r| r.errors.join("\n")).unwrap_or_default();
             return Response::error(format!("the policy file was rewritten but not applied:\n{errors}"));
         }
-        Response::ok(serde_json::json!({ "outcome": outcome, "generation": self.kernel.generation() }))
+        Response::ok(control::ModeChanged { outcome, generation: self.kernel.generation() })
     }
 
     /// The candidate's files replace the policy's; the reload makes it active.
@@ -628,7 +611,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     }
     let layout = PinLayout::new(&config.pin_root);
     let mut kernel = Kernel::open(&layout, &config.state_dir, cgroup2.mount(), config.rule_capacity)?;
-    let rollout = rollout::Rollout::open(&config.state_dir, config.gate);
+    let rollout = crate::promote::Rollout::open(&config.state_dir, config.gate);
 
     telemetry::describe();
     if let Some(addr) = config.metrics_listen {
@@ -730,11 +713,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 /// Writes `from` over `to`, file for file (a policy file, or a directory of `*.toml` files:
 /// files missing from `from` are removed). Each file is replaced atomically.
 fn replace_policy(from: &Path, to: &Path) -> std::io::Result<()> {
-    fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        let tmp = path.with_extension("toml.depfence-tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, path)
-    }
+    let write_atomic =
+        |path: &Path, bytes: &[u8]| crate::durable::replace(path, bytes, crate::durable::Access::KeepExisting);
     match (from.is_dir(), to.is_dir()) {
         (false, false) => write_atomic(to, &std::fs::read(from)?),
         (true, true) => {

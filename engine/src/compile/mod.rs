@@ -1,21 +1,23 @@
 //! Policy → [`Snapshot`]: name resolution, rule expansion, dependency-graph checks.
 //!
-//! [`analyze`] always runs to the end and collects every problem, so `graph` can draw a broken
-//! policy with its violations highlighted; [`compile`] freezes the analysis into a snapshot only
-//! when it has no errors.
+//! The pipeline is load → analyze → freeze, and [`compile_path`] (a policy file or directory)
+//! and [`compile_sources`] (texts) run all of it: every caller that needs a compiled policy
+//! (the CLI, the agent, the policy rewriter of `promote`) goes through them. [`check_path`] and
+//! [`check_sources`] stop after the analysis, which always runs to the end and collects every
+//! problem, so `check` reports warnings and `graph` can draw a broken policy with its violations
+//! highlighted; [`Checked::freeze`] then makes a snapshot only when there is no error.
 
-mod endpoints;
 mod resolve;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::path::Path;
+
 use crate::diag::{Diagnostic, Diagnostics, Loc, Sources};
 use crate::graph;
-use crate::policy::{Parsed, PolicySet, parse_str};
+use crate::policy::{LoadError, Parsed, PolicySet, load, parse_sources};
 use crate::problem::Problem;
 use crate::snapshot::{SNAPSHOT_FORMAT, Snapshot, SnapshotContent, SnapshotError};
-
-pub use resolve::{DEFAULT_ENVIRONMENT, DEFAULT_MODE};
 
 /// A service as the graph sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +105,7 @@ pub struct Analysis {
     pub diagnostics: Diagnostics,
     content: SnapshotContent,
     debug: crate::snapshot::DebugInfo,
+    owners: crate::snapshot::Owners,
 }
 
 impl Analysis {
@@ -122,25 +125,110 @@ impl Analysis {
     }
 }
 
-/// A successful compile: the snapshot and the warnings.
+/// A successful compile: the snapshot, the analysis behind it (with any warnings) and the
+/// sources the warnings point into.
 #[derive(Debug)]
 pub struct Compiled {
     /// The frozen policy.
     pub snapshot: Snapshot,
     /// The analysis behind it.
     pub analysis: Analysis,
+    /// The policy's files.
+    pub sources: Sources,
 }
 
-/// Compiling failed: the policy has errors (listed with any warnings).
+impl Compiled {
+    /// The warnings, one `file:line:col: …` line each.
+    pub fn warning_lines(&self) -> Vec<String> {
+        self.analysis.diagnostics.warnings().map(|d| d.to_plain(&self.sources)).collect()
+    }
+}
+
+/// Compiling failed; nothing was frozen.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CompileError {
-    /// The policy is invalid.
-    #[error("the policy has {} error(s)", .0.errors().count())]
-    Invalid(Diagnostics),
+    /// The policy could not be read.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The policy is invalid: every error (and warning), with the sources they point into.
+    #[error("the policy has {} error(s)", diagnostics.errors().count())]
+    Invalid {
+        /// The policy's files.
+        sources: Sources,
+        /// Every problem found.
+        diagnostics: Diagnostics,
+    },
     /// The snapshot could not be encoded.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+}
+
+impl CompileError {
+    /// Why, one line each: the errors and warnings as `file:line:col: …`, or the one message.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            CompileError::Invalid { sources, diagnostics } => diagnostics.iter().map(|d| d.to_plain(sources)).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// A policy read and analyzed, as far as its syntax allowed.
+#[derive(Debug)]
+pub struct Checked {
+    /// What was read: the policy with its sources, and the parse diagnostics.
+    pub parsed: Parsed,
+    /// The analysis; None when a file is not valid TOML (`parsed.diagnostics` say where).
+    pub analysis: Option<Analysis>,
+}
+
+impl Checked {
+    /// The policy's files.
+    pub fn sources(&self) -> &Sources {
+        &self.parsed.policy.sources
+    }
+
+    /// Every problem found, in source order: the analysis's (which include the parse's), or
+    /// the syntax errors that stopped it.
+    pub fn diagnostics(&self) -> &Diagnostics {
+        self.analysis.as_ref().map_or(&self.parsed.diagnostics, |a| &a.diagnostics)
+    }
+
+    /// Freezes a policy without errors into a snapshot; otherwise returns every problem.
+    pub fn freeze(self) -> Result<Compiled, CompileError> {
+        let sources = self.parsed.policy.sources;
+        match self.analysis {
+            Some(analysis) => analysis.freeze(sources),
+            None => Err(CompileError::Invalid { sources, diagnostics: self.parsed.diagnostics }),
+        }
+    }
+}
+
+/// Reads and analyzes the policy at `path` (a file, or a directory of `*.toml` files).
+pub fn check_path(path: &Path) -> Result<Checked, LoadError> {
+    Ok(check_parsed(load(path)?))
+}
+
+/// Analyzes named texts as the files of one policy.
+pub fn check_sources(files: impl IntoIterator<Item = (String, String)>) -> Checked {
+    check_parsed(parse_sources(files))
+}
+
+fn check_parsed(parsed: Parsed) -> Checked {
+    let analysis = analyze_parsed(&parsed);
+    Checked { parsed, analysis }
+}
+
+/// The compile entry point: the policy at `path` (a file, or a directory of `*.toml` files)
+/// compiled, or every reason it was not.
+pub fn compile_path(path: &Path) -> Result<Compiled, CompileError> {
+    check_path(path)?.freeze()
+}
+
+/// [`compile_path`] for named texts (a policy held in memory, or files being edited).
+pub fn compile_sources(files: impl IntoIterator<Item = (String, String)>) -> Result<Compiled, CompileError> {
+    check_sources(files).freeze()
 }
 
 /// Analyzes a parsed policy: resolves names, expands rules, runs every graph check.
@@ -157,6 +245,7 @@ pub fn analyze(policy: &PolicySet) -> Analysis {
         diagnostics: Diagnostics::default(),
         content: resolved.content,
         debug: resolved.debug,
+        owners: resolved.owners,
     };
     check_graph(policy, &resolved.intrinsic, &mut analysis, &mut diagnostics);
     diagnostics.sort();
@@ -167,7 +256,7 @@ pub fn analyze(policy: &PolicySet) -> Analysis {
 /// Analyzes what [`crate::policy::load`] or [`crate::policy::parse_sources`] read. Returns None
 /// when a file is not valid TOML (the syntax errors are in `parsed.diagnostics`); otherwise the
 /// analysis's diagnostics hold the parse diagnostics too, in source order.
-pub fn analyze_parsed(parsed: &Parsed) -> Option<Analysis> {
+fn analyze_parsed(parsed: &Parsed) -> Option<Analysis> {
     if !parsed.syntax_ok {
         return None;
     }
@@ -181,10 +270,10 @@ pub fn analyze_parsed(parsed: &Parsed) -> Option<Analysis> {
 
 impl Analysis {
     /// Freezes a policy without errors into a snapshot; otherwise returns every error (and
-    /// warning).
-    pub fn freeze(mut self) -> Result<Compiled, CompileError> {
+    /// warning). `sources` are the policy's files, which the diagnostics point into.
+    pub fn freeze(mut self, sources: Sources) -> Result<Compiled, CompileError> {
         if self.diagnostics.has_errors() {
-            return Err(CompileError::Invalid(self.diagnostics));
+            return Err(CompileError::Invalid { sources, diagnostics: self.diagnostics });
         }
         // The rules move into the snapshot (nothing reads them from the analysis afterwards):
         // copying them would cost time and memory in proportion to the policy.
@@ -192,33 +281,27 @@ impl Analysis {
             SnapshotContent { format: 0, environments: Vec::new(), services: Vec::new(), bootstrap: Vec::new() };
         let mut content = std::mem::replace(&mut self.content, empty);
         content.format = SNAPSHOT_FORMAT;
-        let snapshot = Snapshot::new(content, std::mem::take(&mut self.debug))?;
-        Ok(Compiled { snapshot, analysis: self })
+        let snapshot =
+            Snapshot::with_owners(content, std::mem::take(&mut self.debug), std::mem::take(&mut self.owners))?;
+        Ok(Compiled { snapshot, analysis: self, sources })
     }
 }
 
 /// Compiles a parsed policy into a snapshot, or returns every error (and warning).
 pub fn compile(policy: &PolicySet) -> Result<Compiled, CompileError> {
-    analyze(policy).freeze()
+    analyze(policy).freeze(policy.sources.clone())
 }
 
-/// Parses and compiles one policy text (tests, fuzzing, embedding). On failure returns the
-/// sources with the diagnostics so they can be rendered.
+/// Compiles one policy text (tests, fuzzing, embedding). On failure returns the sources with
+/// the diagnostics, so they can be rendered.
 pub fn compile_str(name: &str, text: &str) -> Result<Compiled, (Sources, Diagnostics)> {
-    let parsed = parse_str(name, text);
-    let Some(analysis) = analyze_parsed(&parsed) else {
-        return Err((parsed.policy.sources, parsed.diagnostics));
-    };
-    analysis.freeze().map_err(|error| {
-        let diagnostics = match error {
-            CompileError::Invalid(diagnostics) => diagnostics,
-            CompileError::Snapshot(e) => {
-                let mut diagnostics = Diagnostics::default();
-                diagnostics.push(Diagnostic::error(Problem::Syntax { message: e.to_string() }, Loc::default(), ""));
-                diagnostics
-            }
-        };
-        (parsed.policy.sources, diagnostics)
+    compile_sources([(name.to_owned(), text.to_owned())]).map_err(|error| match error {
+        CompileError::Invalid { sources, diagnostics } => (sources, diagnostics),
+        other => {
+            let mut diagnostics = Diagnostics::default();
+            diagnostics.push(Diagnostic::error(Problem::Syntax { message: other.to_string() }, Loc::default(), ""));
+            (Sources::default(), diagnostics)
+        }
     })
 }
 

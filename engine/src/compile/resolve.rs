@@ -4,28 +4,23 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rayon::prelude::*;
 
-use super::endpoints::EndpointIndex;
 use super::{Edge, EdgeKind, Node};
 use crate::diag::{Diagnostic, Diagnostics, Loc, Located, Sources};
+use crate::policy::EnvironmentEntry;
 use crate::policy::{
     AllowEntry, Destination, Mode, ModeSpec, PolicySet, PortRange, Proto, RpcPattern, Service, Target,
 };
 use crate::problem::{Problem, closest};
 use crate::snapshot::{
-    DebugInfo, EndpointRule, EnvironmentEntry, HostRule, NetRule, Origin, RpcRule, ServiceId, ServiceRuleset,
-    SnapshotContent,
+    DebugInfo, EndpointRule, HostRule, NetRule, Origin, Owners, RpcRule, ServiceId, ServiceRuleset, SnapshotContent,
 };
-
-/// The environment a policy without `[environments]` has.
-pub const DEFAULT_ENVIRONMENT: &str = "default";
-/// Its mode: soft-apply, the safe start.
-pub const DEFAULT_MODE: Mode = Mode::Audit;
 
 pub(super) struct Resolved {
     pub nodes: Vec<Node>,
     pub edges: Vec<Edge>,
     pub content: SnapshotContent,
     pub debug: DebugInfo,
+    pub owners: Owners,
     pub intrinsic: Vec<(BTreeSet<usize>, Loc)>,
 }
 
@@ -72,7 +67,8 @@ struct Context<'a, 'p> {
     layers: &'a Names<'p>,
     environments: &'a [EnvironmentEntry],
     env_names: &'a Names<'a>,
-    index: &'a EndpointIndex,
+    owners: &'a Owners,
+    endpoints: &'a [Vec<EndpointRule>],
 }
 
 /// What resolving one service gives.
@@ -97,16 +93,10 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
     let layers = Names::new("layer", policy.layers.iter().map(|l| l.value.as_str()));
     let groups = Names::new("group", services.iter().filter_map(|s| s.group.as_ref()).map(|g| g.value.as_str()));
 
-    let mut environments: BTreeMap<&str, Mode> = BTreeMap::new();
-    for env in &policy.environments {
-        environments.entry(&env.name.value).or_insert(env.mode.value);
-    }
-    if environments.is_empty() {
-        environments.insert(DEFAULT_ENVIRONMENT, DEFAULT_MODE);
-    }
-    let env_names = Names::new("environment", environments.keys().copied());
-    let environments: Vec<EnvironmentEntry> =
-        environments.into_iter().map(|(name, mode)| EnvironmentEntry { name: name.to_owned(), mode }).collect();
+    // Sorted by name: the snapshot's order.
+    let mut environments = policy.declared_environments();
+    environments.sort_by(|a, b| a.name.cmp(&b.name));
+    let env_names = Names::new("environment", environments.iter().map(|e| e.name.as_str()));
 
     for set in &policy.isolated {
         for group in &set.groups {
@@ -114,7 +104,8 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         }
     }
 
-    let index = EndpointIndex::new(&services);
+    let endpoints: Vec<Vec<EndpointRule>> = services.iter().map(|s| endpoint_rules(s)).collect();
+    let owners = Owners::new(endpoints.iter().map(Vec::as_slice));
     let mut debug = DebugInfo {
         files: policy.sources.files().iter().map(|f| f.name().to_owned()).collect(),
         origins: Vec::new(),
@@ -131,7 +122,8 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         layers: &layers,
         environments: &environments,
         env_names: &env_names,
-        index: &index,
+        owners: &owners,
+        endpoints: &endpoints,
     };
     // Each service's allow entries and rpc_allow patterns get the origin ids after those of the
     // services before it.
@@ -172,13 +164,14 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         edges,
         content: SnapshotContent { format: 0, environments, services: rulesets, bootstrap: Vec::new() },
         debug,
+        owners,
         intrinsic,
     }
 }
 
 /// Resolves one service; its allow entries get origin ids from `first_origin` on.
 fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_origin: u32) -> ServicePart {
-    let Context { policy, services, service_names, layers, environments, env_names, index } = *ctx;
+    let Context { policy, services, service_names, layers, environments, env_names, owners, endpoints } = *ctx;
     let mut diags = Diagnostics::default();
     let diags = &mut diags;
     let mut debug = DebugInfo::default();
@@ -239,14 +232,14 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
             }
             Target::Destination(destination) => {
                 reached.clear();
-                index.reached_by(destination, entry.ports.as_deref(), entry.proto, &mut reached);
+                owners.reached_by(destination, entry.ports.as_deref(), entry.proto, &mut reached);
                 reached.sort_unstable();
                 reached.dedup();
                 for &to in &reached {
-                    add_edge(to, EdgeKind::Inferred);
+                    add_edge(to as usize, EdgeKind::Inferred);
                 }
                 let target = match reached.as_slice() {
-                    [only] => Some(*only as ServiceId),
+                    [only] => Some(*only),
                     _ => None,
                 };
                 let ports = entry.ports.as_deref().unwrap_or(&[PortRange::ANY]);
@@ -271,7 +264,7 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
         modes,
         net_rules,
         host_rules,
-        endpoints: endpoint_rules(service),
+        endpoints: endpoints.get(id).cloned().unwrap_or_default(),
         rpc_rules,
     };
     ServicePart {

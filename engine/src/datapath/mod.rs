@@ -26,16 +26,17 @@ use depfence_bpf_common::{
     map_names, prog_names,
 };
 
+pub mod confine;
 pub mod pins;
-pub mod rules;
 pub mod status;
 mod sys;
 
 /// The kernel ABI: map types, names and constants shared with the eBPF programs.
 pub use depfence_bpf_common as abi;
 
-use self::{pins::PinLayout, rules::CompiledRuleset, sys::ReaderBarrier};
+use self::{pins::PinLayout, sys::ReaderBarrier};
 use crate::cgroup::cgroup_id;
+use crate::lower::CompiledRuleset;
 use crate::verdict::{Counts, Verdict};
 
 /// The eBPF object built by `engine/build.rs` (aya-build copies the `depfence-bpf` bin to

@@ -17,10 +17,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use hashbrown::{HashMap, HashTable};
-use ipnet::IpNet;
 
 use crate::policy::{Destination, HostPattern, Mode, PortRange, Proto, RpcPattern};
-use crate::snapshot::{ServiceId, Snapshot};
+use crate::snapshot::{Owners, ServiceId, Snapshot};
 use crate::verdict::Verdict;
 
 /// Why a call got its verdict.
@@ -202,14 +201,14 @@ fn by_length(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
-/// Endpoints that share an address or host name: (ports, service).
-type Owners = Vec<(PortRange, ServiceId)>;
+/// `host` endpoints that share a name: (ports, service).
+type HostOwners = Vec<(PortRange, ServiceId)>;
 
 /// What a lowercase host name can name: services that declare it as a `host` endpoint, and the
 /// service of that name. One map holds both, so a name costs one lookup.
 #[derive(Debug, Default)]
 struct NameEntry {
-    hosts: Owners,
+    hosts: HostOwners,
     service: Option<ServiceId>,
 }
 
@@ -234,11 +233,8 @@ pub(crate) struct Matcher {
     pairs: HashTable<PairRules>,
     /// Wildcard host endpoints, longest domain first.
     host_wildcards: Vec<(HostPattern, PortRange, ServiceId)>,
-    /// Single-address endpoints, by the address's canonical text (`10.0.0.5`, `fd00::5`): an
-    /// authority that writes it so is found without parsing.
-    addrs: HashMap<Box<str>, Owners>,
-    /// Block endpoints, longest prefix first.
-    blocks: Vec<(IpNet, PortRange, ServiceId)>,
+    /// Which service owns an address: the snapshot's index of its endpoints.
+    owners: Owners,
 }
 
 impl Matcher {
@@ -255,8 +251,7 @@ impl Matcher {
             methods: HashTable::with_capacity(snapshot.rpc_rule_count()),
             pairs: HashTable::new(),
             host_wildcards: Vec::new(),
-            addrs: HashMap::new(),
-            blocks: Vec::new(),
+            owners: snapshot.owners().clone(),
         };
         // Names and endpoints first: which backend a name reaches decides the rules' keys.
         for (id, service) in (0..).zip(services) {
@@ -272,16 +267,12 @@ impl Matcher {
                     Destination::Host(host) => {
                         m.names.entry(host.domain.as_str().into()).or_default().hosts.push((endpoint.ports, id));
                     }
-                    Destination::Net(net) if net.prefix_len() == net.max_prefix_len() => {
-                        let text = net.addr().to_canonical().to_string().into_boxed_str();
-                        m.addrs.entry(text).or_default().push((endpoint.ports, id));
-                    }
-                    Destination::Net(net) => m.blocks.push((*net, endpoint.ports, id)),
+                    // Addresses are the snapshot's index's.
+                    Destination::Net(_) => {}
                 }
             }
         }
         m.host_wildcards.sort_by_key(|(host, _, _)| std::cmp::Reverse(host.domain.len()));
-        m.blocks.sort_by_key(|(net, _, _)| std::cmp::Reverse(net.prefix_len()));
         for (id, service) in (0..).zip(services) {
             let lower = service.name.to_ascii_lowercase();
             let entry = m.names.get(lower.as_str());
@@ -429,12 +420,13 @@ impl Matcher {
         // digit fails the parse and is looked up as a name.
         let first = host.as_bytes().first().copied().unwrap_or_default();
         if first.is_ascii_digit() || host.contains(':') {
-            // The address as an endpoint writes it, then as parsed.
-            if let Some(id) = self.addrs.get(host).and_then(|owners| pick(owners, port)) {
+            // An address is owned by the service whose endpoint holds it (the snapshot's index
+            // finds the canonical text without parsing).
+            if let Some(id) = self.owners.owner_of_text(host, port, Proto::Tcp) {
                 return Some(id);
             }
-            if let Ok(ip) = host.parse::<IpAddr>() {
-                return self.resolve_ip(ip.to_canonical(), host, port);
+            if host.parse::<IpAddr>().is_ok() {
+                return None;
             }
         }
         let host = host.strip_suffix('.').unwrap_or(host);
@@ -462,28 +454,6 @@ impl Matcher {
         }
         let name = cluster_service_name(host)?;
         self.names.get(name).and_then(|e| e.service)
-    }
-
-    /// As [`Matcher::resolve_backend`], for an address written as `text`, when that text is not
-    /// an endpoint's.
-    fn resolve_ip(&self, ip: IpAddr, text: &str, port: Option<u16>) -> Option<ServiceId> {
-        // Another spelling of an endpoint's address (`::ffff:10.0.0.5`, `fd00:0::5`): its
-        // canonical text, written without allocating (at most 45 bytes).
-        let mut buffer = [0u8; 64];
-        let mut unwritten = &mut buffer[..];
-        if std::io::Write::write_fmt(&mut unwritten, format_args!("{ip}")).is_ok() {
-            let written = 64 - unwritten.len();
-            if let Some(canonical) = buffer.get(..written).and_then(|b| std::str::from_utf8(b).ok())
-                && canonical != text
-                && let Some(id) = self.addrs.get(canonical).and_then(|owners| pick(owners, port))
-            {
-                return Some(id);
-            }
-        }
-        self.blocks
-            .iter()
-            .find(|(net, ports, _)| net.contains(&ip) && port.is_none_or(|p| ports.contains(p)))
-            .map(|&(_, _, id)| id)
     }
 }
 
@@ -530,7 +500,7 @@ fn cluster_service_name(host: &str) -> Option<&str> {
 }
 
 /// The owner whose ports hold `port` (any owner when the authority has no port).
-fn pick(owners: &Owners, port: Option<u16>) -> Option<ServiceId> {
+fn pick(owners: &HostOwners, port: Option<u16>) -> Option<ServiceId> {
     owners.iter().find(|(ports, _)| port.is_none_or(|p| ports.contains(p))).map(|&(_, id)| id)
 }
 

@@ -98,9 +98,10 @@ impl PortRange {
         self == PortRange::ANY
     }
 
-    /// Number of ports covered.
+    /// Number of ports covered (a range read from damaged data, last before first, counts as
+    /// one port).
     pub fn len(self) -> u32 {
-        u32::from(self.last) - u32::from(self.first) + 1
+        u32::from(self.last).saturating_sub(u32::from(self.first)) + 1
     }
 
     /// Always false: a range holds at least one port.
@@ -262,6 +263,20 @@ pub struct Environment {
     pub name: Located<String>,
     /// Default mode of services in this environment.
     pub mode: Located<Mode>,
+}
+
+/// The environment a policy without `[environments]` has.
+pub const DEFAULT_ENVIRONMENT: &str = "default";
+/// Its mode: soft-apply, the safe start.
+pub const DEFAULT_MODE: Mode = Mode::Audit;
+
+/// An environment and its default mode, as the policy declares it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentEntry {
+    /// Name.
+    pub name: String,
+    /// Default mode.
+    pub mode: Mode,
 }
 
 /// A declared endpoint of a service: where others reach it.
@@ -446,6 +461,24 @@ pub struct PolicySet {
     pub services: Vec<Service>,
     /// Accepted cycles.
     pub intrinsic_cycles: Vec<IntrinsicCycle>,
+}
+
+impl PolicySet {
+    /// The environments in declaration order, the first definition of each (a duplicate is a
+    /// diagnostic of its own); a policy without `[environments]` has [`DEFAULT_ENVIRONMENT`] in
+    /// [`DEFAULT_MODE`].
+    pub fn declared_environments(&self) -> Vec<EnvironmentEntry> {
+        let mut entries: Vec<EnvironmentEntry> = Vec::new();
+        for env in &self.environments {
+            if !entries.iter().any(|e| e.name == env.name.value) {
+                entries.push(EnvironmentEntry { name: env.name.value.clone(), mode: env.mode.value });
+            }
+        }
+        if entries.is_empty() {
+            entries.push(EnvironmentEntry { name: DEFAULT_ENVIRONMENT.to_owned(), mode: DEFAULT_MODE });
+        }
+        entries
+    }
 }
 
 /// An IP address as a host network (/32 or /128).

@@ -1,9 +1,9 @@
-//! Rewriting a service's mode in the policy source (`policyctl promote` / `demote`), keeping
-//! comments, ordering and layout.
+//! Setting a service's mode in a policy text (`policyctl promote` / `demote`), keeping comments,
+//! ordering and layout.
 //!
-//! [`set_service_mode`] edits one text; [`rewrite_service_mode`] finds the file that defines the
-//! service, edits it, re-validates the whole policy with the new text in place, checks that the
-//! only change in the compiled snapshot is the intended mode, and replaces the file atomically.
+//! [`set_service_mode`] edits one text. This is the text edit alone; `promote::rewrite` finds the
+//! file that defines the service, edits it with this, validates the result with the compiler,
+//! and replaces the file.
 //!
 //! What an edit writes, for `environment = Some(env)`:
 //! - no `mode`: `mode = { env = "…" }`, after the service's descriptive keys (`cgroup`, `layer`,
@@ -21,22 +21,14 @@
 //! When the service already has the mode (in the effective sense: an inherited default counts),
 //! nothing is written.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
 
-use serde::Serialize;
 use toml_edit::{DocumentMut, InlineTable, Item, Key, Table, Value};
 
-use super::{LoadError, Mode, Parsed, PolicySet, parse_sources, read_files};
-use crate::compile::{CompileError, Compiled, DEFAULT_ENVIRONMENT, DEFAULT_MODE, analyze_parsed};
+use super::{EnvironmentEntry, LoadError, Mode};
 use crate::diag::{Diagnostics, Sources};
 use crate::problem::closest;
-use crate::snapshot::{EnvironmentEntry, SnapshotContent};
 
 /// Service keys after which a new `mode` goes (the last of them present).
 const ANCHOR_KEYS: &[&str] = &["cgroup", "layer", "group", "owner", "description", "tier"];
@@ -160,61 +152,10 @@ fn invalid_message(edited: bool, sources: &Sources, diagnostics: &Diagnostics) -
     }
 }
 
-/// One environment whose mode an edit changes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ModeChange {
-    /// The environment.
-    pub environment: String,
-    /// The effective mode before.
-    pub from: Mode,
-    /// The effective mode after.
-    pub to: Mode,
-}
-
-/// What [`rewrite_service_mode`] did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Edit {
-    /// The file that defines the service (written when `changed`).
-    pub file: PathBuf,
-    /// The service.
-    pub service: String,
-    /// The environment asked for; `None` for every environment.
-    pub environment: Option<String>,
-    /// The mode asked for.
-    pub mode: Mode,
-    /// False when the service already had the mode; the file was not touched.
-    pub changed: bool,
-    /// The service's effective mode in every environment before the edit.
-    pub before: BTreeMap<String, Mode>,
-    /// The service's effective mode in every environment after the edit.
-    pub after: BTreeMap<String, Mode>,
-    /// The changed lines, as a unified diff (empty when nothing changed).
-    pub diff: String,
-}
-
-impl Edit {
-    /// The environments whose effective mode changed, by name.
-    pub fn changes(&self) -> Vec<ModeChange> {
-        self.before
-            .iter()
-            .filter_map(|(env, &from)| {
-                let to = self.after.get(env).copied()?;
-                (from != to).then(|| ModeChange { environment: env.clone(), from, to })
-            })
-            .collect()
-    }
-
-    /// For an edit of one environment: its effective mode before and after.
-    pub fn old_and_new(&self) -> Option<(Mode, Mode)> {
-        let env = self.environment.as_deref()?;
-        Some((*self.before.get(env)?, *self.after.get(env)?))
-    }
-}
-
 /// Sets a service's mode in one policy text; returns the new text (equal to `source` when the
 /// service already has the mode). The environments and their defaults are taken from `source`
 /// itself, so for a file of a policy directory whose `[environments]` live in another file use
-/// [`set_service_mode_in`] (or [`rewrite_service_mode`]). See the module documentation for what
+/// [`set_service_mode_in`] (or `promote::rewrite::rewrite_service_mode`). See the module documentation for what
 /// is written.
 pub fn set_service_mode(
     source: &str,
@@ -223,12 +164,12 @@ pub fn set_service_mode(
     mode: Mode,
 ) -> Result<String, EditError> {
     let parsed = super::parse_str("policy", source);
-    set_service_mode_in(source, service, environment, mode, &environment_entries(&parsed.policy))
+    set_service_mode_in(source, service, environment, mode, &parsed.policy.declared_environments())
 }
 
 /// Like [`set_service_mode`], with the policy's environments (in declaration order, with their
 /// default modes) given: a policy without `[environments]` has the one environment
-/// [`DEFAULT_ENVIRONMENT`] in [`DEFAULT_MODE`].
+/// [`super::DEFAULT_ENVIRONMENT`] in [`super::DEFAULT_MODE`].
 pub fn set_service_mode_in(
     source: &str,
     service: &str,
@@ -280,159 +221,8 @@ pub fn set_service_mode_in(
     Ok(doc.to_string())
 }
 
-/// The file of a policy (a file, or a directory read like [`super::load`] reads it) that defines
-/// `service`.
-pub fn find_service_file(policy_path: &Path, service: &str) -> Result<PathBuf, EditError> {
-    let files = policy_files(policy_path)?;
-    let parsed = parse_sources(read_files(&files)?);
-    let index = service_file_index(&parsed, service, &files)?;
-    files.get(index).cloned().ok_or_else(|| unknown_service(&parsed.policy, service))
-}
-
-/// Sets a service's mode in the policy at `policy_path` (a file or a directory): edits the file
-/// that defines the service, checks that the whole policy is still valid and that its compiled
-/// form differs only in this service's mode, and replaces the file atomically (a temporary file
-/// in the same directory, synced, then renamed; permissions kept, ownership kept when allowed).
-/// When the service already has the mode, nothing is written and `changed` is false.
-pub fn rewrite_service_mode(
-    policy_path: &Path,
-    service: &str,
-    environment: Option<&str>,
-    mode: Mode,
-) -> Result<Edit, EditError> {
-    let files = policy_files(policy_path)?;
-    let texts = read_files(&files)?;
-    let parsed = parse_sources(texts.clone());
-    let index = service_file_index(&parsed, service, &files)?;
-    let (Some(file), Some((_, old_text))) = (files.get(index), texts.get(index)) else {
-        return Err(unknown_service(&parsed.policy, service));
-    };
-    let environments = environment_entries(&parsed.policy);
-    let old = compile_parsed(&parsed, false)?;
-    let before = service_modes(&old.snapshot.content().environments, old.snapshot.content(), service);
-    let new_text = set_service_mode_in(old_text, service, environment, mode, &environments)?;
-    let mut edit = Edit {
-        file: file.clone(),
-        service: service.to_owned(),
-        environment: environment.map(str::to_owned),
-        mode,
-        changed: false,
-        after: before.clone(),
-        before,
-        diff: String::new(),
-    };
-    if new_text == *old_text {
-        return Ok(edit);
-    }
-    let new = check_edit(&texts, index, &new_text)?;
-    let expected = expected_content(old.snapshot.content(), service, environment, mode);
-    if new.snapshot.content() != &expected {
-        return Err(EditError::Unexpected {
-            service: service.to_owned(),
-            detail: "the compiled policy would differ in more than this service's mode".into(),
-        });
-    }
-    edit.after = service_modes(&new.snapshot.content().environments, new.snapshot.content(), service);
-    edit.changed = true;
-    edit.diff = line_diff(&file.display().to_string(), old_text, &new_text);
-    write_atomically(file, old_text, &new_text)?;
-    Ok(edit)
-}
-
-/// The policy's files, as [`super::load`] lists them.
-fn policy_files(path: &Path) -> Result<Vec<PathBuf>, EditError> {
-    Ok(super::policy_files(path)?)
-}
-
-/// The policy's environments in declaration order (the first definition of each), as the
-/// compiler resolves them.
-fn environment_entries(policy: &PolicySet) -> Vec<EnvironmentEntry> {
-    let mut entries: Vec<EnvironmentEntry> = Vec::new();
-    for env in &policy.environments {
-        if !entries.iter().any(|e| e.name == env.name.value) {
-            entries.push(EnvironmentEntry { name: env.name.value.clone(), mode: env.mode.value });
-        }
-    }
-    if entries.is_empty() {
-        entries.push(EnvironmentEntry { name: DEFAULT_ENVIRONMENT.to_owned(), mode: DEFAULT_MODE });
-    }
-    entries
-}
-
-fn unknown_service(policy: &PolicySet, service: &str) -> EditError {
-    EditError::UnknownService {
-        service: service.to_owned(),
-        suggestion: closest(service, policy.services.iter().map(|s| s.name.value.as_str())),
-    }
-}
-
-/// The index of the one file that defines `service`.
-fn service_file_index(parsed: &Parsed, service: &str, files: &[PathBuf]) -> Result<usize, EditError> {
-    let mut defining: Vec<usize> =
-        parsed.policy.services.iter().filter(|s| s.name.value == service).map(|s| s.name.loc.file as usize).collect();
-    defining.dedup();
-    match defining.as_slice() {
-        [] if !parsed.syntax_ok => Err(EditError::Invalid {
-            edited: false,
-            sources: parsed.policy.sources.clone(),
-            diagnostics: parsed.diagnostics.clone(),
-        }),
-        [] => Err(unknown_service(&parsed.policy, service)),
-        [one] => Ok(*one),
-        many => Err(EditError::Ambiguous {
-            service: service.to_owned(),
-            files: many.iter().filter_map(|&i| files.get(i).cloned()).collect(),
-        }),
-    }
-}
-
-fn compile_parsed(parsed: &Parsed, edited: bool) -> Result<Compiled, EditError> {
-    let invalid = |diagnostics| EditError::Invalid { edited, sources: parsed.policy.sources.clone(), diagnostics };
-    let Some(analysis) = analyze_parsed(parsed) else { return Err(invalid(parsed.diagnostics.clone())) };
-    analysis.freeze().map_err(|e| match e {
-        CompileError::Invalid(diagnostics) => invalid(diagnostics),
-        other => EditError::Unexpected { service: String::new(), detail: other.to_string() },
-    })
-}
-
-/// Compiles the policy with file `index` replaced by `new_text`.
-fn check_edit(texts: &[(String, String)], index: usize, new_text: &str) -> Result<Compiled, EditError> {
-    let edited = texts
-        .iter()
-        .enumerate()
-        .map(|(i, (name, text))| (name.clone(), if i == index { new_text.to_owned() } else { text.clone() }));
-    compile_parsed(&parse_sources(edited), true)
-}
-
-fn service_modes(
-    environments: &[EnvironmentEntry],
-    content: &SnapshotContent,
-    service: &str,
-) -> BTreeMap<String, Mode> {
-    content
-        .services
-        .iter()
-        .find(|s| s.name == service)
-        .map(|s| environments.iter().zip(&s.modes).map(|(e, &m)| (e.name.clone(), m)).collect())
-        .unwrap_or_default()
-}
-
-/// `old` with the service's mode set as asked: the only difference an edit may make.
-fn expected_content(old: &SnapshotContent, service: &str, environment: Option<&str>, mode: Mode) -> SnapshotContent {
-    let mut expected = old.clone();
-    let envs: Vec<bool> = old.environments.iter().map(|e| environment.is_none_or(|env| e.name == env)).collect();
-    if let Some(s) = expected.services.iter_mut().find(|s| s.name == service) {
-        for (slot, &target) in s.modes.iter_mut().zip(&envs) {
-            if target {
-                *slot = mode;
-            }
-        }
-    }
-    expected
-}
-
 /// A small unified diff: one hunk around the changed lines, two lines of context.
-fn line_diff(label: &str, old: &str, new: &str) -> String {
+pub fn line_diff(label: &str, old: &str, new: &str) -> String {
     const CONTEXT: usize = 2;
     let a: Vec<&str> = old.lines().collect();
     let b: Vec<&str> = new.lines().collect();
@@ -461,45 +251,6 @@ fn line_diff(label: &str, old: &str, new: &str) -> String {
     lines('+', b.get(prefix..b_changed));
     lines(' ', a.get(a_changed..a_end));
     out
-}
-
-/// Replaces `path` (following a symlink) with `new`, atomically, if it still holds `old`.
-fn write_atomically(path: &Path, old: &str, new: &str) -> Result<(), EditError> {
-    let io = |source| EditError::Io { path: path.to_owned(), source };
-    let target = fs::canonicalize(path).map_err(io)?;
-    let metadata = fs::metadata(&target).map_err(io)?;
-    let dir = target.parent().unwrap_or(Path::new("/"));
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or_default();
-    // A dotfile, so a policy reader never takes it for a policy file.
-    let temp = dir.join(format!(".{name}.{}.{nanos}.depfence-edit", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
-        file.write_all(new.as_bytes())?;
-        file.set_permissions(metadata.permissions())?;
-        if metadata.uid() != file.metadata()?.uid() || metadata.gid() != file.metadata()?.gid() {
-            // Only root may give the file away; others keep their own ownership.
-            let _ = std::os::unix::fs::fchown(&file, Some(metadata.uid()), Some(metadata.gid()));
-        }
-        file.sync_all()?;
-        if fs::read_to_string(&target)? != old {
-            return Ok(false);
-        }
-        fs::rename(&temp, &target)?;
-        File::open(dir)?.sync_all()?;
-        Ok(true)
-    })();
-    match result {
-        Ok(true) => Ok(()),
-        Ok(false) => {
-            let _ = fs::remove_file(&temp);
-            Err(EditError::Conflict { path: path.to_owned() })
-        }
-        Err(source) => {
-            let _ = fs::remove_file(&temp);
-            Err(io(source))
-        }
-    }
 }
 
 fn mode_value(mode: Mode) -> Value {
@@ -758,66 +509,11 @@ fn inline_insert_at(table: &mut InlineTable, key: &str, mut value: Value, index:
         table.insert_formatted(&k, v);
     }
 }
-
 #[cfg(test)]
-mod tests {
-    use std::os::unix::fs::PermissionsExt as _;
-
+pub(crate) mod tests {
     use super::*;
 
-    /// The effective mode of every (service, environment), through the compiler.
-    fn effective(files: &[(&str, &str)]) -> BTreeMap<(String, String), Mode> {
-        let parsed = parse_sources(files.iter().map(|(n, t)| ((*n).to_owned(), (*t).to_owned())));
-        let compiled = match compile_parsed(&parsed, false) {
-            Ok(compiled) => compiled,
-            Err(e) => panic!("{e}\n{}", files.iter().map(|(_, t)| *t).collect::<Vec<_>>().join("\n----\n")),
-        };
-        let content = compiled.snapshot.content();
-        let mut modes = BTreeMap::new();
-        for service in &content.services {
-            for (env, mode) in content.environments.iter().zip(&service.modes) {
-                modes.insert((service.name.clone(), env.name.clone()), *mode);
-            }
-        }
-        modes
-    }
-
-    fn one(text: &str) -> BTreeMap<(String, String), Mode> {
-        effective(&[("policy.toml", text)])
-    }
-
-    /// Every edit of every service, environment and mode changes exactly that effective mode,
-    /// and repeating it changes nothing.
-    fn check_all_edits(text: &str) {
-        let before = one(text);
-        let services: Vec<String> = before.keys().map(|(s, _)| s.clone()).collect();
-        let envs: Vec<String> = before.keys().map(|(_, e)| e.clone()).collect();
-        let mut targets: Vec<Option<&str>> = envs.iter().map(|e| Some(e.as_str())).collect();
-        targets.dedup();
-        targets.push(None);
-        for service in &services {
-            for &env in &targets {
-                for mode in [Mode::Off, Mode::Audit, Mode::Enforce] {
-                    let edited = set_service_mode(text, service, env, mode)
-                        .unwrap_or_else(|e| panic!("{service} {env:?} {mode}: {e}"));
-                    let mut expected = before.clone();
-                    for ((s, e), m) in &mut expected {
-                        if s == service && env.is_none_or(|env| env == e) {
-                            *m = mode;
-                        }
-                    }
-                    assert_eq!(one(&edited), expected, "{service} {env:?} {mode}:\n{edited}");
-                    let again = set_service_mode(&edited, service, env, mode).unwrap();
-                    assert_eq!(again, edited, "not idempotent: {service} {env:?} {mode}");
-                    if before.get(&(service.clone(), env.unwrap_or("qa").to_owned())) == Some(&mode) && env.is_some() {
-                        assert_eq!(edited, text, "a no-op edit changed the text");
-                    }
-                }
-            }
-        }
-    }
-
-    const TABLES: &str = r#"# The policy.
+    pub(crate) const TABLES: &str = r#"# The policy.
 version = 1
 
 [environments]
@@ -862,7 +558,7 @@ description = "nightly job"
 ip = "10.0.0.7"
 "#;
 
-    const INLINE: &str = r#"version = 1
+    pub(crate) const INLINE: &str = r#"version = 1
 
 [environments]
 qa = "enforce"
@@ -883,7 +579,7 @@ tail = {
 }
 "#;
 
-    const NO_ENVIRONMENTS: &str = r#"version = 1
+    pub(crate) const NO_ENVIRONMENTS: &str = r#"version = 1
 
 [services.web]
 cgroup = "web.service"
@@ -892,7 +588,7 @@ cgroup = "web.service"
 mode = "enforce"
 "#;
 
-    const DOTTED_AND_ROOT_INLINE: &str = r#"version = 1
+    pub(crate) const DOTTED_AND_ROOT_INLINE: &str = r#"version = 1
 
 [environments]
 qa = "enforce"
@@ -903,15 +599,6 @@ web.cgroup = "web.service"
 web.owner = "team-a"
 db.mode = "off"
 "#;
-
-    #[test]
-    fn every_edit_changes_exactly_one_effective_mode() {
-        check_all_edits(TABLES);
-        check_all_edits(INLINE);
-        check_all_edits(NO_ENVIRONMENTS);
-        check_all_edits(DOTTED_AND_ROOT_INLINE);
-        check_all_edits("version = 1\nservices = { web = { cgroup = \"a\" }, db = { mode = \"off\" } }\n");
-    }
 
     #[test]
     fn insertion_keeps_comments_blank_lines_and_alignment() {
@@ -1057,156 +744,6 @@ db.mode = "off"
             "--- p.toml\n+++ p.toml\n@@ -1,1 +1,1 @@\n-x = 1\n+x = 2\n"
         );
         assert_eq!(line_diff("p.toml", old, old), "");
-    }
-
-    fn write(path: &Path, text: &str) {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).unwrap();
-        }
-        fs::write(path, text).unwrap();
-    }
-
-    #[test]
-    fn rewrite_edits_the_file_atomically_and_keeps_permissions() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.toml");
-        write(&path, TABLES);
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
-        let edit = rewrite_service_mode(&path, "db", Some("qa"), Mode::Enforce).unwrap();
-        assert!(edit.changed);
-        assert_eq!(edit.file, path);
-        assert_eq!(edit.old_and_new(), Some((Mode::Audit, Mode::Enforce)));
-        assert_eq!(edit.changes(), vec![ModeChange { environment: "qa".into(), from: Mode::Audit, to: Mode::Enforce }]);
-        assert_eq!(edit.before.get("dev"), Some(&Mode::Audit));
-        assert_eq!(edit.after.get("dev"), Some(&Mode::Audit));
-        let written = fs::read_to_string(&path).unwrap();
-        assert_eq!(written, set_service_mode(TABLES, "db", Some("qa"), Mode::Enforce).unwrap());
-        assert!(edit.diff.contains("\n-mode      = \"audit\"   # until the migration is done\n"), "{}", edit.diff);
-        assert!(edit.diff.contains("\n+mode      = { qa = \"enforce\", prod = \"audit\", dev = \"audit\" }   #"));
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o640);
-        // No temporary file is left behind.
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("policy.toml")]);
-    }
-
-    #[test]
-    fn rewrite_of_the_current_mode_leaves_the_file_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.toml");
-        write(&path, TABLES);
-        let modified = fs::metadata(&path).unwrap().modified().unwrap();
-        let inode = fs::metadata(&path).unwrap().ino();
-        let edit = rewrite_service_mode(&path, "web", Some("qa"), Mode::Enforce).unwrap();
-        assert!(!edit.changed);
-        assert_eq!(edit.old_and_new(), Some((Mode::Enforce, Mode::Enforce)));
-        assert!(edit.diff.is_empty() && edit.changes().is_empty());
-        assert_eq!(fs::read_to_string(&path).unwrap(), TABLES);
-        assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), modified);
-        assert_eq!(fs::metadata(&path).unwrap().ino(), inode);
-    }
-
-    #[test]
-    fn rewrite_in_a_directory_uses_the_environments_of_other_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let envs = "version = 1\n\n[environments]\nqa = \"enforce\"\nprod = \"audit\"\n";
-        let team = "version = 1\n\n# team A\n[services.web]\nmode = \"off\"\n";
-        let other = "version = 1\n\n[services.db]\ncgroup = \"db.service\"\n";
-        write(&dir.path().join("00-environments.toml"), envs);
-        write(&dir.path().join("teams/a.toml"), team);
-        write(&dir.path().join("teams/b.toml"), other);
-        // Ignored by the policy reader, and so by the search.
-        write(&dir.path().join(".hidden.toml"), "version = 1\n[services.web]\n");
-        write(&dir.path().join("notes.txt"), "[services.web]\n");
-        assert_eq!(find_service_file(dir.path(), "web").unwrap(), dir.path().join("teams/a.toml"));
-        assert_eq!(find_service_file(dir.path(), "db").unwrap(), dir.path().join("teams/b.toml"));
-        let err = find_service_file(dir.path(), "dbb").unwrap_err();
-        assert_eq!(err.to_string(), "no service `dbb` in the policy (did you mean `db`?)");
-
-        let edit = rewrite_service_mode(dir.path(), "web", Some("prod"), Mode::Audit).unwrap();
-        assert_eq!(edit.file, dir.path().join("teams/a.toml"));
-        assert_eq!(
-            fs::read_to_string(&edit.file).unwrap(),
-            "version = 1\n\n# team A\n[services.web]\nmode = { qa = \"off\", prod = \"audit\" }\n"
-        );
-        assert_eq!(fs::read_to_string(dir.path().join("00-environments.toml")).unwrap(), envs);
-        let files = [("e", envs.to_owned()), ("a", fs::read_to_string(&edit.file).unwrap()), ("b", other.to_owned())];
-        let modes = effective(&files.iter().map(|(n, t)| (*n, t.as_str())).collect::<Vec<_>>());
-        assert_eq!(modes.get(&("web".into(), "qa".into())), Some(&Mode::Off));
-        assert_eq!(modes.get(&("web".into(), "prod".into())), Some(&Mode::Audit));
-
-        let err = rewrite_service_mode(dir.path(), "web", Some("staging"), Mode::Audit).unwrap_err();
-        assert_eq!(err.to_string(), "unknown environment `staging`; the policy's environments are `qa`, `prod`");
-    }
-
-    #[test]
-    fn a_service_in_two_files_is_ambiguous() {
-        let dir = tempfile::tempdir().unwrap();
-        write(&dir.path().join("a.toml"), "version = 1\n[services.web]\n");
-        write(&dir.path().join("b.toml"), "version = 1\n[services.web]\n");
-        let err = find_service_file(dir.path(), "web").unwrap_err();
-        assert!(matches!(&err, EditError::Ambiguous { files, .. } if files.len() == 2), "{err:?}");
-    }
-
-    #[test]
-    fn an_invalid_policy_is_refused_before_and_after_the_edit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.toml");
-        let broken = "version = 1\n[services.web]\nallow = [{ service = \"nope\" }]\n";
-        write(&path, broken);
-        let err = rewrite_service_mode(&path, "web", None, Mode::Enforce).unwrap_err();
-        let EditError::Invalid { edited, diagnostics, .. } = &err else { panic!("{err:?}") };
-        assert!(!edited && diagnostics.has_errors());
-        assert!(err.to_string().starts_with("the policy is invalid: "), "{err}");
-        assert_eq!(fs::read_to_string(&path).unwrap(), broken);
-
-        // A text that breaks the policy (here by hand: an environment it does not declare) is
-        // refused with the diagnostics pointing into the new text.
-        let texts = vec![("policy.toml".to_owned(), TABLES.to_owned())];
-        let bad = TABLES.replace("qa = \"audit\"   # flaky", "staging = \"audit\"   # flaky");
-        let err = check_edit(&texts, 0, &bad).unwrap_err();
-        let EditError::Invalid { edited, sources, diagnostics } = &err else { panic!("{err:?}") };
-        assert!(edited);
-        let plain: Vec<String> = diagnostics.errors().map(|d| d.to_plain(sources)).collect();
-        assert!(plain.iter().any(|p| p.contains("staging")), "{plain:?}");
-        assert!(err.to_string().starts_with("the edit would make the policy invalid: policy.toml:"), "{err}");
-    }
-
-    #[test]
-    fn a_syntax_error_is_reported_with_diagnostics() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.toml");
-        write(&path, "version = 1\n[services.web\n");
-        let err = find_service_file(&path, "web").unwrap_err();
-        assert!(matches!(err, EditError::Invalid { edited: false, .. }), "{err:?}");
-    }
-
-    #[test]
-    fn a_symlinked_policy_stays_a_symlink() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().join("real/policy.toml");
-        write(&real, TABLES);
-        let link = dir.path().join("policy.toml");
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        let edit = rewrite_service_mode(&link, "web", None, Mode::Enforce).unwrap();
-        assert!(edit.changed);
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
-        assert!(fs::read_to_string(&real).unwrap().contains("layer  = \"edge\"\nmode   = \"enforce\"\n"));
-    }
-
-    #[test]
-    fn expected_content_only_touches_the_target() {
-        let old = one(TABLES);
-        let compiled = compile_parsed(&parse_sources([("p".to_owned(), TABLES.to_owned())]), false).unwrap();
-        let expected = expected_content(compiled.snapshot.content(), "web", Some("prod"), Mode::Off);
-        let changed: Vec<_> = expected
-            .services
-            .iter()
-            .flat_map(|s| {
-                expected.environments.iter().zip(&s.modes).map(move |(e, m)| ((s.name.clone(), e.name.clone()), *m))
-            })
-            .filter(|(k, m)| old.get(k) != Some(m))
-            .collect();
-        assert_eq!(changed, vec![(("web".to_owned(), "prod".to_owned()), Mode::Off)]);
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub(crate) fn policy_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
 
 /// Reads files, returning names and texts in order, or the error of the first that cannot be
 /// read.
-fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>, LoadError> {
+pub(crate) fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>, LoadError> {
     files
         .iter()
         .map(|file| match std::fs::read_to_string(file) {

@@ -28,10 +28,8 @@ use std::{
 };
 
 use depfence::cgroup::{Cgroup2, spawn_in};
-use depfence::datapath::{
-    Datapath,
-    rules::{Allow, CompiledRuleset, compile},
-};
+use depfence::datapath::Datapath;
+use depfence::lower::{Allow, CompiledRuleset, compile};
 use depfence_bpf_common::{CgroupState, IPPROTO_TCP, MODE_AUDIT, MODE_ENFORCE, map_names, prog_names};
 use depfence_integration::fixture::{Cgroup, ECONNREFUSED, EPERM, LO4, Pins, probe};
 

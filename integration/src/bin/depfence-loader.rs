@@ -9,11 +9,8 @@
 use std::{io::Write as _, net::IpAddr, path::Path, process::ExitCode};
 
 use depfence::cgroup::cgroup_id;
-use depfence::datapath::{
-    Datapath,
-    pins::PinLayout,
-    rules::{Allow, compile},
-};
+use depfence::datapath::{Datapath, pins::PinLayout};
+use depfence::lower::{Allow, compile};
 use depfence_bpf_common::{CgroupState, IPPROTO_TCP, MODE_ENFORCE, prog_names};
 
 /// The ruleset id this loader installs.

@@ -1,15 +1,36 @@
-//! Rendering the dependency graph as Graphviz dot, Mermaid or JSON: layers as ranks (bottom
-//! layer at the bottom), accepted intrinsic cycles as boxes, violations in red.
+//! `policyctl graph`: the dependency graph as Graphviz dot, Mermaid or JSON: layers as ranks
+//! (bottom layer at the bottom), accepted intrinsic cycles as boxes, violations in red. A broken
+//! policy is drawn too, with its violations highlighted.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
 
 use depfence::compile::{Analysis, EdgeKind, Violation};
 
-use crate::args::GraphFormat;
+use super::{Show, checked, invalid};
+use crate::args::{ErrorFormat, GraphFormat};
+use crate::error::CliError;
+
+/// Draws the policy at `path` in `language`.
+pub fn run(path: &Path, format: ErrorFormat, language: GraphFormat) -> Result<ExitCode, CliError> {
+    let Some(analysis) = checked(path, format, Show::SyntaxOnly)?.and_then(|c| c.analysis) else {
+        return Ok(invalid());
+    };
+    std::io::stdout().write_all(render(&analysis, language).as_bytes())?;
+    if analysis.diagnostics.has_errors() {
+        eprintln!(
+            "note: the policy has {} error(s), highlighted in the graph; run `policyctl check` for details",
+            analysis.diagnostics.errors().count()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 /// Renders the analysis in `format`.
-pub fn render(analysis: &Analysis, format: GraphFormat) -> String {
+fn render(analysis: &Analysis, format: GraphFormat) -> String {
     let flagged = violations_by_edge(analysis);
     match format {
         GraphFormat::Dot => dot(analysis, &flagged),

@@ -1,4 +1,4 @@
-//! `policyctl status`: what depfence has loaded, attached and pinned in the kernel — per pin
+//! `policyctl status --kernel`: what depfence has loaded, attached and pinned in the kernel — per pin
 //! root its maps with fill levels, its links with their programs and cgroups, the registered
 //! cgroups with their counters, and the global counters. Read-only; mounts nothing.
 
@@ -10,11 +10,11 @@ use std::process::ExitCode;
 use depfence::datapath::status::{self, CgroupStatus, LinkStatus, MapStatus, RootStatus, Status};
 
 use crate::args::Output;
-use crate::output::CliError;
+use crate::error::CliError;
 
 /// Prints the status of one pin root (`--pins DIR`) or of every pin root under bpffs.
 pub fn run(pins: Option<&Path>, output: Output) -> Result<ExitCode, CliError> {
-    let status = status::status(pins).map_err(|e| CliError::Usage(e.to_string()))?;
+    let status = status::status(pins)?;
     if status.roots.is_empty() {
         eprintln!("{}", nothing_pinned(&status));
     }

@@ -7,11 +7,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::policy::{Mode, edit};
-use crate::promote::{Actor, CounterHistory, Evidence, GateConfig, PromotionRecord, append_log, gate};
+use super::rewrite::rewrite_service_mode;
+use super::{Actor, CounterHistory, Evidence, GateConfig, PromotionRecord, append_log, gate};
+use crate::verdict::Mode;
 
 /// The evidence store and the gate's settings.
 pub struct Rollout {
@@ -24,7 +25,7 @@ pub struct Rollout {
 }
 
 /// What a promotion or demotion did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
     /// The policy file that was rewritten.
     pub file: PathBuf,
@@ -110,7 +111,7 @@ impl Rollout {
     }
 
     /// Runs the gate on the evidence now; returns the evidence it accepted.
-    pub fn check(&mut self, service: &str, now: SystemTime) -> Result<Evidence, crate::promote::Refusal> {
+    pub fn check(&mut self, service: &str, now: SystemTime) -> Result<Evidence, super::Refusal> {
         self.persist(now, true);
         let evidence = self.evidence(service, now);
         gate(&evidence, &self.gate).map(|()| evidence)
@@ -147,7 +148,7 @@ impl Rollout {
         } else {
             (None, None)
         };
-        let edit = edit::rewrite_service_mode(policy, service, Some(environment), mode).map_err(|e| e.to_string())?;
+        let edit = rewrite_service_mode(policy, service, Some(environment), mode).map_err(|e| e.to_string())?;
         if let Some((from, to)) = edit.old_and_new().filter(|_| edit.changed) {
             let record = PromotionRecord {
                 time: now,

@@ -7,10 +7,9 @@
 //! changes behaviour; source positions (for `explain`) ride beside it in [`DebugInfo`] and are not
 //! hashed, so reformatting a policy never changes the hash.
 
+use std::cmp::Reverse;
 use std::fmt;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use ipnet::IpNet;
@@ -18,8 +17,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::policy::{Destination, HostPattern, Mode, PortRange, Proto, RpcPattern, Selector};
+use crate::policy::{Destination, EnvironmentEntry, HostPattern, Mode, PortRange, Proto, RpcPattern, Selector};
 use crate::verdict::Verdict;
+
+mod owners;
+pub use owners::Owners;
 
 /// Version of the snapshot encoding; a loader refuses another.
 /// Format 2 added each service's endpoints and RPC rules, and service positions.
@@ -115,15 +117,34 @@ pub struct ServiceRuleset {
     pub rpc_rules: Vec<RpcRule>,
 }
 
+/// How specific an (address block, port range, protocol) is; the smaller, the more specific:
+/// a longer prefix first, then fewer ports, then one protocol rather than any. The order in which
+/// address rules decide, and endpoints own, an address.
+pub(crate) fn specificity(prefix_len: u8, ports: PortRange, proto: Proto) -> (Reverse<u8>, u32, bool) {
+    (Reverse(prefix_len), ports.len(), proto == Proto::Any)
+}
+
+impl NetRule {
+    /// Whether the rule allows `conn`. An IPv4-mapped IPv6 address is the IPv4 address, and an
+    /// IPv6 block never holds an IPv4 address.
+    pub fn allows(&self, conn: &Connection) -> bool {
+        self.net.contains(&conn.addr.to_canonical()) && self.ports.contains(conn.port) && self.proto.covers(conn.proto)
+    }
+
+    /// The rule's place in the order rules decide in, the smaller first: the most specific
+    /// ([`specificity`]: the longest prefix, then the narrowest port range, then one protocol
+    /// rather than any), then the rule's own order (block, protocol, ports, target, origin).
+    /// `explain` names the first rule in this order that allows a connection, and the kernel
+    /// maps are laid out so that the kernel finds the same one (`crate::lower`).
+    pub fn precedence(&self) -> impl Ord + '_ {
+        (specificity(self.net.prefix_len(), self.ports, self.proto), self)
+    }
+}
+
 impl ServiceRuleset {
-    /// The most specific address rule that allows `conn`: longest prefix, then
-    /// narrowest port range, then exact protocol.
+    /// The rule that decides `conn`: the first in [`NetRule::precedence`] order that allows it.
     pub fn matching_rule(&self, conn: &Connection) -> Option<&NetRule> {
-        let addr = conn.addr.to_canonical();
-        self.net_rules
-            .iter()
-            .filter(|r| r.net.contains(&addr) && r.ports.contains(conn.port) && r.proto.covers(conn.proto))
-            .min_by_key(|r| (std::cmp::Reverse(r.net.prefix_len()), r.ports.len(), r.proto == Proto::Any))
+        self.net_rules.iter().filter(|r| r.allows(conn)).min_by_key(|r| r.precedence())
     }
 
     /// Judges `conn` from this service in environment `env` (an index into
@@ -139,15 +160,6 @@ impl ServiceRuleset {
     pub fn mode(&self, env: usize) -> Mode {
         self.modes.get(env).copied().unwrap_or(Mode::Off)
     }
-}
-
-/// An environment and its default mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EnvironmentEntry {
-    /// Name.
-    pub name: String,
-    /// Default mode.
-    pub mode: Mode,
 }
 
 /// Everything that decides behaviour; this is what the hash covers.
@@ -224,28 +236,41 @@ pub enum SnapshotError {
 /// guards (`Guard::from_agent`). The agent replaces it whenever a policy is applied.
 pub const AGENT_SNAPSHOT_FILE: &str = "snapshot.bin";
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced, then
-/// renamed over `path`, readable by everyone (a snapshot holds no secret, and unprivileged
-/// services read it). A reader never sees a half-written snapshot.
+/// Writes an encoded snapshot to `path` durably ([`crate::durable::replace`]), readable by
+/// everyone: a snapshot holds no secret, and unprivileged services load it. A reader never sees
+/// a half-written snapshot.
 pub fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut file = tempfile::Builder::new()
-        .prefix(".snapshot")
-        .permissions(std::fs::Permissions::from_mode(0o644))
-        .tempfile_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    crate::durable::replace(path, bytes, crate::durable::Access::Public)
 }
 
-/// The immutable compiled policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The immutable compiled policy, with the index of its endpoints ([`Owners`]). Decoded only
+/// by [`Snapshot::from_bytes`], which verifies the content before it builds the index.
+#[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
     content: SnapshotContent,
     hash: ContentHash,
     debug: DebugInfo,
+    /// Built from the content, never encoded.
+    #[serde(skip_serializing)]
+    owners: Owners,
 }
+
+/// A snapshot as encoded: everything but the index.
+#[derive(Deserialize)]
+struct Frozen {
+    content: SnapshotContent,
+    hash: ContentHash,
+    debug: DebugInfo,
+}
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Snapshot) -> bool {
+        // The index is a function of the content.
+        (&self.content, self.hash, &self.debug) == (&other.content, other.hash, &other.debug)
+    }
+}
+
+impl Eq for Snapshot {}
 
 /// A connection attempt to judge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,6 +281,16 @@ pub struct Connection {
     pub port: u16,
     /// Protocol (`Tcp` or `Udp`).
     pub proto: Proto,
+}
+
+/// `addr:port/proto`, `[v6]:port/proto` for IPv6.
+impl fmt::Display for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V6(v6) => write!(f, "[{v6}]:{}/{}", self.port, self.proto),
+            IpAddr::V4(v4) => write!(f, "{v4}:{}/{}", self.port, self.proto),
+        }
+    }
 }
 
 /// A destination that is not `ADDR:PORT[/PROTO]`.
@@ -296,8 +331,24 @@ pub struct Decision<'s> {
 impl Snapshot {
     /// Freezes compiled content; computes the hash.
     pub fn new(content: SnapshotContent, debug: DebugInfo) -> Result<Self, SnapshotError> {
+        let owners = Owners::new(content.services.iter().map(|s| s.endpoints.as_slice()));
+        Self::with_owners(content, debug, owners)
+    }
+
+    /// [`Snapshot::new`] with the index of the content's endpoints already built (the compiler
+    /// builds it to infer dependencies).
+    pub(crate) fn with_owners(
+        content: SnapshotContent,
+        debug: DebugInfo,
+        owners: Owners,
+    ) -> Result<Self, SnapshotError> {
         let hash = hash_content(&content)?;
-        Ok(Snapshot { content, hash, debug })
+        Ok(Snapshot { content, hash, debug, owners })
+    }
+
+    /// Which service owns an address: the index of every declared endpoint.
+    pub fn owners(&self) -> &Owners {
+        &self.owners
     }
 
     /// The content hash.
@@ -403,14 +454,15 @@ impl Snapshot {
     /// Decodes and verifies bytes written by [`Snapshot::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let body = bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice()).ok_or(SnapshotError::BadMagic)?;
-        let snapshot: Snapshot = postcard::from_bytes(body)?;
-        if snapshot.content.format != SNAPSHOT_FORMAT {
-            return Err(SnapshotError::Format { found: snapshot.content.format });
+        let Frozen { content, hash, debug } = postcard::from_bytes(body)?;
+        if content.format != SNAPSHOT_FORMAT {
+            return Err(SnapshotError::Format { found: content.format });
         }
-        if hash_content(&snapshot.content)? != snapshot.hash {
+        if hash_content(&content)? != hash {
             return Err(SnapshotError::HashMismatch);
         }
-        Ok(snapshot)
+        let owners = Owners::new(content.services.iter().map(|s| s.endpoints.as_slice()));
+        Ok(Snapshot { content, hash, debug, owners })
     }
 }
 

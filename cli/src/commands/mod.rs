@@ -1,0 +1,116 @@
+//! One module per subcommand; each returns the process exit code. This module dispatches, and
+//! holds what the policy-reading commands share: reading a policy through the engine's compile
+//! entry point and printing its diagnostics.
+
+mod agent;
+mod apply;
+mod bootstrap_order;
+mod check;
+mod client;
+mod compile;
+mod completions;
+mod events;
+mod explain;
+mod graph;
+mod promote;
+mod reload;
+mod run;
+mod status;
+mod status_kernel;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use depfence::compile::{self as engine, Checked, CompileError, Compiled};
+use depfence::snapshot::Snapshot;
+
+use crate::args::{Cli, Command, ErrorFormat};
+use crate::error::{CliError, EXIT_INVALID};
+use crate::output::print_diagnostics;
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let format = cli.error_format;
+    match cli.command {
+        Command::Check { policy, deny_warnings } => check::run(policy.path()?, format, deny_warnings),
+        Command::Compile { policy, output, format: encoding } => {
+            compile::run(policy.path()?, format, &output, encoding)
+        }
+        Command::Graph { policy, format: language } => graph::run(policy.path()?, format, language),
+        Command::Explain { live: true, from, to, output, socket, .. } => {
+            explain::live(&socket.socket, &from, &to, output)
+        }
+        Command::Explain { policy, from, to, environment, output, .. } => {
+            explain::offline(policy.path()?, format, &from, &to, environment.as_deref(), output)
+        }
+        Command::BootstrapOrder { policy, output } => bootstrap_order::run(policy.path()?, format, output),
+        Command::Run { policy, service, mode, command } => run::run(policy.path()?, format, &service, mode, &command),
+        Command::Status { kernel, pins, socket, output } => {
+            if kernel || pins.is_some() || !socket.socket.exists() {
+                status_kernel::run(pins.as_deref(), output)
+            } else {
+                status::run(&socket.socket, output)
+            }
+        }
+        Command::Agent(args) => agent::run(args),
+        Command::Reload { socket } => reload::run(&socket.socket),
+        Command::Promote { service, enforce: _, environment, force, reason, dry_run, socket } => {
+            promote::promote(&socket.socket, service, environment, force, reason, dry_run)
+        }
+        Command::Demote { service, environment, reason, socket } => {
+            promote::demote(&socket.socket, service, environment, reason)
+        }
+        Command::Events { follow, json, recent, socket } => events::run(&socket.socket, follow, json, recent),
+        Command::Apply { candidate, drop: _, activate, socket } => apply::run(&socket.socket, candidate, activate),
+        Command::Completions { shell } => completions::run(shell),
+    }
+}
+
+/// Exit code 1: the policy is invalid (its diagnostics were printed).
+fn invalid() -> ExitCode {
+    ExitCode::from(EXIT_INVALID)
+}
+
+/// Which diagnostics a command prints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Show {
+    /// Errors and warnings (`check`).
+    All,
+    /// Only syntax errors, which stop the analysis (`graph` draws a broken policy).
+    SyntaxOnly,
+}
+
+/// Reads and analyzes the policy, printing its diagnostics as `show` says. None when the
+/// policy cannot be analyzed (its syntax errors were printed).
+fn checked(path: &Path, format: ErrorFormat, show: Show) -> Result<Option<Checked>, CliError> {
+    let checked = engine::check_path(path)?;
+    if checked.analysis.is_none() || show == Show::All {
+        print_diagnostics(format, checked.sources(), checked.diagnostics())?;
+    }
+    Ok(checked.analysis.is_some().then_some(checked))
+}
+
+/// Compiles the policy; prints every diagnostic and returns None when it is invalid.
+fn compiled(path: &Path, format: ErrorFormat) -> Result<Option<Compiled>, CliError> {
+    match engine::compile_path(path) {
+        Ok(compiled) => Ok(Some(compiled)),
+        Err(CompileError::Invalid { sources, diagnostics }) => {
+            print_diagnostics(format, &sources, &diagnostics)?;
+            Ok(None)
+        }
+        Err(CompileError::Load(e)) => Err(e.into()),
+        Err(e) => Err(CliError::Compile(e)),
+    }
+}
+
+/// `, N rpc rules (M services)` for the summaries of `check` and `compile`; empty for a policy
+/// without `rpc_allow`, whose summary stays as it was.
+fn rpc_rules_clause(snapshot: &Snapshot) -> String {
+    let rules = snapshot.rpc_rule_count();
+    if rules == 0 {
+        return String::new();
+    }
+    let callers = snapshot.services().iter().filter(|s| !s.rpc_rules.is_empty()).count();
+    let services = if callers == 1 { "service" } else { "services" };
+    format!(", {rules} rpc rules ({callers} {services})")
+}
