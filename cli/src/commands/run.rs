@@ -38,7 +38,7 @@ pub fn run(
         RunMode::Audit => Mode::Audit,
         RunMode::Enforce => Mode::Enforce,
     };
-    let name = format!("depfence-run-{}", std::process::id());
+    let name = depfence::datapath::pins::run_root_name(std::process::id());
     let mut confined = Confinement::new(&compiled.snapshot, service, mode, &name)?;
     let mut child = confined
         .spawn(Command::new(program).args(args))

@@ -31,6 +31,20 @@ pub fn ensure_bpffs() -> io::Result<(PathBuf, bool)> {
     Ok((PathBuf::from(BPFFS), true))
 }
 
+/// Prefix of the pin roots' names: the agent's `depfence/`, `policyctl run`'s
+/// `depfence-run-<pid>/`.
+pub const ROOT_PREFIX: &str = "depfence";
+
+/// The name of `policyctl run`'s pin root (and cgroup) for process `pid`.
+pub fn run_root_name(pid: u32) -> String {
+    format!("{ROOT_PREFIX}-run-{pid}")
+}
+
+/// The process of a `policyctl run` pin root, from its name.
+pub fn run_pid(root: &Path) -> Option<u32> {
+    root.file_name()?.to_str()?.strip_prefix(ROOT_PREFIX)?.strip_prefix("-run-")?.parse().ok()
+}
+
 /// Pin layout: `<root>/maps/<MAP_NAME>`, `<root>/links/<prog>-<cgroup id>`.
 #[derive(Clone, Debug)]
 pub struct PinLayout {
@@ -62,6 +76,17 @@ impl PinLayout {
     pub fn link(&self, prog: &str, cgroup_id: u64) -> PathBuf {
         self.links_dir().join(format!("{prog}-{cgroup_id}"))
     }
+    /// The cgroup id in a link pin's name, `<prog>-<cgroup id>`.
+    pub fn cgroup_of_link(pin: &Path) -> Option<u64> {
+        pin.file_name()?.to_str()?.rsplit_once('-')?.1.parse().ok()
+    }
+
+    /// The cgroups with links pinned here (none when the directory does not exist).
+    pub fn linked_cgroups(&self) -> std::collections::BTreeSet<u64> {
+        let Ok(entries) = fs::read_dir(self.links_dir()) else { return Default::default() };
+        entries.flatten().filter_map(|e| Self::cgroup_of_link(&e.path())).collect()
+    }
+
     /// Creates the directories.
     pub fn create_dirs(&self) -> io::Result<()> {
         fs::create_dir_all(self.maps_dir())?;
@@ -98,4 +123,20 @@ pub fn random_suffix() -> String {
         b = std::process::id().to_ne_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_are_read_back() {
+        let layout = PinLayout::new("/sys/fs/bpf/depfence");
+        assert_eq!(PinLayout::cgroup_of_link(&layout.link("df_connect4", 7853)), Some(7853));
+        assert_eq!(PinLayout::cgroup_of_link(Path::new("/x/links/df_connect4")), None);
+        assert_eq!(PinLayout::cgroup_of_link(Path::new("/x/links/df-x")), None);
+        assert_eq!(run_pid(&Path::new("/sys/fs/bpf").join(run_root_name(9494))), Some(9494));
+        assert_eq!(run_pid(Path::new("/sys/fs/bpf/depfence")), None);
+        assert_eq!(run_pid(Path::new("/sys/fs/bpf/depfence-run-x")), None);
+    }
 }
