@@ -245,6 +245,19 @@ impl LoweredRules {
         }
     }
 
+    /// Deletes every entry of a ruleset id; returns how many.
+    pub fn remove_ruleset(&mut self, ruleset: u32) -> usize {
+        let before = self.exact.len() + self.cidrs.len();
+        self.exact.retain(|key, _| key.ruleset != ruleset);
+        self.cidrs.retain(|(r, _, _), _| *r != ruleset);
+        before - self.exact.len() - self.cidrs.len()
+    }
+
+    /// The ruleset ids with entries.
+    pub fn ruleset_ids(&self) -> std::collections::BTreeSet<u32> {
+        self.exact.keys().map(|k| k.ruleset).chain(self.cidrs.keys().map(|(r, _, _)| *r)).collect()
+    }
+
     /// Admits an address for a service's names (`DF_NAMES`).
     pub fn admit_name(&mut self, key: NameKey, value: CidrValue) {
         self.names.insert(key, value);

@@ -2,7 +2,8 @@
 //! the running agent for its status, its events, an explanation against the live policy, a
 //! reload, a promotion, or a candidate policy. One JSON request line per connection; the
 //! answer is one JSON line, or for `events --follow` a JSON line per event until the client
-//! hangs up.
+//! hangs up. This module holds the protocol, the client side (`policyctl`'s) and the server
+//! side, which hands each request to the state task as a [`Message`].
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
@@ -11,7 +12,12 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::config::{AgentError, io_error};
 use super::telemetry::EventRecord;
+use crate::dns::DnsEvent;
 
 /// Default control socket path.
 pub const DEFAULT_SOCKET: &str = "/run/depfence/control.sock";
@@ -250,4 +256,87 @@ pub fn follow_events(
 /// Makes the socket file root-only.
 pub(crate) fn restrict(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// A message to the state task.
+pub(super) enum Message {
+    /// A control request, the uid of the process that sent it, and where to answer.
+    Request(Request, Option<u32>, oneshot::Sender<Response>),
+    /// A subscription to new events (with the recent ones).
+    Subscribe(usize, oneshot::Sender<(Vec<EventRecord>, broadcast::Receiver<EventRecord>)>),
+    /// A policy file changed.
+    PolicyChanged,
+    /// The DNS proxy judged a question (or saw something worth recording).
+    Dns(DnsEvent),
+}
+
+/// Binds the control socket (replacing one an agent that died left), root only.
+pub(super) fn bind(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+    }
+    // A socket left by an agent that died; nothing listens on it.
+    if UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io_error("binding the control socket", path))?;
+    restrict(path).map_err(io_error("restricting", path))?;
+    Ok(listener)
+}
+
+/// Accepts control connections for as long as the agent runs.
+pub(super) async fn serve(listener: tokio::net::UnixListener, tx: mpsc::Sender<Message>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(stream, tx).await {
+                warn!("control connection: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_connection(stream: tokio::net::UnixStream, tx: mpsc::Sender<Message>) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let peer = stream.peer_cred().ok();
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    tokio::io::BufReader::new(read).read_line(&mut line).await?;
+    let request: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let answer = Response::error(format!("not a request: {e}"));
+            write.write_all(format!("{}\n", serde_json::to_string(&answer)?).as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    info!(uid = peer.map(|p| p.uid()), pid = peer.and_then(|p| p.pid()), request = ?request, "control request");
+    if let Request::Events { follow, recent } = request {
+        let (reply, answer) = oneshot::channel();
+        if tx.send(Message::Subscribe(recent, reply)).await.is_err() {
+            return Ok(());
+        }
+        let Ok((recent, mut live)) = answer.await else { return Ok(()) };
+        for event in recent {
+            write.write_all(format!("{}\n", serde_json::to_string(&event)?).as_bytes()).await?;
+        }
+        if !follow {
+            return Ok(());
+        }
+        loop {
+            match live.recv().await {
+                Ok(event) => write.write_all(format!("{}\n", serde_json::to_string(&event)?).as_bytes()).await?,
+                Err(broadcast::error::RecvError::Lagged(n)) => warn!(skipped = n, "events subscriber too slow"),
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+    let (reply, answer) = oneshot::channel();
+    if tx.send(Message::Request(request, peer.map(|p| p.uid()), reply)).await.is_err() {
+        return Ok(());
+    }
+    let response = answer.await.unwrap_or_else(|_| Response::error("the agent is stopping"));
+    write.write_all(format!("{}\n", serde_json::to_string(&response)?).as_bytes()).await?;
+    Ok(())
 }

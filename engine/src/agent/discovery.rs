@@ -1,51 +1,13 @@
-//! Which cgroups belong to which service: a walk of the cgroup2 tree, matched against the
-//! services' selectors (an exact path relative to the mount, or a regex over such paths).
-use std::{
-    collections::BTreeMap,
-    io,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-};
+//! Which cgroups belong to which service: the cgroups found in the cgroup2 tree
+//! ([`crate::cgroup::walk`]) matched against the services' selectors (an exact path relative to
+//! the mount, or a regex over such paths).
+use std::collections::BTreeMap;
 
 use regex::Regex;
 
+use crate::cgroup::FoundCgroup;
 use crate::policy::Selector;
 use crate::snapshot::Snapshot;
-
-/// A cgroup found in the tree.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct FoundCgroup {
-    /// Path relative to the cgroup2 mount, without a leading `/` (the root is "").
-    pub relative: String,
-    /// The cgroup id (inode number of the directory).
-    pub id: u64,
-}
-
-/// Every cgroup below `mount` (the root itself excluded: depfence never attaches there), in
-/// path order. Cgroups that vanish during the walk are skipped.
-pub fn walk(mount: &Path) -> io::Result<Vec<FoundCgroup>> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(relative) = stack.pop() {
-        let dir = mount.join(&relative);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !relative.as_os_str().is_empty() => continue,
-            Err(e) => return Err(e),
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_dir() {
-                continue;
-            }
-            let child = relative.join(entry.file_name());
-            out.push(FoundCgroup { relative: child.to_string_lossy().into_owned(), id: meta.ino() });
-            stack.push(child);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
 
 /// The services' selectors, compiled: exact paths first, then regexes in service-name order.
 #[derive(Debug, Default)]
@@ -207,17 +169,5 @@ cgroup = { regex = "system\\.slice/.*" }
         let matched: Vec<(&FoundCgroup, String)> = cgroups.iter().map(|c| (c, "s".to_owned())).collect();
         let points: Vec<&str> = attach_points(&matched).iter().map(|c| c.relative.as_str()).collect();
         assert_eq!(points, ["a", "ab", "d/e"]);
-    }
-
-    #[test]
-    fn walk_lists_nested_directories_with_ids() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("x/y")).unwrap();
-        std::fs::create_dir_all(dir.path().join("z")).unwrap();
-        std::fs::write(dir.path().join("x/cgroup.procs"), "").unwrap();
-        let found = walk(dir.path()).unwrap();
-        let paths: Vec<&str> = found.iter().map(|c| c.relative.as_str()).collect();
-        assert_eq!(paths, ["x", "x/y", "z"]);
-        assert_eq!(found[1].id, std::fs::metadata(dir.path().join("x/y")).unwrap().ino());
     }
 }

@@ -14,13 +14,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::discovery::FoundCgroup;
+use super::dataplane::Dataplane;
+use crate::cgroup::FoundCgroup;
 use crate::datapath::{
     Datapath, DatapathError,
-    abi::{
-        self, CgroupState, Config, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, MAX_COUNTER_SLOTS,
-        prog_names,
-    },
+    abi::{CgroupState, Config, Event, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, MAX_COUNTER_SLOTS},
     pins::PinLayout,
 };
 use crate::lower::{CompileError, CompiledRuleset, allows_from_snapshot, compile};
@@ -125,10 +123,11 @@ pub struct ApplyReport {
     pub mode_changes: Vec<(String, Option<Mode>, Mode)>,
 }
 
-/// The agent's handle on the kernel.
-pub struct Kernel {
-    datapath: Datapath,
-    layout: PinLayout,
+/// The agent's books on the kernel (counter slots, ruleset ids, the generation, each service's
+/// mode and since when) and the procedure that moves the kernel from one desired state to the
+/// next, over a [`Dataplane`]: the real one ([`Datapath`]), or an in-memory one in tests.
+pub struct Kernel<D: Dataplane = Datapath> {
+    dataplane: D,
     cgroup2_mount: PathBuf,
     state_file: PathBuf,
     persisted: Persisted,
@@ -143,30 +142,28 @@ pub struct Kernel {
     dns: Option<(u16, u64)>,
 }
 
-impl Kernel {
+impl Kernel<Datapath> {
     /// Loads the programs (reusing the pinned maps under `layout`, so counters and enforcement
     /// carry on from a previous agent) and reads the state file in `state_dir`.
     pub fn open(layout: &PinLayout, state_dir: &Path, cgroup2_mount: &Path, rule_capacity: u32) -> Result<Self> {
         let datapath = Datapath::load_with_rule_capacity(layout, rule_capacity)?;
+        Kernel::with_dataplane(datapath, state_dir, cgroup2_mount)
+    }
+}
+
+impl<D: Dataplane> Kernel<D> {
+    /// The books for `dataplane`, from the state file in `state_dir`; the hooks' attachments
+    /// are the dataplane's (a previous agent's links stay).
+    pub fn with_dataplane(dataplane: D, state_dir: &Path, cgroup2_mount: &Path) -> Result<Self> {
         let state_file = state_dir.join("kernel-state.json");
         let persisted = match std::fs::read(&state_file) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
             Err(source) => return Err(KernelError::State { path: state_file, source }),
         };
-        // Links a previous agent pinned: `<prog>-<cgroup id>`.
-        let mut attached = BTreeSet::new();
-        if let Ok(entries) = std::fs::read_dir(layout.links_dir()) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(id) = name.rsplit_once('-').and_then(|(_, id)| id.parse::<u64>().ok()) {
-                    attached.insert(id);
-                }
-            }
-        }
+        let attached = dataplane.attached();
         Ok(Self {
-            datapath,
-            layout: layout.clone(),
+            dataplane,
             cgroup2_mount: cgroup2_mount.to_owned(),
             state_file,
             persisted,
@@ -188,15 +185,25 @@ impl Kernel {
     /// name again, instead of to a port nobody will answer on.
     pub fn stop_dns_redirect(&mut self) -> Result<()> {
         self.dns = None;
-        let config = self.datapath.maps.config.get(&0, 0).map_err(crate::datapath::map_err(abi::map_names::CONFIG));
-        let config = config.map_err(KernelError::Datapath)?;
-        self.datapath.maps.set_config(Config { dns_proxy_port: 0, dns_exempt_cgroup: 0, ..config })?;
+        let config = self.dataplane.config()?;
+        self.dataplane.set_config(Config { dns_proxy_port: 0, dns_exempt_cgroup: 0, ..config })?;
         Ok(())
     }
 
-    /// The maps (counters, events).
-    pub fn maps(&mut self) -> &mut crate::datapath::Maps {
-        &mut self.datapath.maps
+    /// The events the hooks reported since the last call.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        self.dataplane.drain_events()
+    }
+
+    /// Events lost because the ring buffer was full.
+    pub fn events_dropped(&self) -> u64 {
+        self.dataplane.events_dropped()
+    }
+
+    /// The dataplane (tests drive the in-memory one through it).
+    #[cfg(test)]
+    pub(crate) fn dataplane_mut(&mut self) -> &mut D {
+        &mut self.dataplane
     }
 
     /// The services with cgroups on this machine.
@@ -269,9 +276,9 @@ impl Kernel {
         let mut written: Vec<&CompiledRuleset> = Vec::new();
         for (active, candidate) in fresh.values() {
             for ruleset in std::iter::once(&active.1).chain(candidate.as_ref().map(|c| &c.1)) {
-                if let Err(e) = self.datapath.maps.install(ruleset) {
+                if let Err(e) = self.dataplane.install(ruleset) {
                     for done in &written {
-                        let _ = self.datapath.maps.uninstall(done);
+                        let _ = self.dataplane.uninstall(done);
                     }
                     return Err(e.into());
                 }
@@ -293,7 +300,7 @@ impl Kernel {
         for (&service, cgroups) in &wanted {
             let (slot, new_slot) = self.slot_for(service)?;
             if new_slot {
-                self.datapath.maps.reset_counters(slot)?;
+                self.dataplane.reset_counters(slot)?;
             }
             let mode = desired
                 .snapshot
@@ -342,7 +349,7 @@ impl Kernel {
             };
             let mut registered = BTreeMap::new();
             for cgroup in cgroups {
-                self.datapath.maps.set_cgroup(cgroup.id, state)?;
+                self.dataplane.set_cgroup(cgroup.id, state)?;
                 if !old.as_ref().is_some_and(|o| o.cgroups.contains_key(&cgroup.id)) {
                     report.registered.push(cgroup.relative.clone());
                 }
@@ -364,7 +371,7 @@ impl Kernel {
         // Services that no longer have a cgroup here (or left the policy).
         for (_, old) in std::mem::take(&mut self.services) {
             for id in old.cgroups.keys() {
-                self.datapath.maps.remove_cgroup(*id)?;
+                self.dataplane.remove_cgroup(*id)?;
                 report.unregistered.push(*id);
             }
             retire.push(old.ruleset.1);
@@ -374,9 +381,9 @@ impl Kernel {
         }
         // Cgroups that left their service but whose service stays.
         let registered: BTreeSet<u64> = next_services.values().flat_map(|s| s.cgroups.keys().copied()).collect();
-        for (id, _) in self.datapath.maps.cgroup_states() {
+        for (id, _) in self.dataplane.cgroup_states() {
             if !registered.contains(&id) {
-                self.datapath.maps.remove_cgroup(id)?;
+                self.dataplane.remove_cgroup(id)?;
                 report.unregistered.push(id);
             }
         }
@@ -389,20 +396,18 @@ impl Kernel {
                 continue;
             }
             let dir = self.cgroup2_mount.join(&cgroup.relative);
-            self.datapath.attach(&dir, &prog_names::ALL)?;
+            self.dataplane.attach(&dir, *id)?;
             self.attached.insert(*id);
             report.attached.push(cgroup.relative.clone());
         }
         let stale: Vec<u64> = self.attached.iter().filter(|id| !wanted_points.contains_key(id)).copied().collect();
         for id in stale {
-            for prog in prog_names::ALL {
-                let _ = std::fs::remove_file(self.layout.link(prog, id));
-            }
+            self.dataplane.detach(id);
             self.attached.remove(&id);
         }
         let max_level = desired.matched.iter().map(|(c, _)| c.relative.split('/').count() as u32).max().unwrap_or(0);
         let (dns_proxy_port, dns_exempt_cgroup) = self.dns.map_or((0, 0), |(port, cgroup)| (u32::from(port), cgroup));
-        self.datapath.maps.set_config(Config {
+        self.dataplane.set_config(Config {
             max_level,
             dns_proxy_port,
             dedup_window_ns: 1_000_000_000,
@@ -410,9 +415,9 @@ impl Kernel {
         })?;
 
         // 4. Free what no cgroup points at any more, once no running hook can read it.
-        self.datapath.maps.wait_for_readers()?;
+        self.dataplane.wait_for_readers()?;
         for ruleset in &retire {
-            self.datapath.maps.uninstall(ruleset)?;
+            self.dataplane.uninstall(ruleset)?;
             report.retired += 1;
         }
         if self.cleanup_pending {
@@ -422,9 +427,9 @@ impl Kernel {
                 .values()
                 .flat_map(|s| std::iter::once(s.ruleset.0).chain(s.candidate.as_ref().map(|c| c.0)))
                 .collect();
-            for id in self.datapath.maps.ruleset_ids() {
+            for id in self.dataplane.ruleset_ids() {
                 if !live.contains(&id) {
-                    report.retired += usize::from(self.datapath.maps.remove_ruleset(id)? > 0);
+                    report.retired += usize::from(self.dataplane.remove_ruleset(id)? > 0);
                 }
             }
             self.cleanup_pending = false;
@@ -450,6 +455,6 @@ impl Kernel {
 
     /// The counters of a service's slot.
     pub fn counters(&self, slot: u32) -> Counts {
-        self.datapath.maps.counts(slot).unwrap_or_default()
+        self.dataplane.counts(slot).unwrap_or_default()
     }
 }

@@ -6,15 +6,15 @@
 //! agent (which adopts the pinned counters) carries on from where the last one stopped.
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    net::IpAddr,
     time::SystemTime,
 };
 
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::abi::{self, Event, user::words_addr};
+use crate::datapath::abi::Event;
 use crate::dns::{DnsEvent, QueryEvent};
+use crate::timefmt::{rfc3339_millis, unix_seconds};
 use crate::verdict::{Counts, Mode, Verdict};
 
 /// Destinations kept as their own label value per service; the rest go to [`OVERFLOW`].
@@ -65,11 +65,6 @@ pub fn describe() {
     );
     describe_counter!("depfence_dns_allow_set_full_total", "Answered addresses not admitted: the allow set was full.");
     describe_counter!("depfence_dns_bad_queries_total", "Malformed DNS messages and queries refused under overload.");
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Exports one service's counters and mode.
@@ -123,25 +118,24 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
-    /// Resolves a kernel event; `service` and `cgroup` come from the agent's tables. None
-    /// for an event with a verdict this build does not know.
+    /// Resolves a kernel event; `service`, `cgroup` and the service that owns the destination
+    /// come from the agent's tables. None for an event with a verdict this build does not know.
     pub fn new(
         event: &Event,
         service: Option<String>,
         cgroup: Option<String>,
-        owners: &DestinationOwners,
+        destination_service: Option<String>,
         now: SystemTime,
     ) -> Option<Self> {
-        let addr = words_addr(event.addr);
         Some(Self {
-            time: humantime::format_rfc3339_millis(now).to_string(),
+            time: rfc3339_millis(now),
             service,
             cgroup,
             pid: event.pid(),
             tid: event.pid_tgid as u32,
             comm: event.comm_name().into_owned(),
             destination: event.destination(),
-            destination_service: owners.owner(addr, event.port, event.proto).map(str::to_owned),
+            destination_service,
             verdict: Verdict::from_code(event.verdict)?,
             query: None,
             generation: event.generation,
@@ -159,7 +153,7 @@ impl EventRecord {
     /// A DNS question the proxy judged; `cgroup` comes from the agent's tables.
     pub fn from_query(query: &QueryEvent, cgroup: Option<String>, generation: u32, now: SystemTime) -> Self {
         Self {
-            time: humantime::format_rfc3339_millis(now).to_string(),
+            time: rfc3339_millis(now),
             service: Some(query.who.service.to_string()),
             cgroup,
             pid: query.who.pid,
@@ -193,52 +187,6 @@ pub fn export_dns_event(event: &DnsEvent) {
             counter!("depfence_dns_allow_set_full_total", "service" => service.to_string()).increment(1);
         }
         _ => counter!("depfence_dns_bad_queries_total").increment(1),
-    }
-}
-
-/// Which service a destination belongs to: every address rule of the policy that names its
-/// target service (explicitly, or inferred from that service's endpoints), most specific first.
-#[derive(Debug, Default)]
-pub struct DestinationOwners {
-    hosts: std::collections::HashMap<IpAddr, Vec<(crate::policy::PortRange, crate::policy::Proto, String)>>,
-    blocks: Vec<(ipnet::IpNet, crate::policy::PortRange, crate::policy::Proto, String)>,
-}
-
-impl DestinationOwners {
-    /// Indexes a snapshot's rules that have a target.
-    pub fn new(snapshot: &crate::snapshot::Snapshot) -> Self {
-        let mut owners = Self::default();
-        let services = snapshot.services();
-        let mut seen = BTreeSet::new();
-        for rule in services.iter().flat_map(|s| &s.net_rules) {
-            let Some(target) = rule.target.and_then(|t| services.get(t as usize)) else { continue };
-            if !seen.insert((rule.net, rule.ports, rule.proto, rule.target)) {
-                continue;
-            }
-            let entry = (rule.ports, rule.proto, target.name.clone());
-            if rule.net.prefix_len() == rule.net.max_prefix_len() {
-                owners.hosts.entry(rule.net.addr()).or_default().push(entry);
-            } else {
-                owners.blocks.push((rule.net, entry.0, entry.1, entry.2));
-            }
-        }
-        owners.blocks.sort_by_key(|b| std::cmp::Reverse(b.0.prefix_len()));
-        owners
-    }
-
-    /// The service that owns `addr:port` over `proto`, if the policy says.
-    pub fn owner(&self, addr: IpAddr, port: u16, proto: u8) -> Option<&str> {
-        let addr = addr.to_canonical();
-        let proto = match proto {
-            abi::IPPROTO_TCP => crate::policy::Proto::Tcp,
-            abi::IPPROTO_UDP => crate::policy::Proto::Udp,
-            _ => crate::policy::Proto::Any,
-        };
-        let fits = |ports: &crate::policy::PortRange, p: &crate::policy::Proto| ports.contains(port) && p.covers(proto);
-        if let Some(name) = self.hosts.get(&addr).and_then(|v| v.iter().find(|(ports, p, _)| fits(ports, p))) {
-            return Some(&name.2);
-        }
-        self.blocks.iter().find(|(net, ports, p, _)| net.contains(&addr) && fits(ports, p)).map(|b| b.3.as_str())
     }
 }
 
@@ -297,6 +245,7 @@ impl EventLog {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
     use super::*;
+    use crate::datapath::abi;
 
     fn record(service: &str, destination: &str, verdict: Verdict) -> EventRecord {
         EventRecord {
@@ -336,32 +285,6 @@ mod tests {
         let recent = log.recent(2);
         assert_eq!(recent.len(), 2);
         assert_eq!(recent[1].destination, format!("10.0.0.1:{}/tcp", RECENT_EVENTS + 2));
-    }
-
-    #[test]
-    fn destination_owners_come_from_rules_with_targets() {
-        let compiled = crate::compile::compile_str(
-            "t.toml",
-            r#"
-version = 1
-[services.db]
-endpoints = [{ ip = "10.0.0.5", ports = [5432], proto = "tcp" }]
-[services.pool]
-endpoints = [{ cidr = "10.1.0.0/24", ports = [443] }]
-[services.app]
-allow = [{ service = "db" }, { service = "pool" }, { cidr = "192.0.2.0/24" }]
-"#,
-        )
-        .map_err(|(_, d)| format!("{d:?}"))
-        .unwrap();
-        let owners = DestinationOwners::new(&compiled.snapshot);
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(owners.owner(ip("10.0.0.5"), 5432, abi::IPPROTO_TCP), Some("db"));
-        assert_eq!(owners.owner(ip("::ffff:10.0.0.5"), 5432, abi::IPPROTO_TCP), Some("db"));
-        assert_eq!(owners.owner(ip("10.0.0.5"), 5433, abi::IPPROTO_TCP), None, "another port");
-        assert_eq!(owners.owner(ip("10.0.0.5"), 5432, abi::IPPROTO_UDP), None, "another protocol");
-        assert_eq!(owners.owner(ip("10.1.0.77"), 443, abi::IPPROTO_UDP), Some("pool"));
-        assert_eq!(owners.owner(ip("192.0.2.1"), 80, abi::IPPROTO_TCP), None, "a block without a service");
     }
 
     #[test]

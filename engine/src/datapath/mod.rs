@@ -468,6 +468,11 @@ impl Datapath {
         Ok(path)
     }
 
+    /// Where the maps and links are pinned.
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+
     /// The loaded object.
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf

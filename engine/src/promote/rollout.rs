@@ -24,6 +24,23 @@ pub struct Rollout {
     last_saved: SystemTime,
 }
 
+/// A change of a service's mode, as asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModeRequest {
+    /// The service.
+    pub service: String,
+    /// The environment.
+    pub environment: String,
+    /// The mode asked for.
+    pub mode: Mode,
+    /// Past the evidence gate (needs a reason).
+    pub force: bool,
+    /// Why.
+    pub reason: Option<String>,
+    /// Who asked.
+    pub who: Actor,
+}
+
 /// What a promotion or demotion did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -117,20 +134,11 @@ impl Rollout {
         gate(&evidence, &self.gate).map(|()| evidence)
     }
 
-    /// Changes `service`'s mode in `environment` in the policy at `policy` (after the gate, for
-    /// a promotion to enforce, unless `force`), and logs it. The caller reloads.
-    #[allow(clippy::too_many_arguments, reason = "one request's fields")]
-    pub fn change_mode(
-        &mut self,
-        policy: &Path,
-        service: &str,
-        environment: &str,
-        mode: Mode,
-        force: bool,
-        reason: Option<String>,
-        who: Actor,
-    ) -> Result<Outcome, String> {
-        let now = SystemTime::now();
+    /// Changes a service's mode in the policy at `policy` (after the gate, for a promotion to
+    /// enforce, unless forced) and logs it; `now` ends the evidence window. The caller reloads.
+    pub fn change_mode(&mut self, policy: &Path, change: ModeRequest, now: SystemTime) -> Result<Outcome, String> {
+        let ModeRequest { service, environment, mode, force, reason, who } = change;
+        let (service, environment) = (service.as_str(), environment.as_str());
         if force && reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
             return Err("--force needs --reason: say why the evidence is overridden".into());
         }

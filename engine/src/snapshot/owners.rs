@@ -321,4 +321,29 @@ endpoints = [{ ip = "10.9.9.9", ports = [80] }]
         assert_eq!(by_text("10.0.0.6"), Some("wide"));
         assert_eq!(by_text("not-an-address"), None);
     }
+
+    /// The events' destination service (the agent's question, answered by the owner index).
+    #[test]
+    fn destination_owners_come_from_endpoints() {
+        let (idx, names) = owners(
+            r#"
+version = 1
+[services.db]
+endpoints = [{ ip = "10.0.0.5", ports = [5432], proto = "tcp" }]
+[services.pool]
+endpoints = [{ cidr = "10.1.0.0/24", ports = [443] }]
+[services.app]
+allow = [{ service = "db" }, { service = "pool" }, { cidr = "192.0.2.0/24" }]
+"#,
+        );
+        let owner = |addr: &str, port, proto| {
+            idx.owner_of(addr.parse().unwrap(), Some(port), proto).map(|i| names[i as usize].as_str())
+        };
+        assert_eq!(owner("10.0.0.5", 5432, Proto::Tcp), Some("db"));
+        assert_eq!(owner("::ffff:10.0.0.5", 5432, Proto::Tcp), Some("db"));
+        assert_eq!(owner("10.0.0.5", 5433, Proto::Tcp), None, "another port");
+        assert_eq!(owner("10.0.0.5", 5432, Proto::Udp), None, "another protocol");
+        assert_eq!(owner("10.1.0.77", 443, Proto::Udp), Some("pool"));
+        assert_eq!(owner("192.0.2.1", 80, Proto::Tcp), None, "a block without a service");
+    }
 }

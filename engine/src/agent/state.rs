@@ -1,0 +1,507 @@
+//! The agent's state and what it does with it: the policy in force and the candidate, the
+//! cgroups found, the event log and the evidence; reloads, applies, requests from the control
+//! socket, promotions. Everything here runs on the one state task, in order, over a
+//! [`Dataplane`] and with the time given by the caller, so tests drive it without a kernel.
+//!
+//! An invalid policy is never applied: its located diagnostics go to the log and to `policyctl
+//! status`, the reload-failure metric goes up, and the last good policy stays in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use metrics::{counter, gauge};
+use tokio::sync::broadcast;
+use tracing::{error, info, warn};
+
+use super::config::AgentConfig;
+use super::control::{self, AgentStatus, CandidateStatus, ReloadStatus, Request, Response, ServiceStatus};
+use super::dataplane::Dataplane;
+use super::discovery::{self, Selectors};
+use super::dns::DnsRuntime;
+use super::kernel::{Desired, Kernel, KernelError};
+use super::telemetry::{self, EventLog, EventRecord};
+use crate::cgroup::FoundCgroup;
+use crate::compile::{Compiled, compile_path};
+use crate::datapath::abi::{self, user::words_addr};
+use crate::dns::DnsEvent;
+use crate::explain::{Environments, Live, explain};
+use crate::lower::proto_of;
+use crate::promote::{Actor, ModeRequest, Rollout, user_name};
+use crate::snapshot::{Connection, Snapshot};
+use crate::timefmt::{rfc3339_seconds, unix_seconds};
+use crate::verdict::{Mode, Verdict};
+
+/// A compiled policy and the index of the agent's environment in it.
+type InForce = (Arc<Compiled>, usize);
+
+/// The state task's data.
+pub struct State<D: Dataplane> {
+    config: AgentConfig,
+    kernel: Kernel<D>,
+    active: Option<InForce>,
+    candidate: Option<(PathBuf, InForce)>,
+    last_reload: Option<ReloadStatus>,
+    found: Vec<FoundCgroup>,
+    events: EventLog,
+    event_tx: broadcast::Sender<EventRecord>,
+    rollout: Rollout,
+    dns: Option<DnsRuntime>,
+}
+
+impl<D: Dataplane> State<D> {
+    /// The state of a starting agent: nothing applied yet.
+    pub fn new(config: AgentConfig, kernel: Kernel<D>, dns: Option<DnsRuntime>) -> Self {
+        let rollout = Rollout::open(&config.state_dir, config.gate);
+        let (event_tx, _) = broadcast::channel(4096);
+        State {
+            config,
+            kernel,
+            active: None,
+            candidate: None,
+            last_reload: None,
+            found: Vec::new(),
+            events: EventLog::default(),
+            event_tx,
+            rollout,
+            dns,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Whether a policy is in force.
+    pub fn ready(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The kernel books (tests inspect the in-memory dataplane through them).
+    #[cfg(test)]
+    pub(crate) fn kernel_mut(&mut self) -> &mut Kernel<D> {
+        &mut self.kernel
+    }
+
+    /// Compiles the policy and, if valid, applies it. Returns whether it is in force.
+    pub fn reload(&mut self, why: &str, now: SystemTime) -> bool {
+        let started = std::time::Instant::now();
+        let result = self.compile(&self.config.policy).and_then(|in_force| {
+            let previous = self.active.replace(in_force);
+            self.apply().map_err(|e| {
+                self.active = previous;
+                vec![format!("applying to the kernel: {e}")]
+            })
+        });
+        let ok = result.is_ok();
+        let errors = result.err().unwrap_or_default();
+        if ok {
+            let hash = self.active.as_ref().map(|(c, _)| c.snapshot.hash().to_string()).unwrap_or_default();
+            if let Some((compiled, _)) = &self.active {
+                publish_snapshot(&self.config.state_dir, &compiled.snapshot);
+            }
+            info!(
+                reason = why,
+                generation = self.kernel.generation(),
+                hash,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "policy applied"
+            );
+            counter!("depfence_policy_reloads_total", "result" => "success").increment(1);
+            gauge!("depfence_policy_last_reload_success_timestamp_seconds").set(unix_seconds(now));
+        } else {
+            for e in &errors {
+                error!(target: "depfence::policy", "{e}");
+            }
+            error!(reason = why, errors = errors.len(), "policy rejected; the last good policy stays in force");
+            counter!("depfence_policy_reloads_total", "result" => "failure").increment(1);
+        }
+        gauge!("depfence_policy_last_reload_successful").set(if ok { 1.0 } else { 0.0 });
+        self.last_reload = Some(ReloadStatus { time: rfc3339_seconds(now), ok, errors });
+        ok
+    }
+
+    /// The policy at `path` compiled for this agent's environment, or why not (one line each).
+    fn compile(&self, path: &Path) -> Result<InForce, Vec<String>> {
+        let compiled = compile_path(path).map_err(|e| e.lines())?;
+        for warning in compiled.warning_lines() {
+            warn!(target: "depfence::policy", "{warning}");
+        }
+        let env = compiled.snapshot.environment_index(&self.config.environment).ok_or_else(|| {
+            let declared: Vec<&str> = compiled.snapshot.environments().iter().map(|e| e.name.as_str()).collect();
+            vec![format!(
+                "{}: the policy has no environment `{}` (it declares: {})",
+                path.display(),
+                self.config.environment,
+                declared.join(", ")
+            )]
+        })?;
+        Ok((Arc::new(compiled), env))
+    }
+
+    /// Applies the policy in force to the cgroups last found.
+    fn apply(&mut self) -> Result<(), KernelError> {
+        let Some((compiled, environment)) = self.active.clone() else { return Ok(()) };
+        let snapshot = &compiled.snapshot;
+        let selectors = Selectors::new(snapshot);
+        let (matched, conflicts) = selectors.assign(&self.found);
+        for c in &conflicts {
+            warn!(cgroup = c.cgroup, chosen = c.chosen, also = c.also, "two services select one cgroup");
+        }
+        let attach = discovery::attach_points(&matched);
+        let candidate = self.candidate.as_ref().map(|(_, (c, e))| (&c.snapshot, *e));
+        let desired = Desired { snapshot, environment, candidate, matched: &matched, attach: &attach };
+        let report = self.kernel.apply(&desired)?;
+        if let Some(dns) = &self.dns {
+            dns.follow(snapshot, environment, self.kernel.services().iter().map(|(n, s)| (n.clone(), s.slot)));
+        }
+        for cgroup in &report.registered {
+            info!(cgroup, service = selectors.service_of(cgroup).unwrap_or_default(), "cgroup registered");
+        }
+        for id in &report.unregistered {
+            info!(cgroup_id = id, "cgroup left the policy");
+        }
+        for (service, from, to) in &report.mode_changes {
+            info!(service, from = from.map(Mode::as_str), to = to.as_str(), "mode");
+        }
+        gauge!("depfence_policy_generation").set(f64::from(self.kernel.generation()));
+        gauge!("depfence_policy_info", "hash" => snapshot.hash().to_string(), "environment" => self.config.environment.clone())
+            .set(1.0);
+        Ok(())
+    }
+
+    /// The cgroups in the tree now; applies when they changed.
+    pub fn set_found(&mut self, found: Vec<FoundCgroup>) {
+        if found == self.found {
+            return;
+        }
+        self.found = found;
+        if let Err(e) = self.apply() {
+            error!("applying after a cgroup change: {e}");
+        }
+    }
+
+    /// Reads the kernel's events into the log, the stream and the evidence.
+    pub fn drain_events(&mut self, now: SystemTime) {
+        for event in self.kernel.drain_events() {
+            let service = self.kernel.service_of_cgroup(event.policy_cgroup_id).map(str::to_owned);
+            let cgroup = self.cgroup_path(event.cgroup_id);
+            let destination_service = self.active.as_ref().and_then(|(c, _)| {
+                let owner =
+                    c.snapshot.owners().owner_of(words_addr(event.addr), Some(event.port), proto_of(event.proto));
+                owner.and_then(|id| c.snapshot.services().get(id as usize)).map(|s| s.name.clone())
+            });
+            let Some(record) = EventRecord::new(&event, service, cgroup, destination_service, now) else { continue };
+            if let (Some(service), Verdict::WouldReject) = (&record.service, record.verdict) {
+                self.rollout.record_destination(service, now, &record.destination);
+            }
+            self.record(record);
+        }
+    }
+
+    fn record(&mut self, record: EventRecord) {
+        let _ = self.event_tx.send(record.clone());
+        self.events.record(record);
+    }
+
+    fn cgroup_path(&self, id: u64) -> Option<String> {
+        self.found.iter().find(|c| c.id == id).map(|c| c.relative.clone())
+    }
+
+    /// Records what the DNS proxy reported: judged questions that were not simply allowed go
+    /// to the event log (and a would-reject counts as evidence against promotion).
+    pub fn dns_event(&mut self, event: DnsEvent, now: SystemTime) {
+        match event {
+            DnsEvent::Query(query) if query.verdict != Verdict::Allowed => {
+                let cgroup = self.cgroup_path(query.who.cgroup_id);
+                let record = EventRecord::from_query(&query, cgroup, self.kernel.generation(), now);
+                if record.verdict == Verdict::WouldReject {
+                    self.rollout.record_destination(&query.who.service, now, &record.destination);
+                }
+                info!(
+                    service = %query.who.service,
+                    name = query.name,
+                    pid = query.who.pid,
+                    comm = query.who.comm,
+                    verdict = record.verdict.as_str(),
+                    "dns question"
+                );
+                self.record(record);
+            }
+            DnsEvent::SharedAddress(shared) => warn!(
+                service = %shared.service,
+                addr = %shared.addr,
+                allowed = shared.allowed_name,
+                denied = shared.denied_name,
+                "an allowed and a denied name share an address: connecting to it is allowed"
+            ),
+            DnsEvent::Unattributed { client, local, name, .. } => {
+                warn!(%client, %local, name, "dns question from no known service: refused");
+            }
+            _ => {}
+        }
+    }
+
+    /// Samples every service's counters into the metrics and the evidence (every second).
+    pub fn sample(&mut self, now: SystemTime) {
+        for (name, service) in self.kernel.services() {
+            let counts = self.kernel.counters(service.slot);
+            telemetry::export_service(name, counts, service.mode, service.mode_since, service.cgroups.len());
+            self.rollout.record(name, now, counts.allowed, counts.would_reject);
+        }
+        self.rollout.persist(now, false);
+        counter!("depfence_events_dropped_total").absolute(self.kernel.events_dropped());
+        let (rules, cidrs, cgroups) = self.kernel.fill();
+        let fill = [
+            ("DF_RULES", rules, self.config.rule_capacity),
+            ("DF_CIDRS", cidrs, abi::MAX_CIDRS),
+            ("DF_CGROUPS", cgroups, abi::MAX_CGROUPS),
+        ];
+        for (map, entries, capacity) in fill {
+            gauge!("depfence_map_entries", "map" => map).set(entries as f64);
+            gauge!("depfence_map_capacity", "map" => map).set(f64::from(capacity));
+        }
+    }
+
+    /// Writes what the evidence store holds back (the agent is stopping).
+    pub fn persist(&mut self, now: SystemTime) {
+        self.rollout.persist(now, true);
+    }
+
+    /// Turns the DNS redirect off (the agent is stopping).
+    pub fn stop_dns(&mut self) {
+        if self.dns.take().is_some()
+            && let Err(e) = self.kernel.stop_dns_redirect()
+        {
+            warn!("turning the dns redirect off: {e}");
+        }
+    }
+
+    /// The most recent events, and a subscription to the new ones.
+    pub fn subscribe(&self, recent: usize) -> (Vec<EventRecord>, broadcast::Receiver<EventRecord>) {
+        (self.events.recent(recent), self.event_tx.subscribe())
+    }
+
+    /// What `policyctl status` shows.
+    pub fn status(&self) -> AgentStatus {
+        let services = self
+            .kernel
+            .services()
+            .iter()
+            .map(|(name, s)| ServiceStatus {
+                name: name.clone(),
+                mode: s.mode.as_str().to_owned(),
+                mode_since: rfc3339_seconds(s.mode_since),
+                cgroups: s.cgroups.values().cloned().collect(),
+                counts: self.kernel.counters(s.slot),
+                last_would_reject: self.events.last_would_reject(name).cloned(),
+            })
+            .collect::<Vec<_>>();
+        let total = self.active.as_ref().map_or(0, |(c, _)| c.snapshot.services().len());
+        AgentStatus {
+            ready: self.active.is_some(),
+            environment: self.config.environment.clone(),
+            policy: self.config.policy.clone(),
+            generation: self.kernel.generation(),
+            policy_hash: self.active.as_ref().map(|(c, _)| c.snapshot.hash().to_string()),
+            last_reload: self.last_reload.clone(),
+            candidate: self
+                .candidate
+                .as_ref()
+                .map(|(path, (c, _))| CandidateStatus { path: path.clone(), hash: c.snapshot.hash().to_string() }),
+            services_without_cgroups: total.saturating_sub(services.len()),
+            services,
+            events_dropped: self.kernel.events_dropped(),
+            dns: self.dns.as_ref().map(DnsRuntime::status),
+        }
+    }
+
+    /// Answers a control request from user `uid`.
+    pub fn handle(&mut self, request: Request, uid: Option<u32>, now: SystemTime) -> Response {
+        match request {
+            Request::Status => Response::ok(self.status()),
+            Request::Explain { from, to } => self.explain(&from, &to),
+            Request::Reload => {
+                if self.reload("policyctl reload", now) {
+                    Response::ok(self.status())
+                } else {
+                    Response::error(format!(
+                        "the policy was not applied; the last good one stays in force:\n{}",
+                        self.reload_errors()
+                    ))
+                }
+            }
+            Request::ApplyCandidate { path } => self.apply_candidate(path),
+            Request::DropCandidate => {
+                let previous = self.candidate.take();
+                match self.apply() {
+                    Ok(()) => Response::ok(self.status()),
+                    Err(e) => {
+                        self.candidate = previous;
+                        Response::error(format!("applying to the kernel: {e}"))
+                    }
+                }
+            }
+            Request::ActivateCandidate => self.activate_candidate(now),
+            Request::Promote { service, environment, mode, force, reason, dry_run } => {
+                if dry_run {
+                    return self.check_promotion(&service, environment, now);
+                }
+                let environment = environment.unwrap_or_else(|| self.config.environment.clone());
+                let who = uid.map_or_else(
+                    || Actor { user: "unknown".into(), uid: u32::MAX },
+                    |uid| Actor { user: user_name(uid), uid },
+                );
+                self.change_mode(ModeRequest { service, environment, mode, force, reason, who }, now)
+            }
+            Request::Events { .. } => Response::error("events are streamed, not requested"),
+        }
+    }
+
+    fn reload_errors(&self) -> String {
+        self.last_reload.as_ref().map(|r| r.errors.join("\n")).unwrap_or_default()
+    }
+
+    fn explain(&self, from: &str, to: &str) -> Response {
+        let Some((compiled, _)) = &self.active else { return Response::error("no policy in force yet") };
+        let conn: Connection = match to.parse() {
+            Ok(c) => c,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        let environment = Environments::Named(&self.config.environment);
+        match explain(&compiled.snapshot, Some(&compiled.analysis), from, conn, environment) {
+            Ok(mut explanation) => {
+                explanation.live = Some(Live { generation: self.kernel.generation() });
+                Response::ok(explanation)
+            }
+            Err(e) => Response::error(format!("the policy in force: {e}")),
+        }
+    }
+
+    /// The policy in force, or the error answer when there is none or it lacks `service`.
+    fn in_force_with(&self, service: &str) -> Result<&Snapshot, Response> {
+        let Some((compiled, _)) = &self.active else { return Err(Response::error("no policy in force yet")) };
+        if compiled.snapshot.service(service).is_none() {
+            return Err(Response::error(format!("the policy in force has no service `{service}`")));
+        }
+        Ok(&compiled.snapshot)
+    }
+
+    /// The evidence gate alone: would a promotion to enforce be accepted now?
+    fn check_promotion(&mut self, service: &str, environment: Option<String>, now: SystemTime) -> Response {
+        if let Err(answer) = self.in_force_with(service) {
+            return answer;
+        }
+        if environment.is_some_and(|e| e != self.config.environment) {
+            return Response::error(format!(
+                "this agent runs in `{}`; it has no evidence for other environments",
+                self.config.environment
+            ));
+        }
+        match self.rollout.check(service, now) {
+            Ok(evidence) => Response::ok(control::PromotionCheck { evidence }),
+            Err(refusal) => Response::error(format!("promotion would be refused: {refusal}")),
+        }
+    }
+
+    fn change_mode(&mut self, change: ModeRequest, now: SystemTime) -> Response {
+        if let Err(answer) = self.in_force_with(&change.service) {
+            return answer;
+        }
+        // The evidence is this machine's; an environment other than the agent's has none here.
+        if change.mode == Mode::Enforce && !change.force && change.environment != self.config.environment {
+            return Response::error(format!(
+                "this agent runs in `{}`; it has no evidence for `{}` (ask an agent there, or --force)",
+                self.config.environment, change.environment
+            ));
+        }
+        let policy = self.config.policy.clone();
+        let outcome = match self.rollout.change_mode(&policy, change, now) {
+            Ok(outcome) => outcome,
+            Err(message) => return Response::error(message),
+        };
+        if outcome.changed && !self.reload("mode changed by policyctl", now) {
+            return Response::error(format!(
+                "the policy file was rewritten but not applied:\n{}",
+                self.reload_errors()
+            ));
+        }
+        Response::ok(control::ModeChanged { outcome, generation: self.kernel.generation() })
+    }
+
+    fn apply_candidate(&mut self, path: PathBuf) -> Response {
+        let in_force = match self.compile(&path) {
+            Ok(in_force) => in_force,
+            Err(errors) => return Response::error(format!("the candidate is not valid:\n{}", errors.join("\n"))),
+        };
+        let previous = self.candidate.replace((path, in_force));
+        match self.apply() {
+            Ok(()) => Response::ok(self.status()),
+            Err(e) => {
+                self.candidate = previous;
+                Response::error(format!("applying the candidate to the kernel: {e}"))
+            }
+        }
+    }
+
+    /// The candidate's files replace the policy's; the reload makes it active.
+    fn activate_candidate(&mut self, now: SystemTime) -> Response {
+        let Some((path, _)) = self.candidate.clone() else { return Response::error("no candidate is loaded") };
+        if let Err(e) = replace_policy(&path, &self.config.policy) {
+            return Response::error(format!("copying {} over {}: {e}", path.display(), self.config.policy.display()));
+        }
+        info!(candidate = %path.display(), policy = %self.config.policy.display(), "candidate activated");
+        self.candidate = None;
+        if self.reload("candidate activated", now) {
+            Response::ok(self.status())
+        } else {
+            Response::error(format!("the activated policy was not applied:\n{}", self.reload_errors()))
+        }
+    }
+}
+
+/// Writes the snapshot in force to the state directory, where in-process guards follow it
+/// (`Guard::from_agent`). A failure is logged: the kernel already enforces the policy.
+fn publish_snapshot(state_dir: &Path, snapshot: &Snapshot) {
+    let path = state_dir.join(crate::snapshot::AGENT_SNAPSHOT_FILE);
+    let written = snapshot
+        .to_bytes()
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| crate::snapshot::write_file(&path, &bytes).map_err(|e| e.to_string()));
+    if let Err(e) = written {
+        warn!(path = %path.display(), "cannot publish the snapshot for in-process guards: {e}");
+    }
+}
+
+/// Writes `from` over `to`, file for file (a policy file, or a directory of `*.toml` files:
+/// files missing from `from` are removed). Each file is replaced durably, keeping its mode.
+fn replace_policy(from: &Path, to: &Path) -> std::io::Result<()> {
+    let write = |path: &Path, bytes: &[u8]| crate::durable::replace(path, bytes, crate::durable::Access::KeepExisting);
+    match (from.is_dir(), to.is_dir()) {
+        (false, false) => write(to, &std::fs::read(from)?),
+        (true, true) => {
+            let toml = |dir: &Path| -> std::io::Result<Vec<std::ffi::OsString>> {
+                let mut names = Vec::new();
+                for entry in std::fs::read_dir(dir)? {
+                    let name = entry?.file_name();
+                    if Path::new(&name).extension().is_some_and(|e| e == "toml") {
+                        names.push(name);
+                    }
+                }
+                Ok(names)
+            };
+            let new = toml(from)?;
+            for name in &new {
+                write(&to.join(name), &std::fs::read(from.join(name))?)?;
+            }
+            for name in toml(to)? {
+                if !new.contains(&name) {
+                    std::fs::remove_file(to.join(name))?;
+                }
+            }
+            Ok(())
+        }
+        _ => Err(std::io::Error::other("the candidate and the policy must both be files or both directories")),
+    }
+}
