@@ -60,7 +60,7 @@ impl PolicyArg {
 #[derive(Debug, Args)]
 pub struct SocketArg {
     /// The agent's control socket.
-    #[arg(long, env = "DEPFENCE_SOCKET", value_name = "PATH", default_value = depfence::agent::control::DEFAULT_SOCKET)]
+    #[arg(long, env = "DEPFENCE_SOCKET", value_name = "PATH", default_value = depfence::agent::DEFAULT_SOCKET)]
     pub socket: PathBuf,
 }
 

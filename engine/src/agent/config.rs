@@ -6,7 +6,6 @@ use std::{
     time::Duration,
 };
 
-use super::control;
 use super::kernel;
 use crate::datapath::abi;
 use crate::dns::{DenyResponse, TtlBounds};
@@ -15,6 +14,8 @@ use crate::dns::{DenyResponse, TtlBounds};
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/depfence";
 /// Where the agent keeps its state (counter slots, promotion log, evidence) by default.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/depfence";
+/// Default control socket path.
+pub const DEFAULT_SOCKET: &str = "/run/depfence/control.sock";
 /// Default metrics address: loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9477";
 
@@ -65,7 +66,7 @@ impl AgentConfig {
             environment,
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            control_socket: PathBuf::from(control::DEFAULT_SOCKET),
+            control_socket: PathBuf::from(DEFAULT_SOCKET),
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
             scan_interval: Duration::from_millis(250),
             rule_capacity: abi::MAX_RULES,

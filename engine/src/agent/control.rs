@@ -19,9 +19,6 @@ use super::config::{AgentError, io_error};
 use super::telemetry::EventRecord;
 use crate::dns::DnsEvent;
 
-/// Default control socket path.
-pub const DEFAULT_SOCKET: &str = "/run/depfence/control.sock";
-
 /// A request to the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]

@@ -25,5 +25,7 @@ pub mod telemetry;
 mod tests;
 mod watcher;
 
-pub use config::{AgentConfig, AgentError, DEFAULT_METRICS_LISTEN, DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR, DnsSettings};
+pub use config::{
+    AgentConfig, AgentError, DEFAULT_METRICS_LISTEN, DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DnsSettings,
+};
 pub use run::run;
