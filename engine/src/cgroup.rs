@@ -1,11 +1,13 @@
 //! cgroup v2: finding the mount, naming cgroups, creating and removing the child cgroups depfence
-//! runs commands in, and cgroup ids (the inode number of the directory, which is what
-//! `bpf_get_current_cgroup_id()` returns in the kernel).
+//! runs commands in, cgroup ids (the inode number of the directory, which is what
+//! `bpf_get_current_cgroup_id()` returns in the kernel), and finding a cgroup's directory by its
+//! id ([`CgroupPaths`]).
 //!
 //! The cgroup2 hierarchy is at `/sys/fs/cgroup` on unified systems and at
 //! `/sys/fs/cgroup/unified` on hybrid ones; [`Cgroup2::discover`] reads `/proc/self/mounts`
 //! instead of guessing.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -130,6 +132,54 @@ fn unescape_mount(field: &str) -> String {
 /// The id the kernel gives a cgroup: the inode number of its directory.
 pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
     std::fs::metadata(dir).map(|m| m.ino()).map_err(io_error("reading", dir))
+}
+
+/// Finds cgroup directories by id (the inode number) under the cgroup2 mount: a breadth-first
+/// walk that stops as soon as the id turns up and remembers every directory it passed, so a
+/// second lookup continues where the first stopped. Depth is not assumed.
+#[derive(Debug)]
+pub struct CgroupPaths {
+    queue: VecDeque<PathBuf>,
+    seen: HashMap<u64, PathBuf>,
+}
+
+impl CgroupPaths {
+    /// A walk of the tree under `mount`.
+    pub fn new(mount: &Path) -> Self {
+        let mut seen = HashMap::new();
+        if let Ok(meta) = std::fs::metadata(mount) {
+            seen.insert(meta.ino(), mount.to_owned());
+        }
+        Self { queue: VecDeque::from([mount.to_owned()]), seen }
+    }
+
+    /// The directory whose inode is `id`, if there is one.
+    pub fn find(&mut self, id: u64) -> Option<PathBuf> {
+        if let Some(path) = self.seen.get(&id) {
+            return Some(path.clone());
+        }
+        while let Some(dir) = self.queue.pop_front() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let mut found = None;
+            for entry in entries.flatten() {
+                // file_type does not follow symlinks; cgroup directories are real directories.
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let path = entry.path();
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.ino() == id {
+                    found = Some(path.clone());
+                }
+                self.seen.insert(meta.ino(), path.clone());
+                self.queue.push_back(path);
+            }
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
 }
 
 /// Starts `command` inside the cgroup `dir`: the child moves itself in between fork and exec,
@@ -312,6 +362,24 @@ mod tests {
         assert_eq!(Cgroup2::from_mounts("proc /proc proc rw 0 0\n"), None);
         let escaped = "cgroup2 /mnt/with\\040space cgroup2 rw 0 0\n";
         assert_eq!(Cgroup2::from_mounts(escaped).unwrap().mount(), Path::new("/mnt/with space"));
+    }
+
+    #[test]
+    fn cgroup_paths_walk_lazily_to_any_depth() {
+        let tree = tempfile::tempdir().unwrap();
+        let deep = tree.path().join("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::create_dir_all(tree.path().join("z")).unwrap();
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let mut paths = CgroupPaths::new(tree.path());
+        assert_eq!(paths.find(ino(tree.path())).unwrap(), tree.path());
+        // A shallow id is found before the walk descends far.
+        assert_eq!(paths.find(ino(&tree.path().join("z"))).unwrap(), tree.path().join("z"));
+        assert!(paths.queue.len() <= 2, "walked too far: {:?}", paths.queue);
+        assert_eq!(paths.find(ino(&deep)).unwrap(), deep);
+        // Already seen: answered from memory.
+        assert_eq!(paths.find(ino(&tree.path().join("a/b"))).unwrap(), tree.path().join("a/b"));
+        assert_eq!(paths.find(u64::MAX), None);
     }
 
     #[test]

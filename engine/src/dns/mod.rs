@@ -17,7 +17,9 @@
 //!   the README, "Host-name rules: the DNS proxy").
 
 pub mod allow;
+mod answer;
 pub mod attrib;
+mod event;
 #[cfg(feature = "agent")]
 pub mod kernel;
 pub mod names;
@@ -27,8 +29,9 @@ pub mod upstream;
 
 pub use allow::{AllowChange, AllowEntry, AllowSet, AllowSink, SharedAddress, TtlBounds};
 pub use attrib::{Attribution, Attributor, StaticAttributor, Transport, slot_addr, slot_index};
+pub use event::{DnsEvent, EventSink, QueryEvent};
 pub use names::{DnsPolicy, Grant, NameMatcher, ServicePolicy};
-pub use proxy::{DenyResponse, DnsError, DnsEvent, EventSink, Proxy, ProxyConfig, QueryEvent, Unattributed};
+pub use proxy::{DenyResponse, DnsError, Proxy, ProxyConfig, Unattributed};
 pub use upstream::UpstreamError;
 
 /// Now, on tokio's clock (so tests with a paused clock see time pass), as a std instant.

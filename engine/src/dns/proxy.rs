@@ -1,4 +1,5 @@
-//! The proxy: UDP and TCP listeners on loopback (IPv4 and IPv6), one decision per question.
+//! The proxy: its configuration, binding the UDP and TCP listeners on loopback (IPv4 and IPv6),
+//! and the serving loops that hand each message to the answering code (`answer`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -6,21 +7,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::RData;
+use hickory_proto::op::ResponseCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex as AsyncMutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::Instant;
 
-use super::allow::{AllowSet, SharedAddress};
-use super::attrib::{Attribution, Attributor, Transport};
+use super::allow::AllowSet;
+use super::answer::header_error;
+use super::attrib::{Attributor, Transport};
+use super::event::{DnsEvent, EventSink};
 use super::names::DnsPolicy;
 use super::socket::{PktUdp, tcp_listener};
-use super::upstream::{self, MAX_UDP, UpstreamError};
-use crate::policy::Mode;
-use crate::verdict::Verdict;
+use super::upstream::{self, MAX_UDP};
 
 /// The answer to a name a service may not resolve, in enforce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -138,100 +137,14 @@ pub enum DnsError {
     NoFamily,
 }
 
-/// One question and what the proxy did with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueryEvent {
-    /// Who asked.
-    pub who: Attribution,
-    /// The name asked, lowercase, without a final dot.
-    pub name: String,
-    /// The record type asked (`A`, `AAAA`, …).
-    pub qtype: String,
-    /// How it came.
-    pub transport: Transport,
-    /// The asker's mode.
-    pub mode: Mode,
-    /// `Allowed` (forwarded), `WouldReject` (audit: forwarded anyway) or `Rejected` (enforce:
-    /// answered with the deny response).
-    pub verdict: Verdict,
-    /// The response code the client got.
-    pub rcode: String,
-    /// The addresses answered for the name (the end of any CNAME chain).
-    pub addrs: Vec<IpAddr>,
-    /// Why the client got `SERVFAIL`, when the upstream failed.
-    pub upstream_error: Option<UpstreamError>,
-    /// From receipt to reply.
-    pub elapsed: Duration,
-}
-
-/// What the proxy reports (the agent turns these into metrics and the event log).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum DnsEvent {
-    /// An attributed question was answered.
-    Query(QueryEvent),
-    /// A question nobody could be attributed to (or attributed to a service the policy does not
-    /// know).
-    Unattributed {
-        /// Client address.
-        client: SocketAddr,
-        /// The proxy address it was sent to.
-        local: SocketAddr,
-        /// The service named by the attributor, if any.
-        service: Option<Arc<str>>,
-        /// The name asked.
-        name: String,
-        /// How it came.
-        transport: Transport,
-        /// True when forwarded ([`Unattributed::Forward`]), false when refused.
-        forwarded: bool,
-    },
-    /// An allowed and a denied name share an address.
-    SharedAddress(SharedAddress),
-    /// The allow set is full: these answered addresses were not admitted.
-    AllowSetFull {
-        /// The service.
-        service: Arc<str>,
-        /// The name.
-        name: String,
-        /// The addresses left out.
-        addrs: Vec<IpAddr>,
-    },
-    /// A message that is not a well-formed query (answered `FORMERR`/`NOTIMP` when possible).
-    Malformed {
-        /// Client address.
-        client: SocketAddr,
-        /// How it came.
-        transport: Transport,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Too many queries in flight: one was answered `SERVFAIL` at once.
-    Overloaded {
-        /// Client address.
-        client: SocketAddr,
-    },
-}
-
-/// Where events go. Called from the proxy's tasks; keep it quick (count, or send on a channel).
-pub trait EventSink: Send + Sync {
-    /// One event.
-    fn event(&self, event: DnsEvent);
-}
-
-impl<F: Fn(DnsEvent) + Send + Sync> EventSink for F {
-    fn event(&self, event: DnsEvent) {
-        self(event);
-    }
-}
-
-struct Inner {
-    config: ProxyConfig,
-    upstreams: Vec<SocketAddr>,
-    policy: ArcSwap<DnsPolicy>,
+/// What the listeners and their tasks share.
+pub(super) struct Inner {
+    pub(super) config: ProxyConfig,
+    pub(super) upstreams: Vec<SocketAddr>,
+    pub(super) policy: ArcSwap<DnsPolicy>,
     attributor: Arc<dyn Attributor>,
-    allow: Arc<AllowSet>,
-    events: Box<dyn EventSink>,
+    pub(super) allow: Arc<AllowSet>,
+    pub(super) events: Box<dyn EventSink>,
     in_flight: Arc<Semaphore>,
 }
 
@@ -478,292 +391,4 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, client: SocketAd
     // The client closed its side (or went idle): finish what it asked, then close.
     while running.join_next().await.is_some() {}
     let _ = writer.lock().await.shutdown().await;
-}
-
-/// A reply with only a header: the query's id and opcode, `rcode`, no sections. None when the
-/// bytes are not even a header, or are a response (never answer a response: no loops).
-fn header_error(bytes: &[u8], rcode: ResponseCode) -> Option<Vec<u8>> {
-    let header: [u8; 12] = bytes.get(..12)?.try_into().ok()?;
-    let [id0, id1, flags0, ..] = header;
-    if flags0 & 0x80 != 0 {
-        return None;
-    }
-    // QR=1, the opcode and RD copied; RA=1; the response code.
-    let opcode_rd = flags0 & 0x79;
-    let code = u8::try_from(u16::from(rcode) & 0x0f).unwrap_or(2);
-    Some(vec![id0, id1, 0x80 | opcode_rd, 0x80 | code, 0, 0, 0, 0, 0, 0, 0, 0])
-}
-
-/// A reply to `query` with `rcode` and the question echoed.
-fn error_reply(query: &Message, rcode: ResponseCode) -> Message {
-    let mut reply = Message::error_msg(query.metadata.id, query.metadata.op_code, rcode);
-    reply.metadata.recursion_desired = query.metadata.recursion_desired;
-    reply.metadata.recursion_available = true;
-    reply.queries = query.queries.clone();
-    if query.edns.is_some() {
-        let mut edns = Edns::new();
-        edns.set_max_payload(1232);
-        reply.set_edns(edns);
-    }
-    reply
-}
-
-/// The addresses answered for `qname`: A and AAAA records owned by it or by a name its CNAME
-/// chain (at most 16 links) leads to, each with its TTL.
-fn chain_addrs(answer: &Message, qname: &str) -> Vec<(IpAddr, u32)> {
-    let key = |name: &hickory_proto::rr::Name| name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
-    let mut chain = vec![qname.to_owned()];
-    for _ in 0..16 {
-        let Some(last) = chain.last() else { break };
-        let next = answer.answers.iter().find_map(|r| match &r.data {
-            RData::CNAME(target) if key(&r.name) == *last => Some(key(&target.0)),
-            _ => None,
-        });
-        match next {
-            Some(next) if !chain.contains(&next) => chain.push(next),
-            _ => break,
-        }
-    }
-    answer
-        .answers
-        .iter()
-        .filter_map(|r| {
-            let addr = match &r.data {
-                RData::A(a) => IpAddr::V4(a.0),
-                RData::AAAA(a) => IpAddr::V6(a.0),
-                _ => return None,
-            };
-            chain.contains(&key(&r.name)).then_some((addr, r.ttl))
-        })
-        .collect()
-}
-
-impl Inner {
-    /// Answers one message; None when nothing should be sent back.
-    async fn handle(
-        self: &Arc<Self>,
-        bytes: &[u8],
-        who: Option<Attribution>,
-        client: SocketAddr,
-        local: SocketAddr,
-        transport: Transport,
-    ) -> Option<Vec<u8>> {
-        let started = Instant::now();
-        let malformed = |reason: String| {
-            self.events.event(DnsEvent::Malformed { client, transport, reason });
-        };
-        let query = match Message::from_vec(bytes) {
-            Ok(q) => q,
-            Err(e) => {
-                malformed(format!("undecodable message: {e}"));
-                return header_error(bytes, ResponseCode::FormErr);
-            }
-        };
-        if query.metadata.message_type != MessageType::Query {
-            malformed("a response, not a query".to_owned());
-            return None;
-        }
-        if query.metadata.op_code != OpCode::Query {
-            malformed(format!("opcode {:?} is not supported", query.metadata.op_code));
-            return encode(&error_reply(&query, ResponseCode::NotImp), transport, &query);
-        }
-        let [question] = query.queries.as_slice() else {
-            malformed(format!("{} questions (one is supported)", query.queries.len()));
-            return encode(&error_reply(&query, ResponseCode::FormErr), transport, &query);
-        };
-        let name = question.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
-        let qtype = question.query_type;
-
-        let policy = self.policy.load();
-        let service = who.as_ref().and_then(|w| policy.service(&w.service).map(|p| (w, Arc::clone(p))));
-        let Some((who, service)) = service else {
-            let forwarded = self.config.unattributed == Unattributed::Forward;
-            self.events.event(DnsEvent::Unattributed {
-                client,
-                local,
-                service: who.map(|w| w.service),
-                name,
-                transport,
-                forwarded,
-            });
-            if !forwarded {
-                return encode(&error_reply(&query, ResponseCode::Refused), transport, &query);
-            }
-            let reply = match upstream::forward(&self.upstreams, &query, self.config.upstream_timeout).await {
-                Ok(answer) => self.client_reply(answer, &query),
-                Err(_) => error_reply(&query, ResponseCode::ServFail),
-            };
-            return encode(&reply, transport, &query);
-        };
-        let who = who.clone();
-
-        let grants = service.names.grants(&name);
-        let verdict = crate::verdict::decide(service.mode, !grants.is_empty());
-        let report = |reply: &Message, addrs: Vec<IpAddr>, upstream_error: Option<UpstreamError>| {
-            self.events.event(DnsEvent::Query(QueryEvent {
-                who: who.clone(),
-                name: name.clone(),
-                qtype: qtype.to_string(),
-                transport,
-                mode: service.mode,
-                verdict,
-                rcode: reply.metadata.response_code.to_string(),
-                addrs,
-                upstream_error,
-                elapsed: started.elapsed(),
-            }));
-        };
-
-        if verdict == Verdict::Rejected {
-            let rcode = match self.config.deny {
-                DenyResponse::Refused => ResponseCode::Refused,
-                DenyResponse::NxDomain => ResponseCode::NXDomain,
-            };
-            let reply = error_reply(&query, rcode);
-            report(&reply, Vec::new(), None);
-            if self.config.probe_denied {
-                let inner = Arc::clone(self);
-                let (query, service_name, names, name) =
-                    (query.clone(), Arc::clone(&who.service), service.clone(), name.clone());
-                tokio::spawn(async move {
-                    if let Ok(answer) = upstream::forward(&inner.upstreams, &query, inner.config.upstream_timeout).await
-                    {
-                        let addrs = chain_addrs(&answer, &name);
-                        inner.observe(&service_name, &names.names, &name, &addrs);
-                    }
-                });
-            }
-            return encode(&reply, transport, &query);
-        }
-
-        let answer = match upstream::forward(&self.upstreams, &query, self.config.upstream_timeout).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                let reply = error_reply(&query, ResponseCode::ServFail);
-                report(&reply, Vec::new(), Some(e));
-                return encode(&reply, transport, &query);
-            }
-        };
-        let addrs = chain_addrs(&answer, &name);
-        if service.mode != Mode::Off && !addrs.is_empty() {
-            if !grants.is_empty() {
-                // Admitted (and the sink told) before the client sees the answer.
-                let admitted = self.allow.admit(&who.service, &grants, &addrs, super::now());
-                if !admitted.rejected_full.is_empty() {
-                    self.events.event(DnsEvent::AllowSetFull {
-                        service: Arc::clone(&who.service),
-                        name: name.clone(),
-                        addrs: admitted.rejected_full,
-                    });
-                }
-            }
-            self.observe(&who.service, &service.names, &name, &addrs);
-        }
-        let reply = self.client_reply(answer, &query);
-        report(&reply, addrs.iter().map(|(a, _)| *a).collect(), None);
-        encode(&reply, transport, &query)
-    }
-
-    fn observe(&self, service: &Arc<str>, names: &super::names::NameMatcher, name: &str, addrs: &[(IpAddr, u32)]) {
-        for conflict in self.allow.observe(service, names, name, addrs, super::now()) {
-            self.events.event(DnsEvent::SharedAddress(conflict));
-        }
-    }
-
-    /// The upstream answer as the client gets it: its id and question, TTLs at most the cap.
-    fn client_reply(&self, mut answer: Message, query: &Message) -> Message {
-        answer.metadata.id = query.metadata.id;
-        answer.queries = query.queries.clone();
-        let cap = self.allow.bounds().cap_secs();
-        for record in
-            answer.answers.iter_mut().chain(answer.authorities.iter_mut()).chain(answer.additionals.iter_mut())
-        {
-            record.ttl = record.ttl.min(cap);
-        }
-        answer
-    }
-}
-
-/// Encodes a reply; over UDP, one larger than the client accepts is truncated (TC set, no
-/// records) so the client retries over TCP.
-fn encode(reply: &Message, transport: Transport, query: &Message) -> Option<Vec<u8>> {
-    let bytes = reply.to_vec().ok()?;
-    let limit = usize::from(query.max_payload());
-    if transport == Transport::Udp && bytes.len() > limit {
-        return reply.truncate().to_vec().ok();
-    }
-    Some(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
-
-    use super::*;
-    use hickory_proto::op::Query;
-    use hickory_proto::rr::rdata::{A, AAAA, CNAME};
-    use hickory_proto::rr::{Name, Record, RecordType};
-
-    fn name(s: &str) -> Name {
-        Name::from_ascii(s).unwrap()
-    }
-
-    #[test]
-    fn cname_chains_give_the_final_addresses_to_the_asked_name() {
-        let mut m = Message::response(1, OpCode::Query);
-        m.add_answer(Record::from_rdata(
-            name("cdn.mirror.internal."),
-            300,
-            RData::CNAME(CNAME(name("edge.cdn.example."))),
-        ));
-        m.add_answer(Record::from_rdata(name("EDGE.cdn.example."), 300, RData::CNAME(CNAME(name("e1.cdn.example.")))));
-        m.add_answer(Record::from_rdata(name("e1.cdn.example."), 20, RData::A(A("10.1.0.1".parse().unwrap()))));
-        m.add_answer(Record::from_rdata(name("e1.cdn.example."), 20, RData::AAAA(AAAA("fd00::1".parse().unwrap()))));
-        // Not on the chain: must not count.
-        m.add_answer(Record::from_rdata(name("other.example."), 20, RData::A(A("10.9.9.9".parse().unwrap()))));
-        let addrs = chain_addrs(&m, "cdn.mirror.internal");
-        assert_eq!(addrs, vec![("10.1.0.1".parse().unwrap(), 20), ("fd00::1".parse().unwrap(), 20)]);
-        assert!(chain_addrs(&m, "nothing.here").is_empty());
-    }
-
-    #[test]
-    fn cname_loops_end() {
-        let mut m = Message::response(1, OpCode::Query);
-        m.add_answer(Record::from_rdata(name("a.x."), 300, RData::CNAME(CNAME(name("b.x.")))));
-        m.add_answer(Record::from_rdata(name("b.x."), 300, RData::CNAME(CNAME(name("a.x.")))));
-        assert!(chain_addrs(&m, "a.x").is_empty());
-    }
-
-    #[test]
-    fn header_errors_copy_id_and_opcode_and_never_answer_responses() {
-        let mut q = Message::query();
-        q.metadata.id = 0xbeef;
-        q.metadata.recursion_desired = true;
-        q.add_query(Query::query(name("a.b."), RecordType::A));
-        let bytes = q.to_vec().unwrap();
-        let reply = Message::from_vec(&header_error(&bytes, ResponseCode::FormErr).unwrap()).unwrap();
-        assert_eq!(reply.metadata.id, 0xbeef);
-        assert_eq!(reply.metadata.message_type, MessageType::Response);
-        assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
-        assert!(reply.metadata.recursion_desired);
-        let mut response = bytes.clone();
-        response[2] |= 0x80;
-        assert!(header_error(&response, ResponseCode::FormErr).is_none());
-        assert!(header_error(&bytes[..11], ResponseCode::FormErr).is_none());
-    }
-
-    #[test]
-    fn oversized_udp_replies_are_truncated() {
-        let mut q = Message::query();
-        q.add_query(Query::query(name("big.example."), RecordType::A));
-        let mut r = error_reply(&q, ResponseCode::NoError);
-        for i in 0..60u8 {
-            r.add_answer(Record::from_rdata(name("big.example."), 60, RData::A(A([10, 0, 0, i].into()))));
-        }
-        let udp = Message::from_vec(&encode(&r, Transport::Udp, &q).unwrap()).unwrap();
-        assert!(udp.metadata.truncation);
-        assert!(udp.answers.is_empty());
-        let tcp = Message::from_vec(&encode(&r, Transport::Tcp, &q).unwrap()).unwrap();
-        assert_eq!(tcp.answers.len(), 60);
-    }
 }
