@@ -159,19 +159,13 @@ impl CgroupPaths {
             return Some(path.clone());
         }
         while let Some(dir) = self.queue.pop_front() {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let Ok(children) = child_cgroups(&dir) else { continue };
             let mut found = None;
-            for entry in entries.flatten() {
-                // file_type does not follow symlinks; cgroup directories are real directories.
-                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
-                let path = entry.path();
-                let Ok(meta) = entry.metadata() else { continue };
-                if meta.ino() == id {
+            for (path, ino) in children {
+                if ino == id {
                     found = Some(path.clone());
                 }
-                self.seen.insert(meta.ino(), path.clone());
+                self.seen.insert(ino, path.clone());
                 self.queue.push_back(path);
             }
             if found.is_some() {
@@ -327,26 +321,30 @@ pub struct FoundCgroup {
 /// path order. Cgroups that vanish during the walk are skipped.
 pub fn walk(mount: &Path) -> io::Result<Vec<FoundCgroup>> {
     let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(relative) = stack.pop() {
-        let dir = mount.join(&relative);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !relative.as_os_str().is_empty() => continue,
+    let mut stack = vec![mount.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let children = match child_cgroups(&dir) {
+            Ok(children) => children,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dir != mount => continue,
             Err(e) => return Err(e),
         };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_dir() {
-                continue;
-            }
-            let child = relative.join(entry.file_name());
-            out.push(FoundCgroup { relative: child.to_string_lossy().into_owned(), id: meta.ino() });
+        for (child, id) in children {
+            let relative = child.strip_prefix(mount).unwrap_or(&child).to_string_lossy().into_owned();
+            out.push(FoundCgroup { relative, id });
             stack.push(child);
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// The child cgroups of `dir` and their ids (cgroups that vanish meanwhile are left out). A
+/// cgroup is a real directory: the file type of an entry does not follow symbolic links.
+fn child_cgroups(dir: &Path) -> io::Result<impl Iterator<Item = (PathBuf, u64)>> {
+    Ok(std::fs::read_dir(dir)?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).filter_map(|entry| {
+        let id = entry.metadata().ok()?.ino();
+        Some((entry.path(), id))
+    }))
 }
 
 #[cfg(test)]
