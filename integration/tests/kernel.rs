@@ -273,7 +273,7 @@ fn hook_cost_and_event_dedup() {
         eprintln!("bench {label:<44} {ns:7.1} ns/hook  (run_cnt {dc}, probe {r:?})");
         ns
     };
-    // 1. baseline: exact lookup + per-CPU counter (DESIGN.md's minimum).
+    // 1. baseline: exact lookup + per-CPU counter (the minimum hook).
     let base = run(&dp, "baseline (1 hash lookup + 1 counter)", &base_cg.path, prog_names::BASELINE4, LO4);
     let two = run(&dp, "bench: cgroup hash + rule hash + counter", &two_cg.path, prog_names::BENCH_2LOOKUPS, LO4);
     let stor =

@@ -71,7 +71,7 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "df_getpeername6";
     /// Every name above.
     pub const ALL: [&str; 8] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
-    /// Benchmark baseline: one exact hash lookup + one per-CPU counter (DESIGN.md §5 minimum).
+    /// Benchmark baseline: one exact hash lookup + one per-CPU counter (the minimum hook).
     pub const BASELINE4: &str = "df_baseline4";
     /// Benchmark: cgroup hash lookup + rule lookup + counter.
     pub const BENCH_2LOOKUPS: &str = "df_bench_2lookups";

@@ -13,7 +13,7 @@ use depfence_bpf_common::{ALLOW, CgroupState, RuleKey};
 use crate::context::read_dest;
 use crate::maps::{DF_CGROUPS, DF_CONFIG, DF_RULES, bump};
 
-/// Baseline for benchmarks: DESIGN.md §5's "one exact hash lookup + one per-CPU counter".
+/// Baseline for benchmarks: the minimum hook, "one exact hash lookup + one per-CPU counter".
 #[map]
 static DF_BASE_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 

@@ -1,4 +1,4 @@
-//! The userspace core of DNS-aware backends (issue 5): host-name rules enforced through a DNS
+//! The userspace core of DNS-aware backends: host-name rules enforced through a DNS
 //! proxy that knows which process asked.
 //!
 //! - [`names`]: per service, the names it may resolve ([`NameMatcher`], from the snapshot's
