@@ -16,9 +16,10 @@
 //! in use). Single addresses are also indexed by their canonical text, so a caller holding text
 //! (an RPC authority) finds them without parsing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use foldhash::HashMap;
 use ipnet::IpNet;
 
 use super::{EndpointRule, ServiceId, specificity};
@@ -64,6 +65,7 @@ impl Entry {
     }
 
     /// Whether the endpoint holds `port` (`None`: any port) over `proto`.
+    #[inline]
     fn holds(&self, port: Option<u16>, proto: Proto) -> bool {
         port.is_none_or(|p| self.ports.contains(p)) && self.proto.covers(proto)
     }
@@ -73,9 +75,11 @@ impl Entry {
     }
 }
 
-/// The most specific of `entries` that holds `port` over `proto`.
-fn best<'e>(entries: impl Iterator<Item = &'e Entry>, port: Option<u16>, proto: Proto) -> Option<&'e Entry> {
-    entries.filter(|e| e.holds(port, proto)).min_by_key(|e| e.order())
+/// The first of `entries` (which share a block, most specific first) that holds `port` over
+/// `proto`.
+#[inline]
+fn best<'e>(mut entries: impl Iterator<Item = &'e Entry>, port: Option<u16>, proto: Proto) -> Option<&'e Entry> {
+    entries.find(|e| e.holds(port, proto))
 }
 
 /// Every declared endpoint, indexed for ownership and overlap queries.
@@ -87,13 +91,13 @@ pub struct Owners {
     /// compact copies of the sort keys, so the binary search stays in cache.
     v4_starts: Vec<u32>,
     v6_starts: Vec<u128>,
-    /// (family, prefix length, network) → indices into `nets`.
-    by_prefix: HashMap<(bool, u8, u128), Vec<usize>>,
+    /// (family, prefix length, network) → its endpoints, most specific first.
+    by_prefix: HashMap<(bool, u8, u128), Vec<Entry>>,
     /// Prefix lengths in use, per family.
     prefix_lens: BTreeSet<(bool, u8)>,
-    /// Single-address endpoints by the address's canonical text (`10.0.0.5`, `fd00::5`):
-    /// indices into `nets`.
-    by_text: HashMap<Box<str>, Vec<usize>>,
+    /// Single-address endpoints by the address's canonical text (`10.0.0.5`, `fd00::5`), most
+    /// specific first.
+    by_text: HashMap<Box<str>, Vec<Entry>>,
     hosts: Vec<(HostPattern, Entry)>,
 }
 
@@ -117,16 +121,16 @@ impl Owners {
             }
         }
         nets.sort_by_key(|((v6, first, _, _), e)| (*v6, *first, e.order()));
-        let mut by_prefix: HashMap<(bool, u8, u128), Vec<usize>> = HashMap::new();
-        let mut by_text: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut by_prefix: HashMap<(bool, u8, u128), Vec<Entry>> = HashMap::default();
+        let mut by_text: HashMap<Box<str>, Vec<Entry>> = HashMap::default();
         let mut prefix_lens = BTreeSet::new();
-        for (i, ((v6, first, _, prefix), _)) in nets.iter().enumerate() {
-            by_prefix.entry((*v6, *prefix, *first)).or_default().push(i);
+        for ((v6, first, _, prefix), entry) in &nets {
+            by_prefix.entry((*v6, *prefix, *first)).or_default().push(*entry);
             prefix_lens.insert((*v6, *prefix));
             if *prefix == if *v6 { 128 } else { 32 } {
                 let addr: IpAddr =
                     if *v6 { Ipv6Addr::from(*first).into() } else { Ipv4Addr::from(*first as u32).into() };
-                by_text.entry(addr.to_string().into_boxed_str()).or_default().push(i);
+                by_text.entry(addr.to_string().into_boxed_str()).or_default().push(*entry);
             }
         }
         let nets: Vec<_> = nets.into_iter().map(|((v6, first, _, _), e)| ((v6, first), e)).collect();
@@ -141,8 +145,8 @@ impl Owners {
         let (v6, addr) = point(addr);
         // Longest prefix first: the first length with an endpoint that holds the point decides.
         for &(_, len) in self.prefix_lens.range((v6, 0)..=(v6, u8::MAX)).rev() {
-            let Some(indices) = self.by_prefix.get(&(v6, len, mask(addr, v6, len))) else { continue };
-            if let Some(entry) = best(indices.iter().filter_map(|&i| self.nets.get(i)).map(|(_, e)| e), port, proto) {
+            let Some(entries) = self.by_prefix.get(&(v6, len, mask(addr, v6, len))) else { continue };
+            if let Some(entry) = best(entries.iter(), port, proto) {
                 return Some(entry.service);
             }
         }
@@ -151,9 +155,10 @@ impl Owners {
 
     /// [`Owners::owner_of`] for an address written as text: found without parsing when the text
     /// is the address's canonical form, as endpoints write it; parsed otherwise.
+    #[inline]
     pub fn owner_of_text(&self, text: &str, port: Option<u16>, proto: Proto) -> Option<ServiceId> {
-        if let Some(indices) = self.by_text.get(text)
-            && let Some(entry) = best(indices.iter().filter_map(|&i| self.nets.get(i)).map(|(_, e)| e), port, proto)
+        if let Some(entries) = self.by_text.get(text)
+            && let Some(entry) = best(entries.iter(), port, proto)
         {
             return Some(entry.service);
         }
@@ -166,8 +171,8 @@ impl Owners {
         let (v6, addr) = point(addr);
         let mut found: Vec<&Entry> = Vec::new();
         for &(_, len) in self.prefix_lens.range((v6, 0)..=(v6, u8::MAX)) {
-            let Some(indices) = self.by_prefix.get(&(v6, len, mask(addr, v6, len))) else { continue };
-            found.extend(indices.iter().filter_map(|&i| self.nets.get(i)).map(|(_, e)| e));
+            let Some(entries) = self.by_prefix.get(&(v6, len, mask(addr, v6, len))) else { continue };
+            found.extend(entries.iter());
         }
         found.retain(|e| e.holds(Some(port), proto));
         found.sort_by_key(|e| e.order());
@@ -217,8 +222,8 @@ impl Owners {
         }
         // Endpoints covering it (strictly shorter prefixes; equal ones were found above).
         for &(_, len) in self.prefix_lens.range((v6, 0)..(v6, prefix)) {
-            let Some(indices) = self.by_prefix.get(&(v6, len, mask(first, v6, len))) else { continue };
-            for e in indices.iter().filter_map(|&i| self.nets.get(i)).map(|(_, e)| e) {
+            let Some(entries) = self.by_prefix.get(&(v6, len, mask(first, v6, len))) else { continue };
+            for e in entries {
                 if e.reached_by(ports, proto) {
                     out.push(e.service);
                 }
