@@ -1,10 +1,14 @@
-//! depfence engine: the policy language, the compiler with its dependency-graph checks, and the
-//! compiled [`snapshot::Snapshot`] that every consumer (kernel datapath, in-process guard, CLI)
-//! reads.
+//! depfence engine: the policy language, the compiler with its dependency-graph checks, the
+//! compiled [`snapshot::Snapshot`] that every consumer reads (kernel datapath, in-process guard,
+//! DNS proxy, `explain`, the agent), and those consumers.
 //!
-//! Data flow: [`policy::load`] (TOML with spans) → [`compile::compile`] (names, rules, graph
-//! checks) → [`snapshot::Snapshot`] (immutable, content-hashed). Problems are
-//! [`diag::Diagnostic`]s with a location, a typed [`problem::Problem`] and help.
+//! Data flow: [`policy`] (TOML with spans) → [`compile`] ([`compile::compile_path`]: names,
+//! rules, graph checks) → [`snapshot::Snapshot`] (immutable, content-hashed, with its owner
+//! index and rule order) → [`lower`] (kernel map entries) → `datapath` (the loader) and `agent`
+//! (the daemon), and [`guard`], [`dns`], [`explain`], [`promote`] beside them. Every decision
+//! goes through [`verdict::decide`]. Problems are [`diag::Diagnostic`]s with a location, a typed
+//! [`problem::Problem`] and help. ARCHITECTURE.md in the repository maps each folder and each
+//! decision.
 
 #[cfg(feature = "agent")]
 pub mod agent;

@@ -1,8 +1,8 @@
 //! The lowering: a service's address rules (the snapshot's `NetRule`s) → the kernel's map
 //! entries (`DF_RULES` exact keys and `DF_CIDRS` prefixes), laid out so that the kernel's lookup
 //! (`depfence_bpf_common::lookup`, the code the eBPF program runs) names the same rule as
-//! [`ServiceRuleset::matching_rule`], the order `explain` uses ([`NetRule::precedence`]: the most
-//! specific rule decides).
+//! [`crate::snapshot::ServiceRuleset::matching_rule`], the order `explain` uses
+//! ([`NetRule::precedence`]: the most specific rule decides).
 //!
 //! How the layout achieves that, given the lookup's fixed order (exact key, exact key on port 0,
 //! longest prefix, first range in it):

@@ -3,7 +3,7 @@
 //! reload, a promotion, or a candidate policy. One JSON request line per connection; the
 //! answer is one JSON line, or for `events --follow` a JSON line per event until the client
 //! hangs up. This module holds the protocol, the client side (`policyctl`'s) and the server
-//! side, which hands each request to the state task as a [`Message`].
+//! side, which hands each request to the state task as a message.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},

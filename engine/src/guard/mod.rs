@@ -18,7 +18,8 @@
 //!
 //! **Backends.** The backend is named by the call's authority, `[userinfo@]host[:port]`:
 //! 1. an IP address is the service with a declared endpoint (`ip` or `cidr`, TCP or any) that
-//!    holds the address and the port (the longest prefix wins);
+//!    holds the address and the port (the most specific endpoint wins: the longest prefix,
+//!    then the fewest ports);
 //! 2. a host name is the service with a declared `host` endpoint that matches it and the port
 //!    (an exact name first, then wildcards, the longest domain first);
 //! 3. otherwise a host name is the service of that name (`billing`, `billing:50051`), or a
@@ -44,8 +45,9 @@
 //! `benches/guard_instructions.rs`). The common call, whose authority is the backend's name with
 //! or without a port, takes one lookup when a method pattern allows it and two otherwise, from
 //! one hashing pass over its strings; other authorities are resolved first, which takes one or
-//! two more. Authorities that are IP addresses inside `cidr` endpoints are found by a scan of
-//! the block endpoints, longest prefix first.
+//! two more. Authorities that are IP addresses are owned as the snapshot's owner index says
+//! (`Snapshot::owners`): an address written as an endpoint writes it is found by its text, any
+//! other by one lookup per prefix length in use, longest first.
 
 mod layer;
 mod matcher;

@@ -21,7 +21,7 @@ pub struct Evidence {
     #[serde(rename = "window_secs", with = "secs")]
     pub window: Duration,
     /// How much of the window the samples cover (gaps longer than
-    /// [`HistoryLimits::max_gap`], such as an agent that was down, do not count).
+    /// [`super::HistoryLimits::max_gap`], such as an agent that was down, do not count).
     #[serde(rename = "observed_secs", with = "secs")]
     pub observed_for: Duration,
     /// Connections allowed in the window.

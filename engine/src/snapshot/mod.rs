@@ -132,7 +132,7 @@ impl NetRule {
     }
 
     /// The rule's place in the order rules decide in, the smaller first: the most specific
-    /// ([`specificity`]: the longest prefix, then the narrowest port range, then one protocol
+    /// (its specificity: the longest prefix, then the narrowest port range, then one protocol
     /// rather than any), then the rule's own order (block, protocol, ports, target, origin).
     /// `explain` names the first rule in this order that allows a connection, and the kernel
     /// maps are laid out so that the kernel finds the same one (`crate::lower`).
@@ -317,7 +317,7 @@ impl std::str::FromStr for Connection {
     }
 }
 
-/// The outcome of [`Snapshot::decide`]: the verdict and the rule that decided it.
+/// The outcome of [`ServiceRuleset::decide`]: the verdict and the rule that decided it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision<'s> {
     /// The verdict under the service's mode.
