@@ -53,7 +53,7 @@ impl RuleMaps for KernelRules {
 
     #[inline(always)]
     fn longest_prefix(&self, key: &CidrKeyData) -> Option<&CidrValue> {
-        DF_CIDRS.get(&Key::new(LOOKUP_PREFIX_LEN, *key))
+        DF_CIDRS.get(Key::new(LOOKUP_PREFIX_LEN, *key))
     }
 
     #[inline(always)]
