@@ -24,7 +24,7 @@
 //! behind the agreement test of `explain` and the kernel, and the rule maps of the agent's fake
 //! kernel.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
 use depfence_bpf_common::{
@@ -122,43 +122,47 @@ pub fn rule_of(rules: &[NetRule], rule_id: u32) -> Option<&NetRule> {
     rules.get(usize::try_from(rule_id.checked_sub(1)?).ok()?)
 }
 
-/// The kernel form of a service's address rules, in [`NetRule::precedence`] order (see the
-/// module documentation): a host address with one port, or any port on a host without range
-/// rules, becomes exact keys (one per protocol); everything else a prefix with a port range.
+/// The kernel form of a service's address rules (`rules` sorted, as a snapshot keeps them): a
+/// host address with one port, or any port on a host without port-range rules, becomes exact
+/// keys (one per protocol); everything else a prefix with a port range. Exact keys come first for
+/// the rules of one protocol, then for those of any protocol, so that where both give one key
+/// the rule of the one protocol is written ([`compile`] keeps the first).
 pub fn allows_from_snapshot(rules: &[NetRule]) -> Vec<Allow> {
-    let mut order: Vec<usize> = (0..rules.len()).collect();
-    order.sort_by_key(|&i| rules.get(i).map(NetRule::precedence));
     let is_host = |r: &NetRule| r.net.prefix_len() == r.net.max_prefix_len();
     let is_range = |r: &NetRule| !r.ports.is_any() && r.ports.first != r.ports.last;
-    // Hosts with a port-range rule: their any-port rules go with the ranges.
-    let ranged_hosts: Vec<IpAddr> = rules.iter().filter(|r| is_host(r) && is_range(r)).map(|r| r.net.addr()).collect();
-    let mut allows = Vec::with_capacity(rules.len());
-    for (index, rule) in order.into_iter().filter_map(|i| rules.get(i).map(|r| (i, r))) {
-        let rule_id = rule_id_of(index);
-        let addr = rule.net.network();
-        let exact = is_host(rule) && !is_range(rule) && !(rule.ports.is_any() && ranged_hosts.contains(&addr));
-        if exact {
-            let port = if rule.ports.is_any() { 0 } else { rule.ports.first };
-            allows.extend(protocol_numbers(rule.proto).iter().map(|&proto| Allow::Host { addr, proto, port, rule_id }));
-        } else {
-            let proto = match rule.proto {
-                Proto::Any => 0,
-                one => protocol_numbers(one).first().copied().unwrap_or(0),
-            };
-            let ports = (rule.ports.first, rule.ports.last);
-            allows.push(Allow::Cidr { addr, prefix: rule.net.prefix_len(), proto, ports, rule_id });
-        }
-    }
+    // Hosts with a port-range rule: their any-port rules go with the ranges, which come first.
+    let ranged_hosts: HashSet<IpAddr> =
+        rules.iter().filter(|r| is_host(r) && is_range(r)).map(|r| r.net.addr()).collect();
+    let exact = |r: &NetRule| is_host(r) && !is_range(r) && !(r.ports.is_any() && ranged_hosts.contains(&r.net.addr()));
+    let rules = || (0..).zip(rules).map(|(index, rule)| (rule_id_of(index), rule));
+    let one_protocol = rules().filter(|(_, r)| exact(r) && r.proto != Proto::Any);
+    let any_protocol = rules().filter(|(_, r)| exact(r) && r.proto == Proto::Any);
+    let mut allows: Vec<Allow> = one_protocol
+        .chain(any_protocol)
+        .flat_map(|(rule_id, rule)| {
+            let (addr, port) = (rule.net.network(), if rule.ports.is_any() { 0 } else { rule.ports.first });
+            protocol_numbers(rule.proto).iter().map(move |&proto| Allow::Host { addr, proto, port, rule_id })
+        })
+        .collect();
+    allows.extend(rules().filter(|(_, r)| !exact(r)).map(|(rule_id, rule)| {
+        let proto = match rule.proto {
+            Proto::Any => 0,
+            one => protocol_numbers(one).first().copied().unwrap_or(0),
+        };
+        let ports = (rule.ports.first, rule.ports.last);
+        Allow::Cidr { addr: rule.net.network(), prefix: rule.net.prefix_len(), proto, ports, rule_id }
+    }));
     allows
 }
 
-/// Compiles allows into the entries of `ruleset`, keeping their order where it decides: the
-/// first of several allows with one exact key is written, and a prefix's value lists its own
-/// ranges in the order given, then those of its covering prefixes of the same family, the
-/// longest first ("push-down": an LPM lookup returns only the longest matching prefix).
+/// Compiles allows into the entries of `ruleset`, laid out in the order rules decide in: the
+/// first of several allows with one exact key is written; a prefix's value lists its own ranges,
+/// the fewest ports first, then one protocol before any, then the lower rule id, followed by
+/// the ranges of its covering prefixes of the same family, the longest first ("push-down": an
+/// LPM lookup returns only the longest matching prefix).
 pub fn compile(ruleset: u32, allows: &[Allow]) -> Result<CompiledRuleset, CompileError> {
     let mut out = CompiledRuleset::default();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     let mut cidrs: BTreeMap<(u32, u128), Prefix> = BTreeMap::new();
     for a in allows {
         match *a {
@@ -174,6 +178,11 @@ pub fn compile(ruleset: u32, allows: &[Allow]) -> Result<CompiledRuleset, Compil
                 entry.ranges.push(PortRange::new(proto, ports.0, ports.1, rule_id));
             }
         }
+    }
+    for prefix in cidrs.values_mut() {
+        prefix
+            .ranges
+            .sort_by_key(|r| (u32::from(r.port_hi).saturating_sub(u32::from(r.port_lo)), r.proto == 0, r.rule_id));
     }
     // An IPv6 block that covers the IPv4 space must not answer for IPv4 addresses.
     let (v4_root, v4_root_bits) = (u128::from(std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()), 96);
