@@ -9,12 +9,61 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::RData;
 use tokio::time::Instant;
 
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use super::allow::AllowSet;
 use super::attrib::{Attribution, Transport};
-use super::event::{DnsEvent, QueryEvent};
-use super::proxy::{DenyResponse, Inner, Unattributed};
+use super::event::{DnsEvent, EventSink, QueryEvent};
+use super::names::DnsPolicy;
 use super::upstream::{self, UpstreamError};
 use crate::policy::Mode;
 use crate::verdict::Verdict;
+
+/// The answer to a name a service may not resolve, in enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenyResponse {
+    /// `REFUSED`: the resolver will not answer this client (the default; stub resolvers do not
+    /// cache it and report "no address").
+    #[default]
+    Refused,
+    /// `NXDOMAIN`: the name does not exist.
+    NxDomain,
+}
+
+/// What to do with a query no [`Attributor`] claims (or claimed for a service the policy does
+/// not know).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unattributed {
+    /// Answer `REFUSED` (the default: only redirected, attributed traffic should reach the
+    /// proxy).
+    #[default]
+    Refuse,
+    /// Forward it upstream with no policy and no allow-set entry.
+    Forward,
+}
+
+/// What answering a message needs: how to answer, where to forward, the policy in force, the
+/// allow set the answers feed, and where events go. The proxy's listeners share one.
+pub(super) struct Answerer {
+    /// The answer to a denied name in enforce.
+    pub(super) deny: DenyResponse,
+    /// What to do with unattributed queries.
+    pub(super) unattributed: Unattributed,
+    /// Resolve denied names in the background, to find shared addresses.
+    pub(super) probe_denied: bool,
+    /// Overall time to get an upstream answer.
+    pub(super) upstream_timeout: Duration,
+    /// Upstream servers, tried in order.
+    pub(super) upstreams: Vec<SocketAddr>,
+    /// The policy in force.
+    pub(super) policy: ArcSwap<DnsPolicy>,
+    /// Where answered addresses are admitted.
+    pub(super) allow: Arc<AllowSet>,
+    /// Where events go.
+    pub(super) events: Box<dyn EventSink>,
+}
 
 /// A reply with only a header: the query's id and opcode, `rcode`, no sections. None when the
 /// bytes are not even a header, or are a response (never answer a response: no loops).
@@ -74,7 +123,7 @@ fn chain_addrs(answer: &Message, qname: &str) -> Vec<(IpAddr, u32)> {
         .collect()
 }
 
-impl Inner {
+impl Answerer {
     /// Answers one message; None when nothing should be sent back.
     pub(super) async fn handle(
         self: &Arc<Self>,
@@ -113,7 +162,7 @@ impl Inner {
         let policy = self.policy.load();
         let service = who.as_ref().and_then(|w| policy.service(&w.service).map(|p| (w, Arc::clone(p))));
         let Some((who, service)) = service else {
-            let forwarded = self.config.unattributed == Unattributed::Forward;
+            let forwarded = self.unattributed == Unattributed::Forward;
             self.events.event(DnsEvent::Unattributed {
                 client,
                 local,
@@ -125,7 +174,7 @@ impl Inner {
             if !forwarded {
                 return encode(&error_reply(&query, ResponseCode::Refused), transport, &query);
             }
-            let reply = match upstream::forward(&self.upstreams, &query, self.config.upstream_timeout).await {
+            let reply = match upstream::forward(&self.upstreams, &query, self.upstream_timeout).await {
                 Ok(answer) => self.client_reply(answer, &query),
                 Err(_) => error_reply(&query, ResponseCode::ServFail),
             };
@@ -151,19 +200,18 @@ impl Inner {
         };
 
         if verdict == Verdict::Rejected {
-            let rcode = match self.config.deny {
+            let rcode = match self.deny {
                 DenyResponse::Refused => ResponseCode::Refused,
                 DenyResponse::NxDomain => ResponseCode::NXDomain,
             };
             let reply = error_reply(&query, rcode);
             report(&reply, Vec::new(), None);
-            if self.config.probe_denied {
+            if self.probe_denied {
                 let inner = Arc::clone(self);
                 let (query, service_name, names, name) =
                     (query.clone(), Arc::clone(&who.service), service.clone(), name.clone());
                 tokio::spawn(async move {
-                    if let Ok(answer) = upstream::forward(&inner.upstreams, &query, inner.config.upstream_timeout).await
-                    {
+                    if let Ok(answer) = upstream::forward(&inner.upstreams, &query, inner.upstream_timeout).await {
                         let addrs = chain_addrs(&answer, &name);
                         inner.observe(&service_name, &names.names, &name, &addrs);
                     }
@@ -172,7 +220,7 @@ impl Inner {
             return encode(&reply, transport, &query);
         }
 
-        let answer = match upstream::forward(&self.upstreams, &query, self.config.upstream_timeout).await {
+        let answer = match upstream::forward(&self.upstreams, &query, self.upstream_timeout).await {
             Ok(answer) => answer,
             Err(e) => {
                 let reply = error_reply(&query, ResponseCode::ServFail);

@@ -28,10 +28,11 @@ mod socket;
 pub mod upstream;
 
 pub use allow::{AllowChange, AllowEntry, AllowSet, AllowSink, SharedAddress, TtlBounds};
+pub use answer::{DenyResponse, Unattributed};
 pub use attrib::{Attribution, Attributor, StaticAttributor, Transport, slot_addr, slot_index};
 pub use event::{DnsEvent, EventSink, QueryEvent};
 pub use names::{DnsPolicy, Grant, NameMatcher, ServicePolicy};
-pub use proxy::{DenyResponse, DnsError, Proxy, ProxyConfig, Unattributed};
+pub use proxy::{DnsError, Proxy, ProxyConfig};
 pub use upstream::UpstreamError;
 
 /// Now, on tokio's clock (so tests with a paused clock see time pass), as a std instant.

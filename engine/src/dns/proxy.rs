@@ -14,35 +14,12 @@ use tokio::sync::{Mutex as AsyncMutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::allow::AllowSet;
-use super::answer::header_error;
+use super::answer::{Answerer, DenyResponse, Unattributed, header_error};
 use super::attrib::{Attributor, Transport};
 use super::event::{DnsEvent, EventSink};
 use super::names::DnsPolicy;
 use super::socket::{PktUdp, tcp_listener};
 use super::upstream::{self, MAX_UDP};
-
-/// The answer to a name a service may not resolve, in enforce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DenyResponse {
-    /// `REFUSED`: the resolver will not answer this client (the default; stub resolvers do not
-    /// cache it and report "no address").
-    #[default]
-    Refused,
-    /// `NXDOMAIN`: the name does not exist.
-    NxDomain,
-}
-
-/// What to do with a query no [`Attributor`] claims (or claimed for a service the policy does
-/// not know).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Unattributed {
-    /// Answer `REFUSED` (the default: only redirected, attributed traffic should reach the
-    /// proxy).
-    #[default]
-    Refuse,
-    /// Forward it upstream with no policy and no allow-set entry.
-    Forward,
-}
 
 /// How the proxy runs. Validated by [`Proxy::bind`].
 #[derive(Debug, Clone)]
@@ -138,13 +115,10 @@ pub enum DnsError {
 }
 
 /// What the listeners and their tasks share.
-pub(super) struct Inner {
-    pub(super) config: ProxyConfig,
-    pub(super) upstreams: Vec<SocketAddr>,
-    pub(super) policy: ArcSwap<DnsPolicy>,
+struct Inner {
+    config: ProxyConfig,
+    answerer: Arc<Answerer>,
     attributor: Arc<dyn Attributor>,
-    pub(super) allow: Arc<AllowSet>,
-    pub(super) events: Box<dyn EventSink>,
     in_flight: Arc<Semaphore>,
 }
 
@@ -158,7 +132,7 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("port", &self.port).field("upstreams", &self.inner.upstreams).finish()
+        f.debug_struct("Proxy").field("port", &self.port).field("upstreams", &self.inner.answerer.upstreams).finish()
     }
 }
 
@@ -247,14 +221,21 @@ impl Proxy {
         if let Some(own) = upstreams.iter().find(|u| u.port() == port && u.ip().is_loopback()) {
             return Err(DnsError::UpstreamIsProxy(*own));
         }
+        let answerer = Arc::new(Answerer {
+            deny: config.deny,
+            unattributed: config.unattributed,
+            probe_denied: config.probe_denied,
+            upstream_timeout: config.upstream_timeout,
+            upstreams,
+            policy: ArcSwap::from_pointee(policy),
+            allow,
+            events: Box::new(events),
+        });
         let inner = Arc::new(Inner {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             config,
-            upstreams,
-            policy: ArcSwap::from_pointee(policy),
+            answerer,
             attributor,
-            allow,
-            events: Box::new(events),
         });
         let mut tasks = Vec::new();
         for udp in listeners.udp {
@@ -274,18 +255,18 @@ impl Proxy {
 
     /// The upstream servers in use.
     pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.inner.upstreams
+        &self.inner.answerer.upstreams
     }
 
     /// The allow set the proxy feeds.
     pub fn allow_set(&self) -> &Arc<AllowSet> {
-        &self.inner.allow
+        &self.inner.answerer.allow
     }
 
     /// Replaces the policy; queries received from now on are judged by it. Allow-set entries
     /// admitted under the old one stay until they expire (at most the TTL cap).
     pub fn set_policy(&self, policy: DnsPolicy) {
-        self.inner.policy.store(Arc::new(policy));
+        self.inner.answerer.policy.store(Arc::new(policy));
     }
 
     /// Stops every listener and connection task.
@@ -310,7 +291,7 @@ async fn serve_udp(inner: Arc<Inner>, socket: Arc<PktUdp>) {
         };
         let Some(bytes) = buf.get(..datagram.len).map(<[u8]>::to_vec) else { continue };
         let Ok(permit) = Arc::clone(&inner.in_flight).try_acquire_owned() else {
-            inner.events.event(DnsEvent::Overloaded { client: datagram.client });
+            inner.answerer.events.event(DnsEvent::Overloaded { client: datagram.client });
             if let Some(reply) = header_error(&bytes, ResponseCode::ServFail) {
                 let _ = socket.send(&reply, datagram.client, datagram.local.ip()).await;
             }
@@ -321,7 +302,9 @@ async fn serve_udp(inner: Arc<Inner>, socket: Arc<PktUdp>) {
         tokio::spawn(async move {
             let _permit = permit;
             let who = inner.attributor.attribute(datagram.client, datagram.local, Transport::Udp);
-            if let Some(reply) = inner.handle(&bytes, who, datagram.client, datagram.local, Transport::Udp).await {
+            if let Some(reply) =
+                inner.answerer.handle(&bytes, who, datagram.client, datagram.local, Transport::Udp).await
+            {
                 // The client may be gone; nothing to do about it.
                 let _ = socket.send(&reply, datagram.client, datagram.local.ip()).await;
             }
@@ -338,7 +321,7 @@ async fn serve_tcp(inner: Arc<Inner>, listener: tokio::net::TcpListener, slots: 
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             drop(stream);
-            inner.events.event(DnsEvent::Overloaded { client });
+            inner.answerer.events.event(DnsEvent::Overloaded { client });
             continue;
         };
         let inner = Arc::clone(&inner);
@@ -380,7 +363,7 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, client: SocketAd
         let who = who.clone();
         running.spawn(async move {
             let _permit = permit;
-            let Some(reply) = inner.handle(&bytes, who, client, local, Transport::Tcp).await else { return };
+            let Some(reply) = inner.answerer.handle(&bytes, who, client, local, Transport::Tcp).await else { return };
             let Ok(len) = u16::try_from(reply.len()) else { return };
             let mut framed = Vec::with_capacity(reply.len() + 2);
             framed.extend_from_slice(&len.to_be_bytes());
