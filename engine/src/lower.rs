@@ -22,9 +22,9 @@
 //!
 //! [`LoweredRules`] runs the kernel's lookup over a ruleset's entries in user space: the model
 //! behind the agreement test of `explain` and the kernel, and the rule maps of the agent's fake
-//! kernel.
+//! kernel. (Addresses the DNS proxy admitted are not modelled.)
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use depfence_bpf_common::{
@@ -222,10 +222,9 @@ fn mask(bits: u32) -> u128 {
 /// (`depfence_bpf_common::lookup::first_match`) runs over them in user space.
 #[derive(Debug, Clone, Default)]
 pub struct LoweredRules {
-    exact: std::collections::HashMap<RuleKey, u32>,
+    exact: HashMap<RuleKey, u32>,
     /// (ruleset, kernel prefix bits, network) → value.
     cidrs: BTreeMap<(u32, u32, u128), CidrValue>,
-    names: std::collections::HashMap<NameKey, CidrValue>,
 }
 
 impl LoweredRules {
@@ -263,13 +262,8 @@ impl LoweredRules {
     }
 
     /// The ruleset ids with entries.
-    pub fn ruleset_ids(&self) -> std::collections::BTreeSet<u32> {
+    pub fn ruleset_ids(&self) -> BTreeSet<u32> {
         self.exact.keys().map(|k| k.ruleset).chain(self.cidrs.keys().map(|(r, _, _)| *r)).collect()
-    }
-
-    /// Admits an address for a service's names (`DF_NAMES`).
-    pub fn admit_name(&mut self, key: NameKey, value: CidrValue) {
-        self.names.insert(key, value);
     }
 
     /// The rule id the kernel finds for `conn` in `ruleset` (0: none).
@@ -313,8 +307,9 @@ impl RuleMaps for LoweredRules {
         (0..=128u32).rev().find_map(|bits| self.cidrs.get(&(ruleset, bits, addr & mask(bits))))
     }
 
-    fn names(&self, key: &NameKey) -> Option<&CidrValue> {
-        self.names.get(key)
+    /// The DNS proxy's admitted addresses are not modelled: none.
+    fn names(&self, _key: &NameKey) -> Option<&CidrValue> {
+        None
     }
 }
 

@@ -23,6 +23,7 @@ use crate::datapath::{
 };
 use crate::lower::{CompileError, CompiledRuleset, allows_from_snapshot, compile};
 use crate::snapshot::{ContentHash, Snapshot};
+use crate::timefmt::{from_unix_seconds, to_unix_seconds};
 use crate::verdict::{Counts, Mode};
 
 /// Applying a policy to the kernel failed; what was in force before stays in force.
@@ -313,17 +314,13 @@ impl<D: Dataplane> Kernel<D> {
                 (None, Some(old)) => (old.ruleset.clone(), old.candidate.clone()),
                 (None, None) => continue,
             };
-            let remembered = self
-                .persisted
-                .modes
-                .get(service)
-                .map(|(m, since)| (*m, SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(*since)));
+            let remembered = self.persisted.modes.get(service).map(|(m, since)| (*m, from_unix_seconds(*since)));
             let (mode_since, old_mode) = match old.as_ref().map(|o| (o.mode, o.mode_since)).or(remembered) {
                 Some((m, since)) if m == mode => (since, Some(m)),
                 Some((m, _)) => (now, Some(m)),
                 None => (now, None),
             };
-            let since_secs = mode_since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let since_secs = to_unix_seconds(mode_since);
             self.persisted.modes.insert(service.to_owned(), (mode, since_secs));
             if old_mode != Some(mode) || old.is_none() {
                 report.mode_changes.push((service.to_owned(), old_mode, mode));
