@@ -145,12 +145,9 @@ fn render_cgroup(text: &mut String, c: &CgroupStatus) {
     }
     let _ = writeln!(text);
     match &c.counters {
-        Some(n) => {
-            let _ = writeln!(
-                text,
-                "      allowed {}  would-reject {}  rejected {}  candidate-would-reject {}",
-                n.allowed, n.would_reject, n.rejected, n.candidate_would_reject
-            );
+        Some(counts) => {
+            let cells: Vec<String> = counts.iter().map(|(verdict, n)| format!("{} {n}", verdict.phrase())).collect();
+            let _ = writeln!(text, "      {}", cells.join("  "));
         }
         None => {
             let _ = writeln!(text, "      counters unreadable (slot {} out of range?)", c.counter_slot);
