@@ -2,7 +2,10 @@
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use aya_ebpf::{bindings::bpf_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
+    programs::SockAddrContext,
+};
 use depfence_bpf_common::{AF_INET, AF_INET6, lookup::Destination};
 
 /// Read a context field with exactly one 4-byte load. The verifier rejects narrow loads of
@@ -72,6 +75,39 @@ pub fn read_dest(ctx: &SockAddrContext, v6: bool) -> Destination {
             let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
             let a = [0, 0, mapped, ctx_u32(addr_of!((*sa).user_ip4))];
             Destination { addr: a, port, proto, family: AF_INET }
+        }
+    }
+}
+
+/// Whether `d` holds no address: a send on a connected socket. The kernel runs the sendmsg hook
+/// for a connected UDP socket that sends with control messages (`IP_TOS`, `IP_PKTINFO`, as QUIC
+/// stacks do) and without an address, with a zeroed one; a send that names an address never has
+/// port 0 (the kernel refuses it before the hook).
+#[inline(always)]
+pub fn is_unaddressed(d: &Destination) -> bool {
+    d.port == 0 && d.addr[3] == 0 && (d.family == AF_INET || d.addr == [0; 4])
+}
+
+/// The destination the hook's socket is connected to, for a send with no address of its own.
+#[inline(always)]
+pub fn connected_dest(ctx: &SockAddrContext, v6: bool, proto: u8) -> Destination {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sk` of a sock_addr context is always a valid socket (PTR_TO_SOCKET); each read
+    // is one load of a field the verifier allows: 4 bytes for addresses, 2 for the port.
+    unsafe {
+        let sk: *const bpf_sock = read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)).cast_const();
+        let port = u16::from_be(read_volatile(addr_of!((*sk).dst_port)));
+        if v6 {
+            let a = [
+                ctx_u32(addr_of!((*sk).dst_ip6[0])),
+                ctx_u32(addr_of!((*sk).dst_ip6[1])),
+                ctx_u32(addr_of!((*sk).dst_ip6[2])),
+                ctx_u32(addr_of!((*sk).dst_ip6[3])),
+            ];
+            Destination { addr: a, port, proto, family: AF_INET6 }
+        } else {
+            let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+            Destination { addr: [0, 0, mapped, ctx_u32(addr_of!((*sk).dst_ip4))], port, proto, family: AF_INET }
         }
     }
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated as raw},
     programs::SockAddrContext,
 };
-use depfence_bpf_common::{CgroupState, DNS_SLOT_NET, DNS_SLOTS, DnsSlot, lookup::Destination};
+use depfence_bpf_common::{AF_INET6, CgroupState, DNS_SLOT_NET, DNS_SLOTS, DnsSlot, lookup::Destination};
 
 use crate::context::{ctx_set, ctx_u32, set_user_ip6, user_ip6};
 use crate::maps::{DF_CONFIG, DF_DNS_NEXT, DF_DNS_SLOTS, DF_DNS_SOCKS};
@@ -154,4 +154,22 @@ pub fn restore_dns_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
         ctx_set(addr_of_mut!((*sa).user_port), u32::from(slot.server_port.to_be()));
     }
     1
+}
+
+/// Whether `d` is the DNS proxy, where the connect hook sent a policed process's DNS socket: a
+/// send on a socket connected there was judged when it connected.
+#[inline(always)]
+pub fn is_proxy(d: &Destination) -> bool {
+    let Some(cfg) = DF_CONFIG.get(0) else {
+        return false;
+    };
+    if cfg.dns_proxy_port == 0 || u32::from(d.port) != cfg.dns_proxy_port {
+        return false;
+    }
+    if d.family == AF_INET6 {
+        d.addr == IP6_LOOPBACK
+    } else {
+        let [a, b, _, _] = d.addr[3].to_ne_bytes();
+        [a, b] == DNS_SLOT_NET
+    }
 }

@@ -14,8 +14,8 @@ use depfence_bpf_common::{
     verdict_of,
 };
 
-use crate::context::read_dest;
-use crate::dns::{redirect_dns, restore_dns_peer};
+use crate::context::{connected_dest, is_unaddressed, read_dest};
+use crate::dns::{is_proxy, redirect_dns, restore_dns_peer};
 use crate::maps::{DF_CGROUPS, DF_CONFIG, DF_COUNTERS, DF_GLOBALS, KernelRules, bump};
 use crate::report::emit;
 
@@ -53,7 +53,7 @@ fn find_state() -> (u64, u64, Option<&'static CgroupState>) {
 
 /// The shared core of connect4/6 and sendmsg4/6.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn decide(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> i32 {
     let (own, policy, state) = find_state();
     let Some(s) = state else {
         bump(&DF_GLOBALS, GLOBAL_UNREGISTERED);
@@ -69,9 +69,17 @@ fn decide(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
     let base = slot * VERDICT_COUNT;
-    let d = read_dest(ctx, v6);
+    let mut d = read_dest(ctx, v6);
     let flags = s.flags;
     let dns = flags & FLAG_DNS != 0;
+    if sendmsg && is_unaddressed(&d) {
+        // A connected socket's send: judged by where it is connected (a DNS socket the connect
+        // hook sent to the proxy was judged then).
+        d = connected_dest(ctx, v6, d.proto);
+        if dns && is_proxy(&d) {
+            return ALLOW;
+        }
+    }
     if dns
         && d.port == DNS_PORT
         && (d.proto == IPPROTO_UDP || d.proto == IPPROTO_TCP)
@@ -102,22 +110,22 @@ fn decide(ctx: &SockAddrContext, v6: bool) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn df_connect4(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, false)
+    decide(&ctx, false, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn df_connect6(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, true)
+    decide(&ctx, true, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn df_sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, false)
+    decide(&ctx, false, true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn df_sendmsg6(ctx: SockAddrContext) -> i32 {
-    decide(&ctx, true)
+    decide(&ctx, true, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
