@@ -173,6 +173,11 @@ pub enum Command {
     },
     /// Run a command and everything it starts in a fresh cgroup under one service's policy,
     /// enforced by the kernel; report what it tried that the policy does not allow.
+    ///
+    /// The command starts with only its standard streams (stdin, stdout, stderr) and the
+    /// descriptors named by `--pass-fd`: a socket keeps the cgroup it was created in, so one
+    /// opened outside would connect past the policy. It runs with `no_new_privs`: setuid and
+    /// file-capability programs gain no privileges in it.
     Run {
         #[command(flatten)]
         policy: PolicyArg,
@@ -182,6 +187,10 @@ pub enum Command {
         /// `audit`: allow, but count and report; `enforce`: refuse with EPERM.
         #[arg(long, value_enum, default_value_t = RunMode::Audit)]
         mode: RunMode,
+        /// Also pass this open descriptor on to the command (repeat for more). A socket passed
+        /// on keeps the policy, or the lack of one, of the cgroup it was created in.
+        #[arg(long = "pass-fd", value_name = "FD")]
+        pass_fds: Vec<i32>,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,

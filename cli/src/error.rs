@@ -71,7 +71,9 @@ impl CliError {
             CliError::Usage(_) | CliError::Load(_) => EXIT_USAGE,
             CliError::Compile(CompileError::Load(_)) => EXIT_USAGE,
             CliError::Compile(_) | CliError::Io { .. } => EXIT_IO,
-            CliError::Confine(ConfineError::UnknownService(_) | ConfineError::Layout { .. }) => EXIT_USAGE,
+            CliError::Confine(
+                ConfineError::UnknownService(_) | ConfineError::Layout { .. } | ConfineError::NotOpen(_),
+            ) => EXIT_USAGE,
             CliError::Confine(_) => EXIT_KERNEL,
             CliError::Status(StatusError::NotFound(_) | StatusError::NotPinRoot(_)) => EXIT_USAGE,
             CliError::Status(_) => EXIT_KERNEL,

@@ -44,7 +44,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             explain::offline(policy.path()?, format, &from, &to, environment.as_deref(), output)
         }
         Command::BootstrapOrder { policy, output } => bootstrap_order::run(policy.path()?, format, output),
-        Command::Run { policy, service, mode, command } => run::run(policy.path()?, format, &service, mode, &command),
+        Command::Run { policy, service, mode, pass_fds, command } => {
+            run::run(policy.path()?, format, &service, mode, &pass_fds, &command)
+        }
         Command::Status { kernel, pins, socket, output } => {
             if kernel || pins.is_some() || !socket.socket.exists() {
                 status_kernel::run(pins.as_deref(), output)

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use depfence::datapath::confine::Confinement;
+use depfence::datapath::confine::{ConfineError, Confinement};
 use depfence::verdict::{Mode, Verdict};
 
 use super::{compiled, invalid};
@@ -28,6 +28,7 @@ pub fn run(
     format: ErrorFormat,
     service: &str,
     mode: RunMode,
+    pass_fds: &[i32],
     command: &[OsString],
 ) -> Result<ExitCode, CliError> {
     let Some(compiled) = compiled(path, format)? else { return Ok(invalid()) };
@@ -40,9 +41,10 @@ pub fn run(
     };
     let name = depfence::datapath::pins::run_root_name(std::process::id());
     let mut confined = Confinement::new(&compiled.snapshot, service, mode, &name)?;
-    let mut child = confined
-        .spawn(Command::new(program).args(args))
-        .map_err(|e| CliError::Usage(format!("cannot run `{}`: {e}", program.to_string_lossy())))?;
+    let mut child = confined.spawn(Command::new(program).args(args), pass_fds).map_err(|e| match e {
+        ConfineError::NotOpen(_) => CliError::Confine(e),
+        e => CliError::Usage(format!("cannot run `{}`: {e}", program.to_string_lossy())),
+    })?;
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     let status = loop {
         collect(&mut confined, &mut seen);

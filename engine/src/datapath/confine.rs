@@ -3,7 +3,14 @@
 //! (`<bpffs>/<name>`), attached to the new cgroup `<cgroup2>/<name>`, and the service's rules
 //! are put in force there in the mode asked for. Dropping the [`Confinement`] unpins everything
 //! (which detaches the programs) and removes the cgroup.
+//!
+//! A command starts in the cgroup with only its standard streams and the descriptors the caller
+//! names: a socket keeps the cgroup it was created in, so one inherited from outside would
+//! connect past the policy. It also starts with `no_new_privs`, so a setuid program it runs
+//! cannot gain privileges (and with them the right to leave the cgroup).
 
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command};
 
@@ -43,6 +50,9 @@ pub enum ConfineError {
     /// Loading, attaching or writing the maps failed (needs root: CAP_BPF, CAP_SYS_ADMIN).
     #[error("kernel datapath: {0}")]
     Datapath(#[from] DatapathError),
+    /// A descriptor to pass on to the command is not open.
+    #[error("descriptor {0} is not open: it cannot be passed on to the command")]
+    NotOpen(RawFd),
 }
 
 /// One service's policy in force on a child cgroup of its own.
@@ -100,9 +110,30 @@ impl Confinement {
         self.pins.root()
     }
 
-    /// Starts `command` inside the cgroup.
-    pub fn spawn(&self, command: &mut Command) -> Result<Child, CgroupError> {
-        self.cgroup.spawn(command)
+    /// Starts `command` inside the cgroup, with its standard streams and the descriptors
+    /// `pass` of this process (none other: they are close-on-exec in the child), and with
+    /// `no_new_privs`.
+    pub fn spawn(&self, command: &mut Command, pass: &[RawFd]) -> Result<Child, ConfineError> {
+        let mut keep: Vec<u32> = Vec::with_capacity(pass.len());
+        for &fd in pass {
+            // SAFETY: F_GETFD reads the flags of a descriptor number; any number is fine to ask.
+            #[expect(unsafe_code, reason = "fcntl(2) has no safe wrapper in std")]
+            let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
+            match u32::try_from(fd) {
+                Ok(fd) if open => keep.push(fd),
+                _ => return Err(ConfineError::NotOpen(fd)),
+            }
+        }
+        keep.retain(|&fd| fd > 2);
+        keep.sort_unstable();
+        keep.dedup();
+        #[expect(unsafe_code, reason = "pre_exec runs between fork and exec; it only makes system calls")]
+        // SAFETY: `only_these_descriptors` makes async-signal-safe system calls (prctl, fcntl,
+        // close_range) and allocates nothing; `keep` was allocated before the fork.
+        unsafe {
+            command.pre_exec(move || only_these_descriptors(&keep));
+        }
+        Ok(self.cgroup.spawn(command)?)
     }
 
     /// The events of everything the policy did not simply allow since the last call, with
@@ -140,5 +171,25 @@ impl Drop for Confinement {
         if let Err(e) = self.pins.remove_all() {
             tracing::warn!(root = %self.pins.root().display(), "removing pins: {e}");
         }
+    }
+}
+
+/// In the child, before exec: `no_new_privs`, and every descriptor from 3 on close-on-exec but
+/// those in `keep` (ascending, each ≥ 3), which are made inheritable.
+#[expect(unsafe_code, reason = "prctl(2), fcntl(2) and close_range(2) have no safe wrapper in std")]
+fn only_these_descriptors(keep: &[u32]) -> std::io::Result<()> {
+    let ok = |rc: i32| if rc == -1 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    // SAFETY: system calls on this process's own attributes and descriptors.
+    unsafe {
+        ok(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        let mut first = 3u32;
+        for &fd in keep {
+            if fd > first {
+                ok(libc::close_range(first, fd - 1, libc::CLOSE_RANGE_CLOEXEC as i32))?;
+            }
+            ok(libc::fcntl(fd as RawFd, libc::F_SETFD, 0))?;
+            first = fd + 1;
+        }
+        ok(libc::close_range(first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32))
     }
 }
