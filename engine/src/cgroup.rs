@@ -7,7 +7,7 @@
 //! `/sys/fs/cgroup/unified` on hybrid ones; [`Cgroup2::discover`] reads `/proc/self/mounts`
 //! instead of guessing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -317,6 +317,28 @@ pub struct FoundCgroup {
     pub id: u64,
 }
 
+/// For each of `found`, the cgroup whose policy applies to it, as the hooks find it: itself if
+/// it is in `registered` (id → relative path), else its nearest registered ancestor. Cgroups
+/// under no registered one are left out.
+pub fn nearest_registered(found: &[FoundCgroup], registered: &BTreeMap<u64, String>) -> BTreeMap<u64, u64> {
+    let by_path: BTreeMap<&str, u64> = registered.iter().map(|(id, path)| (path.as_str(), *id)).collect();
+    let mut out = BTreeMap::new();
+    for cgroup in found {
+        let mut path = cgroup.relative.as_str();
+        loop {
+            if let Some(&id) = by_path.get(path) {
+                out.insert(cgroup.id, id);
+                break;
+            }
+            match path.rsplit_once('/') {
+                Some((parent, _)) => path = parent,
+                None => break,
+            }
+        }
+    }
+    out
+}
+
 /// Every cgroup below `mount` (the root itself excluded: depfence never attaches there), in
 /// path order. Cgroups that vanish during the walk are skipped.
 pub fn walk(mount: &Path) -> io::Result<Vec<FoundCgroup>> {
@@ -350,6 +372,17 @@ fn child_cgroups(dir: &Path) -> io::Result<impl Iterator<Item = (PathBuf, u64)>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_falls_under_its_nearest_registered_ancestor() {
+        let found: Vec<FoundCgroup> = [("a", 1), ("a/b", 2), ("a/b/c", 3), ("a/bc", 4), ("d", 5), ("a/b/c/e", 6)]
+            .into_iter()
+            .map(|(relative, id)| FoundCgroup { relative: relative.to_owned(), id })
+            .collect();
+        let registered = BTreeMap::from([(1, "a".to_owned()), (3, "a/b/c".to_owned())]);
+        let expected = BTreeMap::from([(1, 1), (2, 1), (3, 3), (4, 1), (6, 3)]);
+        assert_eq!(nearest_registered(&found, &registered), expected);
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_on_hybrid_and_unified_systems() {

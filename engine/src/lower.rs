@@ -297,6 +297,8 @@ pub fn destination(conn: &Connection) -> Destination {
 }
 
 impl RuleMaps for LoweredRules {
+    type Ranges<'a> = &'a CidrValue;
+
     fn exact(&self, key: &RuleKey) -> Option<u32> {
         self.exact.get(key).copied()
     }

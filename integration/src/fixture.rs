@@ -251,3 +251,42 @@ pub fn http_server(ip: IpAddr) -> u16 {
     });
     port
 }
+
+/// A sysctl set for the length of a test: the old value is written back on drop.
+pub struct Sysctl {
+    path: PathBuf,
+    old: String,
+}
+
+impl Sysctl {
+    /// Sets `/proc/sys/<name>` (dots or slashes) to `value`.
+    pub fn set(name: &str, value: &str) -> Self {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        let old = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        std::fs::write(&path, value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self { path, old: old.trim_end().to_owned() }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.old) {
+            eprintln!("cleanup: restoring {} to {:?}: {e}", self.path.display(), self.old);
+        }
+    }
+}
+
+/// The system's Python: one any user can run (a pyenv under /root is not).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// `python3 -c script args…` as uid/gid 65534 with no supplementary groups (an unprivileged
+/// process), output piped; spawn it with [`spawn_in`] to put it in a cgroup.
+pub fn unprivileged_python(script: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", PYTHON, "-c", script])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}

@@ -365,8 +365,7 @@ fn refuses_pinned_maps_of_another_abi() {
     {
         let dp = Datapath::load(&pins.layout).unwrap();
         for name in prog_names::ALL {
-            let p: &aya::programs::CgroupSockAddr = dp_program(&dp, name);
-            let info = p.info().unwrap();
+            let info = dp.ebpf().program(name).unwrap().info().unwrap();
             eprintln!(
                 "{name}: verified insns {:?}, xlated bytes {:?}",
                 info.verified_instruction_count(),
@@ -387,10 +386,6 @@ fn refuses_pinned_maps_of_another_abi() {
         Ok(_) => panic!("loaded over pinned maps of ABI 99"),
     }
     assert!(Adopted::open(&pins.layout).is_err());
-}
-
-fn dp_program<'a>(dp: &'a Datapath, name: &str) -> &'a aya::programs::CgroupSockAddr {
-    dp.ebpf().program(name).unwrap().try_into().unwrap()
 }
 
 /// The whole path: policy text → compiled snapshot → kernel maps → a real process in the

@@ -13,7 +13,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use depfence::cgroup::spawn_in;
@@ -22,7 +22,9 @@ use depfence::lower::Allow;
 use depfence_bpf_common::{
     IPPROTO_UDP, MODE_AUDIT, MODE_ENFORCE, VERDICT_ALLOWED, VERDICT_REJECTED, VERDICT_WOULD_REJECT, user::words_addr,
 };
-use depfence_integration::fixture::{Cgroup, LO4, LO6, Pins, attached, enforce, state, udp_receiver};
+use depfence_integration::fixture::{
+    Cgroup, LO4, LO6, PYTHON, Pins, attached, enforce, state, udp_receiver, unprivileged_python,
+};
 use depfence_integration::{require_privileges, require_tool};
 
 /// The client: `kind family ip port`. `tos` and `pktinfo` connect, then send one datagram with
@@ -61,20 +63,15 @@ except OSError as e:
     print("err", e.errno)
 "#;
 
-/// The system's Python: one any user can run (a pyenv under /root is not).
-const PYTHON: &str = "/usr/bin/python3";
-
 /// Runs the client as uid/gid 65534 inside `cgroup`; its one line.
 fn client(cgroup: &Path, kind: &str, family: &str, ip: IpAddr, port: u16) -> String {
     let ip = match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => v6.to_string(),
     };
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", PYTHON, "-c", CLIENT, kind, family])
-        .args([ip, port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let port = port.to_string();
+    let mut cmd = unprivileged_python(CLIENT, &[kind, family, &ip, &port]);
+    cmd.stdin(Stdio::null());
     let out = spawn_in(cgroup, &mut cmd).unwrap().wait_with_output().unwrap();
     let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(line == "ok" || line.starts_with("err "), "client said {line:?}: {}", String::from_utf8_lossy(&out.stderr));

@@ -14,7 +14,7 @@ mod pod;
 pub mod user;
 
 /// Version of the map layout below. A loader refuses pinned maps whose `DF_META` differs.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Map names (ELF symbol names, also the kernel object names: at most 15 bytes).
 pub mod map_names {
@@ -69,8 +69,31 @@ pub mod prog_names {
     pub const GETPEERNAME4: &str = "df_getpeername4";
     /// cgroup/getpeername6: the same for IPv6 sockets.
     pub const GETPEERNAME6: &str = "df_getpeername6";
-    /// Every name above.
-    pub const ALL: [&str; 8] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
+    /// cgroup/sock_create: admits only the sockets whose destinations the hooks above see
+    /// ([`crate::socket_admitted`]).
+    pub const SOCK_CREATE: &str = "df_sock_create";
+    /// cgroup/setsockopt: judges IPv6 routing headers set as socket options
+    /// ([`crate::sets_routing_header`]).
+    pub const SETSOCKOPT: &str = "df_setsockopt";
+    /// cgroup_skb/egress: judges IPv6 packets that carry a routing header (set per message).
+    pub const EGRESS: &str = "df_egress";
+    /// The `cgroup/sock_addr` programs (connect, sendmsg, recvmsg, getpeername).
+    pub const SOCK_ADDR: [&str; 8] =
+        [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
+    /// Every hook a service cgroup gets.
+    pub const ALL: [&str; 11] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SOCK_CREATE,
+        SETSOCKOPT,
+        EGRESS,
+    ];
     /// Benchmark baseline: one exact hash lookup + one per-CPU counter (the minimum hook).
     pub const BASELINE4: &str = "df_baseline4";
     /// Benchmark: cgroup hash lookup + rule lookup + counter.
@@ -117,6 +140,25 @@ pub const MAX_DNS_SOCKS: u32 = 16_384;
 pub const DNS_PORT: u16 = 53;
 /// First two octets of the DNS slot addresses.
 pub const DNS_SLOT_NET: [u8; 2] = [127, 53];
+
+/// `::1` as address words.
+pub const IP6_LOOPBACK: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+/// Whether `d` is the DNS proxy on `proxy_port` (0: no proxy), where the connect hook sends a
+/// policed process's DNS: `[::1]:port` for IPv6 sockets, a slot address `127.53.x.y:port` for
+/// IPv4 ones. A socket connected there was judged when it connected.
+#[inline(always)]
+pub fn is_dns_proxy(d: &lookup::Destination, proxy_port: u32) -> bool {
+    if proxy_port == 0 || u32::from(d.port) != proxy_port {
+        return false;
+    }
+    if d.family == AF_INET6 {
+        d.addr == IP6_LOOPBACK
+    } else {
+        let [a, b, _, _] = d.addr[3].to_ne_bytes();
+        [a, b] == DNS_SLOT_NET
+    }
+}
 
 /// Nearest-registered-ancestor walk bound: levels `MAX_CGROUP_DEPTH-1 ..= 1` are tried
 /// (level 0, the root, is never registered).
@@ -185,6 +227,38 @@ pub const fn action_of(verdict: u32) -> i32 {
     if verdict == VERDICT_REJECTED { DENY } else { ALLOW }
 }
 
+/// Whether a socket of `family`, `sock_type` and `protocol` may be created where the policy is
+/// enforced: one the connect and sendmsg hooks see every destination of (TCP and MPTCP streams,
+/// UDP datagrams over IPv4 or IPv6), or one that is not an internet socket at all (Unix,
+/// netlink: no network destination). Everything else (UDP-Lite, ICMP "ping" datagrams, SCTP,
+/// raw sockets) reaches addresses no hook judges, so it is refused in enforce and reported in
+/// audit.
+#[inline(always)]
+pub const fn socket_admitted(family: u32, sock_type: u32, protocol: u32) -> bool {
+    if family != AF_INET as u32 && family != AF_INET6 as u32 {
+        return true;
+    }
+    (sock_type == SOCK_STREAM && (protocol == IPPROTO_TCP as u32 || protocol == IPPROTO_MPTCP))
+        || (sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP as u32)
+}
+
+/// Whether a `setsockopt(level, optname)` puts an IPv6 routing header on a socket's packets:
+/// the packets then go first to an address of the caller's choosing, not to the destination
+/// the hooks judge. Unprivileged on Linux, so judged like a destination no rule allows.
+#[inline(always)]
+pub const fn sets_routing_header(level: i32, optname: i32) -> bool {
+    level == SOL_IPV6 && (optname == IPV6_RTHDR || optname == IPV6_2292RTHDR || optname == IPV6_2292PKTOPTIONS)
+}
+
+/// `Event::kind`: a connect or send, judged by its destination.
+pub const EVENT_DESTINATION: u32 = 0;
+/// A socket the policy cannot judge ([`socket_admitted`]): `proto` holds its protocol, `port` its
+/// type, `family` its family, the address is zero.
+pub const EVENT_SOCKET: u32 = 1;
+/// An IPv6 routing header: set as a socket option (address zero), or on a packet (`addr` is the
+/// packet's first hop).
+pub const EVENT_ROUTING_HEADER: u32 = 2;
+
 /// `DF_GLOBALS` slot (per-CPU u64): events suppressed by the de-duplication window (not lost: counted).
 pub const GLOBAL_EVENTS_DEDUPED: u32 = 3;
 /// Events lost because the ring buffer was full.
@@ -200,6 +274,22 @@ pub const GLOBAL_COUNT: u32 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 /// UDP protocol number.
 pub const IPPROTO_UDP: u8 = 17;
+/// The IPv6 routing header's protocol number (a next-header value).
+pub const IPPROTO_ROUTING: u8 = 43;
+/// Multipath TCP's protocol number (a socket's, never on the wire).
+pub const IPPROTO_MPTCP: u32 = 262;
+/// Stream socket type.
+pub const SOCK_STREAM: u32 = 1;
+/// Datagram socket type.
+pub const SOCK_DGRAM: u32 = 2;
+/// The IPv6 socket-option level.
+pub const SOL_IPV6: i32 = 41;
+/// IPv6 socket option: a routing header on every packet of the socket.
+pub const IPV6_RTHDR: i32 = 57;
+/// The RFC 2292 spelling of `IPV6_RTHDR`.
+pub const IPV6_2292RTHDR: i32 = 5;
+/// RFC 2292 socket option: sticky options given as control messages, a routing header among them.
+pub const IPV6_2292PKTOPTIONS: i32 = 6;
 /// IPv4 address family.
 pub const AF_INET: u8 = 2;
 /// IPv6 address family.
@@ -399,6 +489,10 @@ pub struct Event {
     pub ruleset_id: u32,
     /// Policy generation.
     pub generation: u32,
+    /// `EVENT_*`: what was judged.
+    pub kind: u32,
+    /// Zero.
+    pub _reserved: u32,
 }
 
 const _: () = assert!(size_of::<CgroupState>() == 24);
@@ -415,5 +509,5 @@ const _: () = assert!(size_of::<NameKey>() == 24);
 const _: () = assert!(size_of::<DnsSlot>() == 64);
 const _: () = assert!(align_of::<DnsSlot>() == 8);
 const _: () = assert!(size_of::<DedupKey>() == 32);
-const _: () = assert!(size_of::<Event>() == 80);
+const _: () = assert!(size_of::<Event>() == 88);
 const _: () = assert!(align_of::<Event>() == 8);

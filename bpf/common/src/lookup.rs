@@ -12,7 +12,10 @@
 //!    protocol and port decides;
 //! 4. for a service under the DNS proxy, the addresses its allowed names resolved to.
 
-use crate::{CidrKeyData, CidrValue, MAX_CIDR_PORT_RANGES, NameKey, RuleKey};
+use crate::{
+    CgroupState, CidrKeyData, CidrValue, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, MAX_CIDR_PORT_RANGES,
+    NameKey, RuleKey,
+};
 
 /// A destination as a hook reads it from its context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,14 +40,39 @@ pub struct Extra {
     pub names_slot: Option<u32>,
 }
 
+impl Extra {
+    /// What a cgroup's active ruleset reads besides its exact rules, from its state's flags.
+    #[inline(always)]
+    pub fn active(state: &CgroupState) -> Self {
+        Self { cidr: state.flags & FLAG_ACTIVE_HAS_CIDR != 0, names_slot: names_slot(state) }
+    }
+
+    /// The same for its candidate ruleset.
+    #[inline(always)]
+    pub fn candidate(state: &CgroupState) -> Self {
+        Self { cidr: state.flags & FLAG_CANDIDATE_HAS_CIDR != 0, names_slot: names_slot(state) }
+    }
+}
+
+/// The counter slot whose DNS-admitted addresses a cgroup may reach, if it is under the proxy.
+#[inline(always)]
+fn names_slot(state: &CgroupState) -> Option<u32> {
+    if state.flags & FLAG_DNS != 0 { Some(state.counter_slot) } else { None }
+}
+
 /// The three rule maps, as the lookup reads them.
 pub trait RuleMaps {
+    /// A value of `DF_CIDRS` or `DF_NAMES` as the maps hand it out: a reference in the eBPF
+    /// program and in memory, a copy when user space reads the kernel's maps.
+    type Ranges<'a>: core::ops::Deref<Target = CidrValue>
+    where
+        Self: 'a;
     /// `DF_RULES`: the rule id of an exact key.
     fn exact(&self, key: &RuleKey) -> Option<u32>;
     /// `DF_CIDRS`: the value of the longest prefix that holds `key` (all 160 bits asked).
-    fn longest_prefix(&self, key: &CidrKeyData) -> Option<&CidrValue>;
+    fn longest_prefix(&self, key: &CidrKeyData) -> Option<Self::Ranges<'_>>;
     /// `DF_NAMES`: the ranges admitted for an address of a service.
-    fn names(&self, key: &NameKey) -> Option<&CidrValue>;
+    fn names(&self, key: &NameKey) -> Option<Self::Ranges<'_>>;
 }
 
 /// Rule id of the first range of `v` that holds `d`'s protocol and port, or 0.
@@ -77,7 +105,7 @@ pub fn first_match<M: RuleMaps>(maps: &M, ruleset: u32, d: &Destination, extra: 
     if extra.cidr
         && let Some(v) = maps.longest_prefix(&CidrKeyData { ruleset_be: ruleset.to_be(), addr: d.addr })
     {
-        let hit = range_hit(v, d);
+        let hit = range_hit(&v, d);
         if hit != 0 {
             return hit;
         }
@@ -85,7 +113,7 @@ pub fn first_match<M: RuleMaps>(maps: &M, ruleset: u32, d: &Destination, extra: 
     if let Some(counter_slot) = extra.names_slot {
         let key = NameKey { counter_slot, proto: d.proto, _pad: [0; 3], addr: d.addr };
         if let Some(v) = maps.names(&key) {
-            return range_hit(v, d);
+            return range_hit(&v, d);
         }
     }
     0

@@ -115,17 +115,51 @@ impl Event {
         (self.pid_tgid >> 32) as u32
     }
 
-    /// The destination as `addr:port/proto` (`[v6]:port/proto`).
+    /// What was judged, as one word-like string: a destination as `addr:port/proto`
+    /// (`[v6]:port/proto`); a socket the policy cannot judge as `socket:family/type/protocol`
+    /// (`socket:inet/dgram/icmp`); a routing header as `routing-header` (the socket option) or
+    /// `routing-header:<first hop>` (a packet).
     pub fn destination(&self) -> std::string::String {
-        let proto = match self.proto {
-            crate::IPPROTO_TCP => "tcp",
-            crate::IPPROTO_UDP => "udp",
-            _ => "ip",
-        };
-        match words_addr(self.addr) {
-            IpAddr::V4(a) => std::format!("{a}:{}/{proto}", self.port),
-            IpAddr::V6(a) => std::format!("[{a}]:{}/{proto}", self.port),
+        match self.kind {
+            crate::EVENT_SOCKET => {
+                let family = if self.family == crate::AF_INET6 { "inet6" } else { "inet" };
+                let sock_type = match u32::from(self.port) {
+                    crate::SOCK_STREAM => std::borrow::Cow::Borrowed("stream"),
+                    crate::SOCK_DGRAM => "dgram".into(),
+                    3 => "raw".into(),
+                    5 => "seqpacket".into(),
+                    other => std::format!("type{other}").into(),
+                };
+                std::format!("socket:{family}/{sock_type}/{}", protocol_name(self.proto))
+            }
+            crate::EVENT_ROUTING_HEADER if self.addr == [0; 4] => "routing-header".into(),
+            crate::EVENT_ROUTING_HEADER => std::format!("routing-header:{}", words_addr(self.addr)),
+            _ => {
+                let proto = match self.proto {
+                    crate::IPPROTO_TCP => "tcp",
+                    crate::IPPROTO_UDP => "udp",
+                    _ => "ip",
+                };
+                match words_addr(self.addr) {
+                    IpAddr::V4(a) => std::format!("{a}:{}/{proto}", self.port),
+                    IpAddr::V6(a) => std::format!("[{a}]:{}/{proto}", self.port),
+                }
+            }
         }
+    }
+}
+
+/// The name of an IP protocol number, as `/etc/protocols` spells the common ones.
+fn protocol_name(proto: u8) -> std::borrow::Cow<'static, str> {
+    match proto {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "ipv6-icmp".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        255 => "raw".into(),
+        other => std::format!("{other}").into(),
     }
 }
 

@@ -10,7 +10,9 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated as raw},
     programs::SockAddrContext,
 };
-use depfence_bpf_common::{AF_INET6, CgroupState, DNS_SLOT_NET, DNS_SLOTS, DnsSlot, lookup::Destination};
+use depfence_bpf_common::{
+    CgroupState, DNS_SLOT_NET, DNS_SLOTS, DnsSlot, IP6_LOOPBACK, is_dns_proxy, lookup::Destination,
+};
 
 use crate::context::{ctx_set, ctx_u32, set_user_ip6, user_ip6};
 use crate::maps::{DF_CONFIG, DF_DNS_NEXT, DF_DNS_SLOTS, DF_DNS_SOCKS};
@@ -21,9 +23,6 @@ fn slot_ip4(index: u32) -> u32 {
     let [x, y] = (index as u16).to_be_bytes();
     u32::from_ne_bytes([DNS_SLOT_NET[0], DNS_SLOT_NET[1], x, y])
 }
-
-/// `::1` as the context holds it.
-const IP6_LOOPBACK: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 /// Records who asked which server.
 ///
@@ -160,16 +159,5 @@ pub fn restore_dns_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
 /// send on a socket connected there was judged when it connected.
 #[inline(always)]
 pub fn is_proxy(d: &Destination) -> bool {
-    let Some(cfg) = DF_CONFIG.get(0) else {
-        return false;
-    };
-    if cfg.dns_proxy_port == 0 || u32::from(d.port) != cfg.dns_proxy_port {
-        return false;
-    }
-    if d.family == AF_INET6 {
-        d.addr == IP6_LOOPBACK
-    } else {
-        let [a, b, _, _] = d.addr[3].to_ne_bytes();
-        [a, b] == DNS_SLOT_NET
-    }
+    DF_CONFIG.get(0).is_some_and(|cfg| is_dns_proxy(d, cfg.dns_proxy_port))
 }

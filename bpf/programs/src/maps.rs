@@ -45,6 +45,8 @@ pub static DF_DNS_SOCKS: LruHashMap<u64, DnsSlot> = LruHashMap::with_max_entries
 pub struct KernelRules;
 
 impl RuleMaps for KernelRules {
+    type Ranges<'a> = &'a CidrValue;
+
     #[inline(always)]
     fn exact(&self, key: &RuleKey) -> Option<u32> {
         // SAFETY: map lookup of a plain-data value, replaced whole by the loader.

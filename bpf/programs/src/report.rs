@@ -11,9 +11,9 @@ use depfence_bpf_common::{
 
 use crate::maps::{DF_CONFIG, DF_DEDUP, DF_EVENTS, DF_GLOBALS, bump};
 
-/// Reports `verdict` for `d` (best effort: a full ring buffer is counted, not waited for).
+/// Reports `verdict` for `d` (what it is: `kind`, an `EVENT_*`) (best effort: a full ring buffer is counted, not waited for).
 #[inline(always)]
-pub fn emit(own: u64, policy: u64, s: &CgroupState, d: &Destination, verdict: u32, ruleset: u32) {
+pub fn emit(own: u64, policy: u64, s: &CgroupState, d: &Destination, verdict: u32, ruleset: u32, kind: u32) {
     let window = DF_CONFIG.get(0).map_or(0, |c| c.dedup_window_ns);
     if window != 0 && s.flags & FLAG_EVENT_NO_DEDUP == 0 {
         // SAFETY: helper without arguments.
@@ -55,6 +55,8 @@ pub fn emit(own: u64, policy: u64, s: &CgroupState, d: &Destination, verdict: u3
         (*e).verdict = verdict;
         (*e).ruleset_id = ruleset;
         (*e).generation = s.generation;
+        (*e).kind = kind;
+        (*e)._reserved = 0;
     }
     entry.submit(0);
 }

@@ -2,10 +2,11 @@
 //! pin root. [`Datapath`] (aya, the real kernel) implements it; the agent's tests implement it
 //! in memory (`agent::fake`), so the agent's logic runs without privileges.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::datapath::abi::{CgroupState, Config, Event, GLOBAL_EVENTS_DROPPED, map_names, prog_names};
+use crate::datapath::sweep::ClosedSocket;
 use crate::datapath::{Datapath, DatapathError, map_err};
 use crate::lower::CompiledRuleset;
 use crate::verdict::Counts;
@@ -46,6 +47,9 @@ pub trait Dataplane {
     fn detach(&mut self, cgroup_id: u64);
     /// The cgroups the hooks are attached to (a restarted agent finds its predecessor's).
     fn attached(&self) -> BTreeSet<u64>;
+    /// Closes the connections of enforced cgroups that the policy in force would refuse now;
+    /// `policy_of` maps each cgroup to the registered one whose policy applies to it.
+    fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError>;
 }
 
 impl Dataplane for Datapath {
@@ -117,5 +121,9 @@ impl Dataplane for Datapath {
 
     fn attached(&self) -> BTreeSet<u64> {
         self.layout().linked_cgroups()
+    }
+
+    fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError> {
+        Datapath::close_disallowed(self, policy_of)
     }
 }

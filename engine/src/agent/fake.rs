@@ -4,13 +4,13 @@
 //! an event for everything not allowed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::Path;
 
 use super::dataplane::Dataplane;
 use crate::datapath::DatapathError;
-use crate::datapath::abi::{
-    self, CgroupState, Config, Event, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, lookup::Extra, verdict_of,
-};
+use crate::datapath::abi::{self, CgroupState, Config, Event, lookup::Extra, verdict_of};
+use crate::datapath::sweep::ClosedSocket;
 use crate::lower::{CompiledRuleset, LoweredRules, destination};
 use crate::snapshot::Connection;
 use crate::verdict::{Counts, Verdict};
@@ -24,6 +24,8 @@ pub(crate) struct FakeDataplane {
     config: Config,
     events: Vec<Event>,
     attached: BTreeSet<u64>,
+    /// Connections made and not closed: (cgroup, destination).
+    open: Vec<(u64, Connection)>,
 }
 
 impl FakeDataplane {
@@ -35,16 +37,18 @@ impl FakeDataplane {
             return Some(Verdict::Allowed);
         }
         let d = destination(conn);
-        let extra = |flag| Extra { cidr: state.flags & flag != 0, names_slot: None };
-        let hit = self.rules.first_match_with(state.ruleset_id, &d, extra(FLAG_ACTIVE_HAS_CIDR));
+        let hit = self.rules.first_match_with(state.ruleset_id, &d, Extra::active(&state));
         let verdict = Verdict::from_code(verdict_of(state.mode, hit != 0))?;
         self.count(cgroup_id, &state, &d, verdict);
         let candidate = state.candidate_ruleset;
         if candidate != 0
             && candidate != state.ruleset_id
-            && self.rules.first_match_with(candidate, &d, extra(FLAG_CANDIDATE_HAS_CIDR)) == 0
+            && self.rules.first_match_with(candidate, &d, Extra::candidate(&state)) == 0
         {
             self.count(cgroup_id, &state, &d, Verdict::CandidateWouldReject);
+        }
+        if verdict != Verdict::Rejected {
+            self.open.push((cgroup_id, *conn));
         }
         Some(verdict)
     }
@@ -156,5 +160,31 @@ impl Dataplane for FakeDataplane {
 
     fn attached(&self) -> BTreeSet<u64> {
         self.attached.clone()
+    }
+
+    /// Closes the open connections the connect hook would now refuse (every one is outbound).
+    fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError> {
+        let mut closed = Vec::new();
+        let (rules, cgroups) = (&self.rules, &self.cgroups);
+        self.open.retain(|(cgroup_id, conn)| {
+            let Some((&policy_cgroup_id, state)) = policy_of.get(cgroup_id).and_then(|id| Some((id, cgroups.get(id)?)))
+            else {
+                return true;
+            };
+            let allowed = rules.first_match_with(state.ruleset_id, &destination(conn), Extra::active(state)) != 0;
+            if state.mode != abi::MODE_ENFORCE || allowed {
+                return true;
+            }
+            closed.push(ClosedSocket {
+                cgroup_id: *cgroup_id,
+                policy_cgroup_id,
+                protocol: destination(conn).proto,
+                local: SocketAddr::new(conn.addr, 40000),
+                remote: SocketAddr::new(conn.addr, conn.port),
+                generation: state.generation,
+            });
+            false
+        });
+        Ok(closed)
     }
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dataplane::Dataplane;
 use crate::cgroup::FoundCgroup;
+use crate::datapath::sweep::ClosedSocket;
 use crate::datapath::{
     Datapath, DatapathError,
     abi::{CgroupState, Config, Event, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, MAX_COUNTER_SLOTS},
@@ -194,6 +195,11 @@ impl<D: Dataplane> Kernel<D> {
     /// The events the hooks reported since the last call.
     pub fn drain_events(&mut self) -> Vec<Event> {
         self.dataplane.drain_events()
+    }
+
+    /// Closes the connections of enforced cgroups that the policy in force would refuse now.
+    pub fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>> {
+        Ok(self.dataplane.close_disallowed(policy_of)?)
     }
 
     /// Events lost because the ring buffer was full.

@@ -6,6 +6,7 @@
 //! An invalid policy is never applied: its located diagnostics go to the log and to `policyctl
 //! status`, the reload-failure metric goes up, and the last good policy stays in force.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -21,9 +22,10 @@ use super::discovery::{self, Selectors};
 use super::dns::DnsRuntime;
 use super::kernel::{Desired, Kernel, KernelError};
 use super::telemetry::{self, EventLog, EventRecord};
-use crate::cgroup::FoundCgroup;
+use crate::cgroup::{FoundCgroup, nearest_registered};
 use crate::compile::{Compiled, compile_path};
 use crate::datapath::abi::{self, user::words_addr};
+use crate::datapath::sweep::ClosedSocket;
 use crate::dns::DnsEvent;
 use crate::explain::{Environments, Live, explain};
 use crate::lower::proto_of;
@@ -47,6 +49,8 @@ pub struct State<D: Dataplane> {
     event_tx: broadcast::Sender<EventRecord>,
     rollout: Rollout,
     dns: Option<DnsRuntime>,
+    /// Connections the last applies closed, not yet turned into events.
+    closed: Vec<ClosedSocket>,
 }
 
 impl<D: Dataplane> State<D> {
@@ -65,6 +69,7 @@ impl<D: Dataplane> State<D> {
             event_tx,
             rollout,
             dns,
+            closed: Vec::new(),
         }
     }
 
@@ -165,10 +170,34 @@ impl<D: Dataplane> State<D> {
         for (service, from, to) in &report.mode_changes {
             info!(service, from = from.map(Mode::as_str), to = to.as_str(), "mode");
         }
+        self.close_disallowed();
         gauge!("depfence_policy_generation").set(f64::from(self.kernel.generation()));
         gauge!("depfence_policy_info", "hash" => snapshot.hash().to_string(), "environment" => self.config.environment.clone())
             .set(1.0);
         Ok(())
+    }
+
+    /// Closes the connections that the policy now in force would refuse (a service just
+    /// enforced, a rule just removed): the hooks judge a connection only when it is made. A
+    /// failure leaves the policy in force; it is logged and counted.
+    fn close_disallowed(&mut self) {
+        let registered: BTreeMap<u64, String> =
+            self.kernel.services().values().flat_map(|s| s.cgroups.clone()).collect();
+        let policy_of = nearest_registered(&self.found, &registered);
+        match self.kernel.close_disallowed(&policy_of) {
+            Ok(closed) => self.closed.extend(closed),
+            Err(e) => {
+                error!("closing the connections the policy no longer allows: {e}");
+                counter!("depfence_socket_sweep_failures_total").increment(1);
+            }
+        }
+    }
+
+    /// The service that owns a destination, when the policy in force says.
+    fn owner_name(&self, addr: std::net::IpAddr, port: u16, proto: u8) -> Option<String> {
+        let (compiled, _) = self.active.as_ref()?;
+        let owner = compiled.snapshot.owners().owner_of(addr, Some(port), proto_of(proto))?;
+        compiled.snapshot.services().get(owner as usize).map(|s| s.name.clone())
     }
 
     /// The cgroups in the tree now; applies when they changed.
@@ -182,16 +211,27 @@ impl<D: Dataplane> State<D> {
         }
     }
 
-    /// Reads the kernel's events into the log, the stream and the evidence.
+    /// Reads the kernel's events into the log, the stream and the evidence, and the connections
+    /// the last applies closed.
     pub fn drain_events(&mut self, now: SystemTime) {
+        for closed in std::mem::take(&mut self.closed) {
+            let service = self.kernel.service_of_cgroup(closed.policy_cgroup_id).map(str::to_owned);
+            let cgroup = self.cgroup_path(closed.cgroup_id);
+            let destination_service = self.owner_name(closed.remote.ip(), closed.remote.port(), closed.protocol);
+            let record = EventRecord::closed(&closed, service, cgroup, destination_service, now);
+            info!(
+                service = record.service.as_deref().unwrap_or_default(),
+                destination = record.destination,
+                "connection closed: the policy in force no longer allows it"
+            );
+            counter!("depfence_connections_closed_total", "service" => record.service.clone().unwrap_or_default())
+                .increment(1);
+            self.record(record);
+        }
         for event in self.kernel.drain_events() {
             let service = self.kernel.service_of_cgroup(event.policy_cgroup_id).map(str::to_owned);
             let cgroup = self.cgroup_path(event.cgroup_id);
-            let destination_service = self.active.as_ref().and_then(|(c, _)| {
-                let owner =
-                    c.snapshot.owners().owner_of(words_addr(event.addr), Some(event.port), proto_of(event.proto));
-                owner.and_then(|id| c.snapshot.services().get(id as usize)).map(|s| s.name.clone())
-            });
+            let destination_service = self.owner_name(words_addr(event.addr), event.port, event.proto);
             let Some(record) = EventRecord::new(&event, service, cgroup, destination_service, now) else { continue };
             if let (Some(service), Verdict::WouldReject) = (&record.service, record.verdict) {
                 self.rollout.record_destination(service, now, &record.destination);

@@ -12,8 +12,11 @@ use std::{
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::abi::Event;
+use crate::datapath::abi::{self, Event};
+use crate::datapath::sweep::ClosedSocket;
 use crate::dns::{DnsEvent, QueryEvent};
+use crate::policy::Proto;
+use crate::snapshot::Connection;
 use crate::timefmt::{rfc3339_millis, unix_seconds};
 use crate::verdict::{Counts, Mode, Verdict};
 
@@ -45,6 +48,15 @@ pub fn describe() {
         "Unix time of the last successful reload."
     );
     describe_counter!("depfence_events_dropped_total", "Kernel events lost because the ring buffer was full.");
+    describe_counter!(
+        "depfence_connections_closed_total",
+        "Open connections closed because the policy in force no longer allows them (after a switch \
+         to enforce or a swap), by service."
+    );
+    describe_counter!(
+        "depfence_socket_sweep_failures_total",
+        "Sweeps for connections the policy no longer allows that failed (the policy stays in force)."
+    );
     describe_gauge!("depfence_map_entries", "Entries in use in a kernel map.");
     describe_gauge!("depfence_map_capacity", "Capacity of a kernel map.");
     describe_gauge!("depfence_service_mode", "1 for the service's current mode, 0 for the other modes.");
@@ -87,6 +99,36 @@ pub fn export_service(service: &str, counts: Counts, mode: Mode, mode_since: Sys
     gauge!("depfence_service_cgroups", "service" => s).set(cgroups as f64);
 }
 
+/// What an event judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A connect or send, by its destination.
+    #[default]
+    Destination,
+    /// A DNS question the proxy judged (`destination` is the name asked).
+    DnsQuestion,
+    /// A socket of a protocol the connect and sendmsg hooks cannot see (`socket:inet/dgram/icmp`).
+    Socket,
+    /// An IPv6 routing header (`routing-header`, or `routing-header:<first hop>` for a packet).
+    RoutingHeader,
+    /// A socket that was open before its service's policy changed, closed because the policy in
+    /// force no longer allows its destination.
+    ClosedSocket,
+}
+
+impl EventKind {
+    /// The kind of a kernel event (`EVENT_*`); None for a kind this build does not know.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            abi::EVENT_DESTINATION => Some(Self::Destination),
+            abi::EVENT_SOCKET => Some(Self::Socket),
+            abi::EVENT_ROUTING_HEADER => Some(Self::RoutingHeader),
+            _ => None,
+        }
+    }
+}
+
 /// A kernel event, resolved for people and programs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
@@ -109,6 +151,9 @@ pub struct EventRecord {
     pub destination_service: Option<String>,
     /// The verdict.
     pub verdict: Verdict,
+    /// What was judged.
+    #[serde(default)]
+    pub kind: EventKind,
     /// For a DNS question the proxy judged: its record type (`A`, `AAAA`, …); `destination`
     /// is then the name asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,7 +164,8 @@ pub struct EventRecord {
 
 impl EventRecord {
     /// Resolves a kernel event; `service`, `cgroup` and the service that owns the destination
-    /// come from the agent's tables. None for an event with a verdict this build does not know.
+    /// come from the agent's tables. None for an event with a verdict or kind this build does not
+    /// know.
     pub fn new(
         event: &Event,
         service: Option<String>,
@@ -137,6 +183,7 @@ impl EventRecord {
             destination: event.destination(),
             destination_service,
             verdict: Verdict::from_code(event.verdict)?,
+            kind: EventKind::from_code(event.kind)?,
             query: None,
             generation: event.generation,
         })
@@ -147,6 +194,33 @@ impl EventRecord {
         match &self.query {
             Some(qtype) => format!("dns {qtype} {}", self.destination),
             None => self.destination.clone(),
+        }
+    }
+
+    /// A connection the agent closed; `service`, `cgroup` and the service that owns the
+    /// destination come from the agent's tables.
+    pub fn closed(
+        closed: &ClosedSocket,
+        service: Option<String>,
+        cgroup: Option<String>,
+        destination_service: Option<String>,
+        now: SystemTime,
+    ) -> Self {
+        let proto = if closed.protocol == abi::IPPROTO_UDP { Proto::Udp } else { Proto::Tcp };
+        let remote = Connection { addr: closed.remote.ip().to_canonical(), port: closed.remote.port(), proto };
+        Self {
+            time: rfc3339_millis(now),
+            service,
+            cgroup,
+            pid: 0,
+            tid: 0,
+            comm: String::new(),
+            destination: remote.to_string(),
+            destination_service,
+            verdict: Verdict::Rejected,
+            kind: EventKind::ClosedSocket,
+            query: None,
+            generation: closed.generation,
         }
     }
 
@@ -162,6 +236,7 @@ impl EventRecord {
             destination: query.name.clone(),
             destination_service: None,
             verdict: query.verdict,
+            kind: EventKind::DnsQuestion,
             query: Some(query.qtype.clone()),
             generation,
         }
@@ -245,7 +320,6 @@ impl EventLog {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
     use super::*;
-    use crate::datapath::abi;
 
     fn record(service: &str, destination: &str, verdict: Verdict) -> EventRecord {
         EventRecord {
@@ -258,6 +332,7 @@ mod tests {
             destination: destination.to_owned(),
             destination_service: None,
             verdict,
+            kind: EventKind::Destination,
             query: None,
             generation: 1,
         }

@@ -237,3 +237,35 @@ fn a_vanished_cgroup_is_removed() {
     s.state.set_found(cgroups(&[(APP, "app.service"), (WEB + 1, "web.service")]));
     assert!(s.kernel_state(WEB + 1).is_some());
 }
+
+#[test]
+fn connections_the_policy_in_force_refuses_are_closed_and_reported() {
+    let mut s = Setup::new(&policy("audit", r#", { ip = "10.0.0.6", ports = [80] }"#), GateConfig::default());
+    assert!(s.state.reload("start", at(0)));
+    // Made in audit: one allowed by a rule, one a would-reject, one to a rule about to go.
+    assert_eq!(s.connect(APP, DB), Some(Verdict::Allowed));
+    assert_eq!(s.connect(APP, "10.0.0.7:443"), Some(Verdict::WouldReject));
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::Allowed));
+    s.state.drain_events(at(1));
+
+    // Enforced, with the rule for OTHER gone: both connections it refuses are closed.
+    s.write_policy(&policy("enforce", ""));
+    assert!(s.state.reload("policy file changed", at(2)));
+    s.state.drain_events(at(3));
+    let closed: Vec<_> = s
+        .state
+        .subscribe(100)
+        .0
+        .into_iter()
+        .filter(|e| e.kind == super::telemetry::EventKind::ClosedSocket)
+        .map(|e| (e.service.unwrap(), e.destination, e.verdict))
+        .collect();
+    let expected = [("app", "10.0.0.7:443/tcp"), ("app", "10.0.0.6:80/tcp")]
+        .map(|(service, to)| (service.to_owned(), to.to_owned(), Verdict::Rejected));
+    assert_eq!(closed, expected);
+    // The allowed connection stays; nothing is closed twice.
+    assert!(s.state.reload("again", at(4)));
+    s.state.drain_events(at(5));
+    let count = s.state.subscribe(100).0.iter().filter(|e| e.kind == super::telemetry::EventKind::ClosedSocket).count();
+    assert_eq!(count, 2);
+}

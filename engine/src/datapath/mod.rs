@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     pin::PinError,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, CgroupSkbAttachType, CgroupSockAddr, Program, ProgramError,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -28,7 +28,9 @@ use depfence_bpf_common::{
 
 pub mod confine;
 pub mod pins;
+pub mod sockets;
 pub mod status;
+pub mod sweep;
 mod sys;
 
 /// The kernel ABI: map types, names and constants shared with the eBPF programs.
@@ -131,6 +133,12 @@ pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathEr
     move |source| DatapathError::Map { name, source }
 }
 
+/// Opens one pinned map as a typed handle.
+pub(crate) fn open_pinned<T: TryFrom<Map, Error = MapError>>(layout: &PinLayout, name: &'static str) -> Result<T> {
+    let data = MapData::from_pin(layout.map(name)).map_err(map_err(name))?;
+    T::try_from(Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
+}
+
 /// Typed handles on every map; the same whether they came from a fresh load or from pins.
 pub struct Maps {
     /// `DF_CGROUPS`: cgroup id → state.
@@ -187,19 +195,15 @@ impl Maps {
 
     /// Re-open every map from its pin (no programs are loaded).
     pub fn from_pins(layout: &PinLayout) -> Result<Self> {
-        let open = |name: &'static str| -> Result<Map> {
-            let data = MapData::from_pin(layout.map(name)).map_err(map_err(name))?;
-            Map::from_map_data(data).map_err(map_err(name))
-        };
         let maps = Self {
-            cgroups: HashMap::try_from(open(map_names::CGROUPS)?).map_err(map_err(map_names::CGROUPS))?,
-            rules: HashMap::try_from(open(map_names::RULES)?).map_err(map_err(map_names::RULES))?,
-            cidrs: LpmTrie::try_from(open(map_names::CIDRS)?).map_err(map_err(map_names::CIDRS))?,
-            counters: PerCpuArray::try_from(open(map_names::COUNTERS)?).map_err(map_err(map_names::COUNTERS))?,
-            globals: PerCpuArray::try_from(open(map_names::GLOBALS)?).map_err(map_err(map_names::GLOBALS))?,
-            events: RingBuf::try_from(open(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?,
-            meta: Array::try_from(open(map_names::META)?).map_err(map_err(map_names::META))?,
-            config: Array::try_from(open(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?,
+            cgroups: open_pinned(layout, map_names::CGROUPS)?,
+            rules: open_pinned(layout, map_names::RULES)?,
+            cidrs: open_pinned(layout, map_names::CIDRS)?,
+            counters: open_pinned(layout, map_names::COUNTERS)?,
+            globals: open_pinned(layout, map_names::GLOBALS)?,
+            events: open_pinned(layout, map_names::EVENTS)?,
+            meta: open_pinned(layout, map_names::META)?,
+            config: open_pinned(layout, map_names::CONFIG)?,
             barrier: ReaderBarrier::new()?,
         };
         let found = maps.meta.get(&0, 0).map_err(map_err(map_names::META))?.abi_version;
@@ -406,12 +410,14 @@ impl Datapath {
         // The benchmark's cost-floor programs are in the object only with `bench-programs`.
         let bench = prog_names::BENCH.into_iter().filter(|_| cfg!(feature = "bench-programs"));
         for name in prog_names::ALL.into_iter().chain(bench) {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            let loaded = match ebpf.program_mut(name).ok_or(DatapathError::MissingProgram(name))? {
+                Program::CgroupSockAddr(prog) => prog.load(),
+                Program::CgroupSock(prog) => prog.load(),
+                Program::CgroupSockopt(prog) => prog.load(),
+                Program::CgroupSkb(prog) => prog.load(),
+                _ => Err(ProgramError::UnexpectedProgramType),
+            };
+            loaded.map_err(|source| DatapathError::Program { name, source })?;
         }
         let mut maps = Maps::take(&mut ebpf)?;
         let meta = maps.meta.get(&0, 0).map_err(map_err(map_names::META))?;
@@ -443,15 +449,8 @@ impl Datapath {
     }
 
     fn attach_one(&mut self, cgroup: &File, cgroup_dir: &Path, cgid: u64, name: &'static str) -> Result<PathBuf> {
-        let prog: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        // AllowMultiple fails with EINVAL (aya issue 1078); bpf_link attachments are multi in
-        // the kernel anyway.
-        let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(|source| {
+        let path = self.layout.link(name, cgid);
+        let failed = |source: ProgramError| {
             let refused =
                 matches!(&source, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EPERM));
             if refused {
@@ -459,11 +458,32 @@ impl Datapath {
             } else {
                 DatapathError::Program { name, source }
             }
-        })?;
-        let link = prog.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-        let fd_link: FdLink = link.try_into()?;
-        let path = self.layout.link(name, cgid);
-        let pinned = fd_link.pin(&path)?;
+        };
+        // AllowMultiple fails with EINVAL (aya issue 1078); bpf_link attachments are multi in
+        // the kernel anyway.
+        let mode = CgroupAttachMode::Single;
+        let link: FdLink = match self.ebpf.program_mut(name).ok_or(DatapathError::MissingProgram(name))? {
+            Program::CgroupSockAddr(prog) => {
+                let id = prog.attach(cgroup, mode).map_err(failed)?;
+                prog.take_link(id).map_err(failed)?.try_into()?
+            }
+            Program::CgroupSock(prog) => {
+                let id = prog.attach(cgroup, mode).map_err(failed)?;
+                prog.take_link(id).map_err(failed)?.try_into()?
+            }
+            Program::CgroupSkb(prog) => {
+                let id = prog.attach(cgroup, CgroupSkbAttachType::Egress, mode).map_err(failed)?;
+                prog.take_link(id).map_err(failed)?.try_into()?
+            }
+            Program::CgroupSockopt(prog) if name == prog_names::SETSOCKOPT => {
+                let prog_fd = prog.fd().map_err(failed)?;
+                sys::attach_pinned(prog_fd.as_fd(), cgroup.as_fd(), sys::BPF_CGROUP_SETSOCKOPT, &path)
+                    .map_err(|e| failed(ProgramError::SyscallError(io_syscall("bpf_link_create", e))))?;
+                return Ok(path);
+            }
+            _ => return Err(DatapathError::Program { name, source: ProgramError::UnexpectedProgramType }),
+        };
+        let pinned = link.pin(&path)?;
         drop(pinned); // fd closed; the pin keeps the link (and the program) alive
         Ok(path)
     }

@@ -1,7 +1,8 @@
 //! The few bpf(2) commands aya 0.14 does not wrap: batched map updates and deletes (a
-//! million-rule ruleset is one syscall per 64 Ki entries instead of one per entry), and a wait
+//! million-rule ruleset is one syscall per 64 Ki entries instead of one per entry), a wait
 //! for every running eBPF program to finish (so an old ruleset is freed only once no hook can
-//! still be reading it).
+//! still be reading it), and a pinned cgroup link for a socket-option program (aya 0.14 keeps
+//! that link inside the program: it has no conversion to a pinnable `FdLink`).
 //!
 //! The wait uses a documented kernel guarantee: an update of an `ARRAY_OF_MAPS` from user space
 //! returns only after `synchronize_rcu()` (kernel/bpf/syscall.c, `maybe_wait_bpf_programs`),
@@ -20,6 +21,10 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// `enum bpf_attach_type`: a cgroup's setsockopt hook.
+pub(crate) const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 
 /// Entries per batch syscall: bounds the time the kernel spends in one call.
 const BATCH: usize = 65_536;
@@ -67,6 +72,25 @@ struct ElemAttr {
     key: u64,
     value: u64,
     flags: u64,
+}
+
+/// `union bpf_attr` for `BPF_LINK_CREATE` (the fields up to `flags`).
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// `union bpf_attr` for `BPF_OBJ_PIN`.
+#[repr(C)]
+#[derive(Default)]
+struct PinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
@@ -126,6 +150,25 @@ pub(crate) fn delete_present<K: Copy>(map_fd: BorrowedFd<'_>, keys: &[K]) {
         let mut attr = ElemAttr { map_fd: fd_u32(map_fd), key: std::ptr::from_ref(key) as u64, ..ElemAttr::default() };
         let _ = bpf(BPF_MAP_DELETE_ELEM, &mut attr);
     }
+}
+
+/// Attaches the program `prog_fd` to the cgroup `cgroup_fd` at `attach_type` through a link,
+/// and pins the link at `pin` (the pin keeps it attached; our fd is closed on return).
+pub(crate) fn attach_pinned(
+    prog_fd: BorrowedFd<'_>,
+    cgroup_fd: BorrowedFd<'_>,
+    attach_type: u32,
+    pin: &std::path::Path,
+) -> io::Result<()> {
+    let mut attr = LinkCreateAttr { prog_fd: fd_u32(prog_fd), target_fd: fd_u32(cgroup_fd), attach_type, flags: 0 };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: BPF_LINK_CREATE returned a new file descriptor that nothing else owns.
+    #[expect(unsafe_code, reason = "taking ownership of the fd the kernel just created")]
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(pin.as_os_str()))?;
+    let mut attr = PinAttr { pathname: path.as_ptr() as u64, bpf_fd: fd_u32(link.as_fd()), file_flags: 0 };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
 /// A one-slot `ARRAY_OF_MAPS` whose every update waits for running eBPF programs to finish.

@@ -17,24 +17,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
 
 use super::allow::{AllowChange, AllowEntry};
 use super::attrib::{Attribution, Attributor, Transport, slot_index};
 use crate::datapath::abi::{CidrValue, DnsSlot, IPPROTO_TCP, IPPROTO_UDP, NameKey, PortRange, map_names};
 use crate::datapath::pins::PinLayout;
-use crate::datapath::{DatapathError, map_err};
+use crate::datapath::sockets::SockDiag;
+use crate::datapath::{DatapathError, map_err, open_pinned};
 use crate::policy::Proto;
 
 /// The rule id of an address admitted through DNS (events and explain name the host rule by
 /// service and name, not by this id).
 pub const NAME_RULE_ID: u32 = u32::MAX;
-
-/// Opens one pinned map as a typed handle.
-fn open_pinned<T: TryFrom<Map, Error = MapError>>(layout: &PinLayout, name: &'static str) -> Result<T, DatapathError> {
-    let data = MapData::from_pin(layout.map(name)).map_err(map_err(name))?;
-    T::try_from(Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
-}
 
 /// `DF_NAMES` and our book of what each of its entries holds.
 struct Names {
@@ -52,7 +47,7 @@ pub struct KernelDns {
     /// The services in force.
     services: RwLock<Services>,
     /// The `sock_diag` socket for IPv6 attribution, opened on first use and kept.
-    diag: Mutex<Option<netlink_sys::Socket>>,
+    diag: Mutex<Option<SockDiag>>,
 }
 
 /// Counter slot → service name, and back.
@@ -186,73 +181,23 @@ fn value_of(ranges: &[(u8, u16, u16)]) -> Option<CidrValue> {
 /// to the proxy at `local`, found with one exact `sock_diag` request on `diag` (opened if
 /// None). None when no such socket exists (any more).
 fn client_socket_cookie(
-    diag: &mut Option<netlink_sys::Socket>,
+    diag: &mut Option<SockDiag>,
     transport: Transport,
     client: SocketAddr,
     local: SocketAddr,
 ) -> std::io::Result<Option<u64>> {
-    use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
-    use netlink_packet_sock_diag::SockDiagMessage;
-    use netlink_packet_sock_diag::constants::{AF_INET6, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
-    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
-    use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
-
     // The kernel looks a TCP socket up by its own (local, remote) pair, and a UDP socket as
     // the receiver of a datagram from `source` to `destination` ("swapped for historical
     // reasons", udp_diag.c). The client socket's local end is `client`.
     let (protocol, source, destination) = match transport {
-        Transport::Tcp => (TCP, client, local),
-        Transport::Udp => (UDP, local, client),
+        Transport::Tcp => (IPPROTO_TCP, client, local),
+        Transport::Udp => (IPPROTO_UDP, local, client),
     };
-    let request = InetRequest {
-        family: AF_INET6,
-        protocol,
-        extensions: ExtensionFlags::empty(),
-        states: StateFlags::all(),
-        socket_id: SocketId {
-            source_port: source.port(),
-            destination_port: destination.port(),
-            source_address: source.ip(),
-            destination_address: destination.ip(),
-            interface_id: 0,
-            // INET_DIAG_NOCOOKIE: match by addresses alone.
-            cookie: [0xff; 8],
-        },
+    let diag = match diag {
+        Some(diag) => diag,
+        None => diag.insert(SockDiag::open()?),
     };
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
-    let mut message = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
-    message.finalize();
-    let mut bytes = vec![0; message.buffer_len()];
-    message.serialize(&mut bytes);
-
-    let socket = match diag {
-        Some(socket) => socket,
-        None => {
-            let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-            socket.bind_auto()?;
-            socket.connect(&NetlinkAddr::new(0, 0))?;
-            diag.insert(socket)
-        }
-    };
-    socket.send(&bytes, 0)?;
-    let mut reply = vec![0u8; 8192];
-    let size = socket.recv(&mut &mut reply[..], 0)?;
-    let reply = reply.get(..size).unwrap_or_default();
-    let message = <NetlinkMessage<SockDiagMessage>>::deserialize(reply).map_err(std::io::Error::other)?;
-    match message.payload {
-        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-            // Two native-endian u32s, low half first (sock_diag_save_cookie).
-            let [a, b, c, d, e, f, g, h] = response.header.socket_id.cookie;
-            let (low, high) = (u32::from_ne_bytes([a, b, c, d]), u32::from_ne_bytes([e, f, g, h]));
-            Ok(Some(u64::from(low) | u64::from(high) << 32))
-        }
-        NetlinkPayload::Error(error) if error.code.is_some() => {
-            let code = error.code.map_or(0, |c| -c.get());
-            if code == libc::ENOENT { Ok(None) } else { Err(std::io::Error::from_raw_os_error(code)) }
-        }
-        other => Err(std::io::Error::other(format!("unexpected sock_diag reply: {other:?}"))),
-    }
+    Ok(diag.find(protocol, source, destination)?.map(|socket| socket.cookie))
 }
 
 impl Attributor for KernelDns {
