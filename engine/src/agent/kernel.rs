@@ -163,6 +163,14 @@ impl<D: Dataplane> Kernel<D> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
             Err(source) => return Err(KernelError::State { path: state_file, source }),
         };
+        let mut persisted: Persisted = persisted;
+        // A previous agent killed before it saved its books may have written rulesets with ids
+        // past the saved counter (half a swap, or a whole one): a new ruleset must never share
+        // an id with anything in the kernel, or it would mix with what that agent left.
+        let in_kernel = dataplane.cgroup_states().into_iter().flat_map(|(_, s)| [s.ruleset_id, s.candidate_ruleset]);
+        if let Some(highest) = dataplane.ruleset_ids().into_iter().chain(in_kernel).max() {
+            persisted.next_ruleset = persisted.next_ruleset.max(highest.saturating_add(1));
+        }
         let attached = dataplane.attached();
         Ok(Self {
             dataplane,
