@@ -48,6 +48,12 @@ impl Agent {
     pub fn start_with(policyctl: &Path, policy: &Path, environment: &str, extra_args: &[&str]) -> Self {
         let (bpffs, _) = ensure_bpffs().unwrap();
         let pins = PinLayout::new(bpffs.join(format!("depfence-test-agent-{}", random_suffix())));
+        Self::start_on(policyctl, policy, environment, pins, extra_args)
+    }
+
+    /// [`Agent::start_with`] on the pin root `pins` (which may hold what another loader pinned);
+    /// everything under it is removed on drop.
+    pub fn start_on(policyctl: &Path, policy: &Path, environment: &str, pins: PinLayout, extra_args: &[&str]) -> Self {
         let state = tempfile::tempdir().unwrap();
         let socket = state.path().join("control.sock");
         let log = state.path().join("agent.log");

@@ -50,6 +50,9 @@ pub trait Dataplane {
     /// Closes the connections of enforced cgroups that the policy in force would refuse now;
     /// `policy_of` maps each cgroup to the registered one whose policy applies to it.
     fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError>;
+    /// Unpins what a loader of a previous ABI left attached beside this one (an upgrade), once
+    /// this one enforces; returns how many pins went.
+    fn remove_retired(&mut self) -> Result<usize, DatapathError>;
 }
 
 impl Dataplane for Datapath {
@@ -125,5 +128,9 @@ impl Dataplane for Datapath {
 
     fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError> {
         Datapath::close_disallowed(self, policy_of)
+    }
+
+    fn remove_retired(&mut self) -> Result<usize, DatapathError> {
+        Ok(self.layout().remove_retired()?)
     }
 }

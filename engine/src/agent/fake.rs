@@ -162,6 +162,11 @@ impl Dataplane for FakeDataplane {
         self.attached.clone()
     }
 
+    /// No previous ABI in memory.
+    fn remove_retired(&mut self) -> Result<usize, DatapathError> {
+        Ok(0)
+    }
+
     /// Closes the open connections the connect hook would now refuse (every one is outbound).
     fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError> {
         let mut closed = Vec::new();

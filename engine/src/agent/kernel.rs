@@ -123,6 +123,8 @@ pub struct ApplyReport {
     pub attached: Vec<String>,
     /// Services whose mode changed: (service, from, to).
     pub mode_changes: Vec<(String, Option<Mode>, Mode)>,
+    /// Pins of a previous ABI removed (its programs detached) once this agent's enforced.
+    pub previous_abi_pins_removed: usize,
 }
 
 /// The agent's books on the kernel (counter slots, ruleset ids, the generation, each service's
@@ -443,6 +445,8 @@ impl<D: Dataplane> Kernel<D> {
                     report.retired += usize::from(self.dataplane.remove_ruleset(id)? > 0);
                 }
             }
+            // An upgrade: the previous ABI's programs enforced beside ours until now.
+            report.previous_abi_pins_removed = self.dataplane.remove_retired()?;
             self.cleanup_pending = false;
         }
         self.applied = Some(key);

@@ -170,6 +170,12 @@ impl<D: Dataplane> State<D> {
         for (service, from, to) in &report.mode_changes {
             info!(service, from = from.map(Mode::as_str), to = to.as_str(), "mode");
         }
+        if report.previous_abi_pins_removed > 0 {
+            info!(
+                pins = report.previous_abi_pins_removed,
+                "upgrade: the previous ABI's programs are detached, this agent's enforce the policy"
+            );
+        }
         self.close_disallowed();
         gauge!("depfence_policy_generation").set(f64::from(self.kernel.generation()));
         gauge!("depfence_policy_info", "hash" => snapshot.hash().to_string(), "environment" => self.config.environment.clone())

@@ -331,6 +331,32 @@ impl Maps {
         Ok(())
     }
 
+    /// Copies the counters of a retired ABI's maps (in `dir`) into these fresh ones, summed over
+    /// CPUs, so an upgrade keeps the evidence: counters only ever grow. Skipped when that
+    /// ABI's counters have another layout.
+    fn carry_counters_from(&mut self, dir: &Path) -> Result<()> {
+        let name = map_names::COUNTERS;
+        let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+        let Ok(old) = PerCpuArray::<MapData, u64>::try_from(Map::from_map_data(data).map_err(map_err(name))?) else {
+            return Ok(());
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io(e))?;
+        let len = old.len().min(self.counters.len());
+        for index in 0..len {
+            let sum: u64 = old.get(&index, 0).map_err(map_err(name))?.iter().sum();
+            if sum == 0 {
+                continue;
+            }
+            let mut values = vec![0u64; cpus];
+            if let Some(first) = values.first_mut() {
+                *first = sum;
+            }
+            let values = aya::maps::PerCpuValues::try_from(values).map_err(DatapathError::Io)?;
+            self.counters.set(index, values, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
     /// Removes a cgroup's entry (it left the policy, or it is gone).
     pub fn remove_cgroup(&mut self, cgroup_id: u64) -> Result<()> {
         match self.cgroups.remove(&cgroup_id) {
@@ -395,11 +421,22 @@ impl Datapath {
         if BPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
-        layout.create_dirs()?;
-        // Refuse pinned maps of another ABI *before* the programs get bound to them.
+        // Pinned maps of an older ABI are taken over: moved aside, still attached and
+        // enforcing, while this loader makes its own (the agent unpins them once its programs
+        // enforce the policy, `PinLayout::remove_retired`). A newer ABI is refused: a downgrade
+        // must be done by hand. Either way, before any program gets bound to the old maps.
+        let mut retired = None;
         if layout.map(map_names::META).exists() {
-            drop(Maps::from_pins(layout)?);
+            match Maps::from_pins(layout) {
+                Ok(maps) => drop(maps),
+                Err(DatapathError::AbiMismatch { found }) if found < ABI_VERSION => {
+                    layout.retire(found)?;
+                    retired = Some(found);
+                }
+                Err(e) => return Err(e),
+            }
         }
+        layout.create_dirs()?;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map_names::RULES, capacity.max(1));
         let paths: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, layout.map(n))).collect();
@@ -422,6 +459,9 @@ impl Datapath {
         let mut maps = Maps::take(&mut ebpf)?;
         let meta = maps.meta.get(&0, 0).map_err(map_err(map_names::META))?;
         if meta.abi_version == 0 {
+            if let Some(abi) = retired {
+                maps.carry_counters_from(&layout.retired_maps_dir(abi))?;
+            }
             let meta = Meta { abi_version: ABI_VERSION, _reserved: 0 };
             maps.meta.set(0, meta, 0).map_err(map_err(map_names::META))?;
         }

@@ -45,7 +45,9 @@ pub fn run_pid(root: &Path) -> Option<u32> {
     root.file_name()?.to_str()?.strip_prefix(ROOT_PREFIX)?.strip_prefix("-run-")?.parse().ok()
 }
 
-/// Pin layout: `<root>/maps/<MAP_NAME>`, `<root>/links/<prog>-<cgroup id>`.
+/// Pin layout: `<root>/maps/<MAP_NAME>`, `<root>/links/<prog>-<cgroup id>`. During an upgrade
+/// to a new ABI, the previous ABI's pins wait in `<root>/maps-abi<N>` and `<root>/links-abi<N>`
+/// (still attached, still enforcing) until the new programs enforce the policy.
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     root: PathBuf,
@@ -92,24 +94,99 @@ impl PinLayout {
         fs::create_dir_all(self.maps_dir())?;
         fs::create_dir_all(self.links_dir())
     }
+    /// Where the maps of a retired ABI wait (bpffs allows no dot in a name).
+    pub fn retired_maps_dir(&self, abi: u32) -> PathBuf {
+        self.root.join(format!("maps-abi{abi}"))
+    }
+
+    /// Where the links of a retired ABI wait.
+    pub fn retired_links_dir(&self, abi: u32) -> PathBuf {
+        self.root.join(format!("links-abi{abi}"))
+    }
+
+    /// Moves the pins of ABI `abi` aside (`maps-abi<N>`, `links-abi<N>`): its links stay
+    /// attached and its maps alive, so its programs go on enforcing, while a loader of another
+    /// ABI creates its own maps and links at the usual places.
+    pub fn retire(&self, abi: u32) -> io::Result<()> {
+        // bpffs renames pins but not directories that hold them: one pin at a time. Links
+        // first, `DF_META` last: until it moves, the next loader finds the old ABI where it
+        // looks and retires the rest.
+        move_pins(&self.links_dir(), &self.retired_links_dir(abi), None)?;
+        move_pins(&self.maps_dir(), &self.retired_maps_dir(abi), Some(crate::datapath::abi::map_names::META))
+    }
+
+    /// The retired directories: `(links, maps)` of each ABI moved aside.
+    pub fn retired(&self) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(&self.root) else { return Vec::new() };
+        let mut dirs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.strip_prefix("links-abi")
+                        .or_else(|| n.strip_prefix("maps-abi"))
+                        .is_some_and(|v| v.parse::<u32>().is_ok())
+                })
+            })
+            .collect();
+        // Links before maps: unpinning a link detaches its program.
+        dirs.sort_by_key(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("links")));
+        dirs
+    }
+
+    /// Unpins what [`PinLayout::retire`] moved aside (links first: that detaches the old
+    /// programs), once the new ones enforce. Returns how many pins went.
+    pub fn remove_retired(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for dir in self.retired() {
+            removed += remove_dir_of_pins(&dir)?;
+        }
+        Ok(removed)
+    }
+
     /// Unpin everything (links first: that detaches the programs), then remove the dirs.
     pub fn remove_all(&self) -> io::Result<()> {
+        self.remove_retired()?;
         for dir in [self.links_dir(), self.maps_dir()] {
-            match fs::read_dir(&dir) {
-                Ok(rd) => {
-                    for e in rd {
-                        fs::remove_file(e?.path())?;
-                    }
-                    fs::remove_dir(&dir)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+            remove_dir_of_pins(&dir)?;
         }
         match fs::remove_dir(&self.root) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+/// Moves every pin of `from` into `to` (created if missing), `last` after the others.
+fn move_pins(from: &Path, to: &Path, last: Option<&str>) -> io::Result<()> {
+    let entries = match fs::read_dir(from) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    fs::create_dir_all(to)?;
+    let mut names: Vec<std::ffi::OsString> = entries.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
+    names.sort_by_key(|name| last.is_some_and(|last| name == last));
+    for name in names {
+        fs::rename(from.join(&name), to.join(&name))?;
+    }
+    Ok(())
+}
+
+/// Unpins every entry of `dir` and removes it; a missing directory is fine. Returns the count.
+fn remove_dir_of_pins(dir: &Path) -> io::Result<usize> {
+    match fs::read_dir(dir) {
+        Ok(rd) => {
+            let mut removed = 0;
+            for e in rd {
+                fs::remove_file(e?.path())?;
+                removed += 1;
+            }
+            fs::remove_dir(dir)?;
+            Ok(removed)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
     }
 }
 
