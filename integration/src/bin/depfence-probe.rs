@@ -6,7 +6,8 @@
 //!   udp         unconnected UdpSocket::send_to (sendmsg4/sendmsg6 hook)
 //!   udpconnect  one UDP socket, connect() `count` times (connect4/6 hook, no packets: bench)
 //!   tally       `count` TCP connects that go on after failures; prints
-//!               `tally <ok> <eperm> <other errors>` instead
+//!               `tally <ok> <eperm> <other errors>` instead, and `errno <n> <count>` on stderr
+//!               for the other errors
 //!   tfo         TCP Fast Open: a fresh stream socket and one `sendto(MSG_FASTOPEN)` of 8 bytes
 //!               to the destination, `count` times (the kernel connects inside sendmsg)
 //!   threads     `count` threads, released together by a barrier, each makes one
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
     let pids =
         if std::env::var_os("DEPFENCE_PROBE_PIDS").is_some_and(|v| v == "1") { pid_suffix() } else { String::new() };
     if kind == "tally" {
-        let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+        let (mut ok, mut eperm, mut other) = (0u64, 0u64, std::collections::BTreeMap::<i32, u64>::new());
         for _ in 0..count {
             match TcpStream::connect(dst) {
                 Ok(s) => {
@@ -46,10 +47,14 @@ fn main() -> ExitCode {
                     ok += 1;
                 }
                 Err(e) if e.raw_os_error() == Some(1) => eperm += 1,
-                Err(_) => other += 1,
+                Err(e) => *other.entry(e.raw_os_error().unwrap_or(-1)).or_default() += 1,
             }
         }
-        println!("tally {ok} {eperm} {other}{pids}");
+        // The other errors by errno, on stderr: `errno <n> <count>` per line.
+        for (errno, n) in &other {
+            eprintln!("errno {errno} {n}");
+        }
+        println!("tally {ok} {eperm} {}{pids}", other.values().sum::<u64>());
         return ExitCode::SUCCESS;
     }
     let mut ok = 0u64;
