@@ -129,7 +129,7 @@ fn soak_policy_swaps_under_load() {
     let mut swaps = 0u64;
     let mut next = started;
     while started.elapsed() < Duration::from_secs(seconds) {
-        let allow = if swaps % 2 == 0 { y } else { x };
+        let allow = if swaps.is_multiple_of(2) { y } else { x };
         std::fs::write(&policy, policy_text(&top, both, allow)).unwrap();
         let body = control::request(&agent.socket, &Request::Reload).unwrap();
         let status: AgentStatus = serde_json::from_value(body).unwrap();
