@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     pin::PinError,
     programs::{
-        CgroupAttachMode, CgroupSkbAttachType, CgroupSockAddr, Program, ProgramError,
+        CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -546,12 +546,7 @@ impl Datapath {
     /// Kernel-accounted (run_time_ns, run_cnt) of a program of this object. Counts only while
     /// stats are enabled (`aya::sys::enable_stats` fd held, or sysctl kernel.bpf_stats_enabled).
     pub fn prog_stats(&self, name: &'static str) -> Result<(u64, u64)> {
-        let prog: &CgroupSockAddr = self
-            .ebpf
-            .program(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let prog = self.ebpf.program(name).ok_or(DatapathError::MissingProgram(name))?;
         let info = prog.info().map_err(|source| DatapathError::Program { name, source })?;
         Ok((info.run_time().as_nanos() as u64, info.run_count()))
     }

@@ -142,12 +142,25 @@ struct Scenario {
     /// Kernel-accounted connect4 hook time and runs during this scenario's clients.
     hook_ns: u64,
     hook_runs: u64,
+    /// Kernel-accounted time of every depfence hook (connect, sendmsg, sock_create, setsockopt,
+    /// egress, …) during this scenario's clients, and its connections.
+    all_hooks_ns: u64,
+    connections: u64,
 }
 
 impl Scenario {
     fn new(name: impl Into<String>, cgroup: std::path::PathBuf) -> Self {
         let name = name.into();
-        Self { name, cgroup, samples: Vec::new(), round_medians: Vec::new(), hook_ns: 0, hook_runs: 0 }
+        Self {
+            name,
+            cgroup,
+            samples: Vec::new(),
+            round_medians: Vec::new(),
+            hook_ns: 0,
+            hook_runs: 0,
+            all_hooks_ns: 0,
+            connections: 0,
+        }
     }
 }
 
@@ -297,10 +310,14 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
         let n = scenarios.len();
         for k in 0..n {
             let s = &mut scenarios[(k + round) % n];
+            let all_hooks = || -> u64 { prog_names::ALL.iter().map(|p| dp.prog_stats(p).unwrap().0).sum() };
             let (t0, c0) = dp.prog_stats(prog_names::CONNECT4).unwrap();
+            let all0 = all_hooks();
             let mut samples = run_client(&s.cgroup, port, connects);
             let (t1, c1) = dp.prog_stats(prog_names::CONNECT4).unwrap();
             (s.hook_ns, s.hook_runs) = (s.hook_ns + t1 - t0, s.hook_runs + c1 - c0);
+            s.all_hooks_ns += all_hooks() - all0;
+            s.connections += samples.len() as u64;
             samples.sort_unstable();
             s.round_medians.push(percentile(&samples, 0.5));
             s.samples.extend(samples);
@@ -315,7 +332,7 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
 
     println!("\nloopback TCP connect + close, {rounds} rounds × {connects} connects per scenario, µs per connection");
     println!(
-        "\n| scenario | median | p99 | median vs none | p99 vs none | paired ratio | connect4 hook |\n|---|---|---|---|---|---|---|"
+        "\n| scenario | median | p99 | median vs none | p99 vs none | paired ratio | connect4 hook | all hooks per connection |\n|---|---|---|---|---|---|---|---|"
     );
     let none_rounds = scenarios[0].round_medians.clone();
     let mut base = (0.0, 0.0);
@@ -334,8 +351,14 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
             let ns = s.hook_ns as f64 / s.hook_runs as f64;
             format!("{ns:.0} ns ({:.2} % of none's median)", ns / (base.0 * 10.0))
         };
+        let all = if s.hook_runs == 0 || s.connections == 0 {
+            "-".to_owned()
+        } else {
+            let ns = s.all_hooks_ns as f64 / s.connections as f64;
+            format!("{ns:.0} ns ({:.2} %)", ns / (base.0 * 10.0))
+        };
         println!(
-            "| {} | {med:.2} | {p99:.2} | {:.3}× | {:.3}× | {paired:.3}× | {hook} |",
+            "| {} | {med:.2} | {p99:.2} | {:.3}× | {:.3}× | {paired:.3}× | {hook} | {all} |",
             s.name,
             med / base.0,
             p99 / base.1
@@ -343,7 +366,9 @@ fn bench(rounds: usize, connects: usize, swaps: usize) {
     }
     println!(
         "\npaired ratio: the median over rounds of (this scenario's median / none's median in the same round). \
-         connect4 hook: the kernel's own accounting of the hook's run time (BPF_ENABLE_STATS) per run."
+         connect4 hook: the kernel's own accounting of the hook's run time (BPF_ENABLE_STATS) per run. \
+         all hooks: the same for every depfence program (connect, sock_create, egress per packet, …) \
+         per connection."
     );
     println!(
         "DF_RULES kernel memory (fdinfo memlock): {rules_before} B empty, {with_small} B with 10 rules, \
