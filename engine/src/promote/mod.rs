@@ -23,8 +23,8 @@ mod store;
 
 use std::time::Duration;
 
-pub use gate::{Evidence, GateConfig, Refusal, TOP_DESTINATIONS, gate};
-pub use history::{CounterHistory, HistoryLimits, LoadedHistory, Sample};
+pub use gate::{Evidence, EvidenceLoss, GateConfig, Refusal, TOP_DESTINATIONS, gate};
+pub use history::{Continuity, CounterHistory, HistoryLimits, LoadedHistory, Sample};
 pub use log::{Actor, PromotionRecord, append_log, read_log};
 pub use rollout::{ModeRequest, Outcome, Rollout, user_name};
 pub use store::StoreError;
@@ -61,6 +61,7 @@ mod testing {
             would_reject,
             last_would_reject: None,
             top_destinations: Vec::new(),
+            lost: None,
         }
     }
 }
