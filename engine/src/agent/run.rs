@@ -76,7 +76,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         None => None,
     };
 
-    let mut state = State::new(config, kernel, dns);
+    let mut state = State::new(config, kernel, dns, SystemTime::now());
     // Consumers before producers: the event log exists before the first apply.
     let found = walk(cgroup2.mount()).unwrap_or_default();
     tokio::task::block_in_place(|| {

@@ -26,7 +26,7 @@ use std::time::Duration;
 pub use gate::{Evidence, EvidenceLoss, GateConfig, Refusal, TOP_DESTINATIONS, gate};
 pub use history::{Continuity, CounterHistory, HistoryLimits, LoadedHistory, Sample};
 pub use log::{Actor, PromotionRecord, append_log, read_log};
-pub use rollout::{ModeRequest, Outcome, Rollout, user_name};
+pub use rollout::{DamagedFile, HISTORY_FILE, ModeRequest, Outcome, PROMOTION_LOG_FILE, Rollout, user_name};
 pub use store::StoreError;
 
 /// One hour: the gate's and the history's unit of time.
