@@ -29,7 +29,7 @@ pub struct AgentLock {
 #[non_exhaustive]
 pub enum LockError {
     /// Another process holds it and did not let go in time.
-    #[error("{} holds `{}`{}", holder_text(*holder), path.display(), giving_up(*waited, *takeover))]
+    #[error("{} holds `{}`{}", holder_text(*holder), path.display(), giving_up(*holder, *waited, *takeover))]
     Held {
         /// The directory.
         path: PathBuf,
@@ -58,12 +58,12 @@ fn holder_text(holder: Option<u32>) -> String {
     )
 }
 
-fn giving_up(waited: Duration, takeover: bool) -> String {
+fn giving_up(holder: Option<u32>, waited: Duration, takeover: bool) -> String {
     let waited = crate::timefmt::Human(waited);
-    if takeover {
-        format!(" and did not exit within {waited} of SIGTERM")
-    } else {
-        format!(" and did not exit within {waited}; stop it, or start this agent with --takeover")
+    match (takeover, holder) {
+        (true, None) => "; it cannot be signalled from here: stop it where it runs".to_owned(),
+        (true, Some(_)) => format!(" and did not exit within {waited} of SIGTERM"),
+        (false, _) => format!(" and did not exit within {waited}; stop it, or start this agent with --takeover"),
     }
 }
 

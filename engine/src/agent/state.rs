@@ -56,7 +56,8 @@ pub struct State<D: Dataplane> {
     dns: Option<DnsRuntime>,
     /// Connections the last applies closed, not yet turned into events.
     closed: Vec<ClosedSocket>,
-    /// Services whose counters an apply zeroed since the last sample.
+    /// Services whose counters an apply zeroed, until their next sample (a service gone before
+    /// it keeps its slot, and everything in it since the zeroing is its own).
     zeroed: BTreeSet<String>,
 }
 

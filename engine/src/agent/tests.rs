@@ -666,3 +666,22 @@ fn a_lost_state_file_never_reuses_what_the_kernel_holds() {
     assert_eq!(s.connect(APP, OTHER), Some(Verdict::Rejected), "the dropped rule is gone");
     assert_eq!(s.connect(APP, DB), Some(Verdict::Allowed));
 }
+
+/// A service whose slot was just zeroed and whose cgroup went away before its first sample
+/// keeps its slot: when it comes back, what its slot counted since the zeroing is evidence,
+/// not counts of unknown origin.
+#[test]
+fn a_service_gone_before_its_first_sample_keeps_its_evidence() {
+    let gate = GateConfig { window: Duration::from_secs(60), min_connections: 1, min_observed: Duration::from_secs(5) };
+    let mut s = Setup::new(&policy("audit", ""), gate);
+    assert!(s.state.reload("start", at(0)));
+    assert_eq!(s.connect(WEB, DB), Some(Verdict::WouldReject));
+    s.state.set_found(cgroups(&[(APP, "app.service")]));
+    s.state.sample(at(0));
+    s.state.set_found(cgroups(&[(APP, "app.service"), (WEB, "web.service")]));
+    for t in 1..=10 {
+        s.state.sample(at(t));
+    }
+    let error = s.promote("web", at(10)).error.unwrap_or_default();
+    assert!(error.contains("web had 1 would-rejected connection"), "{error}");
+}

@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::history::Continuity;
 use super::rewrite::rewrite_service_mode;
@@ -299,12 +299,12 @@ impl Rollout {
                 overridden: overridden.clone(),
                 evidence: evidence.clone(),
             };
-            let written = append_log(&self.log_file, &record);
-            if let Err(e) = &written {
-                warn!("the promotion of {service} is not in the promotion log: {e}");
+            // Counted, not noted: only the next promotion would write the log again, so it
+            // cannot be what refuses one (the history, in the same directory, is).
+            if let Err(e) = append_log(&self.log_file, &record) {
+                error!("the change of {service} is not in the promotion log: {e}");
+                self.failed_writes.push(self.log_file.clone());
             }
-            let file = self.log_file.clone();
-            self.note_write(&file, written.map_err(|e| e.to_string()));
             info!(
                 service,
                 environment,
