@@ -324,6 +324,14 @@ pub struct AgentArgs {
     /// ... or was observed for less than this part of the window.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     pub promote_min_observed: std::time::Duration,
+    /// How long to wait for another agent that holds the pin root or the state directory to
+    /// exit (a restart that overlaps the old process), or to stop after --takeover.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lock_wait: std::time::Duration,
+    /// Stop (SIGTERM) the agent that holds the pin root or the state directory and take over
+    /// once it exited, instead of only waiting for it.
+    #[arg(long)]
+    pub takeover: bool,
     #[command(flatten)]
     pub dns: DnsArgs,
 }

@@ -3,6 +3,7 @@
 
 use depfence::agent::AgentError;
 use depfence::agent::control::ClientError;
+use depfence::agent::lock::LockError;
 use depfence::compile::CompileError;
 use depfence::datapath::confine::ConfineError;
 use depfence::datapath::status::StatusError;
@@ -20,7 +21,8 @@ pub const EXIT_KERNEL: u8 = 3;
 pub const EXIT_AGENT: u8 = 4;
 /// Exit code: reading or writing a file or a stream failed.
 pub const EXIT_IO: u8 = 5;
-/// Exit code: `policyctl agent` cannot start with its configuration (EX_USAGE).
+/// Exit code: `policyctl agent` cannot start with its configuration (EX_USAGE): an environment
+/// the policy does not declare, or a pin root or state directory another agent holds.
 pub const EXIT_AGENT_CONFIG: u8 = 64;
 
 /// A failure of a command that is not a verdict on the policy (those are exit codes).
@@ -79,7 +81,9 @@ impl CliError {
             CliError::Status(_) => EXIT_KERNEL,
             CliError::Agent(ClientError::Refused(_)) => EXIT_INVALID,
             CliError::Agent(_) => EXIT_AGENT,
-            CliError::AgentRun(AgentError::UnknownEnvironment { .. }) => EXIT_AGENT_CONFIG,
+            CliError::AgentRun(AgentError::UnknownEnvironment { .. } | AgentError::Locked(LockError::Held { .. })) => {
+                EXIT_AGENT_CONFIG
+            }
             CliError::AgentRun(AgentError::Kernel(_) | AgentError::Cgroup(_)) => EXIT_KERNEL,
             CliError::AgentRun(_) => EXIT_IO,
         }

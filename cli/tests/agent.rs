@@ -445,3 +445,265 @@ fn directory_policy_reloads_and_promotes_in_the_right_file() {
     let stray = tcp_listener(LO4);
     assert_eq!(probe(&app, "tcp", LO4, stray, 1), Err(EPERM), "enforced");
 }
+
+/// The scenario on a real kernel: an agent in audit saw a would-reject; it was killed,
+/// its counter history truncated and its kernel state file corrupted, and it was restarted on
+/// the same pins. The restarted agent keeps the service's counter slot (read back from
+/// `DF_CGROUPS`: the counters carry on), reports the damaged file, and refuses the promotion
+/// because the evidence was lost.
+#[test]
+fn lost_evidence_refuses_a_promotion_after_a_restart() {
+    if !privileged("lost_evidence_refuses_a_promotion_after_a_restart") {
+        return;
+    }
+    let Setup { cgroups: _cgroups, app, db, other, dir: _dir, policy } = Setup::new("audit");
+    let gate = ["--promote-window", "30s", "--promote-min-observed", "1s", "--promote-min-connections", "3"];
+    let mut agent = Agent::start_with(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod", &gate);
+    assert_eq!(probe(&app, "tcp", LO4, db, 3), Ok(3));
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Ok(1), "audit lets it through");
+    agent.wait_status("would-reject counted", |s| service(s, "app").is_some_and(|a| a.counts.would_reject == 1));
+    std::thread::sleep(Duration::from_millis(1100));
+
+    agent.kill9();
+    let history = agent.state_dir().join("counter-history.jsonl");
+    let text = std::fs::read(&history).unwrap();
+    std::fs::write(&history, &text[..text.len() / 3]).unwrap();
+    std::fs::write(agent.state_dir().join("kernel-state.json"), "{\"slots\": {\"app\": ").unwrap();
+    agent.spawn(&policy, "prod");
+
+    let status = agent.status();
+    let app_status = service(&status, "app").unwrap();
+    assert_eq!((app_status.counts.would_reject, app_status.counts.allowed), (1, 3), "the slot's counters carry on");
+    assert_eq!((app_status.mode.as_str(), app_status.mode_since.as_str()), ("audit", "unknown"));
+    let log = agent.log_text();
+    assert!(log.contains("kernel-state.json` is damaged at line 1 column"), "{log}");
+    assert!(log.contains("counter-history.jsonl` line "), "the cut history is reported too: {log}");
+    assert_eq!(
+        agent.sample("depfence_state_file_errors_total{file=\"kernel-state.json\",kind=\"corrupt\"}"),
+        Some(1.0)
+    );
+
+    assert_eq!(probe(&app, "tcp", LO4, db, 3), Ok(3));
+    std::thread::sleep(Duration::from_millis(2200));
+    let before = std::fs::read_to_string(&policy).unwrap();
+    let out = policyctl(&["promote", "app", "--enforce"], &agent.socket);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the evidence for app was lost"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), before, "a refusal changes nothing");
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Ok(1), "still in audit");
+}
+
+/// A read-only bind mount over a directory, undone on drop.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    fn over(dir: &Path) -> Self {
+        let run = |args: &[&str]| {
+            let status = Command::new("mount").args(args).arg(dir).arg(dir).status().unwrap();
+            assert!(status.success(), "mount {args:?} {}", dir.display());
+        };
+        run(&["--bind"]);
+        let guard = ReadOnly(dir.to_owned());
+        let status = Command::new("mount").args(["-o", "remount,bind,ro"]).arg(dir).status().unwrap();
+        assert!(status.success(), "remount read-only {}", dir.display());
+        guard
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        match Command::new("umount").arg("-l").arg(&self.0).status() {
+            Ok(status) if status.success() => {}
+            other => eprintln!("cleanup: umount {}: {other:?}", self.0.display()),
+        }
+    }
+}
+
+/// The state directory goes read-only under a running agent (a bind mount, so files the agent
+/// already has open stay as they are). A policy edit is applied, in force and reported so; the
+/// failed writes are logged and counted; the metrics go on; a promotion is refused with the
+/// reason; once the directory is writable again, the promotion goes through.
+#[test]
+fn a_read_only_state_directory_keeps_enforcing_and_refuses_promotions() {
+    if !privileged("a_read_only_state_directory_keeps_enforcing_and_refuses_promotions") {
+        return;
+    }
+    let Setup { mut cgroups, app, db, other, dir: _dir, policy } = Setup::new("audit");
+    let batch = cgroups.child("batch-1");
+    let gate = ["--promote-window", "30s", "--promote-min-observed", "1s", "--promote-min-connections", "3"];
+    let agent = Agent::start_with(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod", &gate);
+    assert_eq!(probe(&batch, "tcp", LO4, db, 3), Ok(3));
+    std::thread::sleep(Duration::from_millis(2200));
+
+    let read_only = ReadOnly::over(agent.state_dir());
+    assert!(std::fs::write(agent.state_dir().join("probe"), "x").is_err(), "the state directory is read-only");
+    write_policy(&policy, &cgroups.relative(), "enforce", db);
+    let status =
+        agent.wait_status("generation 2", |s| s.generation == 2 && s.last_reload.as_ref().is_some_and(|r| r.ok));
+    assert_eq!(service(&status, "app").unwrap().mode, "enforce", "reported as in force");
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM), "and in force");
+    assert_eq!(probe(&app, "tcp", LO4, db, 1), Ok(1));
+    std::thread::sleep(Duration::from_millis(1100));
+    let written =
+        |file: &str| agent.sample(&format!("depfence_state_file_errors_total{{file=\"{file}\",kind=\"write\"}}"));
+    assert!(written("kernel-state.json") >= Some(1.0), "{}", agent.metrics());
+    assert!(written("snapshot.bin") >= Some(1.0));
+    assert_eq!(agent.sample("depfence_policy_generation"), Some(2.0), "the metrics go on");
+    let log = agent.log_text();
+    assert!(log.contains("kernel-state.json") && log.contains("Read-only file system"), "{log}");
+
+    let before = std::fs::read_to_string(&policy).unwrap();
+    let out = policyctl(&["promote", "batch", "--enforce"], &agent.socket);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("promotion refused: the state directory is not writable: ")
+            && stderr.contains("Read-only file system")
+            && stderr.contains("; evidence cannot be recorded"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), before, "a refusal changes nothing");
+
+    drop(read_only);
+    let out = policyctl(&["promote", "batch", "--enforce"], &agent.socket);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(probe(&batch, "tcp", LO4, other, 1), Err(EPERM), "promoted and enforced");
+}
+
+/// A `policyctl agent` process beside the fixture's, killed on drop.
+struct Other {
+    child: std::process::Child,
+    state: PathBuf,
+    log: PathBuf,
+}
+
+impl Other {
+    /// Starts an agent with `policy` on the pin root `pins` and the state directory `state`
+    /// (its socket in it, its log beside it, no metrics).
+    fn start(policy: &Path, pins: &Path, state: &Path, extra: &[&str]) -> Self {
+        let log = state.with_extension("log");
+        let child = Command::new(assert_cmd::cargo::cargo_bin("policyctl"))
+            .arg("agent")
+            .arg(policy)
+            .args(["--environment", "prod", "--metrics-listen", "none", "--pin-root"])
+            .arg(pins)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--socket")
+            .arg(state.join("control.sock"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Other { child, state: state.to_owned(), log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_ready(&self) -> AgentStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let request = depfence::agent::control::Request::Status;
+            if let Ok(body) = depfence::agent::control::request(&self.state.join("control.sock"), &request) {
+                let status: AgentStatus = serde_json::from_value(body).unwrap();
+                if status.ready {
+                    return status;
+                }
+            }
+            assert!(Instant::now() < deadline, "not ready; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Other {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One agent per pin root (and per state directory): a second agent on the same pins with
+/// another policy refuses to start and names the holder, while the first one's policy stays in
+/// force; a restart that overlaps the old agent waits for it to exit; `--takeover` stops the
+/// holder and takes over. Never two at once.
+#[test]
+fn a_second_agent_on_the_same_pins_refuses_waits_or_takes_over() {
+    if !privileged("a_second_agent_on_the_same_pins_refuses_waits_or_takes_over") {
+        return;
+    }
+    let Setup { cgroups, app, db, other, dir, policy } = Setup::new("enforce");
+    let mut first = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
+    let pins = first.pins().root().to_owned();
+    // The other agents' policy puts app in audit: while it is in force, `other` gets through.
+    let audit = dir.path().join("audit.toml");
+    write_policy(&audit, &cgroups.relative(), "audit", db);
+    let states = tempfile::tempdir().unwrap();
+    let (second_state, third_state) = (states.path().join("second"), states.path().join("third"));
+
+    // Refused, naming the holder; the first agent's policy stays in force, and in its status.
+    let mut refused = Other::start(&audit, &pins, &second_state, &["--lock-wait", "1s"]);
+    let exit = refused.wait_exit();
+    let log = refused.log_text();
+    assert_eq!(exit.code(), Some(64), "{log}");
+    assert!(
+        log.contains(&format!(
+            "another agent (pid {}) holds `{}` and did not exit within 1s",
+            first.pid(),
+            pins.display()
+        )),
+        "{log}"
+    );
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM), "the first agent's policy is in force");
+    assert_eq!(service(&first.status(), "app").unwrap().mode, "enforce");
+
+    // A restart that overlaps the old agent waits for it to exit, then runs.
+    let mut second = Other::start(&audit, &pins, &second_state, &["--lock-wait", "20s"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.log_text().contains("waiting up to 20s") {
+        assert!(Instant::now() < deadline, "{}", second.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(second.child.try_wait().unwrap().is_none(), "it waits");
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM), "meanwhile the first one's policy is in force");
+    assert!(first.stop().success());
+    let status = second.wait_ready();
+    assert_eq!(service(&status, "app").unwrap().mode, "audit");
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Ok(1), "the second agent's policy is in force now");
+
+    // --takeover stops the holder (SIGTERM: a clean exit) and takes over.
+    let third = Other::start(&policy, &pins, &third_state, &["--takeover", "--lock-wait", "10s"]);
+    let status = third.wait_ready();
+    assert!(second.wait_exit().success(), "{}", second.log_text());
+    assert!(third.log_text().contains(&format!("pid={}", second.child.id())), "{}", third.log_text());
+    assert_eq!(service(&status, "app").unwrap().mode, "enforce");
+    assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
+
+    // A state directory has one agent too, whatever its pins.
+    let (bpffs, _) = depfence::datapath::pins::ensure_bpffs().unwrap();
+    let other_pins = depfence::datapath::pins::PinLayout::new(
+        bpffs.join(format!("depfence-test-agent-{}", depfence::datapath::pins::random_suffix())),
+    );
+    let mut shared = Other::start(&policy, other_pins.root(), &third_state, &["--lock-wait", "0s"]);
+    let exit = shared.wait_exit();
+    let log = shared.log_text();
+    other_pins.remove_all().unwrap();
+    assert_eq!(exit.code(), Some(64), "{log}");
+    let holder = format!("another agent (pid {}) holds `{}`", third.child.id(), third_state.display());
+    assert!(log.contains(&holder), "{log}");
+}

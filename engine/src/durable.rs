@@ -8,7 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, FileExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 /// Who may read a file written here.
@@ -53,12 +53,35 @@ pub fn replace_if_unchanged(path: &Path, bytes: &[u8], access: Access, expected:
 }
 
 /// Appends `bytes` (whole lines) to `path` with one write and syncs them; a new file is
-/// private (0600), in a private directory (0700) if that is new too.
+/// private (0600), in a private directory (0700) if that is new too. A file that ends in the
+/// middle of a line (a write cut short by a crash or a full disk) gets a line break first, so
+/// the damaged line stays alone and the appended lines stay whole.
 pub fn append(path: &Path, bytes: &[u8]) -> io::Result<()> {
     create_parent(path, Access::Private)?;
-    let mut file = OpenOptions::new().append(true).create(true).mode(0o600).open(path)?;
-    file.write_all(bytes)?;
+    let mut file = OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(path)?;
+    let len = file.metadata()?.len();
+    let mut last = [0u8; 1];
+    let torn = len > 0 && file.read_exact_at(&mut last, len - 1).is_ok() && last != *b"\n";
+    if torn {
+        let mut line = Vec::with_capacity(bytes.len() + 1);
+        line.push(b'\n');
+        line.extend_from_slice(bytes);
+        file.write_all(&line)?;
+    } else {
+        file.write_all(bytes)?;
+    }
     file.sync_data()
+}
+
+/// Moves a damaged file aside, to `<name>.damaged` next to it (replacing an older one), so its
+/// bytes are kept for inspection and the next write starts a new file. Returns the new path.
+pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".damaged");
+    let aside = path.with_file_name(name);
+    fs::rename(path, &aside)?;
+    File::open(parent(path))?.sync_all()?;
+    Ok(aside)
 }
 
 fn write_and_rename(path: &Path, bytes: &[u8], access: Access, expected: Option<&[u8]>) -> Result<(), ReplaceError> {
@@ -172,6 +195,28 @@ mod tests {
         replace(&fresh, b"x", Access::KeepExisting).unwrap();
         assert_eq!(mode(&fresh), 0o600);
         assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn an_append_after_a_torn_line_starts_a_new_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.jsonl");
+        fs::write(&log, "{\"a\":1}\n{\"b\":").unwrap();
+        append(&log, b"{\"c\":3}\n").unwrap();
+        assert_eq!(fs::read_to_string(&log).unwrap(), "{\"a\":1}\n{\"b\":\n{\"c\":3}\n");
+        append(&log, b"{\"d\":4}\n").unwrap();
+        assert!(fs::read_to_string(&log).unwrap().ends_with("{\"c\":3}\n{\"d\":4}\n"));
+    }
+
+    #[test]
+    fn a_damaged_file_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state.json");
+        fs::write(&file, "junk").unwrap();
+        let aside = set_aside(&file).unwrap();
+        assert_eq!(aside, dir.path().join("state.json.damaged"));
+        assert_eq!(fs::read_to_string(&aside).unwrap(), "junk");
+        assert!(!file.exists());
     }
 
     #[test]

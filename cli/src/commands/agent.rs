@@ -37,6 +37,8 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, CliError> {
         min_observed: args.promote_min_observed,
     };
     config.dns = args.dns.settings();
+    config.lock_wait = args.lock_wait;
+    config.takeover = args.takeover;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

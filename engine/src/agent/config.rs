@@ -43,6 +43,12 @@ pub struct AgentConfig {
     /// The DNS proxy for services with host rules (None: no proxy, and host rules allow
     /// nothing).
     pub dns: Option<DnsSettings>,
+    /// How long to wait for another agent that holds the pin root or the state directory to
+    /// exit (or, with `takeover`, to stop).
+    pub lock_wait: Duration,
+    /// Stop (SIGTERM) the agent that holds the pin root or the state directory, then wait for
+    /// it, instead of only waiting.
+    pub takeover: bool,
 }
 
 /// How the agent's DNS proxy runs.
@@ -72,6 +78,8 @@ impl AgentConfig {
             rule_capacity: abi::MAX_RULES,
             gate: crate::promote::GateConfig::default(),
             dns: Some(DnsSettings::default()),
+            lock_wait: Duration::from_secs(10),
+            takeover: false,
         }
     }
 }
@@ -108,6 +116,9 @@ pub enum AgentError {
     /// The DNS proxy could not start.
     #[error("dns proxy: {0}")]
     Dns(#[from] crate::dns::DnsError),
+    /// Another agent holds the pin root or the state directory.
+    #[error(transparent)]
+    Locked(#[from] super::lock::LockError),
     /// The policy does not declare the agent's environment.
     #[error("the policy has no environment `{environment}` (it declares: {declared})")]
     UnknownEnvironment {

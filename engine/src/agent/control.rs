@@ -158,7 +158,7 @@ pub struct ServiceStatus {
     pub name: String,
     /// Mode in this environment.
     pub mode: String,
-    /// Since when (RFC 3339).
+    /// Since when (RFC 3339), or `unknown` (the agent's kernel state file was lost).
     pub mode_since: String,
     /// Its cgroups (relative to the cgroup2 mount).
     pub cgroups: Vec<String>,

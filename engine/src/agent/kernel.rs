@@ -6,6 +6,14 @@
 //! directory); a policy reload gives every service a fresh ruleset id, so the old and the new
 //! generation sit side by side until every cgroup has been repointed and no hook can still read
 //! the old one.
+//!
+//! The state file is a cache of what the pinned maps say: when it is damaged, unreadable, or
+//! missing while the maps hold a previous agent's cgroups, the books are rebuilt from the
+//! kernel ([`StateFileProblem`]): a service whose cgroups are registered keeps the counter slot
+//! they count into (`DF_CGROUPS` holds it) and its mode, whose start is then unknown; ruleset
+//! ids and the generation continue past the kernel's. A slot or ruleset id the kernel still
+//! uses is never handed out again. A state file that cannot be written does not undo an apply:
+//! the kernel is in force, and the failure is reported ([`ApplyReport::state_error`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -59,6 +67,64 @@ pub enum KernelError {
 
 type Result<T, E = KernelError> = std::result::Result<T, E>;
 
+/// The kernel state file in the state directory.
+pub const KERNEL_STATE_FILE: &str = "kernel-state.json";
+
+/// Why the kernel state file could not be used at start; the books were rebuilt from the
+/// pinned maps instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateFileProblem {
+    /// The file is not valid kernel state (torn, truncated, overwritten).
+    #[error("`{path}` is damaged at line {line} column {column}: {message}")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the first error.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What the parser says.
+        message: String,
+        /// Where the damaged file was moved, if it could be.
+        set_aside: Option<PathBuf>,
+    },
+    /// The file could not be read.
+    #[error("cannot read `{path}`: {message}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        message: String,
+    },
+    /// The file is missing while the pinned maps hold a previous agent's cgroups.
+    #[error("`{path}` is missing, but the pinned maps hold {cgroups} cgroup entries of a previous agent")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The entries in `DF_CGROUPS`.
+        cgroups: usize,
+    },
+}
+
+impl StateFileProblem {
+    /// The file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Damaged { path, .. } | Self::Unreadable { path, .. } | Self::Missing { path, .. } => path,
+        }
+    }
+
+    /// The kind, as the metric labels it: `corrupt`, `read` or `missing`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Damaged { .. } => "corrupt",
+            Self::Unreadable { .. } => "read",
+            Self::Missing { .. } => "missing",
+        }
+    }
+}
+
 /// What the agent remembers across restarts (the kernel holds the rest).
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Persisted {
@@ -72,9 +138,10 @@ struct Persisted {
     /// keeps its generation.
     #[serde(default)]
     applied_hash: Option<String>,
-    /// Each service's mode and since when (Unix seconds): a restart is not a mode change.
+    /// Each service's mode and since when (Unix seconds; null: unknown, the books were rebuilt
+    /// from the kernel): a restart is not a mode change.
     #[serde(default)]
-    modes: BTreeMap<String, (Mode, u64)>,
+    modes: BTreeMap<String, (Mode, Option<u64>)>,
 }
 
 /// One service with cgroups on this machine.
@@ -84,8 +151,9 @@ pub struct InstalledService {
     pub slot: u32,
     /// Its mode in this environment.
     pub mode: Mode,
-    /// When the mode last changed (or the service was first applied).
-    pub mode_since: SystemTime,
+    /// When the mode last changed (or the service was first applied); None when unknown (the
+    /// state file was lost and the mode was read back from the kernel).
+    pub mode_since: Option<SystemTime>,
     /// Its active ruleset id and entries.
     pub ruleset: (u32, CompiledRuleset),
     /// The candidate ruleset evaluated in shadow, if any.
@@ -125,6 +193,21 @@ pub struct ApplyReport {
     pub mode_changes: Vec<(String, Option<Mode>, Mode)>,
     /// Pins of a previous ABI removed (its programs detached) once this agent's enforced.
     pub previous_abi_pins_removed: usize,
+    /// Services given a counter slot new to them, zeroed first: their counts start here.
+    pub counters_zeroed: Vec<String>,
+    /// Why the state file could not be written (the apply is in force nonetheless).
+    pub state_error: Option<String>,
+}
+
+/// Where a service's counter slot came from.
+enum SlotOrigin {
+    /// The books had it.
+    Known,
+    /// The kernel had it: a registered cgroup of the service counts into it; with that cgroup's
+    /// mode.
+    Adopted(Mode),
+    /// A free slot, zeroed.
+    New,
 }
 
 /// The agent's books on the kernel (counter slots, ruleset ids, the generation, each service's
@@ -144,6 +227,8 @@ pub struct Kernel<D: Dataplane = Datapath> {
     applied: Option<(ContentHash, Option<ContentHash>)>,
     /// The DNS proxy's port and own cgroup, when it runs (the redirect's half of `DF_CONFIG`).
     dns: Option<(u16, u64)>,
+    /// Why the state file was not used at start, if it was not.
+    problem: Option<StateFileProblem>,
 }
 
 impl Kernel<Datapath> {
@@ -158,20 +243,50 @@ impl Kernel<Datapath> {
 impl<D: Dataplane> Kernel<D> {
     /// The books for `dataplane`, from the state file in `state_dir`; the hooks' attachments
     /// are the dataplane's (a previous agent's links stay).
+    ///
+    /// A damaged or unreadable state file, or a missing one while the maps hold a previous
+    /// agent's cgroups, does not stop the agent: the books are rebuilt from the kernel (see the
+    /// module documentation) and [`Kernel::state_problem`] says why. A damaged file is moved to
+    /// `kernel-state.json.damaged`.
     pub fn with_dataplane(dataplane: D, state_dir: &Path, cgroup2_mount: &Path) -> Result<Self> {
-        let state_file = state_dir.join("kernel-state.json");
-        let persisted = match std::fs::read(&state_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
-            Err(source) => return Err(KernelError::State { path: state_file, source }),
+        let state_file = state_dir.join(KERNEL_STATE_FILE);
+        let cgroups = dataplane.cgroup_states();
+        let (mut persisted, problem) = match std::fs::read(&state_file) {
+            Ok(bytes) => match serde_json::from_slice::<Persisted>(&bytes) {
+                Ok(persisted) => (persisted, None),
+                Err(e) => {
+                    let set_aside = crate::durable::set_aside(&state_file).ok();
+                    let message = e.to_string();
+                    let position = format!(" at line {} column {}", e.line(), e.column());
+                    let problem = StateFileProblem::Damaged {
+                        path: state_file.clone(),
+                        line: e.line(),
+                        column: e.column(),
+                        message: message.strip_suffix(&position).unwrap_or(&message).to_owned(),
+                        set_aside,
+                    };
+                    (Persisted::default(), Some(problem))
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && cgroups.is_empty() => (Persisted::default(), None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                Persisted::default(),
+                Some(StateFileProblem::Missing { path: state_file.clone(), cgroups: cgroups.len() }),
+            ),
+            Err(e) => {
+                let problem = StateFileProblem::Unreadable { path: state_file.clone(), message: e.to_string() };
+                (Persisted::default(), Some(problem))
+            }
         };
-        let mut persisted: Persisted = persisted;
         // A previous agent killed before it saved its books may have written rulesets with ids
         // past the saved counter (half a swap, or a whole one): a new ruleset must never share
         // an id with anything in the kernel, or it would mix with what that agent left.
-        let in_kernel = dataplane.cgroup_states().into_iter().flat_map(|(_, s)| [s.ruleset_id, s.candidate_ruleset]);
+        let in_kernel = cgroups.iter().flat_map(|(_, s)| [s.ruleset_id, s.candidate_ruleset]);
         if let Some(highest) = dataplane.ruleset_ids().into_iter().chain(in_kernel).max() {
             persisted.next_ruleset = persisted.next_ruleset.max(highest.saturating_add(1));
+        }
+        if problem.is_some() {
+            persisted.generation = cgroups.iter().map(|(_, s)| s.generation).max().unwrap_or(0);
         }
         let attached = dataplane.attached();
         Ok(Self {
@@ -184,7 +299,18 @@ impl<D: Dataplane> Kernel<D> {
             cleanup_pending: true,
             applied: None,
             dns: None,
+            problem,
         })
+    }
+
+    /// Why the state file was not used at start (the books were rebuilt from the kernel).
+    pub fn state_problem(&self) -> Option<&StateFileProblem> {
+        self.problem.as_ref()
+    }
+
+    /// The state file.
+    pub fn state_file(&self) -> &Path {
+        &self.state_file
     }
 
     /// From the next apply on, services with host rules send their DNS to the proxy on
@@ -223,6 +349,12 @@ impl<D: Dataplane> Kernel<D> {
         &mut self.dataplane
     }
 
+    /// The dataplane, for the next agent (tests restart the agent on the same in-memory maps).
+    #[cfg(test)]
+    pub(crate) fn into_dataplane(self) -> D {
+        self.dataplane
+    }
+
     /// The services with cgroups on this machine.
     pub fn services(&self) -> &BTreeMap<String, InstalledService> {
         &self.services
@@ -245,14 +377,28 @@ impl<D: Dataplane> Kernel<D> {
         id
     }
 
-    fn slot_for(&mut self, service: &str) -> Result<(u32, bool)> {
+    /// The counter slot of a service with `cgroups`: the one the books have; else the one its
+    /// registered cgroups count into, unless another service has it (the books are older than
+    /// the kernel); else a free slot that no service and no registered cgroup uses.
+    fn slot_for(&mut self, service: &str, cgroups: &[&FoundCgroup]) -> Result<(u32, SlotOrigin)> {
         if let Some(slot) = self.persisted.slots.get(service) {
-            return Ok((*slot, false));
+            return Ok((*slot, SlotOrigin::Known));
         }
-        let used: BTreeSet<u32> = self.persisted.slots.values().copied().collect();
+        let states = self.dataplane.cgroup_states();
+        let claimed: BTreeSet<u32> = self.persisted.slots.values().copied().collect();
+        let adoptable = cgroups.iter().find_map(|cgroup| {
+            let (_, state) = states.iter().find(|(id, _)| *id == cgroup.id)?;
+            (!claimed.contains(&state.counter_slot) && state.counter_slot < MAX_COUNTER_SLOTS)
+                .then_some((state.counter_slot, Mode::from_code(state.mode)))
+        });
+        if let Some((slot, mode)) = adoptable {
+            self.persisted.slots.insert(service.to_owned(), slot);
+            return Ok((slot, mode.map_or(SlotOrigin::Known, SlotOrigin::Adopted)));
+        }
+        let used: BTreeSet<u32> = claimed.into_iter().chain(states.iter().map(|(_, s)| s.counter_slot)).collect();
         let slot = (0..MAX_COUNTER_SLOTS).find(|s| !used.contains(s)).ok_or(KernelError::NoFreeSlot)?;
         self.persisted.slots.insert(service.to_owned(), slot);
-        Ok((slot, true))
+        Ok((slot, SlotOrigin::New))
     }
 
     fn compile_for(&mut self, snapshot: &Snapshot, service: &str) -> Result<(u32, CompiledRuleset)> {
@@ -315,9 +461,10 @@ impl<D: Dataplane> Kernel<D> {
         let mut retire: Vec<CompiledRuleset> = Vec::new();
         let mut next_services: BTreeMap<String, InstalledService> = BTreeMap::new();
         for (&service, cgroups) in &wanted {
-            let (slot, new_slot) = self.slot_for(service)?;
-            if new_slot {
+            let (slot, origin) = self.slot_for(service, cgroups)?;
+            if let SlotOrigin::New = origin {
                 self.dataplane.reset_counters(slot)?;
+                report.counters_zeroed.push(service.to_owned());
             }
             let mode = desired
                 .snapshot
@@ -330,14 +477,18 @@ impl<D: Dataplane> Kernel<D> {
                 (None, Some(old)) => (old.ruleset.clone(), old.candidate.clone()),
                 (None, None) => continue,
             };
-            let remembered = self.persisted.modes.get(service).map(|(m, since)| (*m, from_unix_seconds(*since)));
+            let remembered = match (self.persisted.modes.get(service), &origin) {
+                (Some((m, since)), _) => Some((*m, since.map(from_unix_seconds))),
+                // The kernel knows the mode it enforces, not since when.
+                (None, SlotOrigin::Adopted(m)) => Some((*m, None)),
+                (None, _) => None,
+            };
             let (mode_since, old_mode) = match old.as_ref().map(|o| (o.mode, o.mode_since)).or(remembered) {
                 Some((m, since)) if m == mode => (since, Some(m)),
-                Some((m, _)) => (now, Some(m)),
-                None => (now, None),
+                Some((m, _)) => (Some(now), Some(m)),
+                None => (Some(now), None),
             };
-            let since_secs = to_unix_seconds(mode_since);
-            self.persisted.modes.insert(service.to_owned(), (mode, since_secs));
+            self.persisted.modes.insert(service.to_owned(), (mode, mode_since.map(to_unix_seconds)));
             if old_mode != Some(mode) || old.is_none() {
                 report.mode_changes.push((service.to_owned(), old_mode, mode));
             }
@@ -450,11 +601,13 @@ impl<D: Dataplane> Kernel<D> {
             self.cleanup_pending = false;
         }
         self.applied = Some(key);
-        self.save()?;
+        // The kernel is in force whether or not its books can be written.
+        report.state_error = self.save().err().map(|e| e.to_string());
         Ok(report)
     }
 
-    fn save(&self) -> Result<()> {
+    /// Writes the books to the state file (each apply does; call it again after a failure).
+    pub fn save(&self) -> Result<()> {
         let io = |source| KernelError::State { path: self.state_file.clone(), source };
         let text = serde_json::to_vec_pretty(&self.persisted).map_err(std::io::Error::other).map_err(io)?;
         crate::durable::replace(&self.state_file, &text, crate::durable::Access::Private).map_err(io)

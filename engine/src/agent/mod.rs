@@ -18,6 +18,7 @@ mod dns;
 #[cfg(test)]
 mod fake;
 pub mod kernel;
+pub mod lock;
 mod run;
 pub mod state;
 pub mod telemetry;

@@ -1,5 +1,5 @@
-//! The agent's run loop: set-up (cgroup2, bpffs, the kernel, metrics, the control socket, the
-//! file watcher, the DNS proxy), then one task that owns the [`State`] and does everything in
+//! The agent's run loop: set-up (cgroup2, bpffs, the locks on the pin root and the state
+//! directory, the kernel, metrics, the control socket, the file watcher, the DNS proxy), then one task that owns the [`State`] and does everything in
 //! order: reloads (file change, SIGHUP, `policyctl reload`), cgroup scans (every
 //! `scan_interval`, so a new cgroup is under its policy well within a second), event draining,
 //! sampling and requests. The control socket, the watcher and the DNS proxy only send it
@@ -15,6 +15,7 @@ use super::config::{AgentConfig, AgentError, io_error};
 use super::control::{self, Message};
 use super::dns::{self, DnsRuntime};
 use super::kernel::Kernel;
+use super::lock::AgentLock;
 use super::state::State;
 use super::telemetry;
 use super::watcher::watch_policy;
@@ -41,6 +42,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             declared: declared.join(", "),
         });
     }
+    // One agent per pin root and state directory, held until this function returns.
+    std::fs::create_dir_all(&config.pin_root).map_err(io_error("creating", &config.pin_root))?;
+    let _lock = tokio::task::block_in_place(|| {
+        AgentLock::acquire(&[&config.pin_root, &config.state_dir], config.lock_wait, config.takeover)
+    })?;
     let layout = PinLayout::new(&config.pin_root);
     let mut kernel = Kernel::open(&layout, &config.state_dir, cgroup2.mount(), config.rule_capacity)?;
 
@@ -76,7 +82,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         None => None,
     };
 
-    let mut state = State::new(config, kernel, dns);
+    let mut state = State::new(config, kernel, dns, SystemTime::now());
     // Consumers before producers: the event log exists before the first apply.
     let found = walk(cgroup2.mount()).unwrap_or_default();
     tokio::task::block_in_place(|| {

@@ -5,8 +5,13 @@
 //!
 //! An invalid policy is never applied: its located diagnostics go to the log and to `policyctl
 //! status`, the reload-failure metric goes up, and the last good policy stays in force.
+//!
+//! The state directory's files are reported when damaged (log, `depfence_state_file_errors_total`)
+//! and never stop enforcement: a damaged kernel state file is rebuilt from the kernel, a damaged
+//! history is set aside, and either marks the evidence lost; a write that fails leaves what was
+//! applied in force and refuses promotions until the directory can be written again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -20,7 +25,7 @@ use super::control::{self, AgentStatus, CandidateStatus, ReloadStatus, Request, 
 use super::dataplane::Dataplane;
 use super::discovery::{self, Selectors};
 use super::dns::DnsRuntime;
-use super::kernel::{Desired, Kernel, KernelError};
+use super::kernel::{Desired, Kernel, KernelError, StateFileProblem};
 use super::telemetry::{self, EventLog, EventRecord};
 use crate::cgroup::{FoundCgroup, nearest_registered};
 use crate::compile::{Compiled, compile_path};
@@ -51,12 +56,44 @@ pub struct State<D: Dataplane> {
     dns: Option<DnsRuntime>,
     /// Connections the last applies closed, not yet turned into events.
     closed: Vec<ClosedSocket>,
+    /// Services whose counters an apply zeroed, until their next sample (a service gone before
+    /// it keeps its slot, and everything in it since the zeroing is its own).
+    zeroed: BTreeSet<String>,
 }
 
 impl<D: Dataplane> State<D> {
-    /// The state of a starting agent: nothing applied yet.
-    pub fn new(config: AgentConfig, kernel: Kernel<D>, dns: Option<DnsRuntime>) -> Self {
-        let rollout = Rollout::open(&config.state_dir, config.gate);
+    /// The state of a starting agent at `now`: nothing applied yet. Reports the files of the
+    /// state directory found damaged (by the kernel books and the rollout), and marks the
+    /// evidence lost when the kernel state file was not usable.
+    pub fn new(config: AgentConfig, kernel: Kernel<D>, dns: Option<DnsRuntime>, now: SystemTime) -> Self {
+        let (mut rollout, damaged) = Rollout::open(&config.state_dir, config.gate, now);
+        for file in &damaged {
+            telemetry::state_file_error(file.error.path(), file.error.kind());
+            let aside = file.set_aside.as_ref().map(|p| format!("; kept as `{}`", p.display())).unwrap_or_default();
+            if file.evidence_lost {
+                error!(
+                    skipped_lines = file.skipped_lines,
+                    "{}{aside}; the evidence of every service counts as lost from now", file.error
+                );
+                telemetry::evidence_lost(None);
+            } else {
+                error!("{}; new records are appended after it", file.error);
+            }
+        }
+        if let Some(problem) = kernel.state_problem() {
+            telemetry::state_file_error(problem.path(), problem.kind());
+            let aside = match problem {
+                StateFileProblem::Damaged { set_aside: Some(p), .. } => format!("; kept as `{}`", p.display()),
+                _ => String::new(),
+            };
+            error!(
+                "{problem}{aside}; rebuilt from the kernel: counter slots from the registered cgroups, ruleset ids and \
+                 the generation; mode-change times are unknown; the evidence of every service counts as lost from now"
+            );
+            rollout.lose_evidence(now, &problem.to_string());
+            telemetry::evidence_lost(None);
+        }
+        check_published_snapshot(&config.state_dir);
         let (event_tx, _) = broadcast::channel(4096);
         State {
             config,
@@ -70,6 +107,7 @@ impl<D: Dataplane> State<D> {
             rollout,
             dns,
             closed: Vec::new(),
+            zeroed: BTreeSet::new(),
         }
     }
 
@@ -87,6 +125,12 @@ impl<D: Dataplane> State<D> {
     #[cfg(test)]
     pub(crate) fn kernel_mut(&mut self) -> &mut Kernel<D> {
         &mut self.kernel
+    }
+
+    /// The kernel books, for the next agent (tests restart the agent on the same dataplane).
+    #[cfg(test)]
+    pub(crate) fn into_kernel(self) -> Kernel<D> {
+        self.kernel
     }
 
     /// Compiles the policy and, if valid, applies it. Returns whether it is in force.
@@ -158,6 +202,10 @@ impl<D: Dataplane> State<D> {
         let candidate = self.candidate.as_ref().map(|(_, (c, e))| (&c.snapshot, *e));
         let desired = Desired { snapshot, environment, candidate, matched: &matched, attach: &attach };
         let report = self.kernel.apply(&desired)?;
+        self.zeroed.extend(report.counters_zeroed.iter().cloned());
+        let state_file = self.kernel.state_file().to_owned();
+        self.rollout.note_write(&state_file, report.state_error.clone().map_or(Ok(()), Err));
+        self.count_failed_writes();
         if let Some(dns) = &self.dns {
             dns.follow(snapshot, environment, self.kernel.services().iter().map(|(n, s)| (n.clone(), s.slot)));
         }
@@ -290,13 +338,22 @@ impl<D: Dataplane> State<D> {
     }
 
     /// Samples every service's counters into the metrics and the evidence (every second).
+    /// Counters the evidence cannot account for mark the service's evidence lost.
     pub fn sample(&mut self, now: SystemTime) {
         for (name, service) in self.kernel.services() {
             let counts = self.kernel.counters(service.slot);
             telemetry::export_service(name, counts, service.mode, service.mode_since, service.cgroups.len());
-            self.rollout.record(name, now, counts.allowed, counts.would_reject);
+            let zeroed = self.zeroed.remove(name);
+            if let Some(reason) = self.rollout.record(name, now, counts.allowed, counts.would_reject, zeroed) {
+                error!(
+                    service = name,
+                    "evidence lost: {reason}; promotions of `{name}` are refused for a whole window"
+                );
+                telemetry::evidence_lost(Some(name));
+            }
         }
         self.rollout.persist(now, false);
+        self.count_failed_writes();
         counter!("depfence_events_dropped_total").absolute(self.kernel.events_dropped());
         let (rules, cidrs, cgroups) = self.kernel.fill();
         let fill = [
@@ -313,6 +370,24 @@ impl<D: Dataplane> State<D> {
     /// Writes what the evidence store holds back (the agent is stopping).
     pub fn persist(&mut self, now: SystemTime) {
         self.rollout.persist(now, true);
+        self.count_failed_writes();
+    }
+
+    /// Counts the writes of state files that failed (the rollout logs them).
+    fn count_failed_writes(&mut self) {
+        for file in self.rollout.take_failed_writes() {
+            telemetry::state_file_error(&file, "write");
+        }
+    }
+
+    /// Before a promotion: writes the kernel books again if their last write failed, so a
+    /// state directory that can be written again no longer refuses.
+    fn retry_state_file(&mut self) {
+        let file = self.kernel.state_file().to_owned();
+        if self.rollout.unwritable().is_some() {
+            let saved = self.kernel.save().map_err(|e| e.to_string());
+            self.rollout.note_write(&file, saved);
+        }
     }
 
     /// Turns the DNS redirect off (the agent is stopping).
@@ -338,7 +413,7 @@ impl<D: Dataplane> State<D> {
             .map(|(name, s)| ServiceStatus {
                 name: name.clone(),
                 mode: s.mode.as_str().to_owned(),
-                mode_since: rfc3339_seconds(s.mode_since),
+                mode_since: s.mode_since.map_or_else(|| "unknown".to_owned(), rfc3339_seconds),
                 cgroups: s.cgroups.values().cloned().collect(),
                 counts: self.kernel.counters(s.slot),
                 last_would_reject: self.events.last_would_reject(name).cloned(),
@@ -445,7 +520,10 @@ impl<D: Dataplane> State<D> {
                 self.config.environment
             ));
         }
-        match self.rollout.check(service, now) {
+        self.retry_state_file();
+        let checked = self.rollout.check(service, now);
+        self.count_failed_writes();
+        match checked {
             Ok(evidence) => Response::ok(control::PromotionCheck { evidence }),
             Err(refusal) => Response::error(format!("promotion would be refused: {refusal}")),
         }
@@ -463,7 +541,12 @@ impl<D: Dataplane> State<D> {
             ));
         }
         let policy = self.config.policy.clone();
-        let outcome = match self.rollout.change_mode(&policy, change, now) {
+        if change.mode == Mode::Enforce {
+            self.retry_state_file();
+        }
+        let changed = self.rollout.change_mode(&policy, change, now);
+        self.count_failed_writes();
+        let outcome = match changed {
             Ok(outcome) => outcome,
             Err(message) => return Response::error(message),
         };
@@ -508,7 +591,8 @@ impl<D: Dataplane> State<D> {
 }
 
 /// Writes the snapshot in force to the state directory, where in-process guards follow it
-/// (`Guard::from_agent`). A failure is logged: the kernel already enforces the policy.
+/// (`Guard::from_agent`). A failure is logged and counted: the kernel already enforces the
+/// policy.
 fn publish_snapshot(state_dir: &Path, snapshot: &Snapshot) {
     let path = state_dir.join(crate::snapshot::AGENT_SNAPSHOT_FILE);
     let written = snapshot
@@ -516,8 +600,25 @@ fn publish_snapshot(state_dir: &Path, snapshot: &Snapshot) {
         .map_err(|e| e.to_string())
         .and_then(|bytes| crate::snapshot::write_file(&path, &bytes).map_err(|e| e.to_string()));
     if let Err(e) = written {
+        telemetry::state_file_error(&path, "write");
         warn!(path = %path.display(), "cannot publish the snapshot for in-process guards: {e}");
     }
+}
+
+/// Reports a published snapshot that in-process guards cannot load (damaged, or unreadable);
+/// the next applied policy replaces it.
+fn check_published_snapshot(state_dir: &Path) {
+    let path = state_dir.join(crate::snapshot::AGENT_SNAPSHOT_FILE);
+    let problem = match std::fs::read(&path) {
+        Ok(bytes) => match Snapshot::from_bytes(&bytes) {
+            Ok(_) => return,
+            Err(e) => ("corrupt", format!("`{}` is not a valid snapshot: {e}", path.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => ("read", format!("cannot read `{}`: {e}", path.display())),
+    };
+    telemetry::state_file_error(&path, problem.0);
+    error!("{}; in-process guards cannot load it until a policy is applied and published again", problem.1);
 }
 
 /// Writes `from` over `to`, file for file (a policy file, or a directory of `*.toml` files:

@@ -57,6 +57,17 @@ pub fn describe() {
         "depfence_socket_sweep_failures_total",
         "Sweeps for connections the policy no longer allows that failed (the policy stays in force)."
     );
+    describe_counter!(
+        "depfence_state_file_errors_total",
+        "Problems with a file of the state directory, by file and kind: corrupt, read, missing (the kernel state \
+         while the pins hold cgroups), write. Enforcement and metrics go on; promotions are refused while evidence \
+         is lost or cannot be recorded."
+    );
+    describe_counter!(
+        "depfence_evidence_lost_total",
+        "Evidence found lost or inconsistent, by service (`_all`: every service); promotions are refused until a \
+         whole window of new evidence exists."
+    );
     describe_gauge!("depfence_map_entries", "Entries in use in a kernel map.");
     describe_gauge!("depfence_map_capacity", "Capacity of a kernel map.");
     describe_gauge!("depfence_service_mode", "1 for the service's current mode, 0 for the other modes.");
@@ -79,8 +90,23 @@ pub fn describe() {
     describe_counter!("depfence_dns_bad_queries_total", "Malformed DNS messages and queries refused under overload.");
 }
 
-/// Exports one service's counters and mode.
-pub fn export_service(service: &str, counts: Counts, mode: Mode, mode_since: SystemTime, cgroups: usize) {
+/// Counts a problem with a file of the state directory (`kind`: `corrupt`, `read`, `missing`,
+/// `write`), labelled by the file's name.
+pub fn state_file_error(path: &std::path::Path, kind: &'static str) {
+    let file = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    counter!("depfence_state_file_errors_total", "file" => file, "kind" => kind).increment(1);
+}
+
+/// The `service` label of evidence lost for every service.
+pub const ALL_SERVICES: &str = "_all";
+
+/// Counts evidence found lost, of one service or (None) of every service.
+pub fn evidence_lost(service: Option<&str>) {
+    counter!("depfence_evidence_lost_total", "service" => service.unwrap_or(ALL_SERVICES).to_owned()).increment(1);
+}
+
+/// Exports one service's counters and mode (the mode-change time when it is known).
+pub fn export_service(service: &str, counts: Counts, mode: Mode, mode_since: Option<SystemTime>, cgroups: usize) {
     let s = service.to_owned();
     for (verdict, count) in counts.iter() {
         match verdict {
@@ -95,7 +121,9 @@ pub fn export_service(service: &str, counts: Counts, mode: Mode, mode_since: Sys
         let value = if m == mode { 1.0 } else { 0.0 };
         gauge!("depfence_service_mode", "service" => s.clone(), "mode" => m.as_str()).set(value);
     }
-    gauge!("depfence_service_mode_changed_timestamp_seconds", "service" => s.clone()).set(unix_seconds(mode_since));
+    if let Some(since) = mode_since {
+        gauge!("depfence_service_mode_changed_timestamp_seconds", "service" => s.clone()).set(unix_seconds(since));
+    }
     gauge!("depfence_service_cgroups", "service" => s).set(cgroups as f64);
 }
 

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::timefmt::{Human, rfc3339, rfc3339_option, secs};
+use crate::timefmt::{Human, rfc3339, rfc3339_option, rfc3339_seconds, secs};
 
 /// How many destinations [`Evidence::top_destinations`] lists.
 pub const TOP_DESTINATIONS: usize = 5;
@@ -36,6 +36,21 @@ pub struct Evidence {
     /// de-duplicated by the datapath, so these counts rank destinations; they need not add up
     /// to `would_reject`.
     pub top_destinations: Vec<(String, u64)>,
+    /// Set when evidence was lost inside the window (a damaged or missing state file, counters
+    /// the history cannot account for): the counts cannot be trusted until a whole window has
+    /// passed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<EvidenceLoss>,
+}
+
+/// When and why evidence was lost: from then on, counting starts afresh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvidenceLoss {
+    /// When the loss was detected.
+    #[serde(with = "rfc3339")]
+    pub at: SystemTime,
+    /// What was lost, and why.
+    pub reason: String,
 }
 
 impl Evidence {
@@ -68,6 +83,33 @@ impl Default for GateConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Refusal {
+    /// Evidence was lost inside the window: what the counters say cannot be trusted.
+    #[error(
+        "the evidence for {service} was lost {} ago ({reason}); a promotion needs {} of complete \
+         evidence after that, from {}",
+        Human(*ago),
+        Human(*window),
+        rfc3339_seconds(*complete_at)
+    )]
+    EvidenceLost {
+        /// The service.
+        service: String,
+        /// How long before the end of the window the loss was detected.
+        ago: Duration,
+        /// What was lost, and why.
+        reason: String,
+        /// The window.
+        window: Duration,
+        /// When a whole window of evidence will exist again.
+        complete_at: SystemTime,
+    },
+    /// The agent cannot write its state directory, so the evidence (and the promotion's record)
+    /// cannot be kept.
+    #[error("the state directory is not writable: {error}; evidence cannot be recorded")]
+    StateNotWritable {
+        /// The failed write.
+        error: String,
+    },
     /// The service had would-rejected connections in the window.
     #[error(
         "{service} had {count} would-rejected connection{} in the last {}{}{}; \
@@ -141,11 +183,20 @@ fn destinations(count: u64, top: &[(String, u64)]) -> String {
     format!(", to {}", parts.join(", "))
 }
 
-/// Decides whether the evidence allows a promotion to `enforce`: no would-rejected connection
-/// in the window, samples covering at least `min_observed` of it, and at least
+/// Decides whether the evidence allows a promotion to `enforce`: no evidence lost in the
+/// window, no would-rejected connection in it, samples covering at least `min_observed` of it, and at least
 /// `min_connections` connections. The first failing check is the refusal.
 pub fn gate(evidence: &Evidence, config: &GateConfig) -> Result<(), Refusal> {
     let service = evidence.service.clone();
+    if let Some(lost) = &evidence.lost {
+        return Err(Refusal::EvidenceLost {
+            service,
+            ago: evidence.at.duration_since(lost.at).unwrap_or_default(),
+            reason: lost.reason.clone(),
+            window: config.window,
+            complete_at: lost.at.checked_add(config.window).unwrap_or(lost.at),
+        });
+    }
     if evidence.would_reject > 0 {
         return Err(Refusal::WouldReject {
             service,
@@ -239,6 +290,28 @@ mod tests {
     }
 
     #[test]
+    fn lost_evidence_is_refused_before_anything_else() {
+        let mut e = evidence(5000, 0);
+        e.lost = Some(EvidenceLoss { at: at(100_000 - 7), reason: "the state file was damaged".into() });
+        let refusal = gate(&e, &GateConfig::default()).unwrap_err();
+        assert!(matches!(refusal, Refusal::EvidenceLost { .. }), "{refusal:?}");
+        let complete = rfc3339_seconds(at(100_000 - 7) + 24 * HOUR);
+        assert_eq!(
+            refusal.to_string(),
+            format!(
+                "the evidence for web was lost 7s ago (the state file was damaged); a promotion needs 24h of \
+                 complete evidence after that, from {complete}"
+            )
+        );
+        // Even with would-rejects in the window: what the counters say cannot be trusted.
+        e.would_reject = 3;
+        assert!(matches!(gate(&e, &GateConfig::default()), Err(Refusal::EvidenceLost { .. })));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["lost"]["reason"], "the state file was damaged");
+        assert_eq!(serde_json::from_value::<Evidence>(json).unwrap(), e);
+    }
+
+    #[test]
     fn evidence_serializes_readably() {
         let mut e = evidence(10, 2);
         e.last_would_reject = Some(at(60));
@@ -247,6 +320,7 @@ mod tests {
         assert_eq!(json["window_secs"], 86_400);
         assert_eq!(json["top_destinations"][0][0], "db:5432/tcp");
         assert!(json["last_would_reject"].as_str().unwrap().ends_with('Z'));
+        assert!(json.get("lost").is_none(), "no loss, no field");
         assert_eq!(serde_json::from_value::<Evidence>(json).unwrap(), e);
         let config: GateConfig =
             serde_json::from_str(r#"{"window_secs":3600,"min_connections":5,"min_observed_secs":60}"#).unwrap();

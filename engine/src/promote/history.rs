@@ -1,17 +1,19 @@
 //! The counter history: each service's kernel counters sampled over time, corrected for resets,
 //! bounded in memory, and kept across restarts in a JSON-lines file. From it,
 //! [`CounterHistory::evidence`] gives the [`Evidence`] for a window.
+//!
+//! The history also records when evidence was lost ([`CounterHistory::mark_lost`]): a damaged
+//! file, or kernel counters it cannot account for. A window that holds such a mark has no
+//! trustworthy evidence ([`Evidence::lost`]).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::File;
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::HOUR;
-use super::gate::{Evidence, TOP_DESTINATIONS};
+use super::gate::{Evidence, EvidenceLoss, TOP_DESTINATIONS};
 use super::store::{StoreError, append_text, lines_text};
 use crate::durable::{self, Access};
 use crate::timefmt::unix_ms;
@@ -180,16 +182,40 @@ enum Line {
         destination: String,
         count: u64,
     },
+    /// Evidence of one service (or of every service, without `service`) was lost at `t_ms`.
+    Lost {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+        #[serde(with = "unix_ms")]
+        t_ms: SystemTime,
+        reason: String,
+    },
 }
 
-/// A history read from a file, and how many lines of it were not understood (a line cut short
-/// by a crash, say) and skipped.
-#[derive(Debug, Clone)]
+/// How a reading of a service's counters follows the newest one ([`CounterHistory::record`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continuity {
+    /// The counters carried on from the newest reading.
+    Continued,
+    /// The history had no earlier reading of this service: counting starts here.
+    First,
+    /// A counter went down: the counters restarted from zero since the newest reading.
+    Reset {
+        /// The newest reading before: (allowed, would-reject).
+        before: (u64, u64),
+    },
+}
+
+/// A history read from a file, and the lines of it that were not understood (a line cut short
+/// by a crash, a damaged block) and skipped.
+#[derive(Debug)]
 pub struct LoadedHistory {
     /// The history.
     pub history: CounterHistory,
     /// Lines skipped.
     pub skipped_lines: usize,
+    /// The first line skipped, with its number and why.
+    pub first_damaged: Option<StoreError>,
 }
 
 /// Counter samples per service: a bounded in-memory series of `(time, allowed, would_reject)`
@@ -216,6 +242,8 @@ pub struct CounterHistory {
     /// True when `pending` overflowed: the next append rewrites the file.
     overflowed: bool,
     appended: usize,
+    /// The newest loss of evidence of each service, and (key None) of every service.
+    lost: BTreeMap<Option<String>, EvidenceLoss>,
 }
 
 impl CounterHistory {
@@ -229,23 +257,53 @@ impl CounterHistory {
         &self.limits
     }
 
-    /// Records a service's raw counters as read at `time`.
-    pub fn record(&mut self, service: &str, time: SystemTime, allowed: u64, would_reject: u64) {
+    /// Records a service's raw counters as read at `time`, and says how they follow the newest
+    /// reading. Counts before a [`Continuity::First`] reading are not in the history; a
+    /// [`Continuity::Reset`] loses what was counted between the newest reading and the reset.
+    /// The caller decides whether that is a loss of evidence ([`CounterHistory::mark_lost`]).
+    pub fn record(&mut self, service: &str, time: SystemTime, allowed: u64, would_reject: u64) -> Continuity {
+        self.record_counts(service, time, allowed, would_reject, false)
+    }
+
+    /// Records a service's counters just after they were zeroed (a counter slot given to the
+    /// service): everything they count is evidence, from a zero reading just before `time` on.
+    pub fn record_zeroed(&mut self, service: &str, time: SystemTime, allowed: u64, would_reject: u64) {
+        self.record_counts(service, time, allowed, would_reject, true);
+    }
+
+    fn record_counts(
+        &mut self,
+        service: &str,
+        time: SystemTime,
+        allowed: u64,
+        would_reject: u64,
+        zeroed: bool,
+    ) -> Continuity {
         let limits = self.limits;
         let series = self.series.entry(service.to_owned()).or_default();
-        let (allowed_total, would_reject_total) = match (series.raw, series.newest()) {
+        if zeroed && series.newest().is_none() {
+            let before = time.checked_sub(Duration::from_millis(1)).unwrap_or(time);
+            series.push(Sample { time: before, allowed: 0, would_reject: 0 }, &limits);
+        }
+        let base = if zeroed { Some((0, 0)) } else { series.raw };
+        let (continuity, (allowed_total, would_reject_total)) = match (base, series.newest()) {
             (Some((raw_allowed, raw_would_reject)), Some(newest)) => {
-                let (base_allowed, base_would_reject) = if allowed < raw_allowed || would_reject < raw_would_reject {
-                    (0, 0) // A reset: the counters restarted from 0.
-                } else {
-                    (raw_allowed, raw_would_reject)
-                };
+                let (continuity, (base_allowed, base_would_reject)) =
+                    if allowed < raw_allowed || would_reject < raw_would_reject {
+                        // A reset: the counters restarted from 0.
+                        (Continuity::Reset { before: (raw_allowed, raw_would_reject) }, (0, 0))
+                    } else {
+                        (Continuity::Continued, (raw_allowed, raw_would_reject))
+                    };
                 (
-                    newest.allowed.saturating_add(allowed - base_allowed),
-                    newest.would_reject.saturating_add(would_reject - base_would_reject),
+                    continuity,
+                    (
+                        newest.allowed.saturating_add(allowed - base_allowed),
+                        newest.would_reject.saturating_add(would_reject - base_would_reject),
+                    ),
                 )
             }
-            _ => (allowed, would_reject),
+            _ => (Continuity::First, (allowed, would_reject)),
         };
         let sample = Sample { time, allowed: allowed_total, would_reject: would_reject_total };
         series.push(sample, &limits);
@@ -258,6 +316,29 @@ impl CounterHistory {
             would_reject: stored.would_reject,
             raw: Some((allowed, would_reject)),
         });
+        continuity
+    }
+
+    /// Records that evidence of `service` (of every service, with None) was lost at `time`:
+    /// a window that holds `time` has no trustworthy evidence. A later mark replaces an earlier
+    /// one.
+    pub fn mark_lost(&mut self, service: Option<&str>, time: SystemTime, reason: &str) {
+        self.note_lost(service.map(str::to_owned), time, reason.to_owned());
+        self.queue(Line::Lost { service: service.map(str::to_owned), t_ms: time, reason: reason.to_owned() });
+    }
+
+    fn note_lost(&mut self, service: Option<String>, at: SystemTime, reason: String) {
+        let newer = self.lost.get(&service).is_none_or(|known| known.at <= at);
+        if newer {
+            self.lost.insert(service, EvidenceLoss { at, reason });
+        }
+    }
+
+    /// The newest loss of evidence of a service (its own, or every service's).
+    pub fn last_loss(&self, service: &str) -> Option<&EvidenceLoss> {
+        let own = self.lost.get(&Some(service.to_owned()));
+        let all = self.lost.get(&None);
+        [own, all].into_iter().flatten().max_by_key(|loss| loss.at)
     }
 
     /// Records `count` would-rejected connections of a service to a destination (from the
@@ -297,6 +378,7 @@ impl CounterHistory {
             Line::Destination { service, t_ms, destination, count } => {
                 self.series.entry(service).or_default().add_destination(t_ms, &destination, count, &limits);
             }
+            Line::Lost { service, t_ms, reason } => self.note_lost(service, t_ms, reason),
         }
     }
 
@@ -315,10 +397,12 @@ impl CounterHistory {
         self.series.remove(service);
     }
 
-    /// Drops services whose newest sample is older than [`HistoryLimits::retain`] at `now`.
+    /// Drops services whose newest sample is older than [`HistoryLimits::retain`] at `now`, and
+    /// losses of evidence older than that.
     pub fn prune(&mut self, now: SystemTime) {
         let retain = self.limits.retain;
         self.series.retain(|_, s| s.newest().is_some_and(|n| elapsed(n.time, now) <= retain));
+        self.lost.retain(|_, loss| elapsed(loss.at, now) <= retain);
     }
 
     /// How many samples are held for a service (for tests and metrics).
@@ -328,7 +412,8 @@ impl CounterHistory {
 
     /// The evidence for a service over the `window` that ends at `now`: the counter deltas from
     /// the last sample at or before the window's start (or, without one, the earliest sample in
-    /// the window) to the newest sample at or before `now`. Samples after `now` are ignored.
+    /// the window) to the newest sample at or before `now`. Samples after `now` are ignored. A
+    /// loss of evidence after the window's start is [`Evidence::lost`].
     pub fn evidence(&self, service: &str, now: SystemTime, window: Duration) -> Evidence {
         let start = now.checked_sub(window).unwrap_or(UNIX_EPOCH);
         let mut evidence = Evidence {
@@ -340,6 +425,7 @@ impl CounterHistory {
             would_reject: 0,
             last_would_reject: None,
             top_destinations: Vec::new(),
+            lost: self.last_loss(service).filter(|loss| loss.at > start).cloned(),
         };
         let Some(series) = self.series.get(service) else { return evidence };
         let samples: Vec<&Sample> = series.samples().filter(|s| s.time <= now).collect();
@@ -373,7 +459,8 @@ impl CounterHistory {
     }
 
     /// Reads a history file written by [`append`](Self::append) and [`save`](Self::save), with
-    /// the default limits. A missing file is an empty history.
+    /// the default limits. A missing file is an empty history. Lines that are not understood
+    /// (not JSON, not UTF-8, cut short) are skipped and reported in the result.
     pub fn load(path: &Path) -> Result<LoadedHistory, StoreError> {
         Self::load_with_limits(path, HistoryLimits::default())
     }
@@ -381,25 +468,29 @@ impl CounterHistory {
     /// [`load`](Self::load) with other limits.
     pub fn load_with_limits(path: &Path, limits: HistoryLimits) -> Result<LoadedHistory, StoreError> {
         let mut history = CounterHistory::new(limits);
-        let file = match File::open(path) {
-            Ok(file) => file,
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(LoadedHistory { history, skipped_lines: 0 });
+                return Ok(LoadedHistory { history, skipped_lines: 0, first_damaged: None });
             }
             Err(source) => return Err(StoreError::Read { path: path.to_owned(), source }),
         };
-        let mut skipped_lines = 0;
-        for line in BufReader::new(file).lines() {
-            let line = line.map_err(|source| StoreError::Read { path: path.to_owned(), source })?;
-            if line.trim().is_empty() {
+        let (mut skipped_lines, mut first_damaged) = (0, None);
+        for (index, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match serde_json::from_str::<Line>(&line) {
+            match serde_json::from_slice::<Line>(line) {
                 Ok(line) => history.apply(line),
-                Err(_) => skipped_lines += 1,
+                Err(source) => {
+                    skipped_lines += 1;
+                    if first_damaged.is_none() {
+                        first_damaged = Some(StoreError::Parse { path: path.to_owned(), line: index + 1, source });
+                    }
+                }
             }
         }
-        Ok(LoadedHistory { history, skipped_lines })
+        Ok(LoadedHistory { history, skipped_lines, first_damaged })
     }
 
     /// Appends the lines recorded since the last append or save to the file (created with mode
@@ -441,6 +532,9 @@ impl CounterHistory {
                 });
             }
         }
+        for (service, loss) in &self.lost {
+            lines.push(Line::Lost { service: service.clone(), t_ms: loss.at, reason: loss.reason.clone() });
+        }
         let write = |source| StoreError::Write { path: path.to_owned(), source };
         let text = lines_text(&lines).map_err(write)?;
         durable::replace(path, text.as_bytes(), Access::Private).map_err(write)?;
@@ -453,6 +547,12 @@ impl CounterHistory {
     /// Lines appended since the file was last rewritten by [`save`](Self::save).
     pub fn appended_since_save(&self) -> usize {
         self.appended
+    }
+
+    /// Makes the next [`append`](Self::append) rewrite the whole file (the file was set aside).
+    pub fn rewrite_on_next_append(&mut self) {
+        self.pending.clear();
+        self.overflowed = true;
     }
 }
 
@@ -686,6 +786,87 @@ mod tests {
         let loaded = CounterHistory::load(&path).unwrap();
         assert_eq!(loaded.skipped_lines, 1);
         assert_eq!(loaded.history.latest("web"), h.latest("web"));
+        let damaged = loaded.first_damaged.unwrap().to_string();
+        assert_eq!(damaged, format!("`{}` line 3 column 22: EOF while parsing a string", path.display()));
+    }
+
+    #[test]
+    fn damaged_lines_are_reported_with_their_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        let mut h = CounterHistory::default();
+        h.record("web", at(0), 1, 0);
+        h.record("web", at(60), 2, 0);
+        h.append(&path).unwrap();
+        // A block of the file overwritten (a bad restore): bytes that are not even UTF-8.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.splice(0..0, b"\xff\xfe\x00junk\n".iter().copied());
+        bytes.extend_from_slice(b"{\"kind\":\"nonsense\"}\n");
+        fs::write(&path, &bytes).unwrap();
+        let loaded = CounterHistory::load(&path).unwrap();
+        assert_eq!(loaded.skipped_lines, 2);
+        assert_eq!(loaded.history.latest("web"), h.latest("web"), "the good lines are kept");
+        let damaged = loaded.first_damaged.unwrap();
+        assert!(matches!(damaged, StoreError::Parse { line: 1, .. }), "{damaged:?}");
+        // An unreadable file is an error, not an empty history.
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        let error = CounterHistory::load(&path).unwrap_err().to_string();
+        assert!(error.starts_with(&format!("cannot read `{}`", path.display())), "{error}");
+    }
+
+    #[test]
+    fn each_reading_says_how_it_follows_the_last() {
+        let mut h = CounterHistory::default();
+        assert_eq!(h.record("web", at(0), 10, 1), Continuity::First);
+        assert_eq!(h.record("web", at(60), 12, 1), Continuity::Continued);
+        assert_eq!(h.record("web", at(120), 3, 0), Continuity::Reset { before: (12, 1) });
+        assert_eq!(h.record("web", at(180), 3, 0), Continuity::Continued);
+        // Counts before the first reading are not in the evidence.
+        assert_eq!(h.evidence("web", at(180), HOUR).allowed, 2 + 3);
+        // Counters just zeroed for the service count from zero, its first reading included.
+        h.record_zeroed("db", at(0), 4, 1);
+        h.record("db", at(60), 5, 1);
+        let e = h.evidence("db", at(60), HOUR);
+        assert_eq!((e.allowed, e.would_reject, e.last_would_reject), (5, 1, Some(at(0))));
+        // And after a reading, zeroed counters are a reset that loses nothing of theirs.
+        h.record_zeroed("web", at(240), 2, 1);
+        let e = h.evidence("web", at(240), HOUR);
+        assert_eq!((e.allowed, e.would_reject), (2 + 3 + 2, 1));
+    }
+
+    #[test]
+    fn a_loss_of_evidence_is_kept_and_spoils_the_windows_that_hold_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        let mut h = CounterHistory::default();
+        fill(&mut h, 0, 3600, 10, |t| (t, 0));
+        h.mark_lost(Some("web"), at(1000), "counted without a record");
+        h.mark_lost(None, at(2000), "the state file was damaged");
+        h.mark_lost(Some("db"), at(3000), "db only");
+        let lost = |h: &CounterHistory, now: u64, window: Duration| h.evidence("web", at(now), window).lost;
+        assert_eq!(
+            lost(&h, 3600, HOUR).map(|l| (l.at, l.reason)),
+            Some((at(2000), "the state file was damaged".into()))
+        );
+        assert_eq!(lost(&h, 3600, mins(25)), None, "a window that starts after the loss is whole");
+        assert_eq!(lost(&h, 2000 + 600, mins(10)), None, "a window that starts at the loss is whole");
+        assert_eq!(h.evidence("db", at(3600), mins(11)).lost.map(|l| l.reason), Some("db only".into()));
+        // Appended, saved and loaded again: the same.
+        h.append(&path).unwrap();
+        let loaded = CounterHistory::load(&path).unwrap().history;
+        assert_eq!(loaded.evidence("web", at(3600), HOUR), h.evidence("web", at(3600), HOUR));
+        let mut loaded = loaded;
+        loaded.save(&path).unwrap();
+        let again = CounterHistory::load(&path).unwrap().history;
+        assert_eq!(again.evidence("db", at(3600), HOUR), h.evidence("db", at(3600), HOUR));
+        // Losses older than the retention go.
+        let mut again = again;
+        again.prune(at(2000) + 8 * 24 * HOUR + Duration::from_secs(500));
+        assert_eq!(again.last_loss("db").map(|l| l.at), Some(at(3000)));
+        assert_eq!(again.last_loss("web").map(|l| l.at), None);
+        again.prune(at(3000) + 8 * 24 * HOUR + HOUR);
+        assert_eq!(again.last_loss("db"), None);
     }
 
     #[test]

@@ -23,10 +23,10 @@ mod store;
 
 use std::time::Duration;
 
-pub use gate::{Evidence, GateConfig, Refusal, TOP_DESTINATIONS, gate};
-pub use history::{CounterHistory, HistoryLimits, LoadedHistory, Sample};
+pub use gate::{Evidence, EvidenceLoss, GateConfig, Refusal, TOP_DESTINATIONS, gate};
+pub use history::{Continuity, CounterHistory, HistoryLimits, LoadedHistory, Sample};
 pub use log::{Actor, PromotionRecord, append_log, read_log};
-pub use rollout::{ModeRequest, Outcome, Rollout, user_name};
+pub use rollout::{DamagedFile, HISTORY_FILE, ModeRequest, Outcome, PROMOTION_LOG_FILE, Rollout, user_name};
 pub use store::StoreError;
 
 /// One hour: the gate's and the history's unit of time.
@@ -61,6 +61,7 @@ mod testing {
             would_reject,
             last_would_reject: None,
             top_destinations: Vec::new(),
+            lost: None,
         }
     }
 }

@@ -27,7 +27,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A line is not a record.
-    #[error("`{path}` line {line}: {source}")]
+    #[error("`{path}` line {line} column {}: {}", source.column(), json_message(source))]
     Parse {
         /// The file.
         path: PathBuf,
@@ -36,6 +36,31 @@ pub enum StoreError {
         /// The JSON error.
         source: serde_json::Error,
     },
+}
+
+impl StoreError {
+    /// The file.
+    pub fn path(&self) -> &Path {
+        match self {
+            StoreError::Read { path, .. } | StoreError::Write { path, .. } | StoreError::Parse { path, .. } => path,
+        }
+    }
+
+    /// The kind, as the agent's metric labels it: `read`, `write` or `corrupt`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Read { .. } => "read",
+            StoreError::Write { .. } => "write",
+            StoreError::Parse { .. } => "corrupt",
+        }
+    }
+}
+
+/// A JSON error's message without its position (the caller gives the file's own).
+fn json_message(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let position = format!(" at line {} column {}", error.line(), error.column());
+    text.strip_suffix(&position).map_or(text.clone(), str::to_owned)
 }
 
 /// `lines` as JSON, one per line.
