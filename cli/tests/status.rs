@@ -1,5 +1,5 @@
 //! `policyctl status` on a real kernel (root, cgroup v2, BPF): run inside a `policyctl run`, it
-//! shows that run's pin root, its four links into the run's cgroup, the exact fill of the rule
+//! shows that run's pin root, its links (one per hook) into the run's cgroup, the exact fill of the rule
 //! maps and the registered cgroup with its mode and counters. Skips with a reason elsewhere;
 //! under CI a skip is a failure.
 #![allow(
@@ -114,7 +114,19 @@ fn status_json_inside_a_run_shows_its_maps_links_and_cgroup() {
     // One link per hook, all into the run's cgroup.
     let links = root["links"].as_array().unwrap();
     let hooks: BTreeSet<&str> = links.iter().map(|l| l["attach_type"].as_str().unwrap()).collect();
-    let all = ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
+    let all = [
+        "connect4",
+        "connect6",
+        "sendmsg4",
+        "sendmsg6",
+        "recvmsg4",
+        "recvmsg6",
+        "getpeername4",
+        "getpeername6",
+        "sock_create",
+        "setsockopt",
+        "egress",
+    ];
     assert_eq!((links.len(), hooks), (all.len(), BTreeSet::from(all)), "{root:#}");
     for link in links {
         assert_eq!(link["cgroup_path"], cgroup.to_str().unwrap(), "{link:#}");

@@ -30,9 +30,12 @@ pub fn flag_names(flags: u32) -> Vec<String> {
     names
 }
 
-/// A cgroup sock_addr attach type (`enum bpf_attach_type`) by the name of its hook.
+/// A cgroup attach type (`enum bpf_attach_type`) by the name of its hook.
 pub fn attach_type_name(attach_type: u32) -> String {
     match attach_type {
+        1 => "egress".to_owned(),
+        2 => "sock_create".to_owned(),
+        22 => "setsockopt".to_owned(),
         10 => "connect4".to_owned(),
         11 => "connect6".to_owned(),
         14 => "sendmsg4".to_owned(),
