@@ -273,14 +273,28 @@ fn connections_the_policy_no_longer_allows_are_closed() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
 
-    // Nothing to close while the service is in audit.
+    // Nothing to close while the policy allows everything.
     let policy_of = BTreeMap::from([(cg.id(), cg.id())]);
     assert!(dp.close_disallowed(&policy_of).unwrap().is_empty());
 
-    // The swap to generation 2, enforced: only the connections it refuses are closed.
+    // The swap to generation 2, still in audit: the connections it refuses are found, and left
+    // open (evidence: enforce would close them).
     let next = depfence::lower::compile(2, &everything[..1]).unwrap();
-    dp.maps.hot_swap(&next, &[(cg.id(), state(2, MODE_ENFORCE, slot))], None).unwrap();
+    dp.maps.hot_swap(&next, &[(cg.id(), state(2, MODE_AUDIT, slot))], None).unwrap();
+    let found = dp.close_disallowed(&policy_of).unwrap();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found.iter().all(|c| !c.closed));
+
+    // Enforced: only the connections it refuses are closed.
+    dp.maps.set_cgroup(cg.id(), state(2, MODE_ENFORCE, slot)).unwrap();
     let closed = dp.close_disallowed(&policy_of).unwrap();
+    assert!(closed.iter().all(|c| c.closed));
+    let cookies = |list: &[depfence::datapath::sweep::ClosedSocket]| {
+        let mut c: Vec<u64> = list.iter().map(|c| c.cookie).collect();
+        c.sort_unstable();
+        c
+    };
+    assert_eq!(cookies(&found), cookies(&closed), "the same two connections");
     let mut peers: Vec<(u8, u16)> = closed.iter().map(|c| (c.protocol, c.remote.port())).collect();
     peers.sort_unstable();
     let mut expected = vec![(IPPROTO_TCP, dropped), (IPPROTO_UDP, dropped_udp)];

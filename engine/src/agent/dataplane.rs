@@ -47,7 +47,7 @@ pub trait Dataplane {
     fn detach(&mut self, cgroup_id: u64);
     /// The cgroups the hooks are attached to (a restarted agent finds its predecessor's).
     fn attached(&self) -> BTreeSet<u64>;
-    /// Closes the connections of enforced cgroups that the policy in force would refuse now;
+    /// Finds the connections the policy in force would refuse now and closes them in enforce;
     /// `policy_of` maps each cgroup to the registered one whose policy applies to it.
     fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError>;
     /// Unpins what a loader of a previous ABI left attached beside this one (an upgrade), once

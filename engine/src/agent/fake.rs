@@ -24,8 +24,10 @@ pub(crate) struct FakeDataplane {
     config: Config,
     events: Vec<Event>,
     attached: BTreeSet<u64>,
-    /// Connections made and not closed: (cgroup, destination).
-    open: Vec<(u64, Connection)>,
+    /// Connections made and not closed: (cookie, cgroup, destination).
+    open: Vec<(u64, u64, Connection)>,
+    /// The cookie of the last connection made.
+    last_cookie: u64,
 }
 
 impl FakeDataplane {
@@ -48,7 +50,8 @@ impl FakeDataplane {
             self.count(cgroup_id, &state, &d, Verdict::CandidateWouldReject);
         }
         if verdict != Verdict::Rejected {
-            self.open.push((cgroup_id, *conn));
+            self.last_cookie += 1;
+            self.open.push((self.last_cookie, cgroup_id, *conn));
         }
         Some(verdict)
     }
@@ -167,20 +170,24 @@ impl Dataplane for FakeDataplane {
         Ok(0)
     }
 
-    /// Closes the open connections the connect hook would now refuse (every one is outbound).
+    /// Finds the open connections the connect hook would now refuse (every one is outbound), and
+    /// closes them in enforce.
     fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError> {
         let mut closed = Vec::new();
         let (rules, cgroups) = (&self.rules, &self.cgroups);
-        self.open.retain(|(cgroup_id, conn)| {
+        self.open.retain(|(cookie, cgroup_id, conn)| {
             let Some((&policy_cgroup_id, state)) = policy_of.get(cgroup_id).and_then(|id| Some((id, cgroups.get(id)?)))
             else {
                 return true;
             };
             let allowed = rules.first_match_with(state.ruleset_id, &destination(conn), Extra::active(state)) != 0;
-            if state.mode != abi::MODE_ENFORCE || allowed {
+            if state.mode == abi::MODE_OFF || allowed {
                 return true;
             }
+            let enforce = state.mode == abi::MODE_ENFORCE;
             closed.push(ClosedSocket {
+                closed: enforce,
+                cookie: *cookie,
                 cgroup_id: *cgroup_id,
                 policy_cgroup_id,
                 protocol: destination(conn).proto,
@@ -188,7 +195,7 @@ impl Dataplane for FakeDataplane {
                 remote: SocketAddr::new(conn.addr, conn.port),
                 generation: state.generation,
             });
-            false
+            !enforce
         });
         Ok(closed)
     }

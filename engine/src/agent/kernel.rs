@@ -333,7 +333,7 @@ impl<D: Dataplane> Kernel<D> {
         self.dataplane.drain_events()
     }
 
-    /// Closes the connections of enforced cgroups that the policy in force would refuse now.
+    /// Finds the connections the policy in force would refuse now, closing them in enforce.
     pub fn close_disallowed(&mut self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>> {
         Ok(self.dataplane.close_disallowed(policy_of)?)
     }

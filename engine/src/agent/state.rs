@@ -39,6 +39,9 @@ use crate::snapshot::{Connection, Snapshot};
 use crate::timefmt::{rfc3339_seconds, unix_seconds};
 use crate::verdict::{Mode, Verdict};
 
+/// Connections of services in audit remembered as already reported (by socket cookie).
+const MAX_WOULD_CLOSE_SEEN: usize = 65_536;
+
 /// A compiled policy and the index of the agent's environment in it.
 type InForce = (Arc<Compiled>, usize);
 
@@ -54,8 +57,13 @@ pub struct State<D: Dataplane> {
     event_tx: broadcast::Sender<EventRecord>,
     rollout: Rollout,
     dns: Option<DnsRuntime>,
-    /// Connections the last applies closed, not yet turned into events.
+    /// Connections the last applies' sweeps found, not yet turned into events.
     closed: Vec<ClosedSocket>,
+    /// Connections of services in audit that enforce would close, already reported (by
+    /// cookie): one connection found by every sweep counts once.
+    would_close_seen: BTreeSet<u64>,
+    /// Would-rejects of such connections per service, for the next sample's evidence.
+    would_close: BTreeMap<String, u64>,
     /// Services whose counters an apply zeroed, until their next sample (a service gone before
     /// it keeps its slot, and everything in it since the zeroing is its own).
     zeroed: BTreeSet<String>,
@@ -107,6 +115,8 @@ impl<D: Dataplane> State<D> {
             rollout,
             dns,
             closed: Vec::new(),
+            would_close_seen: BTreeSet::new(),
+            would_close: BTreeMap::new(),
             zeroed: BTreeSet::new(),
         }
     }
@@ -231,8 +241,9 @@ impl<D: Dataplane> State<D> {
         Ok(())
     }
 
-    /// Closes the connections that the policy now in force would refuse (a service just
-    /// enforced, a rule just removed): the hooks judge a connection only when it is made. A
+    /// Sweeps for the connections that the policy now in force would refuse (a service just
+    /// enforced, a rule just removed, a connection made before the policy): the hooks judge a
+    /// connection only when it is made. Enforce closes them; audit reports them as evidence. A
     /// failure leaves the policy in force; it is logged and counted.
     fn close_disallowed(&mut self) {
         let registered: BTreeMap<u64, String> =
@@ -266,19 +277,37 @@ impl<D: Dataplane> State<D> {
     }
 
     /// Reads the kernel's events into the log, the stream and the evidence, and the connections
-    /// the last applies closed.
+    /// the last applies' sweeps found.
     pub fn drain_events(&mut self, now: SystemTime) {
         for closed in std::mem::take(&mut self.closed) {
+            if !closed.closed && !self.would_close_seen.insert(closed.cookie) {
+                continue;
+            }
+            if self.would_close_seen.len() > MAX_WOULD_CLOSE_SEEN {
+                // Bounded: a connection forgotten here counts again (never less evidence).
+                self.would_close_seen.clear();
+            }
             let service = self.kernel.service_of_cgroup(closed.policy_cgroup_id).map(str::to_owned);
             let cgroup = self.cgroup_path(closed.cgroup_id);
             let destination_service = self.owner_name(closed.remote.ip(), closed.remote.port(), closed.protocol);
             let record = EventRecord::closed(&closed, service, cgroup, destination_service, now);
-            info!(
-                service = record.service.as_deref().unwrap_or_default(),
-                destination = record.destination,
-                "connection closed: the policy in force no longer allows it"
-            );
-            counter!("depfence_connections_closed_total", "service" => record.service.clone().unwrap_or_default())
+            let name = record.service.clone().unwrap_or_default();
+            if closed.closed {
+                info!(
+                    service = name,
+                    destination = record.destination,
+                    "connection closed: the policy no longer allows it"
+                );
+            } else {
+                info!(
+                    service = name,
+                    destination = record.destination,
+                    "open connection the policy does not allow: enforce would close it (a would-reject)"
+                );
+                self.rollout.record_destination(&name, now, &record.destination);
+                *self.would_close.entry(name.clone()).or_default() += 1;
+            }
+            counter!("depfence_connections_closed_total", "service" => name, "verdict" => record.verdict.as_str())
                 .increment(1);
             self.record(record);
         }
@@ -350,6 +379,9 @@ impl<D: Dataplane> State<D> {
                     "evidence lost: {reason}; promotions of `{name}` are refused for a whole window"
                 );
                 telemetry::evidence_lost(Some(name));
+            }
+            if let Some(count) = self.would_close.remove(name) {
+                self.rollout.record_would_reject(name, now, count);
             }
         }
         self.rollout.persist(now, false);

@@ -50,8 +50,8 @@ pub fn describe() {
     describe_counter!("depfence_events_dropped_total", "Kernel events lost because the ring buffer was full.");
     describe_counter!(
         "depfence_connections_closed_total",
-        "Open connections closed because the policy in force no longer allows them (after a switch \
-         to enforce or a swap), by service."
+        "Open connections the policy in force no longer allows, by service and verdict: closed \
+         (rejected, in enforce) or left open and counted as evidence (would_reject, in audit)."
     );
     describe_counter!(
         "depfence_socket_sweep_failures_total",
@@ -140,8 +140,9 @@ pub enum EventKind {
     Socket,
     /// An IPv6 routing header (`routing-header`, or `routing-header:<first hop>` for a packet).
     RoutingHeader,
-    /// A socket that was open before its service's policy changed, closed because the policy in
-    /// force no longer allows its destination.
+    /// A connection open before its service's policy changed that the policy in force no longer
+    /// allows: closed in enforce (`rejected`); in audit left open and reported (`would_reject`,
+    /// evidence against a promotion).
     ClosedSocket,
 }
 
@@ -225,7 +226,8 @@ impl EventRecord {
         }
     }
 
-    /// A connection the agent closed; `service`, `cgroup` and the service that owns the
+    /// A connection the agent's sweep found: closed (rejected, in enforce) or one enforce would
+    /// close (would-reject, in audit); `service`, `cgroup` and the service that owns the
     /// destination come from the agent's tables.
     pub fn closed(
         closed: &ClosedSocket,
@@ -245,7 +247,7 @@ impl EventRecord {
             comm: String::new(),
             destination: remote.to_string(),
             destination_service,
-            verdict: Verdict::Rejected,
+            verdict: if closed.closed { Verdict::Rejected } else { Verdict::WouldReject },
             kind: EventKind::ClosedSocket,
             query: None,
             generation: closed.generation,

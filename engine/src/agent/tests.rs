@@ -319,6 +319,51 @@ fn connections_the_policy_in_force_refuses_are_closed_and_reported() {
     assert_eq!(count, 2);
 }
 
+/// A connection made while the policy allowed it, that the policy now in force would refuse,
+/// stays open in audit, but it is evidence: enforce would close it. It is reported once however
+/// many sweeps find it, and it refuses the promotion like a would-reject the hook counted.
+#[test]
+fn an_open_connection_enforce_would_close_is_evidence_in_audit() {
+    let gate =
+        GateConfig { window: Duration::from_secs(60), min_connections: 5, min_observed: Duration::from_secs(30) };
+    let mut s = Setup::new(&policy("audit", r#", { ip = "10.0.0.6", ports = [80] }"#), gate);
+    assert!(s.state.reload("start", at(0)));
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::Allowed), "a long-lived connection, allowed then");
+    s.state.drain_events(at(0));
+    s.state.sample(at(0));
+
+    // The rule goes; the service stays in audit. Two applies, one connection.
+    s.write_policy(&policy("audit", ""));
+    assert!(s.state.reload("policy file changed", at(1)));
+    assert!(s.state.reload("again", at(2)));
+    let promote = Request::Promote {
+        service: "app".into(),
+        environment: None,
+        mode: Mode::Enforce,
+        force: false,
+        reason: None,
+        dry_run: false,
+    };
+    for i in 0..=5 {
+        s.connect(APP, DB);
+        s.state.drain_events(at(10 * i + 3));
+        s.state.sample(at(10 * i + 3));
+    }
+    let found: Vec<_> = s
+        .state
+        .subscribe(100)
+        .0
+        .into_iter()
+        .filter(|e| e.kind == super::telemetry::EventKind::ClosedSocket)
+        .map(|e| (e.destination, e.verdict))
+        .collect();
+    assert_eq!(found, [(OTHER.to_owned() + "/tcp", Verdict::WouldReject)], "reported once, and left open");
+    let answer = s.ask(promote, at(55));
+    let error = answer.error.unwrap_or_default();
+    assert!(error.contains("app had 1 would-rejected connection"), "{error}");
+    assert!(error.contains("10.0.0.6:80/tcp (1)"), "the destination is named: {error}");
+}
+
 /// The issue's scenario: an agent in audit saw a would-reject; its counter history was then
 /// truncated and its kernel state file corrupted, and it was restarted on the same (pinned)
 /// maps. The promotion is refused, saying the evidence was lost, until a full window of new

@@ -1,9 +1,11 @@
 //! Connections that outlive the policy that let them in: the hooks judge a connection once,
 //! when it is made, so a connection opened while its service was in audit, or allowed by the
 //! generation before a swap, would go on after the service is enforced or its rule is gone.
-//! After each change the agent sweeps: every connected socket of an enforced cgroup is judged
-//! exactly as the connect hook would judge a new connection to its peer (the shared lookup over
-//! the kernel's own maps), and the ones it would refuse are closed.
+//! After each change the agent sweeps: every connected socket of a cgroup under a policy is
+//! judged exactly as the connect hook would judge a new connection to its peer (the shared lookup
+//! over the kernel's own maps). In enforce the ones it would refuse are closed; in audit they are
+//! reported, as would-rejects that no counter of the hook saw (a connection made before the
+//! policy, that a promotion to enforce would close).
 //!
 //! Only outbound connections are judged: a TCP connection whose local port has a listener, or a
 //! connected UDP socket whose local port is also bound by an unconnected one (a server's
@@ -14,7 +16,7 @@ use std::net::SocketAddr;
 use aya::maps::{HashMap, MapData};
 
 use super::abi::{
-    CgroupState, CidrKeyData, CidrValue, FLAG_DNS, IPPROTO_TCP, MODE_ENFORCE, NameKey, RuleKey, is_dns_proxy,
+    CgroupState, CidrKeyData, CidrValue, FLAG_DNS, IPPROTO_TCP, MODE_ENFORCE, MODE_OFF, NameKey, RuleKey, is_dns_proxy,
     lookup::{Destination, Extra, LOOKUP_PREFIX_LEN, RuleMaps, first_match},
     map_names,
     user::addr_words,
@@ -22,9 +24,14 @@ use super::abi::{
 use super::sockets::{InetSocket, SockDiag, TCP_ESTABLISHED, TCP_LISTEN};
 use super::{Datapath, DatapathError, Maps, map_err, open_pinned};
 
-/// A connection closed because the policy in force no longer allows it.
+/// A connection the policy in force would refuse if it were made now: closed in enforce,
+/// reported in audit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClosedSocket {
+    /// It was closed (enforce); false: it stays open (audit).
+    pub closed: bool,
+    /// The kernel's socket cookie (one connection found by several sweeps is one).
+    pub cookie: u64,
     /// The cgroup the socket was created in.
     pub cgroup_id: u64,
     /// The registered cgroup whose policy judged it.
@@ -91,12 +98,13 @@ fn server_ports(sockets: &[InetSocket]) -> BTreeSet<(u8, u16)> {
 }
 
 impl Datapath {
-    /// Closes every connection of an enforced cgroup that the policy in force would refuse if it
-    /// were made now. `policy_of` maps each cgroup id to the registered cgroup whose policy
-    /// applies to it (itself, or its nearest registered ancestor), as the hooks find it.
+    /// Finds every connection of a cgroup in audit or enforce that the policy in force would
+    /// refuse if it were made now, and closes it in enforce. `policy_of` maps each cgroup id to
+    /// the registered cgroup whose policy applies to it (itself, or its nearest registered
+    /// ancestor), as the hooks find it.
     pub fn close_disallowed(&self, policy_of: &BTreeMap<u64, u64>) -> Result<Vec<ClosedSocket>, DatapathError> {
         let states: BTreeMap<u64, CgroupState> = self.maps.cgroup_states().into_iter().collect();
-        if !states.values().any(|s| s.mode == MODE_ENFORCE) {
+        if states.values().all(|s| s.mode == MODE_OFF) {
             return Ok(Vec::new());
         }
         let config = self.maps.config.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
@@ -111,7 +119,7 @@ impl Datapath {
                 continue;
             };
             let Some(&state) = states.get(&policy_cgroup_id) else { continue };
-            if state.mode != MODE_ENFORCE {
+            if state.mode == MODE_OFF {
                 continue;
             }
             let Some(d) = outbound_destination(&socket, &servers) else { continue };
@@ -122,8 +130,13 @@ impl Datapath {
             if first_match(&lookup, state.ruleset_id, &d, Extra::active(&state)) != 0 {
                 continue;
             }
-            diag.destroy(&socket)?;
+            let enforce = state.mode == MODE_ENFORCE;
+            if enforce {
+                diag.destroy(&socket)?;
+            }
             closed.push(ClosedSocket {
+                closed: enforce,
+                cookie: socket.cookie,
                 cgroup_id,
                 policy_cgroup_id,
                 protocol: socket.protocol,

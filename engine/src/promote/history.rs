@@ -319,6 +319,29 @@ impl CounterHistory {
         continuity
     }
 
+    /// Adds `count` would-rejects that the kernel's counters do not hold to a service's evidence
+    /// at `time`: connections made before the policy in force that enforce would close (the
+    /// agent's sweep finds them). Call it after [`CounterHistory::record`] of the same time: the
+    /// count goes into a sample just after the newest (which stays the base of the windows that
+    /// start there), and every later sample carries it on.
+    pub fn record_would_reject(&mut self, service: &str, time: SystemTime, count: u64) {
+        let limits = self.limits;
+        let series = self.series.entry(service.to_owned()).or_default();
+        let Some(newest) = series.newest().copied() else { return };
+        let time = time.max(newest.time + Duration::from_millis(1));
+        let sample = Sample { time, allowed: newest.allowed, would_reject: newest.would_reject.saturating_add(count) };
+        series.push(sample, &limits);
+        let stored = series.newest().copied().unwrap_or(sample);
+        let raw = series.raw;
+        self.queue(Line::Sample {
+            service: service.to_owned(),
+            t_ms: stored.time,
+            allowed: stored.allowed,
+            would_reject: stored.would_reject,
+            raw,
+        });
+    }
+
     /// Records that evidence of `service` (of every service, with None) was lost at `time`:
     /// a window that holds `time` has no trustworthy evidence. A later mark replaces an earlier
     /// one.
@@ -616,6 +639,23 @@ mod tests {
         assert_eq!((e.would_reject, e.last_would_reject), (1, Some(at(1020))));
         let e = h.evidence("web", at(7200), Duration::from_secs(2200));
         assert_eq!((e.would_reject, e.last_would_reject), (0, None));
+    }
+
+    #[test]
+    fn would_rejects_the_kernel_did_not_count_ride_on_the_samples() {
+        let mut h = CounterHistory::default();
+        h.record("web", at(0), 100, 0);
+        h.record_would_reject("web", at(0), 2); // a sample just after the newest carries it
+        h.record("web", at(60), 150, 0);
+        h.record("web", at(120), 170, 1);
+        let e = h.evidence("web", at(120), Duration::from_secs(150));
+        assert_eq!((e.allowed, e.would_reject), (70, 3));
+        // A window that starts after it does not hold it; the kernel's counters go on as before.
+        let e = h.evidence("web", at(120), Duration::from_secs(90));
+        assert_eq!((e.allowed, e.would_reject), (70, 1));
+        // Nothing to ride on before a service's first sample: nothing recorded.
+        h.record_would_reject("db", at(0), 1);
+        assert_eq!(h.evidence("db", at(0), HOUR).would_reject, 0);
     }
 
     #[test]

@@ -170,6 +170,12 @@ impl Rollout {
         Some(reason)
     }
 
+    /// Adds would-rejects the kernel did not count: connections made before the policy in force
+    /// that enforce would close (after [`Rollout::record`] of the same `now`).
+    pub fn record_would_reject(&mut self, service: &str, now: SystemTime, count: u64) {
+        self.history.record_would_reject(service, now, count);
+    }
+
     /// Marks the evidence of every service lost at `now` (the agent's kernel state file was
     /// damaged or missing, say).
     pub fn lose_evidence(&mut self, now: SystemTime, reason: &str) {
