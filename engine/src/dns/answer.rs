@@ -9,15 +9,13 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::RData;
 use tokio::time::Instant;
 
-use std::time::Duration;
-
 use arc_swap::ArcSwap;
 
 use super::allow::AllowSet;
 use super::attrib::{Attribution, Transport};
 use super::event::{DnsEvent, EventSink, QueryEvent};
 use super::names::DnsPolicy;
-use super::upstream::{self, UpstreamError};
+use super::upstream::{Servers, Upstream, UpstreamError};
 use crate::policy::Mode;
 use crate::verdict::Verdict;
 
@@ -44,25 +42,33 @@ pub enum Unattributed {
     Forward,
 }
 
-/// What answering a message needs: how to answer, where to forward, the policy in force, the
-/// allow set the answers feed, and where events go. The proxy's listeners share one.
-pub(super) struct Answerer {
+/// How an [`Answerer`] treats what it may not resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AnswerSettings {
     /// The answer to a denied name in enforce.
-    pub(super) deny: DenyResponse,
+    pub deny: DenyResponse,
     /// What to do with unattributed queries.
-    pub(super) unattributed: Unattributed,
-    /// Resolve denied names in the background, to find shared addresses.
-    pub(super) probe_denied: bool,
-    /// Overall time to get an upstream answer.
-    pub(super) upstream_timeout: Duration,
-    /// Upstream servers, tried in order.
-    pub(super) upstreams: Vec<SocketAddr>,
-    /// The policy in force.
-    pub(super) policy: ArcSwap<DnsPolicy>,
-    /// Where answered addresses are admitted.
-    pub(super) allow: Arc<AllowSet>,
-    /// Where events go.
-    pub(super) events: Box<dyn EventSink>,
+    pub unattributed: Unattributed,
+    /// Resolve denied names in the background, to find addresses they share with allowed ones.
+    pub probe_denied: bool,
+}
+
+/// Answers DNS messages, one at a time, as the proxy does: what answering needs (the settings,
+/// where to forward, the policy in force, the allow set the answers feed, where events go) and
+/// no socket. The proxy's listeners share one; tests and the fuzz targets call it directly with
+/// an in-memory [`Upstream`].
+pub struct Answerer<U = Servers> {
+    settings: AnswerSettings,
+    upstream: U,
+    policy: ArcSwap<DnsPolicy>,
+    allow: Arc<AllowSet>,
+    events: Box<dyn EventSink>,
+}
+
+impl<U: std::fmt::Debug> std::fmt::Debug for Answerer<U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answerer").field("settings", &self.settings).field("upstream", &self.upstream).finish()
+    }
 }
 
 /// A reply with only a header: the query's id and opcode, `rcode`, no sections. None when the
@@ -123,9 +129,43 @@ fn chain_addrs(answer: &Message, qname: &str) -> Vec<(IpAddr, u32)> {
         .collect()
 }
 
-impl Answerer {
-    /// Answers one message; None when nothing should be sent back.
-    pub(super) async fn handle(
+impl<U: Upstream> Answerer<U> {
+    /// An answerer judging by `policy`, forwarding to `upstream`, admitting answered addresses
+    /// into `allow` and reporting to `events`.
+    pub fn new(
+        settings: AnswerSettings,
+        upstream: U,
+        policy: DnsPolicy,
+        allow: Arc<AllowSet>,
+        events: impl EventSink + 'static,
+    ) -> Answerer<U> {
+        Answerer { settings, upstream, policy: ArcSwap::from_pointee(policy), allow, events: Box::new(events) }
+    }
+
+    /// Where allowed questions go.
+    pub fn upstream(&self) -> &U {
+        &self.upstream
+    }
+
+    /// The allow set the answers feed.
+    pub fn allow_set(&self) -> &Arc<AllowSet> {
+        &self.allow
+    }
+
+    /// Replaces the policy; messages answered from now on are judged by it.
+    pub fn set_policy(&self, policy: DnsPolicy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Reports an event the serving code saw (an overload).
+    pub(super) fn report(&self, event: DnsEvent) {
+        self.events.event(event);
+    }
+
+    /// Answers one message that `client` sent to the proxy's `local` address over `transport`,
+    /// asked by `who`: the encoded reply (an answer, or a refusal or error code), or None when
+    /// nothing should be sent back (the message is a response, or not even a DNS header).
+    pub async fn answer(
         self: &Arc<Self>,
         bytes: &[u8],
         who: Option<Attribution>,
@@ -162,7 +202,7 @@ impl Answerer {
         let policy = self.policy.load();
         let service = who.as_ref().and_then(|w| policy.service(&w.service).map(|p| (w, Arc::clone(p))));
         let Some((who, service)) = service else {
-            let forwarded = self.unattributed == Unattributed::Forward;
+            let forwarded = self.settings.unattributed == Unattributed::Forward;
             self.events.event(DnsEvent::Unattributed {
                 client,
                 local,
@@ -174,7 +214,7 @@ impl Answerer {
             if !forwarded {
                 return encode(&error_reply(&query, ResponseCode::Refused), transport, &query);
             }
-            let reply = match upstream::forward(&self.upstreams, &query, self.upstream_timeout).await {
+            let reply = match self.upstream.forward(&query).await {
                 Ok(answer) => self.client_reply(answer, &query),
                 Err(_) => error_reply(&query, ResponseCode::ServFail),
             };
@@ -200,18 +240,18 @@ impl Answerer {
         };
 
         if verdict == Verdict::Rejected {
-            let rcode = match self.deny {
+            let rcode = match self.settings.deny {
                 DenyResponse::Refused => ResponseCode::Refused,
                 DenyResponse::NxDomain => ResponseCode::NXDomain,
             };
             let reply = error_reply(&query, rcode);
             report(&reply, Vec::new(), None);
-            if self.probe_denied {
+            if self.settings.probe_denied {
                 let inner = Arc::clone(self);
                 let (query, service_name, names, name) =
                     (query.clone(), Arc::clone(&who.service), service.clone(), name.clone());
                 tokio::spawn(async move {
-                    if let Ok(answer) = upstream::forward(&inner.upstreams, &query, inner.upstream_timeout).await {
+                    if let Ok(answer) = inner.upstream.forward(&query).await {
                         let addrs = chain_addrs(&answer, &name);
                         inner.observe(&service_name, &names.names, &name, &addrs);
                     }
@@ -220,7 +260,7 @@ impl Answerer {
             return encode(&reply, transport, &query);
         }
 
-        let answer = match upstream::forward(&self.upstreams, &query, self.upstream_timeout).await {
+        let answer = match self.upstream.forward(&query).await {
             Ok(answer) => answer,
             Err(e) => {
                 let reply = error_reply(&query, ResponseCode::ServFail);
@@ -288,6 +328,12 @@ mod tests {
     use hickory_proto::rr::rdata::{A, AAAA, CNAME};
     use hickory_proto::rr::{Name, Record, RecordType};
 
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use crate::dns::{AllowChange, Grant, NameMatcher, ServicePolicy, TtlBounds};
+    use crate::policy::{HostPattern, PortRange, Proto};
+
     fn name(s: &str) -> Name {
         Name::from_ascii(s).unwrap()
     }
@@ -349,5 +395,87 @@ mod tests {
         assert!(udp.answers.is_empty());
         let tcp = Message::from_vec(&encode(&r, Transport::Tcp, &q).unwrap()).unwrap();
         assert_eq!(tcp.answers.len(), 60);
+    }
+
+    /// An upstream that answers every query from memory with `answer` (its id and question set
+    /// to the query's), and counts what it was asked.
+    struct MemoryUpstream {
+        answer: Option<Message>,
+        asked: AtomicUsize,
+    }
+
+    impl Upstream for MemoryUpstream {
+        fn forward(&self, query: &Message) -> impl Future<Output = Result<Message, UpstreamError>> + Send {
+            self.asked.fetch_add(1, Relaxed);
+            let answer = self.answer.clone().map(|mut answer| {
+                answer.metadata.id = query.metadata.id;
+                answer.metadata.message_type = MessageType::Response;
+                answer.queries = query.queries.clone();
+                answer
+            });
+            std::future::ready(answer.ok_or(UpstreamError::NoServers))
+        }
+    }
+
+    fn web_policy(mode: Mode) -> DnsPolicy {
+        let names = NameMatcher::new([(
+            &HostPattern::parse("*.mirror.internal").unwrap(),
+            Grant { proto: Proto::Any, ports: PortRange::ANY },
+        )]);
+        DnsPolicy::from_services([("web".to_owned(), ServicePolicy { mode, names })])
+    }
+
+    fn web() -> Attribution {
+        Attribution {
+            service: Arc::from("web"),
+            cgroup_id: 1,
+            pid: 2,
+            comm: "curl".into(),
+            original_server: "10.0.0.53:53".parse().unwrap(),
+        }
+    }
+
+    /// An answerer for `web` in `mode` whose upstream answers `10.0.0.10` with `ttl`.
+    fn answerer(mode: Mode, ttl: u32) -> Arc<Answerer<MemoryUpstream>> {
+        let mut answer = Message::response(0, OpCode::Query);
+        answer.add_answer(Record::from_rdata(name("a.mirror.internal."), ttl, RData::A(A([10, 0, 0, 10].into()))));
+        let upstream = MemoryUpstream { answer: Some(answer), asked: Default::default() };
+        let allow = Arc::new(AllowSet::new(TtlBounds::default(), 16, |_: &AllowChange| {}));
+        Arc::new(Answerer::new(AnswerSettings::default(), upstream, web_policy(mode), allow, |_: DnsEvent| {}))
+    }
+
+    async fn ask(answerer: &Arc<Answerer<MemoryUpstream>>, qname: &str, who: Option<Attribution>) -> Message {
+        let mut q = Message::query();
+        q.metadata.id = 0x4242;
+        q.add_query(Query::query(name(qname), RecordType::A));
+        let (client, local) = ("127.0.0.1:40000".parse().unwrap(), "127.53.0.7:53".parse().unwrap());
+        let reply = answerer.answer(&q.to_vec().unwrap(), who, client, local, Transport::Udp).await.unwrap();
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!((reply.metadata.id, &reply.queries), (0x4242, &q.queries));
+        reply
+    }
+
+    #[tokio::test]
+    async fn the_answerer_forwards_allowed_names_and_keeps_denied_ones_from_the_upstream() {
+        let enforce = answerer(Mode::Enforce, 86_400);
+        let reply = ask(&enforce, "a.mirror.internal.", Some(web())).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(reply.answers.len(), 1);
+        assert_eq!(reply.answers[0].ttl, TtlBounds::default().cap_secs(), "TTL not capped");
+        assert_eq!(enforce.allow_set().len(), 1);
+        assert_eq!(enforce.upstream().asked.load(Relaxed), 1);
+
+        let reply = ask(&enforce, "evilmirror.internal.", Some(web())).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        let reply = ask(&enforce, "a.mirror.internal.", None).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        assert_eq!(enforce.upstream().asked.load(Relaxed), 1, "a refused name went upstream");
+        assert_eq!(enforce.allow_set().len(), 1);
+
+        // Audit: answered, reported, never admitted.
+        let audit = answerer(Mode::Audit, 60);
+        let reply = ask(&audit, "evilmirror.internal.", Some(web())).await;
+        assert_eq!((reply.metadata.response_code, reply.answers.len()), (ResponseCode::NoError, 1));
+        assert!(audit.allow_set().is_empty());
     }
 }

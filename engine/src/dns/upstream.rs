@@ -1,6 +1,7 @@
 //! Forwarding a query to the upstream servers: UDP from a fresh socket (a random source port)
 //! with a fresh random transaction id, the reply checked against both and against the question,
 //! TCP when the reply is truncated, the servers tried in order within one overall deadline.
+//! [`Upstream`] is the seam the answering code forwards through; [`Servers`] is the proxy's.
 
 use std::hash::{BuildHasher, Hasher};
 use std::io;
@@ -35,6 +36,39 @@ pub enum UpstreamError {
         /// What went wrong there.
         reason: String,
     },
+}
+
+/// Where the answering code ([`Answerer`](super::Answerer)) sends the questions it may resolve.
+/// [`Servers`] is the proxy's; tests and the fuzz targets answer from memory.
+pub trait Upstream: Send + Sync + 'static {
+    /// The answer to `query`: a response with the query's question, or why there is none.
+    fn forward(&self, query: &Message) -> impl Future<Output = Result<Message, UpstreamError>> + Send;
+}
+
+/// Upstream servers over the network: UDP from a fresh socket and a fresh id, TCP when the reply
+/// is truncated, the servers tried in order within one overall deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Servers {
+    addrs: Vec<SocketAddr>,
+    timeout: Duration,
+}
+
+impl Servers {
+    /// The servers at `addrs`, asked in order; `timeout` bounds the whole exchange.
+    pub fn new(addrs: Vec<SocketAddr>, timeout: Duration) -> Servers {
+        Servers { addrs, timeout }
+    }
+
+    /// The servers, in the order they are asked.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+impl Upstream for Servers {
+    fn forward(&self, query: &Message) -> impl Future<Output = Result<Message, UpstreamError>> + Send {
+        forward(&self.addrs, query, self.timeout)
+    }
 }
 
 /// The nameservers of a resolv.conf file (port 53), in order. IPv6 zone ids (`fe80::1%eth0`) are
@@ -73,11 +107,7 @@ pub(crate) fn random_id() -> u16 {
 
 /// Sends `query` (already encoded with its id set to `id`) to the servers in order until one
 /// answers, within `timeout` overall. The answer is checked: same id, same question, a response.
-pub(crate) async fn forward(
-    servers: &[SocketAddr],
-    query: &Message,
-    timeout: Duration,
-) -> Result<Message, UpstreamError> {
+async fn forward(servers: &[SocketAddr], query: &Message, timeout: Duration) -> Result<Message, UpstreamError> {
     if servers.is_empty() {
         return Err(UpstreamError::NoServers);
     }
