@@ -294,9 +294,12 @@ impl<U: Upstream> Answerer<U> {
         }
     }
 
-    /// The upstream answer as the client gets it: its id and question, TTLs at most the cap.
+    /// The upstream answer as the client gets it: the header fields a reply copies from its
+    /// query (id, opcode, RD) and its question, TTLs at most the cap.
     fn client_reply(&self, mut answer: Message, query: &Message) -> Message {
         answer.metadata.id = query.metadata.id;
+        answer.metadata.op_code = query.metadata.op_code;
+        answer.metadata.recursion_desired = query.metadata.recursion_desired;
         answer.queries = query.queries.clone();
         let cap = self.allow.bounds().cap_secs();
         for record in
@@ -439,9 +442,20 @@ mod tests {
     fn answerer(mode: Mode, ttl: u32) -> Arc<Answerer<MemoryUpstream>> {
         let mut answer = Message::response(0, OpCode::Query);
         answer.add_answer(Record::from_rdata(name("a.mirror.internal."), ttl, RData::A(A([10, 0, 0, 10].into()))));
+        answerer_with(mode, answer)
+    }
+
+    /// An answerer for `web` in `mode` whose upstream answers `answer`.
+    fn answerer_with(mode: Mode, answer: Message) -> Arc<Answerer<MemoryUpstream>> {
         let upstream = MemoryUpstream { answer: Some(answer), asked: Default::default() };
         let allow = Arc::new(AllowSet::new(TtlBounds::default(), 16, |_: &AllowChange| {}));
         Arc::new(Answerer::new(AnswerSettings::default(), upstream, web_policy(mode), allow, |_: DnsEvent| {}))
+    }
+
+    /// The reply to `query` from `web` over `transport`.
+    async fn reply_to(answerer: &Arc<Answerer<MemoryUpstream>>, query: &Message, transport: Transport) -> Vec<u8> {
+        let (client, local) = ("127.0.0.1:40000".parse().unwrap(), "127.53.0.7:53".parse().unwrap());
+        answerer.answer(&query.to_vec().unwrap(), Some(web()), client, local, transport).await.unwrap()
     }
 
     async fn ask(answerer: &Arc<Answerer<MemoryUpstream>>, qname: &str, who: Option<Attribution>) -> Message {
@@ -477,5 +491,19 @@ mod tests {
         let reply = ask(&audit, "evilmirror.internal.", Some(web())).await;
         assert_eq!((reply.metadata.response_code, reply.answers.len()), (ResponseCode::NoError, 1));
         assert!(audit.allow_set().is_empty());
+    }
+
+    /// Found by the `dns_query` fuzz target: the upstream's opcode reached the client.
+    #[tokio::test]
+    async fn replies_carry_the_query_s_opcode_and_recursion_desired() {
+        let mut answer = Message::response(0, OpCode::Update);
+        answer.metadata.recursion_desired = false;
+        let answerer = answerer_with(Mode::Enforce, answer);
+        let mut q = Message::query();
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(name("a.mirror.internal."), RecordType::A));
+        let reply = Message::from_vec(&reply_to(&answerer, &q, Transport::Udp).await).unwrap();
+        assert_eq!(reply.metadata.op_code, OpCode::Query);
+        assert!(reply.metadata.recursion_desired);
     }
 }
