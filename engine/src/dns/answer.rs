@@ -91,12 +91,21 @@ fn error_reply(query: &Message, rcode: ResponseCode) -> Message {
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
     reply.metadata.recursion_available = true;
     reply.queries = query.queries.clone();
-    if query.edns.is_some() {
-        let mut edns = Edns::new();
-        edns.set_max_payload(1232);
+    if let Some(edns) = reply_edns(query) {
         reply.set_edns(edns);
     }
     reply
+}
+
+/// The OPT record of a reply to `query`: none when the query had none; else the proxy's own,
+/// with the query's DNSSEC OK bit. EDNS is hop by hop: the upstream's payload size and options
+/// are not the client's.
+fn reply_edns(query: &Message) -> Option<Edns> {
+    let asked = query.edns.as_ref()?;
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    edns.set_dnssec_ok(asked.flags().dnssec_ok);
+    Some(edns)
 }
 
 /// The addresses answered for `qname`: A and AAAA records owned by it or by a name its CNAME
@@ -295,12 +304,18 @@ impl<U: Upstream> Answerer<U> {
     }
 
     /// The upstream answer as the client gets it: the header fields a reply copies from its
-    /// query (id, opcode, RD) and its question, TTLs at most the cap.
+    /// query (id, opcode, RD), its question and the proxy's OPT record ([`reply_edns`]), TTLs
+    /// at most the cap.
     fn client_reply(&self, mut answer: Message, query: &Message) -> Message {
         answer.metadata.id = query.metadata.id;
         answer.metadata.op_code = query.metadata.op_code;
         answer.metadata.recursion_desired = query.metadata.recursion_desired;
         answer.queries = query.queries.clone();
+        answer.edns = reply_edns(query);
+        // An extended response code needs an OPT record to travel in.
+        if answer.edns.is_none() && answer.metadata.response_code.high() > 0 {
+            answer.metadata.response_code = ResponseCode::ServFail;
+        }
         let cap = self.allow.bounds().cap_secs();
         for record in
             answer.answers.iter_mut().chain(answer.authorities.iter_mut()).chain(answer.additionals.iter_mut())
@@ -505,5 +520,48 @@ mod tests {
         let reply = Message::from_vec(&reply_to(&answerer, &q, Transport::Udp).await).unwrap();
         assert_eq!(reply.metadata.op_code, OpCode::Query);
         assert!(reply.metadata.recursion_desired);
+    }
+
+    /// EDNS is hop by hop: the client gets the proxy's OPT record (only if it sent one), never
+    /// the upstream's options; a reply without them fits the client's 512 bytes.
+    #[tokio::test]
+    async fn replies_carry_the_proxy_s_edns_not_the_upstream_s() {
+        let mut answer = Message::response(0, OpCode::Query);
+        answer.add_answer(Record::from_rdata(name("a.mirror.internal."), 60, RData::A(A([10, 0, 0, 10].into()))));
+        let mut upstream_edns = Edns::new();
+        upstream_edns.set_max_payload(4096);
+        upstream_edns.options_mut().insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(3, vec![b'n'; 600]));
+        answer.set_edns(upstream_edns);
+        let answerer = answerer_with(Mode::Enforce, answer);
+
+        let mut plain = Message::query();
+        plain.add_query(Query::query(name("a.mirror.internal."), RecordType::A));
+        let bytes = reply_to(&answerer, &plain, Transport::Udp).await;
+        assert!(bytes.len() <= 512, "a {}-byte reply to a client that accepts 512", bytes.len());
+        let reply = Message::from_vec(&bytes).unwrap();
+        assert!(reply.edns.is_none(), "an OPT record for a client that sent none");
+        assert_eq!(reply.answers.len(), 1);
+
+        let mut with_edns = plain.clone();
+        let mut edns = Edns::new();
+        edns.set_max_payload(1400);
+        edns.set_dnssec_ok(true);
+        with_edns.set_edns(edns);
+        let reply = Message::from_vec(&reply_to(&answerer, &with_edns, Transport::Udp).await).unwrap();
+        let edns = reply.edns.expect("no OPT record for a client that sent one");
+        assert_eq!(edns.max_payload(), 1232);
+        assert!(edns.flags().dnssec_ok);
+        assert!(edns.options().as_ref().is_empty(), "the upstream's options reached the client");
+
+        // An extended code (BADCOOKIE, 23) cannot reach a client without EDNS as its low bits
+        // (23 & 15 = YXDOMAIN): it gets SERVFAIL; one with EDNS gets the code.
+        let mut answer = Message::response(0, OpCode::Query);
+        answer.metadata.response_code = ResponseCode::BADCOOKIE;
+        answer.set_edns(Edns::new());
+        let answerer = answerer_with(Mode::Enforce, answer);
+        let reply = Message::from_vec(&reply_to(&answerer, &plain, Transport::Udp).await).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        let reply = Message::from_vec(&reply_to(&answerer, &with_edns, Transport::Udp).await).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::BADCOOKIE);
     }
 }
