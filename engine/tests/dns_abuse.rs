@@ -1,7 +1,8 @@
 //! The DNS proxy under abuse: while one client floods it with malformed and oversized messages
 //! (UDP garbage, short headers, oversized datagrams; TCP connections that send a 65535-byte
 //! length prefix and stall, or garbage frames, and never read), another client's lookups are
-//! still answered, correctly and promptly, over UDP and TCP.
+//! still answered, correctly and promptly, over UDP and TCP. A client that pipelines questions
+//! and never reads the answers loses its TCP connection after the idle timeout.
 //!
 //! Real sockets on loopback only, no privileges, no external tool: the upstream is a small Rust
 //! server (`FakeUpstream`). The proxy is started as the agent starts it (`Proxy::bind`), with a
@@ -269,4 +270,108 @@ async fn the_proxy_keeps_answering_others_while_one_client_sends_garbage() {
     assert!(good_events.iter().any(|e| e.name == "evil.example" && e.verdict == Verdict::Rejected));
     // The stalled connections and the flood did not leave the proxy unable to answer.
     assert_eq!(tcp_lookup(good, "after.mirror.internal", limit).await, expected);
+}
+
+/// When a client that never reads saw its writes block, and its connection closed by the proxy.
+#[derive(Debug, Default)]
+struct NonReader {
+    stuck: Option<Instant>,
+    closed: Option<Instant>,
+}
+
+/// A TCP connection that pipelines questions (long names: long answers) and never reads an
+/// answer: it writes until its writes block (then sets `stuck`), and goes on trying until the
+/// proxy closes the connection or `stop`.
+fn never_read_tcp(to: SocketAddr, stop: Arc<AtomicBool>, stuck: Arc<AtomicBool>) -> NonReader {
+    let name = format!("{}.example", vec!["x".repeat(60); 3].join("."));
+    let query = encode_query(0x7171, &name, RecordType::A);
+    let burst = [(query.len() as u16).to_be_bytes().to_vec(), query].concat().repeat(64);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    // A small window: the proxy's answers back up soon.
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&to.into()).unwrap();
+    let mut stream = TcpStream::from(socket);
+    stream.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut seen = NonReader::default();
+    while !stop.load(Ordering::Relaxed) {
+        match stream.write_all(&burst) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                if seen.stuck.is_none() {
+                    seen.stuck = Some(Instant::now());
+                    stuck.store(true, Ordering::Relaxed);
+                }
+            }
+            // Reset: the proxy closed the connection with questions unread.
+            Err(_) => {
+                seen.closed = Some(Instant::now());
+                break;
+            }
+        }
+    }
+    seen
+}
+
+/// One lookup over a new TCP connection: the answer, or None when the proxy closes the
+/// connection (it had no room for it) or does not answer within 500 ms.
+async fn tcp_lookup_once(server: SocketAddr, name: &str) -> Option<(ResponseCode, Vec<IpAddr>)> {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(server).await.ok()?;
+        let query = encode_query(0x6262, name, RecordType::A);
+        stream.write_all(&[(query.len() as u16).to_be_bytes().to_vec(), query].concat()).await.ok()?;
+        let len = stream.read_u16().await.ok()?;
+        let mut buf = vec![0u8; usize::from(len)];
+        stream.read_exact(&mut buf).await.ok()?;
+        Some(answer_of(&Message::from_vec(&buf).ok()?))
+    };
+    tokio::time::timeout(Duration::from_millis(500), attempt).await.ok().flatten()
+}
+
+/// A client that pipelines questions and never reads the answers holds its TCP connection (here
+/// the only one the proxy allows) until an answer has not left for the idle timeout; then the
+/// proxy closes it, and other clients get TCP answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_client_that_never_reads_its_answers_is_disconnected() {
+    let upstream = FakeUpstream::start().await;
+    let idle = Duration::from_secs(2);
+    let config =
+        ProxyConfig { upstreams: vec![upstream.addr], max_tcp_connections: 1, tcp_idle_timeout: idle, ..config() };
+    let h = Harness::start(config, "enforce").await;
+    let good = SocketAddr::new(slot_addr(31).into(), h.port());
+    h.attribute(good.ip(), 100, "good");
+    // The non-reader is nobody the proxy knows: its questions are refused at once, each with
+    // its (long) question echoed.
+    let reader = SocketAddr::new(slot_addr(32).into(), h.port());
+
+    let (stop, stuck) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let abuser = {
+        let (stop, stuck) = (Arc::clone(&stop), Arc::clone(&stuck));
+        thread::spawn(move || never_read_tcp(reader, stop, stuck))
+    };
+    let started = Instant::now();
+    while !stuck.load(Ordering::Relaxed) {
+        assert!(!abuser.is_finished() && started.elapsed() < Duration::from_secs(10), "the non-reader never got stuck");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its connection is the only one: another client's is closed at once.
+    assert_eq!(tcp_lookup_once(good, "a.mirror.internal").await, None, "a second connection was served");
+    assert!(h.events().iter().any(|e| matches!(e, DnsEvent::Overloaded { .. })));
+
+    // Within the idle timeout (and some slack), the proxy lets the non-reader go.
+    let deadline = Instant::now() + idle + Duration::from_secs(3);
+    while !abuser.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = abuser.join().unwrap();
+    let (stuck_at, closed_at) = (seen.stuck.unwrap(), seen.closed);
+    let closed_at =
+        closed_at.unwrap_or_else(|| panic!("the proxy kept a non-reading connection open {:?}", stuck_at.elapsed()));
+    eprintln!(
+        "the non-reader was stuck {:?} after it connected, and closed {:?} later",
+        stuck_at - started,
+        closed_at - stuck_at
+    );
+    let expected = (ResponseCode::NoError, vec![IpAddr::V4(FakeUpstream::ADDR)]);
+    assert_eq!(tcp_lookup_once(good, "a.mirror.internal").await, Some(expected));
 }

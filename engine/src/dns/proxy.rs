@@ -53,7 +53,8 @@ pub struct ProxyConfig {
     /// TCP connections at once; beyond it a connection is closed at once.
     pub max_tcp_connections: usize,
     /// A TCP connection that sends no query for this long is closed (once its answers are
-    /// out).
+    /// out); so is one whose answer cannot be written for this long (a client that does not
+    /// read its answers).
     pub tcp_idle_timeout: Duration,
 }
 
@@ -354,6 +355,7 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, client: SocketAd
         let inner = Arc::clone(&inner);
         let writer = Arc::clone(&writer);
         let who = who.clone();
+        let pipeline = Arc::clone(&pipeline);
         running.spawn(async move {
             let _permit = permit;
             let Some(reply) = inner.answerer.answer(&bytes, who, client, local, Transport::Tcp).await else { return };
@@ -361,10 +363,22 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, client: SocketAd
             let mut framed = Vec::with_capacity(reply.len() + 2);
             framed.extend_from_slice(&len.to_be_bytes());
             framed.extend_from_slice(&reply);
-            let _ = writer.lock().await.write_all(&framed).await;
+            let mut writer = writer.lock().await;
+            // The connection is closing: the client stopped taking its answers.
+            if pipeline.is_closed() {
+                return;
+            }
+            // An answer that does not leave within the idle timeout (a client that does not
+            // read its answers, and would otherwise hold the connection and its slot forever)
+            // or cannot leave at all: no more reads, the answers still queued are dropped.
+            let write = tokio::time::timeout(inner.config.tcp_idle_timeout, writer.write_all(&framed)).await;
+            if !matches!(write, Ok(Ok(()))) {
+                pipeline.close();
+            }
         });
     }
-    // The client closed its side (or went idle): finish what it asked, then close.
+    // The client closed its side, went idle or stopped reading: finish what it asked (each
+    // answer within the idle timeout), then close.
     while running.join_next().await.is_some() {}
     let _ = writer.lock().await.shutdown().await;
 }
