@@ -217,6 +217,21 @@ mod tests {
         assert!(matches!(Response::from_line(b"{\"ok\":1}"), Err(ProtocolError::NotAResponse(_))));
     }
 
+    /// Found by the `control_request` fuzz target: a long number read to the nearest float but
+    /// one, which then changed on its next trip.
+    #[test]
+    fn numbers_in_a_response_are_read_exactly() {
+        let digits = format!("{}0", "6".repeat(102));
+        let line = format!(r#"{{"ok":true,"body":{{"ratio":{digits},"small":0.1,"tiny":5e-324}}}}"#);
+        let response = Response::from_line(line.as_bytes()).unwrap();
+        let number = |key: &str| response.body.get(key).and_then(serde_json::Value::as_f64).unwrap();
+        assert_eq!(number("ratio"), digits.parse::<f64>().unwrap());
+        assert_eq!(number("small"), 0.1);
+        assert_eq!(number("tiny"), 5e-324);
+        let again = Response::from_line(&response.to_line().unwrap()).unwrap();
+        assert_eq!(again, response);
+    }
+
     #[test]
     fn responses_survive_their_line() {
         for response in [
