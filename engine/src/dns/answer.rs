@@ -326,15 +326,30 @@ impl<U: Upstream> Answerer<U> {
     }
 }
 
-/// Encodes a reply; over UDP, one larger than the client accepts is truncated (TC set, no
-/// records) so the client retries over TCP.
+/// Encodes a reply within what the client accepts (over UDP its EDNS payload size or 512, over
+/// TCP a 16-bit length): one larger (or that does not encode) is truncated (TC set, no records)
+/// so that the client retries over TCP, and if even the question does not fit (a query of many
+/// or long questions), the header goes alone.
 fn encode(reply: &Message, transport: Transport, query: &Message) -> Option<Vec<u8>> {
-    let bytes = reply.to_vec().ok()?;
-    let limit = usize::from(query.max_payload());
-    if transport == Transport::Udp && bytes.len() > limit {
-        return reply.truncate().to_vec().ok();
+    let limit = match transport {
+        Transport::Udp => usize::from(query.max_payload()),
+        Transport::Tcp => usize::from(u16::MAX),
+    };
+    let within = |m: &Message| m.to_vec().ok().filter(|bytes| bytes.len() <= limit);
+    if let Some(bytes) = within(reply) {
+        return Some(bytes);
     }
-    Some(bytes)
+    let truncated = reply.truncate();
+    if let Some(bytes) = within(&truncated) {
+        return Some(bytes);
+    }
+    let mut header = Message::new(0, MessageType::Response, OpCode::Query);
+    header.metadata = truncated.metadata;
+    // An extended response code needs the OPT record that no longer fits.
+    if header.metadata.response_code.high() > 0 {
+        header.metadata.response_code = ResponseCode::ServFail;
+    }
+    header.to_vec().ok()
 }
 
 #[cfg(test)]
@@ -506,6 +521,35 @@ mod tests {
         let reply = ask(&audit, "evilmirror.internal.", Some(web())).await;
         assert_eq!((reply.metadata.response_code, reply.answers.len()), (ResponseCode::NoError, 1));
         assert!(audit.allow_set().is_empty());
+    }
+
+    /// Found by the `dns_query` fuzz target: a query of 91 questions got a FORMERR echoing them
+    /// all, 847 bytes to a client that accepts 512, truncation keeping the questions.
+    #[tokio::test]
+    async fn a_reply_that_does_not_fit_even_truncated_is_the_header_alone() {
+        let answerer = answerer(Mode::Enforce, 60);
+        let mut q = Message::query();
+        q.metadata.id = 0x9191;
+        for i in 0..91 {
+            q.add_query(Query::query(name(&format!("host-{i}.a-rather-long-domain.mirror.internal.")), RecordType::A));
+        }
+        let bytes = reply_to(&answerer, &q, Transport::Udp).await;
+        assert_eq!(bytes.len(), 12, "{} bytes", bytes.len());
+        let reply = Message::from_vec(&bytes).unwrap();
+        assert_eq!(reply.metadata.id, 0x9191);
+        assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+        assert!(reply.metadata.truncation);
+        // Over TCP, it all fits.
+        let reply = Message::from_vec(&reply_to(&answerer, &q, Transport::Tcp).await).unwrap();
+        assert_eq!((reply.queries.len(), reply.metadata.truncation), (91, false));
+
+        // Over TCP, beyond 16 bits: the header alone too.
+        let mut big = error_reply(&q, ResponseCode::FormErr);
+        for i in 0..1200 {
+            big.add_query(Query::query(name(&format!("{}.n{i}.", "x".repeat(60))), RecordType::A));
+        }
+        let bytes = encode(&big, Transport::Tcp, &q).unwrap();
+        assert_eq!(bytes.len(), 12);
     }
 
     /// Found by the `dns_query` fuzz target: the upstream's opcode reached the client.
