@@ -20,7 +20,7 @@ pub mod dns {
     use depfence::dns::{
         AnswerSettings, Attribution, DenyResponse, DnsPolicy, Transport, Unattributed, Upstream, UpstreamError,
     };
-    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::op::Message;
 
     /// The policy the target judges by: one service per mode, each allowed the same names.
     pub const POLICY: &str = r#"
@@ -187,9 +187,11 @@ allow = [{ host = "*.mirror.internal" }]
         }
     }
 
-    /// An upstream that answers from memory, at once: the answer it was given, with the
-    /// forwarded query's id and question (as a server's answer must have, or the proxy would
-    /// not take it); no answer when the bytes are not a DNS message. Keeps what it was asked.
+    /// An upstream that answers from memory, at once, with what a server's answer can be (or
+    /// the proxy would not take it): the bytes it was given, read as a response to a QUERY (the
+    /// flags' QR bit set and opcode cleared before decoding: what a message may hold depends on
+    /// its opcode), then given the forwarded query's id and question. No answer when the bytes
+    /// do not decode. Keeps what it was asked.
     #[derive(Debug)]
     pub struct MemoryUpstream {
         answer: Option<Message>,
@@ -197,9 +199,13 @@ allow = [{ host = "*.mirror.internal" }]
     }
 
     impl MemoryUpstream {
-        /// Answers with `answer` decoded.
+        /// Answers with `answer`, decoded as a response to a QUERY.
         pub fn new(answer: &[u8]) -> MemoryUpstream {
-            MemoryUpstream { answer: Message::from_vec(answer).ok(), asked: Mutex::new(Vec::new()) }
+            let mut bytes = answer.to_vec();
+            if let Some(flags) = bytes.get_mut(2) {
+                *flags = (*flags & 0b1000_0111) | 0b1000_0000;
+            }
+            MemoryUpstream { answer: Message::from_vec(&bytes).ok(), asked: Mutex::new(Vec::new()) }
         }
 
         /// The queries it was sent.
@@ -214,14 +220,14 @@ allow = [{ host = "*.mirror.internal" }]
                 asked.push(query.clone());
             }
             let answer = match &self.answer {
-                Some(answer) => {
+                // The proxy forwards only QUERYs: the opcode is already the query's.
+                Some(answer) if answer.metadata.op_code == query.metadata.op_code => {
                     let mut answer = answer.clone();
                     answer.metadata.id = query.metadata.id;
-                    answer.metadata.message_type = MessageType::Response;
                     answer.queries = query.queries.clone();
                     Ok(answer)
                 }
-                None => Err(UpstreamError::Timeout(Duration::from_millis(1500))),
+                _ => Err(UpstreamError::Timeout(Duration::from_millis(1500))),
             };
             std::future::ready(answer)
         }

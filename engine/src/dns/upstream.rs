@@ -41,7 +41,8 @@ pub enum UpstreamError {
 /// Where the answering code ([`Answerer`](super::Answerer)) sends the questions it may resolve.
 /// [`Servers`] is the proxy's; tests and the fuzz targets answer from memory.
 pub trait Upstream: Send + Sync + 'static {
-    /// The answer to `query`: a response with the query's question, or why there is none.
+    /// The answer to `query`: a response with the query's opcode and question, or why there is
+    /// none.
     fn forward(&self, query: &Message) -> impl Future<Output = Result<Message, UpstreamError>> + Send;
 }
 
@@ -185,10 +186,13 @@ async fn ask_tcp(server: SocketAddr, bytes: &[u8], query: &Message) -> Result<Me
     }
 }
 
-/// True when `answer` is the response to `query`: same id, a response, the same question.
+/// True when `answer` is the response to `query`: same id, a response, the same opcode (what a
+/// message may hold depends on it: an UPDATE's records may be empty, a QUERY's may not) and
+/// the same question.
 fn answers(answer: &Message, query: &Message) -> bool {
     answer.metadata.id == query.metadata.id
         && answer.metadata.message_type == hickory_proto::op::MessageType::Response
+        && answer.metadata.op_code == query.metadata.op_code
         && answer.queries.len() == query.queries.len()
         && answer.queries.iter().zip(&query.queries).all(|(a, q)| {
             a.query_type == q.query_type
@@ -213,6 +217,33 @@ mod tests {
             ]
         );
         assert!(parse_resolv_conf("").is_empty());
+    }
+
+    /// Found by the `dns_query` fuzz target: an UPDATE response (whose records may be empty) was
+    /// taken as the answer to a QUERY, and the client got a reply it could not decode.
+    #[test]
+    fn an_answer_has_the_query_s_id_opcode_and_question() {
+        use hickory_proto::op::{MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RecordType};
+        let mut query = Message::query();
+        query.metadata.id = 7;
+        let name = Name::from_ascii("A.Mirror.Internal.").unwrap_or_else(|_| unreachable!());
+        query.add_query(Query::query(name, RecordType::A));
+        let mut answer = Message::response(7, OpCode::Query);
+        let lower = Name::from_ascii("a.mirror.internal.").unwrap_or_else(|_| unreachable!());
+        answer.add_query(Query::query(lower, RecordType::A));
+        assert!(answers(&answer, &query));
+        let changed: [fn(&mut Message); 4] = [
+            |m| m.metadata.id = 8,
+            |m| m.metadata.message_type = MessageType::Query,
+            |m| m.metadata.op_code = OpCode::Update,
+            |m| m.queries.clear(),
+        ];
+        for change in changed {
+            let mut other = answer.clone();
+            change(&mut other);
+            assert!(!answers(&other, &query), "{other:?}");
+        }
     }
 
     #[test]
