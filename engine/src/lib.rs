@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod compile;
+pub mod control_protocol;
 #[cfg(feature = "datapath")]
 pub mod datapath;
 pub mod diag;

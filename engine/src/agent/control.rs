@@ -2,8 +2,10 @@
 //! the running agent for its status, its events, an explanation against the live policy, a
 //! reload, a promotion, or a candidate policy. One JSON request line per connection; the
 //! answer is one JSON line, or for `events --follow` a JSON line per event until the client
-//! hangs up. This module holds the protocol, the client side (`policyctl`'s) and the server
-//! side, which hands each request to the state task as a message.
+//! hangs up. The requests and responses and their encoding are `crate::control_protocol`'s
+//! (re-exported here); this module holds what the agent answers with, the client side
+//! (`policyctl`'s) and the server side, which hands each request to the state task as a
+//! message.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
@@ -17,80 +19,8 @@ use tracing::{info, warn};
 
 use super::config::{AgentError, io_error};
 use super::telemetry::EventRecord;
+pub use crate::control_protocol::{MAX_REQUEST_LINE, ProtocolError, Request, Response};
 use crate::dns::DnsEvent;
-
-/// A request to the agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "snake_case")]
-pub enum Request {
-    /// Per-service mode, generation, counters and last would-reject.
-    Status,
-    /// Recent events, and with `follow` every new one as it comes.
-    Events {
-        /// Keep the connection open and stream new events.
-        follow: bool,
-        /// How many recent events to send first.
-        recent: usize,
-    },
-    /// Judge a connection against the live policy.
-    Explain {
-        /// The service making the connection.
-        from: String,
-        /// `ADDR:PORT[/PROTO]`.
-        to: String,
-    },
-    /// Re-read the policy now.
-    Reload,
-    /// Change a service's mode in the policy file (after the evidence gate, unless forced).
-    Promote {
-        /// The service.
-        service: String,
-        /// The environment (default: the agent's).
-        environment: Option<String>,
-        /// `enforce` to promote, `audit` to demote.
-        mode: crate::policy::Mode,
-        /// Force past the evidence gate (needs a reason).
-        force: bool,
-        /// Why (logged with who and when).
-        reason: Option<String>,
-        /// Only check the evidence; change nothing.
-        #[serde(default)]
-        dry_run: bool,
-    },
-    /// Load a candidate policy, evaluated in the kernel beside the active one.
-    ApplyCandidate {
-        /// Policy file or directory.
-        path: PathBuf,
-    },
-    /// Make the candidate the active policy (its files replace the policy's).
-    ActivateCandidate,
-    /// Stop evaluating the candidate.
-    DropCandidate,
-}
-
-/// The agent's answer: `ok` with a payload, or an error message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// The error, when it did not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The payload.
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub body: serde_json::Value,
-}
-
-impl Response {
-    /// A success with a payload.
-    pub fn ok(body: impl Serialize) -> Self {
-        Self { ok: true, error: None, body: serde_json::to_value(body).unwrap_or_default() }
-    }
-    /// A failure.
-    pub fn error(message: impl Into<String>) -> Self {
-        Self { ok: false, error: Some(message.into()), body: serde_json::Value::Null }
-    }
-}
 
 /// The agent's status, as `policyctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,9 +131,12 @@ pub enum ClientError {
     /// The connection broke.
     #[error("talking to the agent: {0}")]
     Io(#[from] std::io::Error),
-    /// The agent sent something that is not a response.
+    /// The agent sent an event that is not one.
     #[error("the agent's answer is not valid: {0}")]
     Protocol(#[from] serde_json::Error),
+    /// The request could not be sent, or the answer is not a response.
+    #[error(transparent)]
+    Message(#[from] ProtocolError),
     /// The agent refused the request.
     #[error("{0}")]
     Refused(String),
@@ -213,12 +146,10 @@ pub enum ClientError {
 pub fn request(socket: &Path, request: &Request) -> Result<serde_json::Value, ClientError> {
     let mut stream =
         UnixStream::connect(socket).map_err(|source| ClientError::NotRunning { path: socket.to_owned(), source })?;
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
-    let response: Response = serde_json::from_str(&answer)?;
+    stream.write_all(&request.to_line()?)?;
+    let mut answer = Vec::new();
+    BufReader::new(stream).read_until(b'\n', &mut answer)?;
+    let response = Response::from_line(&answer)?;
     if response.ok { Ok(response.body) } else { Err(ClientError::Refused(response.error.unwrap_or_default())) }
 }
 
@@ -232,12 +163,10 @@ pub fn follow_events(
 ) -> Result<(), ClientError> {
     let mut stream =
         UnixStream::connect(socket).map_err(|source| ClientError::NotRunning { path: socket.to_owned(), source })?;
-    let mut line = serde_json::to_vec(&Request::Events { follow, recent })?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
+    stream.write_all(&Request::Events { follow, recent }.to_line()?)?;
     for line in BufReader::new(stream).lines() {
         let line = line?;
-        if let Ok(response) = serde_json::from_str::<Response>(&line) {
+        if let Ok(response) = Response::from_line(line.as_bytes()) {
             if !response.ok {
                 return Err(ClientError::Refused(response.error.unwrap_or_default()));
             }
@@ -295,16 +224,17 @@ pub(super) async fn serve(listener: tokio::net::UnixListener, tx: mpsc::Sender<M
 }
 
 async fn serve_connection(stream: tokio::net::UnixStream, tx: mpsc::Sender<Message>) -> std::io::Result<()> {
-    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
     let peer = stream.peer_cred().ok();
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    tokio::io::BufReader::new(read).read_line(&mut line).await?;
-    let request: Request = match serde_json::from_str(&line) {
+    // One byte past the limit tells a line that is too long from one that just fits.
+    let mut line = Vec::new();
+    let limit = u64::try_from(MAX_REQUEST_LINE).unwrap_or(u64::MAX).saturating_add(1);
+    tokio::io::BufReader::new(read).take(limit).read_until(b'\n', &mut line).await?;
+    let request = match Request::from_line(&line) {
         Ok(r) => r,
         Err(e) => {
-            let answer = Response::error(format!("not a request: {e}"));
-            write.write_all(format!("{}\n", serde_json::to_string(&answer)?).as_bytes()).await?;
+            write.write_all(&Response::error(e.to_string()).to_line().map_err(std::io::Error::other)?).await?;
             return Ok(());
         }
     };
@@ -334,6 +264,63 @@ async fn serve_connection(stream: tokio::net::UnixStream, tx: mpsc::Sender<Messa
         return Ok(());
     }
     let response = answer.await.unwrap_or_else(|_| Response::error("the agent is stopping"));
-    write.write_all(format!("{}\n", serde_json::to_string(&response)?).as_bytes()).await?;
+    write.write_all(&response.to_line().map_err(std::io::Error::other)?).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// The answer the server sends on `client` after `sent`, within 5 s.
+    async fn answer_to(sent: &[u8]) -> (Response, Option<Message>) {
+        let (client, server) = tokio::net::UnixStream::pair().unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let serving = tokio::spawn(serve_connection(server, tx));
+        let (read, mut write) = client.into_split();
+        write.write_all(sent).await.unwrap();
+        // The client keeps its side open: the server must not wait for more.
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(read);
+        let message = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.ok().flatten();
+        if let Some(Message::Request(_, _, reply)) = message {
+            let _ = reply.send(Response::ok("answered"));
+            let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+            read.expect("no answer within 5 s").unwrap();
+            serving.await.unwrap().unwrap();
+            return (Response::from_line(line.as_bytes()).unwrap(), None);
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+        read.expect("no answer within 5 s").unwrap();
+        serving.await.unwrap().unwrap();
+        (Response::from_line(line.as_bytes()).unwrap(), message)
+    }
+
+    #[tokio::test]
+    async fn a_request_line_that_never_ends_is_refused_at_the_limit() {
+        let endless = vec![b' '; MAX_REQUEST_LINE + 4096];
+        let (response, message) = answer_to(&endless).await;
+        assert!(message.is_none(), "the state task was asked something");
+        assert!(!response.ok);
+        assert_eq!(response.error.unwrap(), format!("the request is longer than {MAX_REQUEST_LINE} bytes"));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_not_one_is_answered_with_why() {
+        let (response, message) = answer_to(b"\xff\xfe not json\n").await;
+        assert!(message.is_none());
+        assert!(response.error.unwrap().starts_with("not a request: "));
+    }
+
+    #[tokio::test]
+    async fn a_request_reaches_the_state_task_and_its_answer_the_client() {
+        let (response, _) = answer_to(&Request::Status.to_line().unwrap()).await;
+        assert_eq!(response, Response::ok("answered"));
+    }
 }

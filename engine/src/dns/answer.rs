@@ -9,15 +9,13 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::RData;
 use tokio::time::Instant;
 
-use std::time::Duration;
-
 use arc_swap::ArcSwap;
 
 use super::allow::AllowSet;
 use super::attrib::{Attribution, Transport};
 use super::event::{DnsEvent, EventSink, QueryEvent};
 use super::names::DnsPolicy;
-use super::upstream::{self, UpstreamError};
+use super::upstream::{Servers, Upstream, UpstreamError};
 use crate::policy::Mode;
 use crate::verdict::Verdict;
 
@@ -44,25 +42,33 @@ pub enum Unattributed {
     Forward,
 }
 
-/// What answering a message needs: how to answer, where to forward, the policy in force, the
-/// allow set the answers feed, and where events go. The proxy's listeners share one.
-pub(super) struct Answerer {
+/// How an [`Answerer`] treats what it may not resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AnswerSettings {
     /// The answer to a denied name in enforce.
-    pub(super) deny: DenyResponse,
+    pub deny: DenyResponse,
     /// What to do with unattributed queries.
-    pub(super) unattributed: Unattributed,
-    /// Resolve denied names in the background, to find shared addresses.
-    pub(super) probe_denied: bool,
-    /// Overall time to get an upstream answer.
-    pub(super) upstream_timeout: Duration,
-    /// Upstream servers, tried in order.
-    pub(super) upstreams: Vec<SocketAddr>,
-    /// The policy in force.
-    pub(super) policy: ArcSwap<DnsPolicy>,
-    /// Where answered addresses are admitted.
-    pub(super) allow: Arc<AllowSet>,
-    /// Where events go.
-    pub(super) events: Box<dyn EventSink>,
+    pub unattributed: Unattributed,
+    /// Resolve denied names in the background, to find addresses they share with allowed ones.
+    pub probe_denied: bool,
+}
+
+/// Answers DNS messages, one at a time, as the proxy does: what answering needs (the settings,
+/// where to forward, the policy in force, the allow set the answers feed, where events go) and
+/// no socket. The proxy's listeners share one; tests and the fuzz targets call it directly with
+/// an in-memory [`Upstream`].
+pub struct Answerer<U = Servers> {
+    settings: AnswerSettings,
+    upstream: U,
+    policy: ArcSwap<DnsPolicy>,
+    allow: Arc<AllowSet>,
+    events: Box<dyn EventSink>,
+}
+
+impl<U: std::fmt::Debug> std::fmt::Debug for Answerer<U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answerer").field("settings", &self.settings).field("upstream", &self.upstream).finish()
+    }
 }
 
 /// A reply with only a header: the query's id and opcode, `rcode`, no sections. None when the
@@ -85,12 +91,21 @@ fn error_reply(query: &Message, rcode: ResponseCode) -> Message {
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
     reply.metadata.recursion_available = true;
     reply.queries = query.queries.clone();
-    if query.edns.is_some() {
-        let mut edns = Edns::new();
-        edns.set_max_payload(1232);
+    if let Some(edns) = reply_edns(query) {
         reply.set_edns(edns);
     }
     reply
+}
+
+/// The OPT record of a reply to `query`: none when the query had none; else the proxy's own,
+/// with the query's DNSSEC OK bit. EDNS is hop by hop: the upstream's payload size and options
+/// are not the client's.
+fn reply_edns(query: &Message) -> Option<Edns> {
+    let asked = query.edns.as_ref()?;
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    edns.set_dnssec_ok(asked.flags().dnssec_ok);
+    Some(edns)
 }
 
 /// The addresses answered for `qname`: A and AAAA records owned by it or by a name its CNAME
@@ -123,9 +138,43 @@ fn chain_addrs(answer: &Message, qname: &str) -> Vec<(IpAddr, u32)> {
         .collect()
 }
 
-impl Answerer {
-    /// Answers one message; None when nothing should be sent back.
-    pub(super) async fn handle(
+impl<U: Upstream> Answerer<U> {
+    /// An answerer judging by `policy`, forwarding to `upstream`, admitting answered addresses
+    /// into `allow` and reporting to `events`.
+    pub fn new(
+        settings: AnswerSettings,
+        upstream: U,
+        policy: DnsPolicy,
+        allow: Arc<AllowSet>,
+        events: impl EventSink + 'static,
+    ) -> Answerer<U> {
+        Answerer { settings, upstream, policy: ArcSwap::from_pointee(policy), allow, events: Box::new(events) }
+    }
+
+    /// Where allowed questions go.
+    pub fn upstream(&self) -> &U {
+        &self.upstream
+    }
+
+    /// The allow set the answers feed.
+    pub fn allow_set(&self) -> &Arc<AllowSet> {
+        &self.allow
+    }
+
+    /// Replaces the policy; messages answered from now on are judged by it.
+    pub fn set_policy(&self, policy: DnsPolicy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Reports an event the serving code saw (an overload).
+    pub(super) fn report(&self, event: DnsEvent) {
+        self.events.event(event);
+    }
+
+    /// Answers one message that `client` sent to the proxy's `local` address over `transport`,
+    /// asked by `who`: the encoded reply (an answer, or a refusal or error code), or None when
+    /// nothing should be sent back (the message is a response, or not even a DNS header).
+    pub async fn answer(
         self: &Arc<Self>,
         bytes: &[u8],
         who: Option<Attribution>,
@@ -162,7 +211,7 @@ impl Answerer {
         let policy = self.policy.load();
         let service = who.as_ref().and_then(|w| policy.service(&w.service).map(|p| (w, Arc::clone(p))));
         let Some((who, service)) = service else {
-            let forwarded = self.unattributed == Unattributed::Forward;
+            let forwarded = self.settings.unattributed == Unattributed::Forward;
             self.events.event(DnsEvent::Unattributed {
                 client,
                 local,
@@ -174,7 +223,7 @@ impl Answerer {
             if !forwarded {
                 return encode(&error_reply(&query, ResponseCode::Refused), transport, &query);
             }
-            let reply = match upstream::forward(&self.upstreams, &query, self.upstream_timeout).await {
+            let reply = match self.upstream.forward(&query).await {
                 Ok(answer) => self.client_reply(answer, &query),
                 Err(_) => error_reply(&query, ResponseCode::ServFail),
             };
@@ -200,18 +249,18 @@ impl Answerer {
         };
 
         if verdict == Verdict::Rejected {
-            let rcode = match self.deny {
+            let rcode = match self.settings.deny {
                 DenyResponse::Refused => ResponseCode::Refused,
                 DenyResponse::NxDomain => ResponseCode::NXDomain,
             };
             let reply = error_reply(&query, rcode);
             report(&reply, Vec::new(), None);
-            if self.probe_denied {
+            if self.settings.probe_denied {
                 let inner = Arc::clone(self);
                 let (query, service_name, names, name) =
                     (query.clone(), Arc::clone(&who.service), service.clone(), name.clone());
                 tokio::spawn(async move {
-                    if let Ok(answer) = upstream::forward(&inner.upstreams, &query, inner.upstream_timeout).await {
+                    if let Ok(answer) = inner.upstream.forward(&query).await {
                         let addrs = chain_addrs(&answer, &name);
                         inner.observe(&service_name, &names.names, &name, &addrs);
                     }
@@ -220,7 +269,7 @@ impl Answerer {
             return encode(&reply, transport, &query);
         }
 
-        let answer = match upstream::forward(&self.upstreams, &query, self.upstream_timeout).await {
+        let answer = match self.upstream.forward(&query).await {
             Ok(answer) => answer,
             Err(e) => {
                 let reply = error_reply(&query, ResponseCode::ServFail);
@@ -254,10 +303,19 @@ impl Answerer {
         }
     }
 
-    /// The upstream answer as the client gets it: its id and question, TTLs at most the cap.
+    /// The upstream answer as the client gets it: the header fields a reply copies from its
+    /// query (id, opcode, RD), its question and the proxy's OPT record ([`reply_edns`]), TTLs
+    /// at most the cap.
     fn client_reply(&self, mut answer: Message, query: &Message) -> Message {
         answer.metadata.id = query.metadata.id;
+        answer.metadata.op_code = query.metadata.op_code;
+        answer.metadata.recursion_desired = query.metadata.recursion_desired;
         answer.queries = query.queries.clone();
+        answer.edns = reply_edns(query);
+        // An extended response code needs an OPT record to travel in.
+        if answer.edns.is_none() && answer.metadata.response_code.high() > 0 {
+            answer.metadata.response_code = ResponseCode::ServFail;
+        }
         let cap = self.allow.bounds().cap_secs();
         for record in
             answer.answers.iter_mut().chain(answer.authorities.iter_mut()).chain(answer.additionals.iter_mut())
@@ -268,15 +326,30 @@ impl Answerer {
     }
 }
 
-/// Encodes a reply; over UDP, one larger than the client accepts is truncated (TC set, no
-/// records) so the client retries over TCP.
+/// Encodes a reply within what the client accepts (over UDP its EDNS payload size or 512, over
+/// TCP a 16-bit length): one larger (or that does not encode) is truncated (TC set, no records)
+/// so that the client retries over TCP, and if even the question does not fit (a query of many
+/// or long questions), the header goes alone.
 fn encode(reply: &Message, transport: Transport, query: &Message) -> Option<Vec<u8>> {
-    let bytes = reply.to_vec().ok()?;
-    let limit = usize::from(query.max_payload());
-    if transport == Transport::Udp && bytes.len() > limit {
-        return reply.truncate().to_vec().ok();
+    let limit = match transport {
+        Transport::Udp => usize::from(query.max_payload()),
+        Transport::Tcp => usize::from(u16::MAX),
+    };
+    let within = |m: &Message| m.to_vec().ok().filter(|bytes| bytes.len() <= limit);
+    if let Some(bytes) = within(reply) {
+        return Some(bytes);
     }
-    Some(bytes)
+    let truncated = reply.truncate();
+    if let Some(bytes) = within(&truncated) {
+        return Some(bytes);
+    }
+    let mut header = Message::new(0, MessageType::Response, OpCode::Query);
+    header.metadata = truncated.metadata;
+    // An extended response code needs the OPT record that no longer fits.
+    if header.metadata.response_code.high() > 0 {
+        header.metadata.response_code = ResponseCode::ServFail;
+    }
+    header.to_vec().ok()
 }
 
 #[cfg(test)]
@@ -287,6 +360,12 @@ mod tests {
     use hickory_proto::op::Query;
     use hickory_proto::rr::rdata::{A, AAAA, CNAME};
     use hickory_proto::rr::{Name, Record, RecordType};
+
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use crate::dns::{AllowChange, Grant, NameMatcher, ServicePolicy, TtlBounds};
+    use crate::policy::{HostPattern, PortRange, Proto};
 
     fn name(s: &str) -> Name {
         Name::from_ascii(s).unwrap()
@@ -349,5 +428,184 @@ mod tests {
         assert!(udp.answers.is_empty());
         let tcp = Message::from_vec(&encode(&r, Transport::Tcp, &q).unwrap()).unwrap();
         assert_eq!(tcp.answers.len(), 60);
+    }
+
+    /// An upstream that answers every query from memory with `answer` (its id and question set
+    /// to the query's), and counts what it was asked.
+    struct MemoryUpstream {
+        answer: Option<Message>,
+        asked: AtomicUsize,
+    }
+
+    impl Upstream for MemoryUpstream {
+        fn forward(&self, query: &Message) -> impl Future<Output = Result<Message, UpstreamError>> + Send {
+            self.asked.fetch_add(1, Relaxed);
+            let answer = self.answer.clone().map(|mut answer| {
+                answer.metadata.id = query.metadata.id;
+                answer.metadata.message_type = MessageType::Response;
+                answer.queries = query.queries.clone();
+                answer
+            });
+            std::future::ready(answer.ok_or(UpstreamError::NoServers))
+        }
+    }
+
+    fn web_policy(mode: Mode) -> DnsPolicy {
+        let names = NameMatcher::new([(
+            &HostPattern::parse("*.mirror.internal").unwrap(),
+            Grant { proto: Proto::Any, ports: PortRange::ANY },
+        )]);
+        DnsPolicy::from_services([("web".to_owned(), ServicePolicy { mode, names })])
+    }
+
+    fn web() -> Attribution {
+        Attribution {
+            service: Arc::from("web"),
+            cgroup_id: 1,
+            pid: 2,
+            comm: "curl".into(),
+            original_server: "10.0.0.53:53".parse().unwrap(),
+        }
+    }
+
+    /// An answerer for `web` in `mode` whose upstream answers `10.0.0.10` with `ttl`.
+    fn answerer(mode: Mode, ttl: u32) -> Arc<Answerer<MemoryUpstream>> {
+        let mut answer = Message::response(0, OpCode::Query);
+        answer.add_answer(Record::from_rdata(name("a.mirror.internal."), ttl, RData::A(A([10, 0, 0, 10].into()))));
+        answerer_with(mode, answer)
+    }
+
+    /// An answerer for `web` in `mode` whose upstream answers `answer`.
+    fn answerer_with(mode: Mode, answer: Message) -> Arc<Answerer<MemoryUpstream>> {
+        let upstream = MemoryUpstream { answer: Some(answer), asked: Default::default() };
+        let allow = Arc::new(AllowSet::new(TtlBounds::default(), 16, |_: &AllowChange| {}));
+        Arc::new(Answerer::new(AnswerSettings::default(), upstream, web_policy(mode), allow, |_: DnsEvent| {}))
+    }
+
+    /// The reply to `query` from `web` over `transport`.
+    async fn reply_to(answerer: &Arc<Answerer<MemoryUpstream>>, query: &Message, transport: Transport) -> Vec<u8> {
+        let (client, local) = ("127.0.0.1:40000".parse().unwrap(), "127.53.0.7:53".parse().unwrap());
+        answerer.answer(&query.to_vec().unwrap(), Some(web()), client, local, transport).await.unwrap()
+    }
+
+    async fn ask(answerer: &Arc<Answerer<MemoryUpstream>>, qname: &str, who: Option<Attribution>) -> Message {
+        let mut q = Message::query();
+        q.metadata.id = 0x4242;
+        q.add_query(Query::query(name(qname), RecordType::A));
+        let (client, local) = ("127.0.0.1:40000".parse().unwrap(), "127.53.0.7:53".parse().unwrap());
+        let reply = answerer.answer(&q.to_vec().unwrap(), who, client, local, Transport::Udp).await.unwrap();
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!((reply.metadata.id, &reply.queries), (0x4242, &q.queries));
+        reply
+    }
+
+    #[tokio::test]
+    async fn the_answerer_forwards_allowed_names_and_keeps_denied_ones_from_the_upstream() {
+        let enforce = answerer(Mode::Enforce, 86_400);
+        let reply = ask(&enforce, "a.mirror.internal.", Some(web())).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(reply.answers.len(), 1);
+        assert_eq!(reply.answers[0].ttl, TtlBounds::default().cap_secs(), "TTL not capped");
+        assert_eq!(enforce.allow_set().len(), 1);
+        assert_eq!(enforce.upstream().asked.load(Relaxed), 1);
+
+        let reply = ask(&enforce, "evilmirror.internal.", Some(web())).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        let reply = ask(&enforce, "a.mirror.internal.", None).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        assert_eq!(enforce.upstream().asked.load(Relaxed), 1, "a refused name went upstream");
+        assert_eq!(enforce.allow_set().len(), 1);
+
+        // Audit: answered, reported, never admitted.
+        let audit = answerer(Mode::Audit, 60);
+        let reply = ask(&audit, "evilmirror.internal.", Some(web())).await;
+        assert_eq!((reply.metadata.response_code, reply.answers.len()), (ResponseCode::NoError, 1));
+        assert!(audit.allow_set().is_empty());
+    }
+
+    /// Found by the `dns_query` fuzz target: a query of 91 questions got a FORMERR echoing them
+    /// all, 847 bytes to a client that accepts 512, truncation keeping the questions.
+    #[tokio::test]
+    async fn a_reply_that_does_not_fit_even_truncated_is_the_header_alone() {
+        let answerer = answerer(Mode::Enforce, 60);
+        let mut q = Message::query();
+        q.metadata.id = 0x9191;
+        for i in 0..91 {
+            q.add_query(Query::query(name(&format!("host-{i}.a-rather-long-domain.mirror.internal.")), RecordType::A));
+        }
+        let bytes = reply_to(&answerer, &q, Transport::Udp).await;
+        assert_eq!(bytes.len(), 12, "{} bytes", bytes.len());
+        let reply = Message::from_vec(&bytes).unwrap();
+        assert_eq!(reply.metadata.id, 0x9191);
+        assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+        assert!(reply.metadata.truncation);
+        // Over TCP, it all fits.
+        let reply = Message::from_vec(&reply_to(&answerer, &q, Transport::Tcp).await).unwrap();
+        assert_eq!((reply.queries.len(), reply.metadata.truncation), (91, false));
+
+        // Over TCP, beyond 16 bits: the header alone too.
+        let mut big = error_reply(&q, ResponseCode::FormErr);
+        for i in 0..1200 {
+            big.add_query(Query::query(name(&format!("{}.n{i}.", "x".repeat(60))), RecordType::A));
+        }
+        let bytes = encode(&big, Transport::Tcp, &q).unwrap();
+        assert_eq!(bytes.len(), 12);
+    }
+
+    /// Found by the `dns_query` fuzz target: the upstream's opcode reached the client.
+    #[tokio::test]
+    async fn replies_carry_the_query_s_opcode_and_recursion_desired() {
+        let mut answer = Message::response(0, OpCode::Update);
+        answer.metadata.recursion_desired = false;
+        let answerer = answerer_with(Mode::Enforce, answer);
+        let mut q = Message::query();
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(name("a.mirror.internal."), RecordType::A));
+        let reply = Message::from_vec(&reply_to(&answerer, &q, Transport::Udp).await).unwrap();
+        assert_eq!(reply.metadata.op_code, OpCode::Query);
+        assert!(reply.metadata.recursion_desired);
+    }
+
+    /// EDNS is hop by hop: the client gets the proxy's OPT record (only if it sent one), never
+    /// the upstream's options; a reply without them fits the client's 512 bytes.
+    #[tokio::test]
+    async fn replies_carry_the_proxy_s_edns_not_the_upstream_s() {
+        let mut answer = Message::response(0, OpCode::Query);
+        answer.add_answer(Record::from_rdata(name("a.mirror.internal."), 60, RData::A(A([10, 0, 0, 10].into()))));
+        let mut upstream_edns = Edns::new();
+        upstream_edns.set_max_payload(4096);
+        upstream_edns.options_mut().insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(3, vec![b'n'; 600]));
+        answer.set_edns(upstream_edns);
+        let answerer = answerer_with(Mode::Enforce, answer);
+
+        let mut plain = Message::query();
+        plain.add_query(Query::query(name("a.mirror.internal."), RecordType::A));
+        let bytes = reply_to(&answerer, &plain, Transport::Udp).await;
+        assert!(bytes.len() <= 512, "a {}-byte reply to a client that accepts 512", bytes.len());
+        let reply = Message::from_vec(&bytes).unwrap();
+        assert!(reply.edns.is_none(), "an OPT record for a client that sent none");
+        assert_eq!(reply.answers.len(), 1);
+
+        let mut with_edns = plain.clone();
+        let mut edns = Edns::new();
+        edns.set_max_payload(1400);
+        edns.set_dnssec_ok(true);
+        with_edns.set_edns(edns);
+        let reply = Message::from_vec(&reply_to(&answerer, &with_edns, Transport::Udp).await).unwrap();
+        let edns = reply.edns.expect("no OPT record for a client that sent one");
+        assert_eq!(edns.max_payload(), 1232);
+        assert!(edns.flags().dnssec_ok);
+        assert!(edns.options().as_ref().is_empty(), "the upstream's options reached the client");
+
+        // An extended code (BADCOOKIE, 23) cannot reach a client without EDNS as its low bits
+        // (23 & 15 = YXDOMAIN): it gets SERVFAIL; one with EDNS gets the code.
+        let mut answer = Message::response(0, OpCode::Query);
+        answer.metadata.response_code = ResponseCode::BADCOOKIE;
+        answer.set_edns(Edns::new());
+        let answerer = answerer_with(Mode::Enforce, answer);
+        let reply = Message::from_vec(&reply_to(&answerer, &plain, Transport::Udp).await).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        let reply = Message::from_vec(&reply_to(&answerer, &with_edns, Transport::Udp).await).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::BADCOOKIE);
     }
 }

@@ -3,6 +3,9 @@
 //!
 //! - [`names`]: per service, the names it may resolve ([`NameMatcher`], from the snapshot's
 //!   host rules), matched on label boundaries, case-insensitively.
+//! - [`Answerer`]: one message from bytes to reply: parsed, judged by the asker's policy,
+//!   forwarded through an [`Upstream`] when allowed ([`Servers`] in the proxy), the answered
+//!   addresses admitted; no socket, so tests and the fuzz targets call it directly.
 //! - [`Proxy`]: UDP and TCP listeners on loopback (IPv4 and IPv6) that receive queries sent to
 //!   any `127.53.x.y` address or to `[::1]`, ask an [`Attributor`] who sent each one, and answer
 //!   from the address it was sent to. An allowed name is resolved upstream; a denied one gets `REFUSED`
@@ -28,12 +31,12 @@ mod socket;
 pub mod upstream;
 
 pub use allow::{AllowChange, AllowEntry, AllowSet, AllowSink, SharedAddress, TtlBounds};
-pub use answer::{DenyResponse, Unattributed};
+pub use answer::{AnswerSettings, Answerer, DenyResponse, Unattributed};
 pub use attrib::{Attribution, Attributor, StaticAttributor, Transport, slot_addr, slot_index};
 pub use event::{DnsEvent, EventSink, QueryEvent};
 pub use names::{DnsPolicy, Grant, NameMatcher, ServicePolicy};
 pub use proxy::{DnsError, Proxy, ProxyConfig};
-pub use upstream::UpstreamError;
+pub use upstream::{Servers, Upstream, UpstreamError};
 
 /// Now, on tokio's clock (so tests with a paused clock see time pass), as a std instant.
 pub fn now() -> std::time::Instant {

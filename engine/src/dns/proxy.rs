@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hickory_proto::op::ResponseCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -14,12 +13,12 @@ use tokio::sync::{Mutex as AsyncMutex, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::allow::AllowSet;
-use super::answer::{Answerer, DenyResponse, Unattributed, header_error};
+use super::answer::{AnswerSettings, Answerer, DenyResponse, Unattributed, header_error};
 use super::attrib::{Attributor, Transport};
 use super::event::{DnsEvent, EventSink};
 use super::names::DnsPolicy;
 use super::socket::{PktUdp, tcp_listener};
-use super::upstream::{self, MAX_UDP};
+use super::upstream::{self, MAX_UDP, Servers};
 
 /// How the proxy runs. Validated by [`Proxy::bind`].
 #[derive(Debug, Clone)]
@@ -54,7 +53,8 @@ pub struct ProxyConfig {
     /// TCP connections at once; beyond it a connection is closed at once.
     pub max_tcp_connections: usize,
     /// A TCP connection that sends no query for this long is closed (once its answers are
-    /// out).
+    /// out); so is one whose answer cannot be written for this long (a client that does not
+    /// read its answers).
     pub tcp_idle_timeout: Duration,
 }
 
@@ -132,7 +132,7 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("port", &self.port).field("upstreams", &self.inner.answerer.upstreams).finish()
+        f.debug_struct("Proxy").field("port", &self.port).field("upstreams", &self.upstreams()).finish()
     }
 }
 
@@ -221,16 +221,10 @@ impl Proxy {
         if let Some(own) = upstreams.iter().find(|u| u.port() == port && u.ip().is_loopback()) {
             return Err(DnsError::UpstreamIsProxy(*own));
         }
-        let answerer = Arc::new(Answerer {
-            deny: config.deny,
-            unattributed: config.unattributed,
-            probe_denied: config.probe_denied,
-            upstream_timeout: config.upstream_timeout,
-            upstreams,
-            policy: ArcSwap::from_pointee(policy),
-            allow,
-            events: Box::new(events),
-        });
+        let settings =
+            AnswerSettings { deny: config.deny, unattributed: config.unattributed, probe_denied: config.probe_denied };
+        let upstream = Servers::new(upstreams, config.upstream_timeout);
+        let answerer = Arc::new(Answerer::new(settings, upstream, policy, allow, events));
         let inner = Arc::new(Inner {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             config,
@@ -255,18 +249,18 @@ impl Proxy {
 
     /// The upstream servers in use.
     pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.inner.answerer.upstreams
+        self.inner.answerer.upstream().addrs()
     }
 
     /// The allow set the proxy feeds.
     pub fn allow_set(&self) -> &Arc<AllowSet> {
-        &self.inner.answerer.allow
+        self.inner.answerer.allow_set()
     }
 
     /// Replaces the policy; queries received from now on are judged by it. Allow-set entries
     /// admitted under the old one stay until they expire (at most the TTL cap).
     pub fn set_policy(&self, policy: DnsPolicy) {
-        self.inner.answerer.policy.store(Arc::new(policy));
+        self.inner.answerer.set_policy(policy);
     }
 
     /// Stops every listener and connection task.
@@ -291,7 +285,7 @@ async fn serve_udp(inner: Arc<Inner>, socket: Arc<PktUdp>) {
         };
         let Some(bytes) = buf.get(..datagram.len).map(<[u8]>::to_vec) else { continue };
         let Ok(permit) = Arc::clone(&inner.in_flight).try_acquire_owned() else {
-            inner.answerer.events.event(DnsEvent::Overloaded { client: datagram.client });
+            inner.answerer.report(DnsEvent::Overloaded { client: datagram.client });
             if let Some(reply) = header_error(&bytes, ResponseCode::ServFail) {
                 let _ = socket.send(&reply, datagram.client, datagram.local.ip()).await;
             }
@@ -303,7 +297,7 @@ async fn serve_udp(inner: Arc<Inner>, socket: Arc<PktUdp>) {
             let _permit = permit;
             let who = inner.attributor.attribute(datagram.client, datagram.local, Transport::Udp);
             if let Some(reply) =
-                inner.answerer.handle(&bytes, who, datagram.client, datagram.local, Transport::Udp).await
+                inner.answerer.answer(&bytes, who, datagram.client, datagram.local, Transport::Udp).await
             {
                 // The client may be gone; nothing to do about it.
                 let _ = socket.send(&reply, datagram.client, datagram.local.ip()).await;
@@ -321,7 +315,7 @@ async fn serve_tcp(inner: Arc<Inner>, listener: tokio::net::TcpListener, slots: 
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             drop(stream);
-            inner.answerer.events.event(DnsEvent::Overloaded { client });
+            inner.answerer.report(DnsEvent::Overloaded { client });
             continue;
         };
         let inner = Arc::clone(&inner);
@@ -361,17 +355,30 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, client: SocketAd
         let inner = Arc::clone(&inner);
         let writer = Arc::clone(&writer);
         let who = who.clone();
+        let pipeline = Arc::clone(&pipeline);
         running.spawn(async move {
             let _permit = permit;
-            let Some(reply) = inner.answerer.handle(&bytes, who, client, local, Transport::Tcp).await else { return };
+            let Some(reply) = inner.answerer.answer(&bytes, who, client, local, Transport::Tcp).await else { return };
             let Ok(len) = u16::try_from(reply.len()) else { return };
             let mut framed = Vec::with_capacity(reply.len() + 2);
             framed.extend_from_slice(&len.to_be_bytes());
             framed.extend_from_slice(&reply);
-            let _ = writer.lock().await.write_all(&framed).await;
+            let mut writer = writer.lock().await;
+            // The connection is closing: the client stopped taking its answers.
+            if pipeline.is_closed() {
+                return;
+            }
+            // An answer that does not leave within the idle timeout (a client that does not
+            // read its answers, and would otherwise hold the connection and its slot forever)
+            // or cannot leave at all: no more reads, the answers still queued are dropped.
+            let write = tokio::time::timeout(inner.config.tcp_idle_timeout, writer.write_all(&framed)).await;
+            if !matches!(write, Ok(Ok(()))) {
+                pipeline.close();
+            }
         });
     }
-    // The client closed its side (or went idle): finish what it asked, then close.
+    // The client closed its side, went idle or stopped reading: finish what it asked (each
+    // answer within the idle timeout), then close.
     while running.join_next().await.is_some() {}
     let _ = writer.lock().await.shutdown().await;
 }

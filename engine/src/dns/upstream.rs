@@ -1,6 +1,7 @@
 //! Forwarding a query to the upstream servers: UDP from a fresh socket (a random source port)
 //! with a fresh random transaction id, the reply checked against both and against the question,
 //! TCP when the reply is truncated, the servers tried in order within one overall deadline.
+//! [`Upstream`] is the seam the answering code forwards through; [`Servers`] is the proxy's.
 
 use std::hash::{BuildHasher, Hasher};
 use std::io;
@@ -35,6 +36,40 @@ pub enum UpstreamError {
         /// What went wrong there.
         reason: String,
     },
+}
+
+/// Where the answering code ([`Answerer`](super::Answerer)) sends the questions it may resolve.
+/// [`Servers`] is the proxy's; tests and the fuzz targets answer from memory.
+pub trait Upstream: Send + Sync + 'static {
+    /// The answer to `query`: a response with the query's opcode and question, or why there is
+    /// none.
+    fn forward(&self, query: &Message) -> impl Future<Output = Result<Message, UpstreamError>> + Send;
+}
+
+/// Upstream servers over the network: UDP from a fresh socket and a fresh id, TCP when the reply
+/// is truncated, the servers tried in order within one overall deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Servers {
+    addrs: Vec<SocketAddr>,
+    timeout: Duration,
+}
+
+impl Servers {
+    /// The servers at `addrs`, asked in order; `timeout` bounds the whole exchange.
+    pub fn new(addrs: Vec<SocketAddr>, timeout: Duration) -> Servers {
+        Servers { addrs, timeout }
+    }
+
+    /// The servers, in the order they are asked.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+impl Upstream for Servers {
+    fn forward(&self, query: &Message) -> impl Future<Output = Result<Message, UpstreamError>> + Send {
+        forward(&self.addrs, query, self.timeout)
+    }
 }
 
 /// The nameservers of a resolv.conf file (port 53), in order. IPv6 zone ids (`fe80::1%eth0`) are
@@ -73,11 +108,7 @@ pub(crate) fn random_id() -> u16 {
 
 /// Sends `query` (already encoded with its id set to `id`) to the servers in order until one
 /// answers, within `timeout` overall. The answer is checked: same id, same question, a response.
-pub(crate) async fn forward(
-    servers: &[SocketAddr],
-    query: &Message,
-    timeout: Duration,
-) -> Result<Message, UpstreamError> {
+async fn forward(servers: &[SocketAddr], query: &Message, timeout: Duration) -> Result<Message, UpstreamError> {
     if servers.is_empty() {
         return Err(UpstreamError::NoServers);
     }
@@ -155,10 +186,13 @@ async fn ask_tcp(server: SocketAddr, bytes: &[u8], query: &Message) -> Result<Me
     }
 }
 
-/// True when `answer` is the response to `query`: same id, a response, the same question.
+/// True when `answer` is the response to `query`: same id, a response, the same opcode (what a
+/// message may hold depends on it: an UPDATE's records may be empty, a QUERY's may not) and
+/// the same question.
 fn answers(answer: &Message, query: &Message) -> bool {
     answer.metadata.id == query.metadata.id
         && answer.metadata.message_type == hickory_proto::op::MessageType::Response
+        && answer.metadata.op_code == query.metadata.op_code
         && answer.queries.len() == query.queries.len()
         && answer.queries.iter().zip(&query.queries).all(|(a, q)| {
             a.query_type == q.query_type
@@ -183,6 +217,33 @@ mod tests {
             ]
         );
         assert!(parse_resolv_conf("").is_empty());
+    }
+
+    /// Found by the `dns_query` fuzz target: an UPDATE response (whose records may be empty) was
+    /// taken as the answer to a QUERY, and the client got a reply it could not decode.
+    #[test]
+    fn an_answer_has_the_query_s_id_opcode_and_question() {
+        use hickory_proto::op::{MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RecordType};
+        let mut query = Message::query();
+        query.metadata.id = 7;
+        let name = Name::from_ascii("A.Mirror.Internal.").unwrap_or_else(|_| unreachable!());
+        query.add_query(Query::query(name, RecordType::A));
+        let mut answer = Message::response(7, OpCode::Query);
+        let lower = Name::from_ascii("a.mirror.internal.").unwrap_or_else(|_| unreachable!());
+        answer.add_query(Query::query(lower, RecordType::A));
+        assert!(answers(&answer, &query));
+        let changed: [fn(&mut Message); 4] = [
+            |m| m.metadata.id = 8,
+            |m| m.metadata.message_type = MessageType::Query,
+            |m| m.metadata.op_code = OpCode::Update,
+            |m| m.queries.clear(),
+        ];
+        for change in changed {
+            let mut other = answer.clone();
+            change(&mut other);
+            assert!(!answers(&other, &query), "{other:?}");
+        }
     }
 
     #[test]

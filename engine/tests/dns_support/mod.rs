@@ -2,7 +2,7 @@
 //! upstream on its own loopback address, the proxy with a static attributor and recorded events,
 //! a dig wrapper and a small Rust stub resolver.
 
-#![allow(dead_code, reason = "each test binary uses a different part")]
+#![allow(dead_code, unused_imports, reason = "each test binary uses a different part")]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -277,4 +277,46 @@ pub fn poll(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Instant> 
         std::thread::sleep(Duration::from_millis(10));
     }
     None
+}
+
+/// A loopback upstream in Rust (no dnsmasq needed): answers every A question with
+/// [`FakeUpstream::ADDR`] (TTL 60) and any other with no record, over UDP.
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeUpstream {
+    pub const ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 0, 10);
+
+    pub async fn start() -> FakeUpstream {
+        use hickory_proto::rr::Record;
+        use hickory_proto::rr::rdata::A;
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
+                let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
+                let mut answer = Message::response(query.metadata.id, query.metadata.op_code);
+                answer.metadata.recursion_desired = query.metadata.recursion_desired;
+                answer.metadata.recursion_available = true;
+                answer.add_queries(query.queries.iter().cloned());
+                for q in &query.queries {
+                    if q.query_type == RecordType::A {
+                        answer.add_answer(Record::from_rdata(q.name.clone(), 60, RData::A(A(FakeUpstream::ADDR))));
+                    }
+                }
+                let _ = socket.send_to(&answer.to_vec().unwrap(), from).await;
+            }
+        });
+        FakeUpstream { addr, task }
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
