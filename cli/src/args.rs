@@ -121,6 +121,9 @@ pub enum Command {
         /// Fail (exit 1) on warnings too.
         #[arg(long)]
         deny_warnings: bool,
+        /// Judge one environment (default: every environment).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
     },
     /// Compile a policy into a snapshot file.
     Compile {
@@ -140,6 +143,9 @@ pub enum Command {
         /// Graph language.
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
+        /// The environment whose graph to draw (needed when the environments' graphs differ).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
     },
     /// Explain the verdict for a connection from a service to a destination.
     Explain {
@@ -170,6 +176,9 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// The environment whose order to print (needed when the environments' graphs differ).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
     },
     /// Run a command and everything it starts in a fresh cgroup under one service's policy,
     /// enforced by the kernel; report what it tried that the policy does not allow.
@@ -184,6 +193,9 @@ pub enum Command {
         /// The service whose allow list applies.
         #[arg(long, value_name = "SERVICE")]
         service: String,
+        /// The environment whose rules apply (needed when the policy has several).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
         /// `audit`: allow, but count and report; `enforce`: refuse with EPERM.
         #[arg(long, value_enum, default_value_t = RunMode::Audit)]
         mode: RunMode,

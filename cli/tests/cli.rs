@@ -160,9 +160,12 @@ fn explain_names_the_deciding_rule_and_verdict_per_environment() {
         .output()
         .unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(doc["rule"].is_null());
-    assert_eq!(doc["near_misses"].as_array().unwrap().len(), 1);
-    let verdicts: Vec<(String, String)> = doc["verdicts"]
+    // Both environments have the same rules: one judgement, with a verdict in each.
+    assert_eq!(doc["judgements"].as_array().unwrap().len(), 1, "{doc}");
+    let judgement = &doc["judgements"][0];
+    assert!(judgement["rule"].is_null());
+    assert_eq!(judgement["near_misses"].as_array().unwrap().len(), 1);
+    let verdicts: Vec<(String, String)> = judgement["verdicts"]
         .as_array()
         .unwrap()
         .iter()
@@ -179,7 +182,7 @@ fn compile_writes_a_verified_snapshot() {
     policyctl().args(["compile", "-o"]).arg(&out_file).arg("-p").arg(policy.path()).assert().code(0);
     let snapshot = depfence::snapshot::Snapshot::from_bytes(&std::fs::read(&out_file).unwrap()).unwrap();
     assert_eq!(snapshot.services().len(), 2);
-    assert_eq!(snapshot.net_rule_count(), 2);
+    assert_eq!(snapshot.net_rule_count(0), 2);
 }
 
 #[test]
@@ -188,9 +191,14 @@ fn every_command_works_on_every_example() {
         let check = policyctl().args(["check", "-p"]).arg(&path).output().unwrap();
         assert_eq!(check.status.code(), Some(if broken { 1 } else { 0 }), "check {}", path.display());
 
-        for format in ["dot", "mermaid", "json"] {
-            let out = policyctl().args(["graph", "--format", format, "-p"]).arg(&path).output().unwrap();
+        let environments = depfence::compile::check_path(&path).unwrap().analysis.unwrap().environments;
+        for (format, env) in
+            ["dot", "mermaid", "json"].into_iter().flat_map(|f| environments.iter().map(move |e| (f, e)))
+        {
+            let out = policyctl().args(["graph", "--format", format, "-e", env, "-p"]).arg(&path).output().unwrap();
             assert_eq!(out.status.code(), Some(0), "graph {format} {}", path.display());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains(&format!("judged: environment {env}")), "{stderr}");
             let text = String::from_utf8(out.stdout).unwrap();
             if broken {
                 // Violations are drawn in red (dot, mermaid) or listed (json).
@@ -205,12 +213,16 @@ fn every_command_works_on_every_example() {
             }
         }
 
-        let order = policyctl().args(["bootstrap-order", "--output", "json", "-p"]).arg(&path).output().unwrap();
-        assert_eq!(order.status.code(), Some(if broken { 1 } else { 0 }), "bootstrap-order {}", path.display());
+        for env in &environments {
+            let order =
+                policyctl().args(["bootstrap-order", "--output", "json", "-e", env, "-p"]).arg(&path).output().unwrap();
+            assert_eq!(order.status.code(), Some(if broken { 1 } else { 0 }), "bootstrap-order {}", path.display());
+            if !broken {
+                let stages: serde_json::Value = serde_json::from_slice(&order.stdout).unwrap();
+                assert!(!stages.as_array().unwrap().is_empty());
+            }
+        }
         if !broken {
-            let stages: serde_json::Value = serde_json::from_slice(&order.stdout).unwrap();
-            assert!(!stages.as_array().unwrap().is_empty());
-
             // Explain a connection from the first service to its first rule's address.
             let snapshot_file = tempfile::NamedTempFile::new().unwrap();
             policyctl().args(["compile", "-o"]).arg(snapshot_file.path()).arg("-p").arg(&path).assert().code(0);
@@ -219,7 +231,7 @@ fn every_command_works_on_every_example() {
             let (service, rule) = snapshot
                 .services()
                 .iter()
-                .find_map(|s| s.net_rules.first().map(|r| (s, r)))
+                .find_map(|s| s.rules(0).net_rules.first().map(|r| (s, r)))
                 .expect("every example has a service with an address rule");
             let addr = rule.net.network();
             let port = if rule.ports.is_any() { 443 } else { rule.ports.first };
@@ -235,7 +247,14 @@ fn every_command_works_on_every_example() {
                 .unwrap();
             assert_eq!(out.status.code(), Some(0), "explain {} {to}", path.display());
             let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            assert!(doc["rule"]["position"].as_str().unwrap().contains(".toml:"), "{doc}");
+            let environment = &snapshot.environments()[0].name;
+            let judgement = doc["judgements"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["verdicts"].as_array().unwrap().iter().any(|v| v["environment"] == *environment))
+                .unwrap();
+            assert!(judgement["rule"]["position"].as_str().unwrap().contains(".toml:"), "{doc}");
         }
     }
 }
@@ -376,4 +395,66 @@ rpc_allow = [{ service = "billing", rpcs = ["/billing.Billing/*"] }]
         .output()
         .unwrap();
     assert!(!String::from_utf8(out.stdout).unwrap().contains("rpc_allow"));
+}
+
+/// Every policy command says which environment it judged; `graph` and `bootstrap-order` need
+/// `--environment` when the environments' graphs differ; `check -e` judges one environment.
+#[test]
+fn commands_judge_an_environment_and_say_which() {
+    let example = examples_dir().join("environments.toml");
+    let out = policyctl().arg("check").arg(&example).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("judged: environments prod, qa"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("dependencies prod 4, qa 5, address rules prod 5, qa 7, 2 environments"),
+        "{out:?}"
+    );
+
+    let out = policyctl().args(["graph", "--format", "json"]).arg(&example).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("graphs differ (prod | qa); choose one with --environment"));
+    let edges = |env: &str| {
+        let out = policyctl().args(["graph", "--format", "json", "-e", env]).arg(&example).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("judged: environment {env}")));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["environments"], serde_json::json!([env]));
+        doc["edges"].as_array().unwrap().iter().map(|e| format!("{} -> {}", e["from"], e["to"])).collect::<Vec<_>>()
+    };
+    let dashboards = "\"qa-dashboards\" -> \"orders-db\"".to_owned();
+    assert!(!edges("prod").contains(&dashboards) && edges("qa").contains(&dashboards));
+    let out = policyctl().args(["bootstrap-order", "-e", "prod"]).arg(&example).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = policyctl().args(["bootstrap-order", "-e", "staging"]).arg(&example).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown environment `staging` (the policy has: prod, qa)"));
+
+    // A problem in qa only: `check -e prod` passes and says qa has errors, `check -e qa` fails.
+    let text = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace(", cross_environment = \"prod\", reason = \"read-only comparison with production data\"", "")
+        .replace("{ service = \"orders-db\", env = \"qa\" },\n", "{ cidr = \"10.1.3.0/24\", env = \"qa\" },\n");
+    let policy = write_policy(&text);
+    let out = policyctl().args(["check", "-e", "prod"]).arg(policy.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("judged: environment prod") && stderr.contains("error(s) in other environments"),
+        "{stderr}"
+    );
+    let out = policyctl().args(["check", "-e", "qa", "--error-format", "plain"]).arg(policy.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("error[depfence::cross_environment]: in environment `qa`, `qa-dashboards` may reach `orders-db`'s endpoint in environment `prod` (10.1.3.0/24)"), "{stderr}");
+
+    // explain without -e: a block per environment when they judge differently.
+    let out =
+        policyctl().args(["explain", "--from", "orders-api", "--to", "10.9.3.20:5432"]).arg(&example).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("  in prod:\n    no rule of `orders-api` allows it"), "{stdout}");
+    assert!(
+        stdout.contains("  in qa (an endpoint of `orders-db`):\n    allowed by 10.9.3.20/32 port 5432"),
+        "{stdout}"
+    );
 }

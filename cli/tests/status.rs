@@ -47,7 +47,7 @@ fn policy(web_port: u16) -> tempfile::NamedTempFile {
 fn kernel_rules(policy: &Path) -> CompiledRuleset {
     let compiled = depfence::compile::compile_path(policy).unwrap();
     let (_, deploy) = compiled.snapshot.service("deploy").unwrap();
-    compile(1, &allows_from_snapshot(&deploy.net_rules)).unwrap()
+    compile(1, &allows_from_snapshot(&deploy.rules(0).net_rules)).unwrap()
 }
 
 fn bpffs() -> PathBuf {

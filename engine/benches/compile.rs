@@ -72,7 +72,7 @@ fn bench_size(c: &mut Criterion, size: &Size) {
     let parsed = parse_sources(files.clone());
     assert!(parsed.syntax_ok && !parsed.diagnostics.has_errors(), "generated policy does not parse");
     let rules = match compile(&parsed.policy) {
-        Ok(compiled) => compiled.snapshot.net_rule_count(),
+        Ok(compiled) => compiled.snapshot.net_rule_count(0),
         Err(e) => panic!("generated policy does not compile: {e}"),
     };
     let mut broken = files.clone();

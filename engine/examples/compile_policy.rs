@@ -70,14 +70,16 @@ fn main() -> ExitCode {
     };
     let compile_time = started.elapsed();
     let snapshot = &compiled.snapshot;
-    let net_rules = snapshot.net_rule_count();
-    let host_rules: usize = snapshot.services().iter().map(|s| s.host_rules.len()).sum();
+    let net_rules = snapshot.net_rule_count(0);
+    let host_rules: usize = snapshot.services().iter().map(|s| s.rules(0).host_rules.len()).sum();
+    // The first environment's graph (the synthetic policies have one graph for all).
+    let graph = compiled.analysis.graph(0);
     println!(
         "compile       {:>9.3} s   {} services, {} edges, {} stages, {net_rules} net rules, {host_rules} host rules, {} warnings",
         compile_time.as_secs_f64(),
         snapshot.services().len(),
-        compiled.analysis.edges.len(),
-        compiled.analysis.stages.len(),
+        graph.map_or(0, |g| g.edges.len()),
+        graph.map_or(0, |g| g.stages.len()),
         compiled.analysis.diagnostics.warnings().count()
     );
 

@@ -188,6 +188,8 @@ pub struct Diagnostic {
     severity: Severity,
     primary: Label,
     secondary: Vec<Label>,
+    /// The environments a graph check found it in; empty when it holds in every environment.
+    environments: Vec<String>,
 }
 
 impl Diagnostic {
@@ -198,6 +200,7 @@ impl Diagnostic {
             severity: Severity::Error,
             primary: Label { loc, text: label.into() },
             secondary: Vec::new(),
+            environments: Vec::new(),
         }
     }
 
@@ -210,6 +213,28 @@ impl Diagnostic {
     pub fn with_note(mut self, loc: Loc, text: impl Into<String>) -> Self {
         self.secondary.push(Label { loc, text: text.into() });
         self
+    }
+
+    /// Says which environments the problem was found in (a graph check of a policy whose
+    /// environments have different graphs).
+    pub fn in_environments(mut self, environments: Vec<String>) -> Self {
+        self.environments = environments;
+        self
+    }
+
+    /// The environments it was found in; empty for every environment.
+    pub fn environments(&self) -> &[String] {
+        &self.environments
+    }
+
+    /// The message: the problem, and the environments it was found in when not all.
+    pub fn message(&self) -> String {
+        let names = || self.environments.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", ");
+        match self.environments.len() {
+            0 => self.problem.to_string(),
+            1 => format!("{} (environment {})", self.problem, names()),
+            _ => format!("{} (environments {})", self.problem, names()),
+        }
     }
 
     /// What is wrong.
@@ -253,7 +278,7 @@ impl Diagnostic {
             }
         }
         Report {
-            message: self.problem.to_string(),
+            message: self.message(),
             code: Some(self.problem.code()),
             severity: match self.severity {
                 Severity::Error => miette::Severity::Error,
@@ -273,7 +298,7 @@ impl Diagnostic {
             Severity::Warning => "warning",
         };
         let mut line =
-            format!("{}: {severity}[{}]: {}", sources.position(self.primary.loc), self.problem.code(), self.problem);
+            format!("{}: {severity}[{}]: {}", sources.position(self.primary.loc), self.problem.code(), self.message());
         for note in &self.secondary {
             line.push_str(&format!(" (see {}: {})", sources.position(note.loc), note.text));
         }
@@ -292,7 +317,8 @@ impl Diagnostic {
         serde_json::json!({
             "severity": self.severity,
             "code": self.problem.code(),
-            "message": self.problem.to_string(),
+            "message": self.message(),
+            "environments": self.environments,
             "help": self.problem.help(),
             "position": sources.position(self.primary.loc),
             "labels": std::iter::once(&self.primary).chain(&self.secondary).map(label).collect::<Vec<_>>(),

@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::compile::Analysis;
+use crate::compile::{Analysis, Graph};
 use crate::problem::closest;
 use crate::snapshot::{Connection, NetRule, ServiceRuleset, Snapshot};
 use crate::verdict::{Mode, Verdict};
@@ -21,7 +21,22 @@ pub struct Explanation {
     pub from: String,
     /// The destination, `addr:port/proto` (`[v6]:port/proto`).
     pub to: String,
-    /// The services whose endpoints hold the destination, the owner first.
+    /// The judgement in the environments asked about: one for all of them when their rules
+    /// and endpoints judge the connection alike (always, in a policy without
+    /// environment-scoped entries), else one per group of environments that agree.
+    pub judgements: Vec<Judgement>,
+    /// The `rpc_allow` patterns of `from`, per backend (empty when it has none: it does not use
+    /// the in-process guard).
+    pub rpc_allow: Vec<RpcGroup>,
+    /// For a live explanation: the agent's policy generation that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<Live>,
+}
+
+/// How some environments judge the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Judgement {
+    /// The services whose endpoints hold the destination there, the owner first.
     pub destination_services: Vec<String>,
     /// The rule that decides: the most specific rule of `from` that allows the connection.
     pub rule: Option<RuleRef>,
@@ -31,14 +46,22 @@ pub struct Explanation {
     /// wrong, or how to allow it.
     #[serde(default)]
     pub advice: Vec<Advice>,
-    /// The verdict in each environment asked about.
+    /// The verdict in each of these environments.
     pub verdicts: Vec<EnvironmentVerdict>,
-    /// The `rpc_allow` patterns of `from`, per backend (empty when it has none: it does not use
-    /// the in-process guard).
-    pub rpc_allow: Vec<RpcGroup>,
-    /// For a live explanation: the agent's policy generation that answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub live: Option<Live>,
+}
+
+impl Explanation {
+    /// The verdict in every environment asked about, in the policy's order.
+    pub fn verdicts(&self) -> Vec<&EnvironmentVerdict> {
+        let mut all: Vec<&EnvironmentVerdict> = self.judgements.iter().flat_map(|j| &j.verdicts).collect();
+        all.sort_by(|a, b| a.environment.cmp(&b.environment));
+        all
+    }
+
+    /// The judgement in environment `env`.
+    pub fn judgement(&self, env: &str) -> Option<&Judgement> {
+        self.judgements.iter().find(|j| j.verdicts.iter().any(|v| v.environment == env))
+    }
 }
 
 /// A rule, in words and where it was written.
@@ -151,45 +174,59 @@ pub fn explain(
         })?],
     };
     let rule_ref = |r: &NetRule| RuleRef { rule: snapshot.describe_rule(r), position: snapshot.rule_position(r) };
-    let owners: Vec<String> = snapshot
-        .owners()
-        .owners_of(conn.addr, conn.port, conn.proto)
-        .into_iter()
-        .filter_map(|id| snapshot.services().get(id as usize).map(|s| s.name.clone()))
-        .collect();
-    let rule = service.matching_rule(&conn);
-    // Rules that hold the address but not the port or protocol: the usual near miss.
-    let near_misses = match rule {
-        Some(_) => Vec::new(),
-        None => {
-            let addr = conn.addr.to_canonical();
-            service.net_rules.iter().filter(|r| r.net.contains(&addr)).take(NEAR_MISSES).map(rule_ref).collect()
+    let mut judgements: Vec<Judgement> = Vec::new();
+    for e in indices {
+        let Some(env) = snapshot.environments().get(e) else { continue };
+        let owners: Vec<String> = snapshot
+            .owners(e)
+            .owners_of(conn.addr, conn.port, conn.proto)
+            .into_iter()
+            .filter_map(|id| snapshot.services().get(id as usize).map(|s| s.name.clone()))
+            .collect();
+        let decision = service.decide(e, &conn);
+        // Rules that hold the address but not the port or protocol: the usual near miss.
+        let near_misses = match decision.rule {
+            Some(_) => Vec::new(),
+            None => {
+                let addr = conn.addr.to_canonical();
+                let rules = &service.rules(e).net_rules;
+                rules.iter().filter(|r| r.net.contains(&addr)).take(NEAR_MISSES).map(rule_ref).collect()
+            }
+        };
+        let advice = match (decision.rule, analysis.and_then(|a| Some((a, a.graph(e)?)))) {
+            (None, Some((analysis, graph))) => owners
+                .iter()
+                .map(|owner| Advice {
+                    service: owner.clone(),
+                    objection: dependency_objection(analysis, graph, from, owner),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let verdict =
+            EnvironmentVerdict { environment: env.name.clone(), mode: decision.mode, verdict: decision.verdict };
+        let judgement = Judgement {
+            destination_services: owners,
+            rule: decision.rule.map(rule_ref),
+            near_misses,
+            advice,
+            verdicts: Vec::new(),
+        };
+        let same = |j: &&mut Judgement| {
+            (&j.destination_services, &j.rule, &j.near_misses, &j.advice)
+                == (&judgement.destination_services, &judgement.rule, &judgement.near_misses, &judgement.advice)
+        };
+        match judgements.iter_mut().find(same) {
+            Some(existing) => existing.verdicts.push(verdict),
+            None => judgements.push(Judgement { verdicts: vec![verdict], ..judgement }),
         }
-    };
-    let advice = match (rule, analysis) {
-        (None, Some(analysis)) => owners
-            .iter()
-            .map(|owner| Advice { service: owner.clone(), objection: dependency_objection(analysis, from, owner) })
-            .collect(),
-        _ => Vec::new(),
-    };
-    let verdicts = indices
-        .into_iter()
-        .filter_map(|e| {
-            let env = snapshot.environments().get(e)?;
-            let decision = service.decide(e, &conn);
-            Some(EnvironmentVerdict { environment: env.name.clone(), mode: decision.mode, verdict: decision.verdict })
-        })
-        .collect();
+    }
+    let all_owners: Vec<String> = judgements.iter().flat_map(|j| j.destination_services.iter().cloned()).collect();
     Ok(Explanation {
         from: from.to_owned(),
         to: conn.to_string(),
-        rpc_allow: rpc_groups(snapshot, service, &owners),
-        destination_services: owners,
-        rule: rule.map(rule_ref),
-        near_misses,
-        advice,
-        verdicts,
+        rpc_allow: rpc_groups(snapshot, service, &all_owners),
+        judgements,
         live: None,
     })
 }
@@ -225,7 +262,7 @@ fn rpc_groups(snapshot: &Snapshot, service: &ServiceRuleset, owners: &[String]) 
 
 /// Why adding a dependency `from -> to` would be wrong, if it would: a layer violation or a
 /// new cycle.
-fn dependency_objection(analysis: &Analysis, from: &str, to: &str) -> Option<String> {
+fn dependency_objection(analysis: &Analysis, graph: &Graph, from: &str, to: &str) -> Option<String> {
     let (f, t) = (analysis.node(from)?, analysis.node(to)?);
     let (fnode, tnode) = (analysis.nodes.get(f)?, analysis.nodes.get(t)?);
     if let (Some(fl), Some(tl)) = (fnode.layer, tnode.layer)
@@ -239,7 +276,7 @@ fn dependency_objection(analysis: &Analysis, from: &str, to: &str) -> Option<Str
         ));
     }
     let mut adjacency = vec![Vec::new(); analysis.nodes.len()];
-    for edge in analysis.edges.iter().filter(|e| e.critical && e.from != e.to) {
+    for edge in graph.edges.iter().filter(|e| e.critical && e.from != e.to) {
         if let Some(list) = adjacency.get_mut(edge.from) {
             list.push(edge.to);
         }
@@ -251,64 +288,28 @@ fn dependency_objection(analysis: &Analysis, from: &str, to: &str) -> Option<Str
     ))
 }
 
-/// The explanation for people, as `policyctl explain` prints it.
+/// The explanation for people, as `policyctl explain` prints it: the judgement once when
+/// every environment agrees, else one block per group of environments.
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Explanation {
-            from,
-            to,
-            destination_services: owners,
-            rule,
-            near_misses,
-            advice,
-            verdicts,
-            rpc_allow,
-            live,
-        } = self;
+        let Explanation { from, to, judgements, rpc_allow, live } = self;
         write!(f, "{from} -> {to}")?;
-        if !owners.is_empty() {
-            let owners: Vec<String> = owners.iter().map(|o| format!("`{o}`")).collect();
-            write!(f, " (an endpoint of {})", owners.join(", "))?;
+        if let [only] = judgements.as_slice() {
+            owners_text(f, &only.destination_services)?;
         }
         if let Some(live) = live {
             write!(f, " [live, generation {}]", live.generation)?;
         }
         writeln!(f)?;
-        match rule {
-            Some(rule) => {
-                writeln!(f, "  allowed by {}", rule.rule)?;
-                writeln!(f, "  written at {}", rule.position)?;
+        for judgement in judgements {
+            let indent = if judgements.len() == 1 { "  " } else { "    " };
+            if judgements.len() > 1 {
+                let names: Vec<&str> = judgement.verdicts.iter().map(|v| v.environment.as_str()).collect();
+                write!(f, "  in {}", names.join(", "))?;
+                owners_text(f, &judgement.destination_services)?;
+                writeln!(f, ":")?;
             }
-            None => {
-                writeln!(f, "  no rule of `{from}` allows it")?;
-                for r in near_misses {
-                    writeln!(
-                        f,
-                        "  near miss: {} at {} (address matches; port or protocol does not)",
-                        r.rule, r.position
-                    )?;
-                }
-                for a in advice {
-                    match &a.objection {
-                        Some(objection) => writeln!(f, "  note: {objection}")?,
-                        None => writeln!(
-                            f,
-                            "  help: to allow it, add `{{ service = \"{}\" }}` to the allow list of `{from}`",
-                            a.service
-                        )?,
-                    }
-                }
-            }
-        }
-        for v in verdicts {
-            let word = match v.verdict {
-                Verdict::Allowed if rule.is_some() => "allowed",
-                Verdict::Allowed => "allowed (mode off: no evaluation)",
-                Verdict::WouldReject => "would be rejected (audit: allowed, counted and reported)",
-                Verdict::Rejected => "rejected (the caller gets EPERM)",
-                Verdict::CandidateWouldReject => "would be rejected by the candidate policy",
-            };
-            writeln!(f, "  {} ({}): {word}", v.environment, v.mode)?;
+            judgement.write(f, from, indent)?;
         }
         if !rpc_allow.is_empty() {
             writeln!(f, "  rpc_allow of `{from}` (the in-process guard judges each call by these):")?;
@@ -323,6 +324,57 @@ impl fmt::Display for Explanation {
                     writeln!(f, "      {} at {}", p.rpc, p.position)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+fn owners_text(f: &mut fmt::Formatter<'_>, owners: &[String]) -> fmt::Result {
+    if owners.is_empty() {
+        return Ok(());
+    }
+    let owners: Vec<String> = owners.iter().map(|o| format!("`{o}`")).collect();
+    write!(f, " (an endpoint of {})", owners.join(", "))
+}
+
+impl Judgement {
+    fn write(&self, f: &mut fmt::Formatter<'_>, from: &str, indent: &str) -> fmt::Result {
+        let Judgement { rule, near_misses, advice, verdicts, .. } = self;
+        match rule {
+            Some(rule) => {
+                writeln!(f, "{indent}allowed by {}", rule.rule)?;
+                writeln!(f, "{indent}written at {}", rule.position)?;
+            }
+            None => {
+                writeln!(f, "{indent}no rule of `{from}` allows it")?;
+                for r in near_misses {
+                    writeln!(
+                        f,
+                        "{indent}near miss: {} at {} (address matches; port or protocol does not)",
+                        r.rule, r.position
+                    )?;
+                }
+                for a in advice {
+                    match &a.objection {
+                        Some(objection) => writeln!(f, "{indent}note: {objection}")?,
+                        None => writeln!(
+                            f,
+                            "{indent}help: to allow it, add `{{ service = \"{}\" }}` to the allow list of `{from}`",
+                            a.service
+                        )?,
+                    }
+                }
+            }
+        }
+        for v in verdicts {
+            let word = match v.verdict {
+                Verdict::Allowed if rule.is_some() => "allowed",
+                Verdict::Allowed => "allowed (mode off: no evaluation)",
+                Verdict::WouldReject => "would be rejected (audit: allowed, counted and reported)",
+                Verdict::Rejected => "rejected (the caller gets EPERM)",
+                Verdict::CandidateWouldReject => "would be rejected by the candidate policy",
+            };
+            writeln!(f, "{indent}{} ({}): {word}", v.environment, v.mode)?;
         }
         Ok(())
     }
@@ -356,10 +408,12 @@ allow = [{ service = "db" }]
         let conn = "10.0.5.10:5432".parse().unwrap();
         let e = explain(&compiled.snapshot, Some(&compiled.analysis), "api", conn, Environments::All).unwrap();
         assert_eq!(e.to, "10.0.5.10:5432/tcp");
-        assert_eq!(e.destination_services, ["db"]);
-        assert_eq!(e.rule.as_ref().map(|r| r.rule.as_str()), Some("10.0.5.10/32 port 5432, tcp (service `db`)"));
-        assert!(e.rule.as_ref().is_some_and(|r| r.position == "p.toml:15:10"), "{e:?}");
-        let verdicts: Vec<(&str, Verdict)> = e.verdicts.iter().map(|v| (v.environment.as_str(), v.verdict)).collect();
+        assert_eq!(e.judgements.len(), 1, "both environments judge alike: {e:?}");
+        let j = &e.judgements[0];
+        assert_eq!(j.destination_services, ["db"]);
+        assert_eq!(j.rule.as_ref().map(|r| r.rule.as_str()), Some("10.0.5.10/32 port 5432, tcp (service `db`)"));
+        assert!(j.rule.as_ref().is_some_and(|r| r.position == "p.toml:15:10"), "{e:?}");
+        let verdicts: Vec<(&str, Verdict)> = e.verdicts().iter().map(|v| (v.environment.as_str(), v.verdict)).collect();
         assert_eq!(verdicts, [("prod", Verdict::Allowed), ("qa", Verdict::Allowed)]);
     }
 
@@ -374,9 +428,10 @@ allow = [{ service = "db" }]
             Environments::Named("qa"),
         )
         .unwrap();
-        assert_eq!((e.rule.is_none(), e.near_misses.len()), (true, 1));
+        let j = &e.judgements[0];
+        assert_eq!((j.rule.is_none(), j.near_misses.len()), (true, 1));
         assert_eq!(
-            e.verdicts,
+            j.verdicts,
             [EnvironmentVerdict { environment: "qa".into(), mode: Mode::Enforce, verdict: Verdict::Rejected }]
         );
         let e = explain(
@@ -387,8 +442,9 @@ allow = [{ service = "db" }]
             Environments::All,
         )
         .unwrap();
-        assert_eq!(e.advice.len(), 1);
-        assert!(e.advice[0].objection.as_deref().is_some_and(|o| o.contains("higher layer `apps`")), "{e:?}");
+        let advice = &e.judgements[0].advice;
+        assert_eq!(advice.len(), 1);
+        assert!(advice[0].objection.as_deref().is_some_and(|o| o.contains("higher layer `apps`")), "{e:?}");
         let text = e.to_string();
         assert!(text.contains("note: `web` is in the higher layer"), "{text}");
         // The same explanation travels as JSON and back.

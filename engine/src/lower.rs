@@ -339,7 +339,7 @@ allow = [
 "#;
         let compiled = crate::compile::compile_str("t.toml", text).unwrap();
         let (_, app) = compiled.snapshot.service("app").unwrap();
-        let allows = allows_from_snapshot(&app.net_rules);
+        let allows = allows_from_snapshot(&app.rules(0).net_rules);
         let mut exact: Vec<(String, u8, u16)> = allows
             .iter()
             .filter_map(|a| match a {

@@ -222,6 +222,34 @@ pub enum Problem {
         /// The backend service.
         target: String,
     },
+    /// An `endpoints.default` list in a table that names every environment.
+    #[error("`endpoints.default` of `{service}` applies in no environment: the table names every one")]
+    UnusedDefaultEndpoints {
+        /// The service.
+        service: String,
+    },
+    /// `env = []` or `cross_environment = []`.
+    #[error("`{key}` lists no environment")]
+    EmptyEnvironmentList {
+        /// The key.
+        key: String,
+    },
+    /// A rule of a service in one environment that reaches another environment's endpoint.
+    #[error(
+        "in environment `{env}`, `{service}` may reach `{target}`'s endpoint in environment `{other}` ({destination})"
+    )]
+    CrossEnvironment {
+        /// The calling service.
+        service: String,
+        /// The environment of the rule.
+        env: String,
+        /// The service whose endpoint it reaches.
+        target: String,
+        /// The environment that endpoint belongs to.
+        other: String,
+        /// The destination of the rule that reaches it.
+        destination: String,
+    },
     /// A declared intrinsic cycle whose services do not form one cycle.
     #[error("declared intrinsic cycle {services} is not a dependency cycle")]
     StaleIntrinsicCycle {
@@ -237,6 +265,9 @@ impl Problem {
             Problem::Syntax { .. } => "depfence::syntax",
             Problem::UnknownKey { .. } => "depfence::unknown_key",
             Problem::MissingKey { .. } => "depfence::missing_key",
+            Problem::EmptyEnvironmentList { .. } => "depfence::empty_environment_list",
+            Problem::UnusedDefaultEndpoints { .. } => "depfence::unused_default_endpoints",
+            Problem::CrossEnvironment { .. } => "depfence::cross_environment",
             Problem::WrongType { .. } => "depfence::wrong_type",
             Problem::UnsupportedVersion { .. } => "depfence::version",
             Problem::InvalidMode { .. } => "depfence::invalid_mode",
@@ -300,6 +331,15 @@ impl Problem {
                 Some("declare `endpoints` on that service, or allow its addresses directly".into())
             }
             Problem::NoLayer { .. } => Some("add `layer = \"…\"` to the service".into()),
+            Problem::UnusedDefaultEndpoints { .. } => Some(
+                "`default` holds the endpoints of the environments the table does not name; for endpoints of every environment, list them under each environment or use the list form without `env`".into(),
+            ),
+            Problem::EmptyEnvironmentList { .. } => {
+                Some("name at least one environment, or leave the key out for every environment".into())
+            }
+            Problem::CrossEnvironment { other, .. } => Some(format!(
+                "environments are isolated: narrow the rule so it covers no endpoint of `{other}`, limit the entry to the environments it belongs to (`env = \"…\"`), or, if this environment must reach `{other}` on purpose, say so: `cross_environment = \"{other}\", reason = \"…\"`"
+            )),
             Problem::StaleIntrinsicCycle { .. } => {
                 Some("remove the declaration, or list exactly the services of the cycle".into())
             }

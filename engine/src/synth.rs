@@ -561,13 +561,13 @@ mod tests {
         assert!(compiled.analysis.diagnostics.is_empty(), "{:?}", compiled.analysis.diagnostics);
         assert_eq!(compiled.snapshot.services().len(), 50);
         assert_eq!(compiled.snapshot.debug_info().origins.len(), 500);
-        assert!(compiled.snapshot.net_rule_count() >= 400);
+        assert!(compiled.snapshot.net_rule_count(0) >= 400);
         // Inferred and declared edges, and the declared cycle as one component.
-        let edges = &compiled.analysis.edges;
+        let edges = &compiled.analysis.graphs[0].edges;
         assert!(edges.iter().any(|e| e.kind == crate::compile::EdgeKind::Inferred));
         assert!(edges.iter().any(|e| e.kind == crate::compile::EdgeKind::Declared));
-        assert!(compiled.analysis.components.iter().any(|c| c.intrinsic && c.members.len() == 2));
-        assert!(!compiled.analysis.stages.is_empty());
+        assert!(compiled.analysis.graphs[0].components.iter().any(|c| c.intrinsic && c.members.len() == 2));
+        assert!(!compiled.analysis.graphs[0].stages.is_empty());
     }
 
     #[test]

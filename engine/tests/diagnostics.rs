@@ -677,7 +677,7 @@ allow = [{ cidr = "10.0.0.0/31", ports = [80] }]
     let parsed = depfence::policy::parse_str("policy.toml", text);
     let analysis = analyze(&parsed.policy);
     let (a, b) = (analysis.node("a").unwrap(), analysis.node("b").unwrap());
-    let inferred = analysis.edges.iter().find(|e| e.from == b && e.to == a).unwrap();
+    let inferred = analysis.graphs[0].edges.iter().find(|e| e.from == b && e.to == a).unwrap();
     assert_eq!(inferred.kind, EdgeKind::Inferred);
 
     // No edge when the ports do not overlap the endpoint's.
@@ -727,13 +727,13 @@ allow = [{ service = "lock-service" }]
     let compiled = compile_str("policy.toml", text).unwrap();
     let a = &compiled.analysis;
     let (lock, mon) = (a.node("lock-service").unwrap(), a.node("monitoring").unwrap());
-    let e = a.edges.iter().find(|e| e.from == lock && e.to == mon).unwrap();
+    let e = a.graphs[0].edges.iter().find(|e| e.from == lock && e.to == mon).unwrap();
     assert!(!e.critical);
-    assert!(a.components.iter().all(|c| c.members.len() == 1));
+    assert!(a.graphs[0].components.iter().all(|c| c.members.len() == 1));
     // Still a rule in the kernel, and the bootstrap starts the lock service first.
     let (_, ruleset) = compiled.snapshot.service("lock-service").unwrap();
-    assert_eq!(ruleset.net_rules.len(), 1);
-    assert_eq!(compiled.snapshot.bootstrap(), [vec![vec![lock as u32]], vec![vec![mon as u32]]]);
+    assert_eq!(ruleset.rules(0).net_rules.len(), 1);
+    assert_eq!(compiled.snapshot.bootstrap(0), [vec![vec![lock as u32]], vec![vec![mon as u32]]]);
 
     // The same edge marked critical (the default) is a cycle and a layer violation.
     let run = check(&text.replace(", critical = false", ""));
@@ -782,9 +782,9 @@ allow = [{ service = "mysql", reason = "replication" }]
     check(text).is_clean();
     let compiled = compile_str("policy.toml", text).unwrap();
     let a = &compiled.analysis;
-    assert_eq!(a.edges.len(), 1);
-    assert_eq!((a.edges[0].from, a.edges[0].to), (0, 0));
-    assert_eq!(compiled.snapshot.bootstrap(), [vec![vec![0]]]);
+    assert_eq!(a.graphs[0].edges.len(), 1);
+    assert_eq!((a.graphs[0].edges[0].from, a.graphs[0].edges[0].to), (0, 0));
+    assert_eq!(compiled.snapshot.bootstrap(0), [vec![vec![0]]]);
 }
 
 const TWO_CYCLE: &str = r#"version = 1
@@ -810,13 +810,13 @@ fn declared_intrinsic_cycle_is_one_bootstrap_component() {
     let a = &compiled.analysis;
     let (client, controller, worker) =
         (a.node("client").unwrap(), a.node("controller").unwrap(), a.node("worker").unwrap());
-    let cycle: Vec<_> = a.components.iter().filter(|c| c.members.len() > 1).collect();
+    let cycle: Vec<_> = a.graphs[0].components.iter().filter(|c| c.members.len() > 1).collect();
     assert_eq!(cycle.len(), 1);
     assert_eq!(cycle[0].members, [controller, worker]);
     assert!(cycle[0].intrinsic);
     // The pair starts as one unit, before its client.
     assert_eq!(
-        compiled.snapshot.bootstrap(),
+        compiled.snapshot.bootstrap(0),
         [vec![vec![controller as u32, worker as u32]], vec![vec![client as u32]]]
     );
 }

@@ -149,13 +149,13 @@ fn example(name: &str) -> (Sources, Compiled) {
 
 fn edge(analysis: &Analysis, from: &str, to: &str) -> Option<depfence::compile::Edge> {
     let (from, to) = (analysis.node(from)?, analysis.node(to)?);
-    analysis.edges.iter().find(|e| e.from == from && e.to == to).cloned()
+    analysis.graphs[0].edges.iter().find(|e| e.from == from && e.to == to).cloned()
 }
 
 /// Services reachable from `from` over every dependency (critical or not).
 fn reachable(analysis: &Analysis, from: &str) -> BTreeSet<String> {
     let mut adj = vec![Vec::new(); analysis.nodes.len()];
-    for e in &analysis.edges {
+    for e in &analysis.graphs[0].edges {
         adj[e.from].push(e.to);
     }
     let start = analysis.node(from).expect("service exists");
@@ -170,10 +170,10 @@ fn reachable(analysis: &Analysis, from: &str) -> BTreeSet<String> {
 /// Stage index of every service in the bootstrap order.
 fn stage_of(analysis: &Analysis, service: &str) -> usize {
     let node = analysis.node(service).expect("service exists");
-    analysis
+    analysis.graphs[0]
         .stages
         .iter()
-        .position(|s| s.components.iter().any(|&c| analysis.components[c].members.contains(&node)))
+        .position(|s| s.components.iter().any(|&c| analysis.graphs[0].components[c].members.contains(&node)))
         .unwrap_or_else(|| panic!("`{service}` is in no bootstrap stage"))
 }
 
@@ -230,8 +230,8 @@ fn every_good_example_compiles_cleanly() {
         let snapshot = &compiled.snapshot;
         assert!(!snapshot.services().is_empty(), "{}: no services", path.display());
         // Clean policies bootstrap: every service has a stage.
-        let staged: usize = snapshot.bootstrap().iter().flatten().map(Vec::len).sum();
-        assert_eq!(staged, snapshot.services().len(), "{}: bootstrap {:?}", path.display(), snapshot.bootstrap());
+        let staged: usize = snapshot.bootstrap(0).iter().flatten().map(Vec::len).sum();
+        assert_eq!(staged, snapshot.services().len(), "{}: bootstrap {:?}", path.display(), snapshot.bootstrap(0));
         // What the agent would load is what the compiler produced.
         let bytes = snapshot.to_bytes().unwrap();
         assert_eq!(&Snapshot::from_bytes(&bytes).unwrap(), snapshot, "{}", path.display());
@@ -343,7 +343,8 @@ fn quickstart_rules_and_modes() {
     // storefront: the orders API through its endpoint (a /28 with a port range), and the
     // payment provider's block on 443.
     let (_, storefront) = snapshot.service("storefront").unwrap();
-    let rules: Vec<_> = storefront.net_rules.iter().map(|r| (r.net.to_string(), r.proto, r.ports, r.target)).collect();
+    let rules: Vec<_> =
+        storefront.rules(0).net_rules.iter().map(|r| (r.net.to_string(), r.proto, r.ports, r.target)).collect();
     assert_eq!(
         rules,
         [
@@ -351,13 +352,13 @@ fn quickstart_rules_and_modes() {
             ("198.51.100.0/24".to_owned(), Proto::Tcp, PortRange::single(443), None),
         ]
     );
-    assert!(storefront.host_rules.is_empty());
+    assert!(storefront.rules(0).host_rules.is_empty());
     assert_eq!(storefront.modes, [Mode::Audit, Mode::Enforce]);
     assert_eq!(storefront.owner.as_deref(), Some("team-web"));
 
     // orders-db allows nothing and was promoted to enforce in prod.
     let (_, db) = snapshot.service("orders-db").unwrap();
-    assert!(db.net_rules.is_empty() && db.host_rules.is_empty());
+    assert!(db.rules(0).net_rules.is_empty() && db.rules(0).host_rules.is_empty());
     assert_eq!(db.modes, [Mode::Enforce, Mode::Enforce]);
 
     // What the kernel would do.
@@ -407,8 +408,8 @@ fn github_deploy_tooling_does_not_depend_on_the_frontend() {
     let (web_id, _) = snapshot.service("github-web").unwrap();
     let (_, deploy) = snapshot.service("mysql-deploy").unwrap();
     assert_eq!(deploy.selector, Some(depfence::policy::Selector::Path("system.slice/mysql-deploy.service".to_owned())));
-    assert!(deploy.net_rules.iter().all(|r| r.target != Some(web_id)));
-    assert!(deploy.host_rules.iter().all(|r| r.target != Some(web_id)));
+    assert!(deploy.rules(0).net_rules.iter().all(|r| r.target != Some(web_id)));
+    assert!(deploy.rules(0).host_rules.iter().all(|r| r.target != Some(web_id)));
     assert_eq!(
         verdict(snapshot, "mysql-deploy", "production", &conn("192.0.2.10", 443, Proto::Tcp)),
         Verdict::Rejected
@@ -512,7 +513,7 @@ fn layered_bootstrap_starts_bottom_up() {
     }
     // Stages carry their layer, and a service's stage has its layer.
     for node in &a.nodes {
-        assert_eq!(a.stages[stage_of(a, &node.name)].layer, node.layer, "{}", node.name);
+        assert_eq!(a.graphs[0].stages[stage_of(a, &node.name)].layer, node.layer, "{}", node.name);
     }
     // Within a layer, dependencies first.
     assert!(stage_of(a, "ntp") < stage_of(a, "config-store"));
@@ -528,22 +529,23 @@ fn layered_bootstrap_intrinsic_cycle_is_one_supernode() {
     let controller = a.node("batch-controller").unwrap();
     let worker = a.node("batch-worker").unwrap();
 
-    let cycles: Vec<_> = a.components.iter().filter(|c| c.members.len() > 1).collect();
-    assert_eq!(cycles.len(), 1, "{:?}", a.components);
+    let cycles: Vec<_> = a.graphs[0].components.iter().filter(|c| c.members.len() > 1).collect();
+    assert_eq!(cycles.len(), 1, "{:?}", a.graphs[0].components);
     assert_eq!(cycles[0].members, [controller, worker]);
     assert!(cycles[0].intrinsic);
-    assert!(a.components.iter().filter(|c| c.members.len() == 1).all(|c| !c.intrinsic));
+    assert!(a.graphs[0].components.iter().filter(|c| c.members.len() == 1).all(|c| !c.intrinsic));
 
     // Both start in the same stage, as one component.
     let stage = stage_of(a, "batch-controller");
     assert_eq!(stage, stage_of(a, "batch-worker"));
-    let in_stage: Vec<_> = a.stages[stage].components.iter().map(|&c| a.components[c].members.clone()).collect();
+    let in_stage: Vec<_> =
+        a.graphs[0].stages[stage].components.iter().map(|&c| a.graphs[0].components[c].members.clone()).collect();
     assert!(in_stage.contains(&vec![controller, worker]), "{in_stage:?}");
     // And the snapshot's bootstrap lists them as one group.
-    let groups: Vec<&Vec<u32>> = compiled.snapshot.bootstrap().iter().flatten().collect();
+    let groups: Vec<&Vec<u32>> = compiled.snapshot.bootstrap(0).iter().flatten().collect();
     assert!(groups.contains(&&vec![controller as u32, worker as u32]), "{groups:?}");
     assert_eq!(groups.iter().filter(|g| g.len() > 1).count(), 1);
-    assert!(a.violations.is_empty());
+    assert!(a.graphs[0].violations.is_empty());
 }
 
 #[test]
@@ -568,6 +570,7 @@ fn layered_bootstrap_non_critical_dependencies() {
     let (monitoring_id, _) = snapshot.service("monitoring").unwrap();
     let (_, lock) = snapshot.service("lock-service").unwrap();
     let to_monitoring: Vec<_> = lock
+        .rules(0)
         .net_rules
         .iter()
         .filter(|r| r.target == Some(monitoring_id))
@@ -582,7 +585,7 @@ fn layered_bootstrap_non_critical_dependencies() {
         assert_eq!(verdict(snapshot, "lock-service", env, &conn("10.2.3.10", 9092, Proto::Tcp)), Verdict::Rejected);
     }
     // Tiers are consistent: no critical dependency on a less critical service.
-    for e in a.edges.iter().filter(|e| e.critical && e.from != e.to) {
+    for e in a.graphs[0].edges.iter().filter(|e| e.critical && e.from != e.to) {
         let (from, to) = (&a.nodes[e.from], &a.nodes[e.to]);
         assert!(to.tier <= from.tier, "{} (tier {:?}) -> {} (tier {:?})", from.name, from.tier, to.name, to.tier);
     }

@@ -130,7 +130,7 @@ fn a_valid_rpc_allow_compiles_into_sorted_rules_with_positions() {
     );
     assert_eq!(snapshot.service_position(billing), "policy.toml:2:11");
     // The endpoints ride along for the guard's backend resolution.
-    assert_eq!(snapshot.service("billing").unwrap().1.endpoints.len(), 1);
+    assert_eq!(snapshot.service("billing").unwrap().1.rules(0).endpoints.len(), 1);
     // Reordering the patterns changes neither content nor hash.
     let reordered = policy(
         r#"{ service = "billing", rpcs = ["/billing.Billing/Charge", "/billing.Billing/Refund", "/billing.Billing/Charge"] }"#,

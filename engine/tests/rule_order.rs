@@ -28,7 +28,7 @@ fn snapshot(text: &str) -> Snapshot {
 /// The kernel's entries for a service, run through the kernel's lookup. None when the service
 /// does not fit the kernel layout (too many port ranges on one prefix).
 fn lowered(service: &ServiceRuleset) -> Option<LoweredRules> {
-    let compiled = compile(RULESET, &allows_from_snapshot(&service.net_rules)).ok()?;
+    let compiled = compile(RULESET, &allows_from_snapshot(&service.rules(0).net_rules)).ok()?;
     let mut maps = LoweredRules::new();
     maps.install(&compiled);
     Some(maps)
@@ -42,8 +42,8 @@ fn conn(text: &str) -> Connection {
 fn agree(snapshot: &Snapshot, service: &str, conn: &Connection) -> Option<String> {
     let (_, s) = snapshot.service(service).unwrap();
     let maps = lowered(s).expect("fits the kernel layout");
-    let kernel = rule_of(&s.net_rules, maps.first_match(RULESET, conn));
-    let explained = s.matching_rule(conn);
+    let kernel = rule_of(&s.rules(0).net_rules, maps.first_match(RULESET, conn));
+    let explained = s.matching_rule(0, conn);
     assert_eq!(kernel, explained, "{conn}: the kernel and explain name different rules");
     explained.map(|r| snapshot.describe_rule(r))
 }
@@ -171,9 +171,9 @@ proptest! {
         let Some(maps) = lowered(app) else { return Ok(()) };
         for conn in &conns {
             let hit = maps.first_match(RULESET, conn);
-            let kernel = rule_of(&app.net_rules, hit);
+            let kernel = rule_of(&app.rules(0).net_rules, hit);
             prop_assert!(hit == 0 || kernel.is_some(), "rule id {hit} names no rule");
-            let explained = app.matching_rule(conn);
+            let explained = app.matching_rule(0, conn);
             prop_assert_eq!(kernel, explained, "{}\n{}", conn, text);
             for env in 0..s.environments().len() {
                 let decision = app.decide(env, conn);

@@ -159,7 +159,7 @@ fn reordering_an_allow_list_keeps_the_hash() {
     // Each rule still points at the entry it came from.
     for s in [&a, &b] {
         let (_, web) = s.service("web").unwrap();
-        for rule in &web.net_rules {
+        for rule in &web.rules(0).net_rules {
             let origin = &s.debug_info().origins[rule.origin as usize];
             let line = match rule.net.to_string().as_str() {
                 "10.0.2.20/32" => "{ service = \"db\" }",
@@ -251,7 +251,7 @@ impl Tamper for Snapshot {
             debug: &'a depfence::snapshot::DebugInfo,
         }
         let mut content = self.content().clone();
-        content.services[0].net_rules[0].ports = PortRange::single(port);
+        content.services[0].rules[0].net_rules[0].ports = PortRange::single(port);
         let hash = self.hash();
         let mut bytes = SNAPSHOT_MAGIC.to_vec();
         bytes.extend(postcard::to_stdvec(&Raw { content: &content, hash: &hash, debug: self.debug_info() }).unwrap());

@@ -33,19 +33,24 @@ fn exercise(snapshot: &Snapshot) {
             let _ = guard.check(&caller.name, "/pkg.Service/Method", "10.0.0.1:8080");
         }
     }
-    for service in snapshot.services().iter().take(VISIT) {
-        let _ = snapshot.service(&service.name);
-        for rule in service.net_rules.iter().take(VISIT) {
-            let _ = snapshot.describe_rule(rule);
-            let _ = snapshot.rule_position(rule);
-            let _ = snapshot.owners().owner_of(rule.net.addr(), Some(rule.ports.first), rule.proto);
-            let _ = snapshot.owners().owners_of(rule.net.addr(), rule.ports.last, rule.proto);
+    // Every environment's rules and owners, and one past the last (an environment the snapshot
+    // does not have).
+    for env in 0..=snapshot.environments().len().min(VISIT) {
+        for service in snapshot.services().iter().take(VISIT) {
+            let _ = snapshot.service(&service.name);
+            for rule in service.rules(env).net_rules.iter().take(VISIT) {
+                let _ = snapshot.describe_rule(rule);
+                let _ = snapshot.rule_position(rule);
+                let _ = snapshot.owners(env).owner_of(rule.net.addr(), Some(rule.ports.first), rule.proto);
+                let _ = snapshot.owners(env).owners_of(rule.net.addr(), rule.ports.last, rule.proto);
+            }
         }
+        let _ = snapshot.bootstrap(env);
     }
     for service in 0..snapshot.services().len().min(VISIT) {
         let _ = snapshot.service_position(u32::try_from(service).unwrap());
     }
-    let _ = snapshot.owners().owner_of(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), None, Proto::Any);
+    let _ = snapshot.owners(0).owner_of(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), None, Proto::Any);
 }
 
 fuzz_target!(|data: &[u8]| {

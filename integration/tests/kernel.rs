@@ -417,7 +417,7 @@ allow = [
     );
     let compiled = depfence::compile::compile_str("app.toml", &text).unwrap_or_else(|(_, d)| panic!("{d:?}"));
     let (_, app) = compiled.snapshot.service("app").unwrap();
-    let ruleset = compile(1, &allows_from_snapshot(&app.net_rules)).unwrap();
+    let ruleset = compile(1, &allows_from_snapshot(&app.rules(0).net_rules)).unwrap();
     assert!(!ruleset.cidrs.is_empty());
     dp.maps.install(&ruleset).unwrap();
     dp.maps.set_cgroup(cg.id(), CgroupState { flags: FLAG_ACTIVE_HAS_CIDR, ..state(1, MODE_ENFORCE, 7) }).unwrap();

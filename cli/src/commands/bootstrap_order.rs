@@ -4,25 +4,27 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::{compiled, invalid};
+use super::{compiled, invalid, judged_graph};
 use crate::args::{ErrorFormat, Output};
 use crate::error::CliError;
 
-/// Prints the start order of the policy at `path`: stages by layer, dependencies first.
-pub fn run(path: &Path, format: ErrorFormat, output: Output) -> Result<ExitCode, CliError> {
+/// Prints the start order of the policy at `path` (in `environment`, or the one order every
+/// environment shares): stages by layer, dependencies first.
+pub fn run(path: &Path, format: ErrorFormat, output: Output, environment: Option<&str>) -> Result<ExitCode, CliError> {
     let Some(compiled) = compiled(path, format)? else { return Ok(invalid()) };
     let analysis = &compiled.analysis;
+    let graph = judged_graph(analysis, environment)?;
     let layer_name = |layer: Option<usize>| layer.and_then(|l| analysis.layers.get(l)).cloned();
     let stage_members = |components: &[usize]| -> Vec<(Vec<String>, bool)> {
         components
             .iter()
-            .filter_map(|&c| analysis.components.get(c))
+            .filter_map(|&c| graph.components.get(c))
             .map(|c| (c.members.iter().map(|&m| analysis.name(m).to_owned()).collect(), c.intrinsic))
             .collect()
     };
     let mut out = std::io::stdout().lock();
     if output == Output::Json {
-        let stages: Vec<_> = analysis
+        let stages: Vec<_> = graph
             .stages
             .iter()
             .enumerate()
@@ -41,7 +43,7 @@ pub fn run(path: &Path, format: ErrorFormat, output: Output) -> Result<ExitCode,
         return Ok(ExitCode::SUCCESS);
     }
     let mut current_layer = None;
-    for (i, stage) in analysis.stages.iter().enumerate() {
+    for (i, stage) in graph.stages.iter().enumerate() {
         let layer = layer_name(stage.layer).unwrap_or_else(|| "(no layer)".into());
         if current_layer.as_ref() != Some(&layer) {
             writeln!(out, "layer {layer}:")?;

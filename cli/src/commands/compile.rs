@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::{compiled, invalid, rpc_rules_clause};
+use super::{address_rules_clause, compiled, invalid, rpc_rules_clause};
 use crate::args::{ErrorFormat, SnapshotFormat};
 use crate::error::CliError;
 
@@ -21,9 +21,9 @@ pub fn run(path: &Path, format: ErrorFormat, output: &Path, encoding: SnapshotFo
         eprintln!("note: the policy has {warnings} warning(s); run `policyctl check` to see them");
     }
     eprintln!(
-        "compiled {} services, {} address rules{} into {} (sha256 {})",
+        "compiled {} services, {}{} into {} (sha256 {})",
         compiled.snapshot.services().len(),
-        compiled.snapshot.net_rule_count(),
+        address_rules_clause(&compiled.snapshot),
         rpc_rules_clause(&compiled.snapshot),
         output.display(),
         compiled.snapshot.hash()

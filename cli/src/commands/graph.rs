@@ -8,18 +8,25 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use depfence::compile::{Analysis, EdgeKind, Violation};
+use depfence::compile::{Analysis, EdgeKind, Graph, Violation};
 
-use super::{Show, checked, invalid};
+use super::{Show, checked, invalid, judged_graph};
 use crate::args::{ErrorFormat, GraphFormat};
 use crate::error::CliError;
 
-/// Draws the policy at `path` in `language`.
-pub fn run(path: &Path, format: ErrorFormat, language: GraphFormat) -> Result<ExitCode, CliError> {
+/// Draws the policy at `path` in `language`: the graph of `environment`, or the one graph every
+/// environment shares.
+pub fn run(
+    path: &Path,
+    format: ErrorFormat,
+    language: GraphFormat,
+    environment: Option<&str>,
+) -> Result<ExitCode, CliError> {
     let Some(analysis) = checked(path, format, Show::SyntaxOnly)?.and_then(|c| c.analysis) else {
         return Ok(invalid());
     };
-    std::io::stdout().write_all(render(&analysis, language).as_bytes())?;
+    let graph = judged_graph(&analysis, environment)?;
+    std::io::stdout().write_all(render(&analysis, graph, language).as_bytes())?;
     if analysis.diagnostics.has_errors() {
         eprintln!(
             "note: the policy has {} error(s), highlighted in the graph; run `policyctl check` for details",
@@ -29,18 +36,18 @@ pub fn run(path: &Path, format: ErrorFormat, language: GraphFormat) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// Renders the analysis in `format`.
-fn render(analysis: &Analysis, format: GraphFormat) -> String {
-    let flagged = violations_by_edge(analysis);
+/// Renders one graph of the analysis in `format`.
+fn render(analysis: &Analysis, graph: &Graph, format: GraphFormat) -> String {
+    let flagged = violations_by_edge(graph);
     match format {
-        GraphFormat::Dot => dot(analysis, &flagged),
-        GraphFormat::Mermaid => mermaid(analysis, &flagged),
-        GraphFormat::Json => json(analysis, &flagged),
+        GraphFormat::Dot => dot(analysis, graph, &flagged),
+        GraphFormat::Mermaid => mermaid(analysis, graph, &flagged),
+        GraphFormat::Json => json(analysis, graph, &flagged),
     }
 }
 
 /// Violation kinds per edge (from, to).
-fn violations_by_edge(analysis: &Analysis) -> BTreeMap<(usize, usize), Vec<&'static str>> {
+fn violations_by_edge(graph: &Graph) -> BTreeMap<(usize, usize), Vec<&'static str>> {
     let mut flagged: BTreeMap<(usize, usize), Vec<&'static str>> = BTreeMap::new();
     let mut flag_path = |path: &[usize], kind| {
         for pair in path.windows(2) {
@@ -49,12 +56,12 @@ fn violations_by_edge(analysis: &Analysis) -> BTreeMap<(usize, usize), Vec<&'sta
             }
         }
     };
-    for violation in &analysis.violations {
+    for violation in &graph.violations {
         match violation {
             Violation::Cycle(path) => flag_path(path, "cycle"),
             Violation::Isolation(path) => flag_path(path, "isolation"),
             Violation::Layer(index) => {
-                if let Some(edge) = analysis.edges.get(*index) {
+                if let Some(edge) = graph.edges.get(*index) {
                     flag_path(&[edge.from, edge.to], "layer");
                 }
             }
@@ -88,7 +95,7 @@ fn node_label(analysis: &Analysis, node: usize) -> String {
     if details.is_empty() { n.name.clone() } else { format!("{}\\n{}", n.name, details.join(", ")) }
 }
 
-fn dot(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static str>>) -> String {
+fn dot(analysis: &Analysis, graph: &Graph, flagged: &BTreeMap<(usize, usize), Vec<&'static str>>) -> String {
     let mut out =
         String::from("digraph depfence {\n  rankdir=BT;\n  newrank=true;\n  node [shape=box, style=rounded];\n");
     for (layer, nodes) in by_layer(analysis) {
@@ -100,14 +107,14 @@ fn dot(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static str>
         }
         let _ = writeln!(out, "  }}");
     }
-    for (i, component) in analysis.components.iter().enumerate().filter(|(_, c)| c.intrinsic) {
+    for (i, component) in graph.components.iter().enumerate().filter(|(_, c)| c.intrinsic) {
         let _ = writeln!(out, "  subgraph cluster_cycle_{i} {{ label=\"intrinsic cycle\"; style=dashed; color=blue;");
         for m in &component.members {
             let _ = writeln!(out, "    n{m};");
         }
         let _ = writeln!(out, "  }}");
     }
-    for edge in &analysis.edges {
+    for edge in &graph.edges {
         let mut attrs = Vec::new();
         if !edge.critical {
             attrs.push("style=dashed".to_owned());
@@ -126,7 +133,7 @@ fn dot(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static str>
     out
 }
 
-fn mermaid(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static str>>) -> String {
+fn mermaid(analysis: &Analysis, graph: &Graph, flagged: &BTreeMap<(usize, usize), Vec<&'static str>>) -> String {
     let mut out = String::from("flowchart BT\n");
     for (layer, nodes) in by_layer(analysis) {
         let name = layer.and_then(|l| analysis.layers.get(l)).map_or("no layer", String::as_str);
@@ -138,7 +145,7 @@ fn mermaid(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static 
         let _ = writeln!(out, "  end");
     }
     let mut red = Vec::new();
-    for (i, edge) in analysis.edges.iter().enumerate() {
+    for (i, edge) in graph.edges.iter().enumerate() {
         let arrow = if edge.critical { "-->" } else { "-.->" };
         match flagged.get(&(edge.from, edge.to)) {
             Some(kinds) => {
@@ -156,7 +163,7 @@ fn mermaid(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static 
     if !red.is_empty() {
         let _ = writeln!(out, "  linkStyle {} stroke:red,stroke-width:3px", red.join(","));
     }
-    let intrinsic: Vec<String> = analysis
+    let intrinsic: Vec<String> = graph
         .components
         .iter()
         .filter(|c| c.intrinsic)
@@ -169,10 +176,11 @@ fn mermaid(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static 
     out
 }
 
-fn json(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static str>>) -> String {
+fn json(analysis: &Analysis, graph: &Graph, flagged: &BTreeMap<(usize, usize), Vec<&'static str>>) -> String {
     let name = |n: usize| analysis.name(n).to_owned();
     let path = |p: &[usize]| p.iter().map(|&n| name(n)).collect::<Vec<_>>();
     let document = serde_json::json!({
+        "environments": graph.environments,
         "layers": analysis.layers,
         "nodes": analysis.nodes.iter().map(|n| serde_json::json!({
             "name": n.name,
@@ -180,19 +188,19 @@ fn json(analysis: &Analysis, flagged: &BTreeMap<(usize, usize), Vec<&'static str
             "group": n.group,
             "tier": n.tier,
         })).collect::<Vec<_>>(),
-        "edges": analysis.edges.iter().map(|e| serde_json::json!({
+        "edges": graph.edges.iter().map(|e| serde_json::json!({
             "from": name(e.from),
             "to": name(e.to),
             "critical": e.critical,
             "kind": e.kind,
             "violations": flagged.get(&(e.from, e.to)).cloned().unwrap_or_default(),
         })).collect::<Vec<_>>(),
-        "intrinsic_cycles": analysis.components.iter().filter(|c| c.intrinsic).map(|c| path(&c.members)).collect::<Vec<_>>(),
-        "violations": analysis.violations.iter().map(|v| match v {
+        "intrinsic_cycles": graph.components.iter().filter(|c| c.intrinsic).map(|c| path(&c.members)).collect::<Vec<_>>(),
+        "violations": graph.violations.iter().map(|v| match v {
             Violation::Cycle(p) => serde_json::json!({ "kind": "cycle", "path": path(p) }),
             Violation::Isolation(p) => serde_json::json!({ "kind": "isolation", "path": path(p) }),
             Violation::Layer(i) => {
-                let edge = analysis.edges.get(*i);
+                let edge = graph.edges.get(*i);
                 serde_json::json!({ "kind": "layer", "path": edge.map(|e| path(&[e.from, e.to])) })
             }
         }).collect::<Vec<_>>(),

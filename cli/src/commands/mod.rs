@@ -21,7 +21,7 @@ mod status_kernel;
 use std::path::Path;
 use std::process::ExitCode;
 
-use depfence::compile::{self as engine, Checked, CompileError, Compiled};
+use depfence::compile::{self as engine, Analysis, Checked, CompileError, Compiled, Graph};
 use depfence::snapshot::Snapshot;
 
 use crate::args::{Cli, Command, ErrorFormat};
@@ -32,20 +32,26 @@ use crate::output::print_diagnostics;
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let format = cli.error_format;
     match cli.command {
-        Command::Check { policy, deny_warnings } => check::run(policy.path()?, format, deny_warnings),
+        Command::Check { policy, deny_warnings, environment } => {
+            check::run(policy.path()?, format, deny_warnings, environment.as_deref())
+        }
         Command::Compile { policy, output, format: encoding } => {
             compile::run(policy.path()?, format, &output, encoding)
         }
-        Command::Graph { policy, format: language } => graph::run(policy.path()?, format, language),
+        Command::Graph { policy, format: language, environment } => {
+            graph::run(policy.path()?, format, language, environment.as_deref())
+        }
         Command::Explain { live: true, from, to, output, socket, .. } => {
             explain::live(&socket.socket, &from, &to, output)
         }
         Command::Explain { policy, from, to, environment, output, .. } => {
             explain::offline(policy.path()?, format, &from, &to, environment.as_deref(), output)
         }
-        Command::BootstrapOrder { policy, output } => bootstrap_order::run(policy.path()?, format, output),
-        Command::Run { policy, service, mode, pass_fds, command } => {
-            run::run(policy.path()?, format, &service, mode, &pass_fds, &command)
+        Command::BootstrapOrder { policy, output, environment } => {
+            bootstrap_order::run(policy.path()?, format, output, environment.as_deref())
+        }
+        Command::Run { policy, service, environment, mode, pass_fds, command } => {
+            run::run(policy.path()?, format, &service, environment.as_deref(), mode, &pass_fds, &command)
         }
         Command::Status { kernel, pins, socket, output } => {
             if kernel || pins.is_some() || !socket.socket.exists() {
@@ -102,6 +108,67 @@ fn compiled(path: &Path, format: ErrorFormat) -> Result<Option<Compiled>, CliErr
         }
         Err(CompileError::Load(e)) => Err(e.into()),
         Err(e) => Err(CliError::Compile(e)),
+    }
+}
+
+/// The index of the environment a command judges: the one asked for, or the policy's only one.
+fn environment_index(environments: &[String], asked: Option<&str>) -> Result<usize, CliError> {
+    let known = || environments.join(", ");
+    match asked {
+        Some(name) => environments
+            .iter()
+            .position(|e| e == name)
+            .ok_or_else(|| CliError::Usage(format!("unknown environment `{name}` (the policy has: {})", known()))),
+        None if environments.len() == 1 => Ok(0),
+        None => Err(CliError::Usage(format!(
+            "the policy has several environments ({}); choose one with --environment",
+            known()
+        ))),
+    }
+}
+
+/// The dependency graph a command judges: the asked environment's, or the one graph every
+/// environment shares. Says on stderr which environments it is the graph of.
+fn judged_graph<'a>(analysis: &'a Analysis, asked: Option<&str>) -> Result<&'a Graph, CliError> {
+    let graph = match (asked, analysis.graphs.as_slice()) {
+        (None, [only]) => Some(only),
+        (None, _) => {
+            let groups: Vec<String> = analysis.graphs.iter().map(|g| g.environments.join(", ")).collect();
+            return Err(CliError::Usage(format!(
+                "the environments' dependency graphs differ ({}); choose one with --environment",
+                groups.join(" | ")
+            )));
+        }
+        (Some(_), _) => analysis.graph(environment_index(&analysis.environments, asked)?),
+    };
+    let graph = graph.ok_or_else(|| CliError::Usage("the policy has no dependency graph".into()))?;
+    match asked {
+        Some(name) if graph.environments.len() > 1 => {
+            eprintln!("judged: environment {name} (the same graph in {})", graph.environments.join(", "))
+        }
+        Some(name) => eprintln!("judged: environment {name}"),
+        None => eprintln!("{}", judged_text(&graph.environments)),
+    }
+    Ok(graph)
+}
+
+/// `judged: environment prod` / `judged: environments prod, qa`.
+fn judged_text(environments: &[String]) -> String {
+    let noun = if environments.len() == 1 { "environment" } else { "environments" };
+    format!("judged: {noun} {}", environments.join(", "))
+}
+
+/// `N address rules`, or per environment when they differ: `address rules: prod 3, qa 4`.
+fn address_rules_clause(snapshot: &Snapshot) -> String {
+    let counts: Vec<(String, usize)> = (0..snapshot.environments().len())
+        .filter_map(|e| Some((snapshot.environments().get(e)?.name.clone(), snapshot.net_rule_count(e))))
+        .collect();
+    match counts.as_slice() {
+        [(_, n), rest @ ..] if rest.iter().all(|(_, m)| m == n) => format!("{n} address rules"),
+        _ => {
+            let each: Vec<String> = counts.iter().map(|(e, n)| format!("{e} {n}")).collect();
+            format!("address rules {}", each.join(", "))
+        }
     }
 }
 

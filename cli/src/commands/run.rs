@@ -11,7 +11,7 @@ use std::time::Duration;
 use depfence::datapath::confine::{ConfineError, Confinement};
 use depfence::verdict::{Mode, Verdict};
 
-use super::{compiled, invalid};
+use super::{compiled, environment_index, invalid};
 use crate::args::{ErrorFormat, RunMode};
 use crate::error::CliError;
 
@@ -27,6 +27,7 @@ pub fn run(
     path: &Path,
     format: ErrorFormat,
     service: &str,
+    environment: Option<&str>,
     mode: RunMode,
     pass_fds: &[i32],
     command: &[OsString],
@@ -40,7 +41,9 @@ pub fn run(
         RunMode::Enforce => Mode::Enforce,
     };
     let name = depfence::datapath::pins::run_root_name(std::process::id());
-    let mut confined = Confinement::new(&compiled.snapshot, service, mode, &name)?;
+    let names: Vec<String> = compiled.snapshot.environments().iter().map(|e| e.name.clone()).collect();
+    let env = environment_index(&names, environment)?;
+    let mut confined = Confinement::new(&compiled.snapshot, env, service, mode, &name)?;
     let mut child = confined.spawn(Command::new(program).args(args), pass_fds).map_err(|e| match e {
         ConfineError::NotOpen(_) => CliError::Confine(e),
         e => CliError::Usage(format!("cannot run `{}`: {e}", program.to_string_lossy())),

@@ -401,8 +401,10 @@ impl<D: Dataplane> Kernel<D> {
         Ok((slot, SlotOrigin::New))
     }
 
-    fn compile_for(&mut self, snapshot: &Snapshot, service: &str) -> Result<(u32, CompiledRuleset)> {
-        let rules = snapshot.service(service).map(|(_, s)| allows_from_snapshot(&s.net_rules)).unwrap_or_default();
+    /// A fresh ruleset for `service`'s address rules in environment `env`.
+    fn compile_for(&mut self, snapshot: &Snapshot, env: usize, service: &str) -> Result<(u32, CompiledRuleset)> {
+        let rules =
+            snapshot.service(service).map(|(_, s)| allows_from_snapshot(&s.rules(env).net_rules)).unwrap_or_default();
         let id = self.new_ruleset_id();
         let compiled =
             compile(id, &rules).map_err(|source| KernelError::Layout { service: service.to_owned(), source })?;
@@ -428,9 +430,9 @@ impl<D: Dataplane> Kernel<D> {
         let mut fresh: BTreeMap<String, Rulesets> = BTreeMap::new();
         for &service in wanted.keys() {
             if new_policy || !self.services.contains_key(service) {
-                let active = self.compile_for(desired.snapshot, service)?;
+                let active = self.compile_for(desired.snapshot, desired.environment, service)?;
                 let candidate = match desired.candidate {
-                    Some((candidate, _)) => Some(self.compile_for(candidate, service)?),
+                    Some((candidate, env)) => Some(self.compile_for(candidate, env, service)?),
                     None => None,
                 };
                 fresh.insert(service.to_owned(), (active, candidate));
@@ -499,7 +501,10 @@ impl<D: Dataplane> Kernel<D> {
             if candidate.as_ref().is_some_and(|c| !c.1.cidrs.is_empty()) {
                 flags |= FLAG_CANDIDATE_HAS_CIDR;
             }
-            let has_names = desired.snapshot.service(service).is_some_and(|(_, s)| !s.host_rules.is_empty());
+            let has_names = desired
+                .snapshot
+                .service(service)
+                .is_some_and(|(_, s)| !s.rules(desired.environment).host_rules.is_empty());
             if self.dns.is_some() && has_names {
                 flags |= FLAG_DNS;
             }

@@ -260,8 +260,8 @@ impl<D: Dataplane> State<D> {
 
     /// The service that owns a destination, when the policy in force says.
     fn owner_name(&self, addr: std::net::IpAddr, port: u16, proto: u8) -> Option<String> {
-        let (compiled, _) = self.active.as_ref()?;
-        let owner = compiled.snapshot.owners().owner_of(addr, Some(port), proto_of(proto))?;
+        let (compiled, env) = self.active.as_ref()?;
+        let owner = compiled.snapshot.owners(*env).owner_of(addr, Some(port), proto_of(proto))?;
         compiled.snapshot.services().get(owner as usize).map(|s| s.name.clone())
     }
 

@@ -82,8 +82,24 @@ pub struct Component {
 pub struct Stage {
     /// Layer index (the highest layer among what it depends on, for services without a layer).
     pub layer: Option<usize>,
-    /// Components (indices into [`Analysis::components`]) in this stage.
+    /// Components (indices into [`Graph::components`]) in this stage.
     pub components: Vec<usize>,
+}
+
+/// The dependency graph of one or more environments (those with the same dependencies), and
+/// what the graph checks found in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Graph {
+    /// The environments it is the graph of, by name.
+    pub environments: Vec<String>,
+    /// Dependencies, sorted by (from, to), one per pair.
+    pub edges: Vec<Edge>,
+    /// Components of the critical graph, dependencies first.
+    pub components: Vec<Component>,
+    /// Graph-check findings.
+    pub violations: Vec<Violation>,
+    /// Bootstrap order; empty when the critical graph has an undeclared cycle.
+    pub stages: Vec<Stage>,
 }
 
 /// Everything the compiler learned about a policy.
@@ -93,19 +109,19 @@ pub struct Analysis {
     pub layers: Vec<String>,
     /// Services, sorted by name; indices are node ids.
     pub nodes: Vec<Node>,
-    /// Dependencies, sorted by (from, to), one per pair.
-    pub edges: Vec<Edge>,
-    /// Components of the critical graph, dependencies first.
-    pub components: Vec<Component>,
-    /// Graph-check findings.
-    pub violations: Vec<Violation>,
-    /// Bootstrap order; empty when the critical graph has an undeclared cycle.
-    pub stages: Vec<Stage>,
+    /// Environment names, sorted (the snapshot's order).
+    pub environments: Vec<String>,
+    /// The graphs: one for every environment when their dependencies are the same (always, in
+    /// a policy without environment-scoped entries), else one per group of environments with
+    /// the same dependencies.
+    pub graphs: Vec<Graph>,
+    /// Per environment, the index of its graph in `graphs`.
+    graph_of_env: Vec<usize>,
     /// Every problem found.
     pub diagnostics: Diagnostics,
     content: SnapshotContent,
     debug: crate::snapshot::DebugInfo,
-    owners: crate::snapshot::Owners,
+    owners: Vec<std::sync::Arc<crate::snapshot::Owners>>,
 }
 
 impl Analysis {
@@ -116,13 +132,31 @@ impl Analysis {
 
     /// Name of a node.
     pub fn name(&self, node: usize) -> &str {
-        self.nodes.get(node).map_or("?", |n| n.name.as_str())
+        name(&self.nodes, node)
     }
 
     /// `a -> b -> c` for a node path.
     pub fn path_text(&self, path: &[usize]) -> String {
-        path.iter().map(|&n| format!("`{}`", self.name(n))).collect::<Vec<_>>().join(" -> ")
+        path_text(&self.nodes, path)
     }
+
+    /// Index of an environment by name.
+    pub fn environment_index(&self, name: &str) -> Option<usize> {
+        self.environments.iter().position(|e| e == name)
+    }
+
+    /// The graph of environment `env` (an index into `environments`).
+    pub fn graph(&self, env: usize) -> Option<&Graph> {
+        self.graph_of_env.get(env).and_then(|&g| self.graphs.get(g))
+    }
+}
+
+fn name(nodes: &[Node], node: usize) -> &str {
+    nodes.get(node).map_or("?", |n| n.name.as_str())
+}
+
+fn path_text(nodes: &[Node], path: &[usize]) -> String {
+    path.iter().map(|&n| format!("`{}`", name(nodes, n))).collect::<Vec<_>>().join(" -> ")
 }
 
 /// A successful compile: the snapshot, the analysis behind it (with any warnings) and the
@@ -231,26 +265,112 @@ pub fn compile_sources(files: impl IntoIterator<Item = (String, String)>) -> Res
     check_sources(files).freeze()
 }
 
-/// Analyzes a parsed policy: resolves names, expands rules, runs every graph check.
+/// Analyzes a parsed policy: resolves names, expands rules, runs every graph check in each
+/// environment.
 pub fn analyze(policy: &PolicySet) -> Analysis {
     let mut diagnostics = Diagnostics::default();
     let resolved = resolve::resolve(policy, &mut diagnostics);
-    let mut analysis = Analysis {
-        layers: policy.layers.iter().map(|l| l.value.clone()).collect(),
-        nodes: resolved.nodes,
-        edges: resolved.edges,
-        components: Vec::new(),
-        violations: Vec::new(),
-        stages: Vec::new(),
-        diagnostics: Diagnostics::default(),
-        content: resolved.content,
+    let mut content = resolved.content;
+    let environments: Vec<String> = content.environments.iter().map(|e| e.name.clone()).collect();
+    let layers: Vec<String> = policy.layers.iter().map(|l| l.value.clone()).collect();
+    let nodes = resolved.nodes;
+
+    // Environments with the same dependencies share one graph (and one run of the checks).
+    let mut graphs: Vec<Graph> = Vec::new();
+    let mut graph_of_env = vec![0usize; environments.len()];
+    // What each graph's checks found (with the environments that share the graph), and what
+    // resolving each view found.
+    let mut graph_found: Vec<(Vec<usize>, Diagnostics)> = Vec::new();
+    let mut found: Vec<(Vec<usize>, Diagnostics)> = Vec::new();
+    for view in resolved.views {
+        let names = view.envs.iter().filter_map(|&e| environments.get(e).cloned());
+        let index = match graphs.iter().position(|g| g.edges == view.edges) {
+            Some(index) => {
+                if let Some(graph) = graphs.get_mut(index) {
+                    graph.environments.extend(names);
+                }
+                index
+            }
+            None => {
+                let mut graph = Graph {
+                    environments: names.collect(),
+                    edges: view.edges,
+                    components: Vec::new(),
+                    violations: Vec::new(),
+                    stages: Vec::new(),
+                };
+                let mut graph_diags = Diagnostics::default();
+                check_graph(policy, &resolved.intrinsic, &layers, &nodes, &mut graph, &mut graph_diags);
+                graphs.push(graph);
+                graph_found.push((Vec::new(), graph_diags));
+                graphs.len() - 1
+            }
+        };
+        for &env in &view.envs {
+            if let Some(slot) = graph_of_env.get_mut(env) {
+                *slot = index;
+            }
+        }
+        if let Some((envs, _)) = graph_found.get_mut(index) {
+            envs.extend(view.envs.iter().copied());
+        }
+        found.push((view.envs, view.diags));
+    }
+    found.extend(graph_found);
+    diagnostics.extend(merge_by_environment(found, &environments));
+    content.bootstrap =
+        graph_of_env.iter().map(|&g| graphs.get(g).map(bootstrap_content).unwrap_or_default()).collect();
+    diagnostics.sort();
+    Analysis {
+        layers,
+        nodes,
+        environments,
+        graphs,
+        graph_of_env,
+        diagnostics,
+        content,
         debug: resolved.debug,
         owners: resolved.owners,
-    };
-    check_graph(policy, &resolved.intrinsic, &mut analysis, &mut diagnostics);
-    diagnostics.sort();
-    analysis.diagnostics = diagnostics;
-    analysis
+    }
+}
+
+/// The bootstrap order of a graph as the snapshot keeps it: service ids per group per stage.
+fn bootstrap_content(graph: &Graph) -> Vec<Vec<Vec<u32>>> {
+    graph
+        .stages
+        .iter()
+        .map(|s| {
+            s.components
+                .iter()
+                .filter_map(|&c| graph.components.get(c))
+                .map(|c| c.members.iter().map(|&m| m as u32).collect())
+                .collect()
+        })
+        .collect()
+}
+
+/// One list of the problems found per environment: a problem found in several environments is
+/// reported once, naming them, and without names when it holds in every environment.
+fn merge_by_environment(found: Vec<(Vec<usize>, Diagnostics)>, environments: &[String]) -> Diagnostics {
+    let mut merged: Vec<(String, Diagnostic, BTreeSet<usize>)> = Vec::new();
+    for (envs, diags) in found {
+        for diag in diags {
+            let key = format!("{:?}|{:?}|{:?}|{:?}", diag.severity(), diag.problem(), diag.primary(), diag.secondary());
+            match merged.iter_mut().find(|(k, _, _)| *k == key) {
+                Some((_, _, seen)) => seen.extend(envs.iter().copied()),
+                None => merged.push((key, diag, envs.iter().copied().collect())),
+            }
+        }
+    }
+    let mut out = Diagnostics::default();
+    for (_, diag, envs) in merged {
+        if envs.len() >= environments.len() {
+            out.push(diag);
+        } else {
+            out.push(diag.in_environments(envs.iter().filter_map(|&e| environments.get(e).cloned()).collect()));
+        }
+    }
+    out
 }
 
 /// Analyzes what [`crate::policy::load`] or [`crate::policy::parse_sources`] read. Returns None
@@ -321,28 +441,32 @@ fn edge_loc(edges: &[Edge], from: usize, to: usize) -> Option<Loc> {
 }
 
 /// A diagnostic at the first edge of `path`, with a note at every further edge.
-fn path_diagnostic(problem: Problem, analysis: &Analysis, path: &[usize]) -> Diagnostic {
+fn path_diagnostic(problem: Problem, nodes: &[Node], edges: &[Edge], path: &[usize]) -> Diagnostic {
     let mut locs = path.windows(2).filter_map(|w| match w {
-        [a, b] => edge_loc(&analysis.edges, *a, *b).map(|loc| (loc, *a, *b)),
+        [a, b] => edge_loc(edges, *a, *b).map(|loc| (loc, *a, *b)),
         _ => None,
     });
     let Some((first, a, b)) = locs.next() else {
         return Diagnostic::error(problem, Loc::default(), "");
     };
-    let mut diag = Diagnostic::error(problem, first, format!("`{}` -> `{}`", analysis.name(a), analysis.name(b)));
+    let mut diag = Diagnostic::error(problem, first, format!("`{}` -> `{}`", name(nodes, a), name(nodes, b)));
     for (loc, a, b) in locs {
-        diag = diag.with_note(loc, format!("`{}` -> `{}`", analysis.name(a), analysis.name(b)));
+        diag = diag.with_note(loc, format!("`{}` -> `{}`", name(nodes, a), name(nodes, b)));
     }
     diag
 }
 
+/// Runs the graph checks (cycles, layers, criticality, isolation) on one graph and orders its
+/// bootstrap.
 fn check_graph(
     policy: &PolicySet,
     intrinsic: &[(BTreeSet<usize>, Loc)],
-    analysis: &mut Analysis,
+    layers: &[String],
+    nodes: &[Node],
+    analysis: &mut Graph,
     diags: &mut Diagnostics,
 ) {
-    let n = analysis.nodes.len();
+    let n = nodes.len();
     let critical = adjacency(n, &analysis.edges, |e| e.critical && e.from != e.to);
     let all = adjacency(n, &analysis.edges, |_| true);
 
@@ -359,7 +483,8 @@ fn check_graph(
         if !accepted {
             has_cycle = true;
             if let Some(path) = undeclared_cycle(&critical, members, intrinsic) {
-                diags.push(path_diagnostic(Problem::Cycle { path: analysis.path_text(&path) }, analysis, &path));
+                let problem = Problem::Cycle { path: path_text(nodes, &path) };
+                diags.push(path_diagnostic(problem, nodes, &analysis.edges, &path));
                 analysis.violations.push(Violation::Cycle(path));
             }
         }
@@ -371,19 +496,19 @@ fn check_graph(
             .iter()
             .any(|c| c.members.len() > 1 && declared.iter().all(|d| c.members.binary_search(d).is_ok()));
         if !forms_cycle {
-            let services = declared.iter().map(|&d| format!("`{}`", analysis.name(d))).collect::<Vec<_>>().join(", ");
+            let services = declared.iter().map(|&d| format!("`{}`", name(nodes, d))).collect::<Vec<_>>().join(", ");
             diags.push(Diagnostic::warning(Problem::StaleIntrinsicCycle { services }, *loc, "declared here"));
         }
     }
 
     // Layers: a critical dependency may point only to the same layer or a lower one.
     for (index, edge) in analysis.edges.iter().enumerate() {
-        let (Some(from), Some(to)) = (analysis.nodes.get(edge.from), analysis.nodes.get(edge.to)) else { continue };
+        let (Some(from), Some(to)) = (nodes.get(edge.from), nodes.get(edge.to)) else { continue };
         if let (Some(fl), Some(tl)) = (from.layer, to.layer)
             && edge.critical
             && tl > fl
         {
-            let layer = |i: usize| analysis.layers.get(i).cloned().unwrap_or_default();
+            let layer = |i: usize| layers.get(i).cloned().unwrap_or_default();
             diags.push(Diagnostic::error(
                 Problem::LayerViolation {
                     from: from.name.clone(),
@@ -416,7 +541,7 @@ fn check_graph(
 
     // Isolation: no path of any dependencies from one isolated group to another.
     let mut group_members: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, node) in analysis.nodes.iter().enumerate() {
+    for (i, node) in nodes.iter().enumerate() {
         if let Some(group) = &node.group {
             group_members.entry(group.as_str()).or_default().push(i);
         }
@@ -433,9 +558,10 @@ fn check_graph(
                     let problem = Problem::IsolationViolation {
                         from_group: a.value.clone(),
                         to_group: b.value.clone(),
-                        path: analysis.path_text(&path),
+                        path: path_text(nodes, &path),
                     };
-                    diags.push(path_diagnostic(problem, analysis, &path).with_note(set.loc, "isolation declared here"));
+                    let diag = path_diagnostic(problem, nodes, &analysis.edges, &path);
+                    diags.push(diag.with_note(set.loc, "isolation declared here"));
                     analysis.violations.push(Violation::Isolation(path));
                 }
             }
@@ -443,18 +569,7 @@ fn check_graph(
     }
 
     if !has_cycle {
-        analysis.stages = bootstrap_stages(analysis, &critical);
-        analysis.content.bootstrap = analysis
-            .stages
-            .iter()
-            .map(|s| {
-                s.components
-                    .iter()
-                    .filter_map(|&c| analysis.components.get(c))
-                    .map(|c| c.members.iter().map(|&m| m as u32).collect())
-                    .collect()
-            })
-            .collect();
+        analysis.stages = bootstrap_stages(nodes, analysis, &critical);
     }
 }
 
@@ -485,14 +600,14 @@ fn undeclared_cycle(
 /// its own, raised to the highest effective layer of what it depends on (which only matters for
 /// services without a layer, or in a policy that already has layer errors); levels count the
 /// longest chain of dependencies below a component. Sorting by both is a valid start order.
-fn bootstrap_stages(analysis: &Analysis, critical: &[Vec<usize>]) -> Vec<Stage> {
+fn bootstrap_stages(nodes: &[Node], analysis: &Graph, critical: &[Vec<usize>]) -> Vec<Stage> {
     let comps: Vec<Vec<usize>> = analysis.components.iter().map(|c| c.members.clone()).collect();
     let levels = graph::condensation_levels(critical, &comps);
-    let comp_of = graph::component_index(analysis.nodes.len(), &comps);
+    let comp_of = graph::component_index(nodes.len(), &comps);
     // Components come dependencies first, so one pass settles effective layers.
     let mut effective: Vec<Option<usize>> = Vec::with_capacity(comps.len());
     for members in &comps {
-        let own = members.iter().filter_map(|&m| analysis.nodes.get(m).and_then(|n| n.layer)).max();
+        let own = members.iter().filter_map(|&m| nodes.get(m).and_then(|n| n.layer)).max();
         let below = members
             .iter()
             .flat_map(|&m| critical.get(m).into_iter().flatten())

@@ -8,20 +8,44 @@ use super::{Edge, EdgeKind, Node};
 use crate::diag::{Diagnostic, Diagnostics, Loc, Located, Sources};
 use crate::policy::EnvironmentEntry;
 use crate::policy::{
-    AllowEntry, Destination, Mode, ModeSpec, PolicySet, PortRange, Proto, RpcPattern, Service, Target,
+    AllowEntry, Destination, EnvScope, Mode, ModeSpec, PolicySet, PortRange, Proto, RpcPattern, Service, Target,
 };
 use crate::problem::{Problem, closest};
 use crate::snapshot::{
-    DebugInfo, EndpointRule, HostRule, NetRule, Origin, Owners, RpcRule, ServiceId, ServiceRuleset, SnapshotContent,
+    DebugInfo, EndpointRule, HostRule, NetRule, Origin, Owners, RpcRule, Rules, ServiceId, ServiceRuleset,
+    SnapshotContent,
 };
 
 pub(super) struct Resolved {
     pub nodes: Vec<Node>,
-    pub edges: Vec<Edge>,
+    /// Each environment's index of endpoints (shared when nothing depends on the environment).
+    pub owners: Vec<std::sync::Arc<Owners>>,
+    /// The dependency graphs: one per view (see [`views`]).
+    pub views: Vec<View>,
     pub content: SnapshotContent,
     pub debug: DebugInfo,
-    pub owners: Owners,
     pub intrinsic: Vec<(BTreeSet<usize>, Loc)>,
+}
+
+/// Environments resolved together, and the dependencies that hold in them.
+pub(super) struct View {
+    /// Indices into the snapshot's (sorted) environments.
+    pub envs: Vec<usize>,
+    /// Dependencies, sorted by (from, to), one per pair.
+    pub edges: Vec<Edge>,
+    /// What resolving found in these environments.
+    pub diags: Diagnostics,
+}
+
+/// The environments resolved together: all of them at once when nothing in the policy depends
+/// on the environment (so a policy without environment-scoped entries costs what it did), else
+/// each on its own.
+fn views(policy: &PolicySet, environments: usize) -> Vec<Vec<usize>> {
+    if policy.depends_on_environment() {
+        (0..environments).map(|e| vec![e]).collect()
+    } else {
+        vec![(0..environments).collect()]
+    }
 }
 
 /// Looks names up and reports unknown ones with a "did you mean".
@@ -59,6 +83,49 @@ impl<'p> Names<'p> {
     }
 }
 
+/// Every service's endpoints in one environment, with where each was declared, and their index.
+struct EnvEndpoints {
+    rules: Vec<Vec<EndpointRule>>,
+    locs: Vec<Vec<Loc>>,
+    owners: Owners,
+}
+
+impl EnvEndpoints {
+    /// The endpoints of `services` that `keep` accepts.
+    fn new(services: &[&Service], keep: impl Fn(&crate::policy::Endpoint) -> bool) -> Self {
+        let (rules, locs): (Vec<_>, Vec<_>) = services
+            .iter()
+            .map(|s| {
+                let mut rules = Vec::new();
+                let mut locs = Vec::new();
+                for endpoint in s.endpoints.iter().filter(|e| keep(e)) {
+                    for rule in endpoint_rules(endpoint) {
+                        rules.push(rule);
+                        locs.push(endpoint.loc);
+                    }
+                }
+                (rules, locs)
+            })
+            .unzip();
+        let owners = Owners::new(rules.iter().map(Vec::as_slice));
+        EnvEndpoints { rules, locs, owners }
+    }
+}
+
+/// One view's indexes: the endpoints of its environment, and for each other environment the
+/// endpoints that exist only there (which a rule of this view must not reach unless it says
+/// so). Without environment-scoped entries, every environment has every endpoint: no index of
+/// foreign endpoints is built.
+struct ViewIndex {
+    envs: Vec<usize>,
+    /// The environment whose names the view's entries are judged by (its first).
+    env_name: String,
+    /// Its endpoints: an index into [`Context::by_env`].
+    own: usize,
+    /// (environment index, its endpoints that this view's environment does not have).
+    foreign: Vec<(usize, EnvEndpoints)>,
+}
+
 /// What the per-service pass reads.
 struct Context<'a, 'p> {
     policy: &'p PolicySet,
@@ -67,17 +134,35 @@ struct Context<'a, 'p> {
     layers: &'a Names<'p>,
     environments: &'a [EnvironmentEntry],
     env_names: &'a Names<'a>,
-    owners: &'a Owners,
-    endpoints: &'a [Vec<EndpointRule>],
+    /// Every environment's endpoints, indexed like `environments`; one shared entry when
+    /// nothing depends on the environment.
+    by_env: &'a [EnvEndpoints],
+    views: &'a [ViewIndex],
+}
+
+impl Context<'_, '_> {
+    /// The endpoints of environment `env`.
+    fn endpoints_in(&self, env: usize) -> Option<&EnvEndpoints> {
+        if self.by_env.len() == 1 { self.by_env.first() } else { self.by_env.get(env) }
+    }
+
+    /// The endpoints of a view's environment (`view.own` always indexes `by_env`).
+    fn own(&self, view: &ViewIndex) -> &EnvEndpoints {
+        static NONE: std::sync::LazyLock<EnvEndpoints> = std::sync::LazyLock::new(|| EnvEndpoints::new(&[], |_| true));
+        self.by_env.get(view.own).unwrap_or(&NONE)
+    }
 }
 
 /// What resolving one service gives.
 struct ServicePart {
     node: Node,
-    edges: Vec<Edge>,
+    /// Per view.
+    edges: Vec<Vec<Edge>>,
     origins: Vec<Origin>,
     ruleset: ServiceRuleset,
     diags: Diagnostics,
+    /// Per view.
+    view_diags: Vec<Diagnostics>,
 }
 
 /// Resolves every service (in parallel: each service only reads shared, immutable indexes) and
@@ -104,8 +189,37 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         }
     }
 
-    let endpoints: Vec<Vec<EndpointRule>> = services.iter().map(|s| endpoint_rules(s)).collect();
-    let owners = Owners::new(endpoints.iter().map(Vec::as_slice));
+    let view_envs = views(policy, environments.len());
+    let scoped = view_envs.len() > 1;
+    let by_env: Vec<EnvEndpoints> = if scoped {
+        environments.par_iter().map(|env| EnvEndpoints::new(&services, |e| e.env.includes(&env.name))).collect()
+    } else {
+        vec![EnvEndpoints::new(&services, |_| true)]
+    };
+    let view_index: Vec<ViewIndex> = view_envs
+        .into_iter()
+        .map(|envs| {
+            let first = envs.first().copied().unwrap_or(0);
+            let env_name = environments.get(first).map(|e| e.name.clone()).unwrap_or_default();
+            let own = if scoped { first } else { 0 };
+            let foreign = if scoped {
+                environments
+                    .iter()
+                    .enumerate()
+                    .filter(|(other, _)| !envs.contains(other))
+                    .map(|(other, o)| {
+                        let only_there =
+                            |e: &crate::policy::Endpoint| e.env.includes(&o.name) && !e.env.includes(&env_name);
+                        (other, EnvEndpoints::new(&services, only_there))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            ViewIndex { envs, env_name, own, foreign }
+        })
+        .collect();
+
     let mut debug = DebugInfo {
         files: policy.sources.files().iter().map(|f| f.name().to_owned()).collect(),
         origins: Vec::new(),
@@ -122,8 +236,8 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         layers: &layers,
         environments: &environments,
         env_names: &env_names,
-        owners: &owners,
-        endpoints: &endpoints,
+        by_env: &by_env,
+        views: &view_index,
     };
     // Each service's allow entries and rpc_allow patterns get the origin ids after those of the
     // services before it.
@@ -142,12 +256,22 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         .map(|(id, (service, first_origin))| resolve_service(&ctx, id, service, first_origin))
         .collect();
     let mut nodes = Vec::with_capacity(services.len());
-    let mut edges = Vec::with_capacity(parts.iter().map(|p| p.edges.len()).sum());
+    let mut views: Vec<View> = view_index
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let edges = parts.iter().map(|p| p.edges.get(i).map_or(0, Vec::len)).sum();
+            View { envs: v.envs.clone(), edges: Vec::with_capacity(edges), diags: Diagnostics::default() }
+        })
+        .collect();
     let mut rulesets = Vec::with_capacity(services.len());
     debug.origins.reserve_exact(parts.iter().map(|p| p.origins.len()).sum());
     for part in parts {
         nodes.push(part.node);
-        edges.extend(part.edges);
+        for ((view, edges), view_diags) in views.iter_mut().zip(part.edges).zip(part.view_diags) {
+            view.edges.extend(edges);
+            view.diags.extend(view_diags);
+        }
         debug.origins.extend(part.origins);
         rulesets.push(part.ruleset);
         diags.extend(part.diags);
@@ -158,25 +282,27 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         .iter()
         .map(|c| (c.services.iter().filter_map(|s| service_names.get(s, diags)).collect(), c.loc))
         .collect();
+    let indexes: Vec<std::sync::Arc<Owners>> = by_env.into_iter().map(|e| std::sync::Arc::new(e.owners)).collect();
+    let owners = (0..environments.len())
+        .filter_map(|env| indexes.get(env).or_else(|| indexes.first()).map(std::sync::Arc::clone))
+        .collect();
 
     Resolved {
         nodes,
-        edges,
+        owners,
+        views,
         content: SnapshotContent { format: 0, environments, services: rulesets, bootstrap: Vec::new() },
         debug,
-        owners,
         intrinsic,
     }
 }
 
 /// Resolves one service; its allow entries get origin ids from `first_origin` on.
 fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_origin: u32) -> ServicePart {
-    let Context { policy, services, service_names, layers, environments, env_names, owners, endpoints } = *ctx;
+    let Context { policy, layers, environments, env_names, .. } = *ctx;
     let mut diags = Diagnostics::default();
     let diags = &mut diags;
     let mut debug = DebugInfo::default();
-    let mut edges: BTreeMap<(usize, usize), Edge> = BTreeMap::new();
-    let mut reached = Vec::new();
 
     let layer = service.layer.as_ref().and_then(|l| layers.get(l, diags));
     if service.layer.is_none() && !policy.layers.is_empty() {
@@ -193,9 +319,23 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
         tier: service.tier.map(|t| t.value),
     };
     let modes = resolve_modes(&service.mode, environments, env_names, diags);
+    for endpoint in &service.endpoints {
+        if let EnvScope::Except(_) = endpoint.env
+            && !environments.iter().any(|e| endpoint.env.includes(&e.name))
+        {
+            diags.push(Diagnostic::warning(
+                Problem::UnusedDefaultEndpoints { service: service.name.value.clone() },
+                endpoint.loc,
+                "in no environment",
+            ));
+        }
+    }
+    // Every environment an endpoint or an allow entry names exists.
+    let scopes = service.endpoints.iter().flat_map(|e| e.env.names());
+    for env in scopes.chain(service.allow.iter().flat_map(|a| a.env.names().iter().chain(&a.cross_environment))) {
+        env_names.get(env, diags);
+    }
 
-    let mut net_rules = Vec::new();
-    let mut host_rules = Vec::new();
     // Origin ids number the entries in a canonical order, not in the order written, so
     // reordering an allow list changes neither the snapshot content nor its hash.
     let mut order: Vec<usize> = (0..service.allow.len()).collect();
@@ -210,7 +350,83 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
             debug.origins.push(origin_of(&policy.sources, entry.loc, id as ServiceId));
         }
     }
-    for (entry, &origin) in service.allow.iter().zip(&origins) {
+
+    let mut edges_per_view = Vec::with_capacity(ctx.views.len());
+    let mut view_diags = Vec::with_capacity(ctx.views.len());
+    let mut rules: Vec<Rules> = Vec::new();
+    let mut rules_of_env = vec![0u32; environments.len()];
+    // The dependencies of every environment, for the `rpc_allow` check.
+    let mut all_edges: BTreeMap<(usize, usize), Edge> = BTreeMap::new();
+    for view in ctx.views {
+        let mut view_diag = Diagnostics::default();
+        let (edges, view_rules) = resolve_view(ctx, view, id, service, &origins, &mut view_diag);
+        let index = match rules.iter().position(|r| *r == view_rules) {
+            Some(index) => index,
+            None => {
+                rules.push(view_rules);
+                rules.len() - 1
+            }
+        };
+        for &env in &view.envs {
+            if let Some(slot) = rules_of_env.get_mut(env) {
+                *slot = index as u32;
+            }
+        }
+        if !service.rpc_allow.is_empty() {
+            for edge in edges.values() {
+                all_edges.entry((edge.from, edge.to)).or_insert_with(|| edge.clone());
+            }
+        }
+        edges_per_view.push(edges.into_values().collect());
+        view_diags.push(view_diag);
+    }
+    let rpc_rules = resolve_rpc_rules(ctx, id, service, first_origin + debug.origins.len() as u32, &all_edges, diags);
+    debug.origins.extend(rpc_origins(&policy.sources, service, id as ServiceId));
+    let ruleset = ServiceRuleset {
+        name: service.name.value.clone(),
+        selector: service.selector.as_ref().map(|s| s.value.clone()),
+        layer: service.layer.as_ref().map(|l| l.value.clone()),
+        group: service.group.as_ref().map(|g| g.value.clone()),
+        owner: service.owner.clone(),
+        tier: service.tier.map(|t| t.value),
+        modes,
+        rules,
+        rules_of_env,
+        rpc_rules,
+    };
+    ServicePart {
+        node,
+        edges: edges_per_view,
+        origins: debug.origins,
+        ruleset,
+        diags: std::mem::take(diags),
+        view_diags,
+    }
+}
+
+/// A service's dependencies and rules in one view's environments.
+fn resolve_view(
+    ctx: &Context<'_, '_>,
+    view: &ViewIndex,
+    id: usize,
+    service: &Service,
+    origins: &[u32],
+    diags: &mut Diagnostics,
+) -> (BTreeMap<(usize, usize), Edge>, Rules) {
+    let mut edges: BTreeMap<(usize, usize), Edge> = BTreeMap::new();
+    let mut reached = Vec::new();
+    let mut net_rules = Vec::new();
+    let mut host_rules = Vec::new();
+    for (entry, &origin) in service.allow.iter().zip(origins) {
+        if !entry.env.includes(&view.env_name) {
+            continue;
+        }
+        // The environments the entry reaches: its own, or those it names on purpose.
+        let reach: Vec<usize> = if entry.cross_environment.is_empty() {
+            view.envs.first().copied().into_iter().collect()
+        } else {
+            entry.cross_environment.iter().filter_map(|e| ctx.env_names.index.get(e.value.as_str()).copied()).collect()
+        };
         let mut add_edge = |to: usize, kind: EdgeKind| {
             let edge =
                 edges.entry((id, to)).or_insert(Edge { from: id, to, critical: entry.critical, kind, loc: entry.loc });
@@ -220,19 +436,31 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
             }
             edge.kind = edge.kind.min(kind);
         };
+        let first_rule = (net_rules.len(), host_rules.len());
         match &entry.target.value {
             Target::Service(name) => {
-                let Some(to) = service_names.get_at(name, entry.target.loc, diags) else {
+                let Some(to) = ctx.service_names.get_at(name, entry.target.loc, diags) else {
                     continue;
                 };
                 add_edge(to, EdgeKind::Declared);
-                if let Some(target) = services.get(to) {
-                    expand_service(entry, target, to, origin, &mut net_rules, &mut host_rules, diags);
-                }
+                let endpoints: std::borrow::Cow<'_, [EndpointRule]> = if entry.cross_environment.is_empty() {
+                    ctx.own(view).rules.get(to).map_or(std::borrow::Cow::Borrowed(&[]), |r| r.as_slice().into())
+                } else {
+                    reach
+                        .iter()
+                        .filter_map(|&e| ctx.endpoints_in(e)?.rules.get(to))
+                        .flat_map(|rules| rules.iter().cloned())
+                        .collect()
+                };
+                let name = ctx.services.get(to).map_or(name.as_str(), |s| s.name.value.as_str());
+                expand_service(entry, (to, name), &endpoints, origin, &mut net_rules, &mut host_rules, diags);
             }
             Target::Destination(destination) => {
                 reached.clear();
-                owners.reached_by(destination, entry.ports.as_deref(), entry.proto, &mut reached);
+                ctx.own(view).owners.reached_by(destination, entry.ports.as_deref(), entry.proto, &mut reached);
+                for env in reach.iter().filter(|&e| !view.envs.contains(e)).filter_map(|&e| ctx.endpoints_in(e)) {
+                    env.owners.reached_by(destination, entry.ports.as_deref(), entry.proto, &mut reached);
+                }
                 reached.sort_unstable();
                 reached.dedup();
                 for &to in &reached {
@@ -247,32 +475,81 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
                 push_rules(destination, ports, proto, origin, target, &mut net_rules, &mut host_rules);
             }
         }
+        let added = net_rules
+            .get(first_rule.0..)
+            .unwrap_or_default()
+            .iter()
+            .map(|r| (Destination::Net(r.net), r.ports, r.proto))
+            .chain(
+                host_rules
+                    .get(first_rule.1..)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|r| (Destination::Host(r.host.clone()), r.ports, r.proto)),
+            );
+        check_foreign(ctx, view, service, entry, &reach, added, diags);
     }
-    let rpc_rules = resolve_rpc_rules(ctx, id, service, first_origin + debug.origins.len() as u32, &edges, diags);
-    debug.origins.extend(rpc_origins(&policy.sources, service, id as ServiceId));
     net_rules.sort_unstable();
     net_rules.dedup_by(|b, a| (a.net, a.proto, a.ports, a.target) == (b.net, b.proto, b.ports, b.target));
     host_rules.sort_unstable();
     host_rules.dedup_by(|b, a| (&a.host, a.proto, a.ports, a.target) == (&b.host, b.proto, b.ports, b.target));
-    let ruleset = ServiceRuleset {
-        name: service.name.value.clone(),
-        selector: service.selector.as_ref().map(|s| s.value.clone()),
-        layer: service.layer.as_ref().map(|l| l.value.clone()),
-        group: service.group.as_ref().map(|g| g.value.clone()),
-        owner: service.owner.clone(),
-        tier: service.tier.map(|t| t.value),
-        modes,
-        net_rules,
-        host_rules,
-        endpoints: endpoints.get(id).cloned().unwrap_or_default(),
-        rpc_rules,
-    };
-    ServicePart {
-        node,
-        edges: edges.into_values().collect(),
-        origins: debug.origins,
-        ruleset,
-        diags: std::mem::take(diags),
+    let endpoints = ctx.own(view).rules.get(id).cloned().unwrap_or_default();
+    (edges, Rules { net_rules, host_rules, endpoints })
+}
+
+/// Environments are isolated: an error for the first endpoint of another environment that a
+/// rule of `entry` reaches (one per environment), unless the entry names that environment in
+/// `cross_environment`.
+fn check_foreign(
+    ctx: &Context<'_, '_>,
+    view: &ViewIndex,
+    service: &Service,
+    entry: &AllowEntry,
+    reach: &[usize],
+    rules: impl Iterator<Item = (Destination, PortRange, Proto)>,
+    diags: &mut Diagnostics,
+) {
+    if view.foreign.is_empty() {
+        return;
+    }
+    let rules: Vec<_> = rules.collect();
+    let mut out = Vec::new();
+    for (other, foreign) in view.foreign.iter().filter(|(other, _)| !reach.contains(other)) {
+        let hit = rules.iter().find_map(|(destination, ports, proto)| {
+            out.clear();
+            foreign.owners.reached_by(destination, Some(std::slice::from_ref(ports)), Some(*proto), &mut out);
+            let target = out.iter().copied().min()? as usize;
+            // The endpoint of `target` it reaches, for the note.
+            let rules = foreign.rules.get(target)?;
+            let at = rules.iter().position(|rule| {
+                let mut one = Vec::new();
+                Owners::new([std::slice::from_ref(rule)]).reached_by(
+                    destination,
+                    Some(std::slice::from_ref(ports)),
+                    Some(*proto),
+                    &mut one,
+                );
+                !one.is_empty()
+            })?;
+            Some((target, destination.clone(), foreign.locs.get(target)?.get(at).copied()?))
+        });
+        let Some((target, destination, endpoint_loc)) = hit else { continue };
+        let target_name = ctx.services.get(target).map_or("?", |s| s.name.value.as_str());
+        let other_name = ctx.environments.get(*other).map_or("?", |e| e.name.as_str());
+        diags.push(
+            Diagnostic::error(
+                Problem::CrossEnvironment {
+                    service: service.name.value.clone(),
+                    env: view.env_name.clone(),
+                    target: target_name.to_owned(),
+                    other: other_name.to_owned(),
+                    destination: destination.to_string(),
+                },
+                entry.loc,
+                format!("reaches `{other_name}`"),
+            )
+            .with_note(endpoint_loc, format!("`{target_name}`'s endpoint in `{other_name}`")),
+        );
     }
 }
 
@@ -327,16 +604,14 @@ fn resolve_rpc_rules(
     rules
 }
 
-/// A service's declared endpoints, one per port range.
-fn endpoint_rules(service: &Service) -> Vec<EndpointRule> {
-    let mut rules = Vec::new();
-    for endpoint in &service.endpoints {
-        let ports: &[PortRange] = if endpoint.ports.is_empty() { &[PortRange::ANY] } else { &endpoint.ports };
-        for &ports in ports {
-            rules.push(EndpointRule { destination: endpoint.destination.value.clone(), proto: endpoint.proto, ports });
-        }
-    }
-    rules
+/// A declared endpoint, one rule per port range.
+fn endpoint_rules(endpoint: &crate::policy::Endpoint) -> impl Iterator<Item = EndpointRule> + '_ {
+    let ports: &[PortRange] = if endpoint.ports.is_empty() { &[PortRange::ANY] } else { &endpoint.ports };
+    ports.iter().map(|&ports| EndpointRule {
+        destination: endpoint.destination.value.clone(),
+        proto: endpoint.proto,
+        ports,
+    })
 }
 
 /// A total order of allow entries by what they mean (target, ports, protocol, criticality).
@@ -384,43 +659,42 @@ fn resolve_modes(
     modes
 }
 
-/// Rules for an allow entry that names a service: its endpoints, narrowed by the entry's ports
-/// and protocol.
+/// Rules for an allow entry that names a service: the service's endpoints (in the
+/// environment judged), narrowed by the entry's ports and protocol.
 fn expand_service(
     entry: &AllowEntry,
-    target: &Service,
-    target_id: usize,
+    (target_id, target_name): (usize, &str),
+    endpoints: &[EndpointRule],
     origin: u32,
     net_rules: &mut Vec<NetRule>,
     host_rules: &mut Vec<HostRule>,
     diags: &mut Diagnostics,
 ) {
-    if target.endpoints.is_empty() {
+    if endpoints.is_empty() {
         diags.push(Diagnostic::warning(
-            Problem::NoEndpoints { service: target.name.value.clone() },
+            Problem::NoEndpoints { service: target_name.to_owned() },
             entry.target.loc,
             "permits nothing",
         ));
         return;
     }
     let before = net_rules.len() + host_rules.len();
-    for endpoint in &target.endpoints {
+    for endpoint in endpoints {
         let Some(proto) = entry.proto.unwrap_or(Proto::Any).intersect(endpoint.proto) else { continue };
-        let endpoint_ports: &[PortRange] = if endpoint.ports.is_empty() { &[PortRange::ANY] } else { &endpoint.ports };
         let narrowed: Vec<PortRange>;
         let ports = match &entry.ports {
-            None => endpoint_ports,
+            None => std::slice::from_ref(&endpoint.ports),
             Some(wanted) => {
-                narrowed = wanted.iter().flat_map(|w| endpoint_ports.iter().filter_map(|e| w.intersect(*e))).collect();
+                narrowed = wanted.iter().filter_map(|w| w.intersect(endpoint.ports)).collect();
                 &narrowed
             }
         };
         let target = Some(target_id as ServiceId);
-        push_rules(&endpoint.destination.value, ports, proto, origin, target, net_rules, host_rules);
+        push_rules(&endpoint.destination, ports, proto, origin, target, net_rules, host_rules);
     }
     if net_rules.len() + host_rules.len() == before {
         diags.push(Diagnostic::error(
-            Problem::EmptyNarrowing { service: target.name.value.clone() },
+            Problem::EmptyNarrowing { service: target_name.to_owned() },
             entry.loc,
             "allows nothing",
         ));

@@ -63,10 +63,11 @@ pub struct Confinement {
 }
 
 impl Confinement {
-    /// Puts `service`'s address rules in force in `mode` on a new child cgroup `name`.
-    pub fn new(snapshot: &Snapshot, service: &str, mode: Mode, name: &str) -> Result<Self, ConfineError> {
+    /// Puts `service`'s address rules of environment `env` (an index into the snapshot's
+    /// environments) in force in `mode` on a new child cgroup `name`.
+    pub fn new(snapshot: &Snapshot, env: usize, service: &str, mode: Mode, name: &str) -> Result<Self, ConfineError> {
         let (_, ruleset) = snapshot.service(service).ok_or_else(|| ConfineError::UnknownService(service.to_owned()))?;
-        let compiled = lower::compile(RULESET, &allows_from_snapshot(&ruleset.net_rules))
+        let compiled = lower::compile(RULESET, &allows_from_snapshot(&ruleset.rules(env).net_rules))
             .map_err(|source| ConfineError::Layout { service: service.to_owned(), source })?;
         let cgroup2 = Cgroup2::discover()?;
         let cgroup = ChildCgroup::create(cgroup2.mount(), name)?;

@@ -145,7 +145,7 @@ impl DnsPolicy {
             .iter()
             .map(|s| {
                 let mode = s.mode(env);
-                let policy = ServicePolicy { mode, names: NameMatcher::from_rules(&s.host_rules) };
+                let policy = ServicePolicy { mode, names: NameMatcher::from_rules(&s.rules(env).host_rules) };
                 (Arc::from(s.name.as_str()), Arc::new(policy))
             })
             .collect();

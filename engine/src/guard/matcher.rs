@@ -251,7 +251,7 @@ impl Matcher {
             methods: HashTable::with_capacity(snapshot.rpc_rule_count()),
             pairs: HashTable::new(),
             host_wildcards: Vec::new(),
-            owners: snapshot.owners().clone(),
+            owners: snapshot.owners(env).clone(),
         };
         // Names and endpoints first: which backend a name reaches decides the rules' keys.
         for (id, service) in (0..).zip(services) {
@@ -259,7 +259,7 @@ impl Matcher {
             m.callers.insert(service.name.as_str().into(), Caller { id, mode });
             let entry = m.names.entry(service.name.to_ascii_lowercase().into_boxed_str()).or_default();
             entry.service = entry.service.or(Some(id));
-            for endpoint in service.endpoints.iter().filter(|e| e.proto.covers(Proto::Tcp)) {
+            for endpoint in service.rules(env).endpoints.iter().filter(|e| e.proto.covers(Proto::Tcp)) {
                 match &endpoint.destination {
                     Destination::Host(host) if host.wildcard => {
                         m.host_wildcards.push((host.clone(), endpoint.ports, id));

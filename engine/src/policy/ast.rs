@@ -279,6 +279,39 @@ pub struct EnvironmentEntry {
     pub mode: Mode,
 }
 
+/// The environments an endpoint or an allow entry applies in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum EnvScope {
+    /// Every environment (nothing said).
+    #[default]
+    All,
+    /// Only these (`env = "qa"`, `env = ["qa", "staging"]`, or the list under
+    /// `endpoints.qa`).
+    Only(Vec<Located<String>>),
+    /// Every environment but these: the `default` list of an `endpoints` table, for the
+    /// environments the table does not name.
+    Except(Vec<Located<String>>),
+}
+
+impl EnvScope {
+    /// True when the entry applies in environment `env`.
+    pub fn includes(&self, env: &str) -> bool {
+        match self {
+            EnvScope::All => true,
+            EnvScope::Only(envs) => envs.iter().any(|e| e.value == env),
+            EnvScope::Except(envs) => !envs.iter().any(|e| e.value == env),
+        }
+    }
+
+    /// The environment names it mentions, for validation.
+    pub fn names(&self) -> &[Located<String>] {
+        match self {
+            EnvScope::All => &[],
+            EnvScope::Only(envs) | EnvScope::Except(envs) => envs,
+        }
+    }
+}
+
 /// A declared endpoint of a service: where others reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -288,6 +321,8 @@ pub struct Endpoint {
     pub ports: Vec<PortRange>,
     /// Protocol.
     pub proto: Proto,
+    /// The environments where the service has this endpoint.
+    pub env: EnvScope,
     /// The whole entry.
     pub loc: Loc,
 }
@@ -304,6 +339,14 @@ pub struct AllowEntry {
     /// False when the service starts and degrades gracefully without this dependency: still
     /// enforced, but no bootstrap ordering, may close a cycle, not part of criticality checks.
     pub critical: bool,
+    /// The environments of the calling service where the entry applies.
+    pub env: EnvScope,
+    /// Other environments the entry may reach on purpose (`cross_environment = "prod"`, with a
+    /// `reason`): a service reference then means the service's endpoints there, and an address
+    /// may cover their endpoints. Empty: the caller's own environment only.
+    pub cross_environment: Vec<Located<String>>,
+    /// Why the entry exists (`reason`); required with `cross_environment`.
+    pub reason: Option<String>,
     /// The whole entry.
     pub loc: Loc,
 }
@@ -464,6 +507,40 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    /// True when an endpoint or an allow entry is limited to some environments or reaches
+    /// another on purpose: then each environment's rules are resolved on their own.
+    pub fn depends_on_environment(&self) -> bool {
+        self.services.iter().any(|s| {
+            s.endpoints.iter().any(|e| e.env != EnvScope::All)
+                || s.allow.iter().any(|a| a.env != EnvScope::All || !a.cross_environment.is_empty())
+        })
+    }
+
+    /// The policy as seen from one environment: that environment alone (with its default
+    /// mode), each service's mode there, and only the endpoints and allow entries that apply
+    /// there, no longer scoped. Compiling a policy judges each environment like compiling its
+    /// projection (a cross-environment entry aside: the projection keeps it, and it names an
+    /// environment the projection no longer has).
+    pub fn project(&self, env: &str) -> PolicySet {
+        let environments = self.environments.iter().filter(|e| e.name.value == env).take(1).cloned().collect();
+        let services = self
+            .services
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                s.endpoints.retain(|e| e.env.includes(env));
+                s.endpoints.iter_mut().for_each(|e| e.env = EnvScope::All);
+                s.allow.retain(|a| a.env.includes(env));
+                s.allow.iter_mut().for_each(|a| a.env = EnvScope::All);
+                if let ModeSpec::PerEnvironment(list) = &mut s.mode {
+                    list.retain(|(name, _)| name.value == env);
+                }
+                s
+            })
+            .collect();
+        PolicySet { environments, services, ..self.clone() }
+    }
+
     /// The environments in declaration order, the first definition of each (a duplicate is a
     /// diagnostic of its own); a policy without `[environments]` has [`DEFAULT_ENVIRONMENT`] in
     /// [`DEFAULT_MODE`].

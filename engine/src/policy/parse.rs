@@ -24,8 +24,11 @@ const MODEL_KEYS: &[&str] = &["layers", "isolated"];
 const SERVICE_KEYS: &[&str] =
     &["cgroup", "layer", "group", "owner", "description", "tier", "mode", "endpoints", "allow", "rpc_allow"];
 const SELECTOR_KEYS: &[&str] = &["regex"];
-const ENDPOINT_KEYS: &[&str] = &["ip", "cidr", "host", "ports", "proto"];
-const ALLOW_KEYS: &[&str] = &["service", "ip", "cidr", "host", "ports", "proto", "critical", "reason"];
+const ENDPOINT_KEYS: &[&str] = &["ip", "cidr", "host", "ports", "proto", "env"];
+const ALLOW_KEYS: &[&str] =
+    &["service", "ip", "cidr", "host", "ports", "proto", "critical", "env", "cross_environment", "reason"];
+/// The key of an `endpoints` table for the environments the table does not name.
+const DEFAULT_ENDPOINTS_KEY: &str = "default";
 const RPC_ALLOW_KEYS: &[&str] = &["service", "rpcs"];
 const CYCLE_KEYS: &[&str] = &["services", "reason"];
 
@@ -195,6 +198,23 @@ impl Parser<'_> {
         self.name(text, value.span())
     }
 
+    /// One environment name or a list of them: `"qa"` or `["qa", "staging"]`.
+    fn environment_names(&mut self, key: &str, value: &Value<'_>) -> Option<Vec<Located<String>>> {
+        if value.get_ref().is_str() {
+            return self.name_value(key, value).map(|name| vec![name]);
+        }
+        let Some(items) = value.get_ref().as_array() else {
+            self.wrong_type(key, "an environment name or a list of them", value);
+            return None;
+        };
+        let names: Vec<_> = items.iter().map(|item| self.name_value(key, item)).collect::<Option<_>>()?;
+        if names.is_empty() {
+            self.error(Problem::EmptyEnvironmentList { key: key.to_owned() }, value.span(), "no environment");
+            return None;
+        }
+        Some(names)
+    }
+
     fn mode(&mut self, key: &str, value: &Value<'_>) -> Option<Located<Mode>> {
         let text = self.string(key, value)?;
         match Mode::parse(text) {
@@ -329,13 +349,7 @@ impl Parser<'_> {
                     }
                 }
                 "mode" => service.mode = self.mode_spec(v),
-                "endpoints" => {
-                    for item in self.array("endpoints", v).unwrap_or_default() {
-                        if let Some(endpoint) = self.endpoint(item) {
-                            service.endpoints.push(endpoint);
-                        }
-                    }
-                }
+                "endpoints" => self.endpoints(v, &mut service.endpoints),
                 "allow" => {
                     for item in self.array("allow", v).unwrap_or_default() {
                         if let Some(entry) = self.allow_entry(item) {
@@ -545,14 +559,62 @@ impl Parser<'_> {
         if conflict { None } else { found }
     }
 
-    fn endpoint(&mut self, value: &Value<'_>) -> Option<Endpoint> {
+    /// `endpoints = [...]` (every environment, or each entry's `env`), or a table of lists by
+    /// environment, `endpoints = { prod = [...], qa = [...], default = [...] }`, where `default`
+    /// holds the endpoints of the environments the table does not name.
+    fn endpoints(&mut self, value: &Value<'_>, out: &mut Vec<Endpoint>) {
+        let Some(table) = value.get_ref().as_table() else {
+            for item in self.array("endpoints", value).unwrap_or_default() {
+                out.extend(self.endpoint(item, None));
+            }
+            return;
+        };
+        let named: Vec<Located<String>> = table
+            .iter()
+            .filter(|(k, _)| k.get_ref() != DEFAULT_ENDPOINTS_KEY)
+            .filter_map(|(k, _)| self.name(k.get_ref(), k.span()))
+            .collect();
+        for (k, v) in table.iter() {
+            let scope = if k.get_ref() == DEFAULT_ENDPOINTS_KEY {
+                EnvScope::Except(named.clone())
+            } else {
+                match named.iter().find(|n| n.value == k.get_ref().as_ref()) {
+                    Some(name) => EnvScope::Only(vec![name.clone()]),
+                    None => continue,
+                }
+            };
+            let key = format!("endpoints.{}", k.get_ref());
+            for item in self.array(&key, v).unwrap_or_default() {
+                out.extend(self.endpoint(item, Some((&key, &scope))));
+            }
+        }
+    }
+
+    /// One endpoint; `table` is the `endpoints.ENV` list it is in, with that list's scope.
+    fn endpoint(&mut self, value: &Value<'_>, table: Option<(&str, &EnvScope)>) -> Option<Endpoint> {
+        let table_scope = table;
         let table = self.table("endpoints", value)?;
         let mut ports = Vec::new();
         let mut proto = Proto::Any;
+        let mut env = table_scope.map(|(_, scope)| scope.clone()).unwrap_or_default();
         let mut ok = true;
         for (k, v) in table.iter() {
             match k.get_ref().as_ref() {
                 "ip" | "cidr" | "host" => {}
+                "env" => match table_scope {
+                    Some((list, _)) => {
+                        self.error(
+                            Problem::ConflictingKeys { first: list.to_owned(), second: "env".to_owned() },
+                            k.span(),
+                            "the list already names the environment",
+                        );
+                        ok = false;
+                    }
+                    None => match self.environment_names("env", v) {
+                        Some(names) => env = EnvScope::Only(names),
+                        None => ok = false,
+                    },
+                },
                 "ports" => match self.ports(v) {
                     Some(p) => ports = p,
                     None => ok = false,
@@ -570,6 +632,7 @@ impl Parser<'_> {
             destination: Located::new(destination, self.loc(v.span())),
             ports,
             proto,
+            env,
             loc: self.loc(value.span()),
         })
     }
@@ -579,10 +642,21 @@ impl Parser<'_> {
         let mut ports = None;
         let mut proto = None;
         let mut critical = true;
+        let mut env = EnvScope::All;
+        let mut cross_environment = Vec::new();
+        let mut reason = None;
         let mut ok = true;
         for (k, v) in table.iter() {
             match k.get_ref().as_ref() {
                 "service" | "ip" | "cidr" | "host" => {}
+                "env" => match self.environment_names("env", v) {
+                    Some(names) => env = EnvScope::Only(names),
+                    None => ok = false,
+                },
+                "cross_environment" => match self.environment_names("cross_environment", v) {
+                    Some(names) => cross_environment = names,
+                    None => ok = false,
+                },
                 "ports" => match self.ports(v) {
                     Some(p) => ports = Some(p),
                     None => ok = false,
@@ -592,7 +666,10 @@ impl Parser<'_> {
                     None => ok = false,
                 },
                 "critical" => critical = self.boolean("critical", v).unwrap_or(true),
-                "reason" => ok &= self.string("reason", v).is_some(),
+                "reason" => match self.string("reason", v) {
+                    Some(text) => reason = Some(text.to_owned()),
+                    None => ok = false,
+                },
                 _ => self.unknown_key(k, "an allow entry", ALLOW_KEYS),
             }
         }
@@ -603,11 +680,22 @@ impl Parser<'_> {
         } else {
             Target::Destination(self.destination(key, v)?)
         };
+        if !cross_environment.is_empty() && reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+            self.error(
+                Problem::MissingKey { key: "reason", context: "an allow entry with `cross_environment`" },
+                value.span(),
+                "why may it reach another environment?",
+            );
+            ok = false;
+        }
         ok.then(|| AllowEntry {
             target: Located::new(target, self.loc(v.span())),
             ports,
             proto,
             critical,
+            env,
+            cross_environment,
+            reason,
             loc: self.loc(value.span()),
         })
     }

@@ -24,8 +24,9 @@ mod owners;
 pub use owners::Owners;
 
 /// Version of the snapshot encoding; a loader refuses another.
-/// Format 2 added each service's endpoints and RPC rules, and service positions.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// Format 2 added each service's endpoints and RPC rules, and service positions; format 3 made
+/// address rules, host rules, endpoints and the bootstrap order per environment.
+pub const SNAPSHOT_FORMAT: u32 = 3;
 
 /// First bytes of an encoded snapshot file.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"DEPFNCE\0";
@@ -90,6 +91,20 @@ pub struct RpcRule {
     pub origin: OriginId,
 }
 
+/// What a service allows and where others reach it, in one environment.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Rules {
+    /// Address rules, sorted.
+    pub net_rules: Vec<NetRule>,
+    /// Host-name rules, sorted.
+    pub host_rules: Vec<HostRule>,
+    /// Declared endpoints, in the order written.
+    pub endpoints: Vec<EndpointRule>,
+}
+
+/// The rules of an environment the snapshot does not have: nothing.
+static NO_RULES: Rules = Rules { net_rules: Vec::new(), host_rules: Vec::new(), endpoints: Vec::new() };
+
 /// A service's compiled policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRuleset {
@@ -107,12 +122,11 @@ pub struct ServiceRuleset {
     pub tier: Option<u8>,
     /// Mode per environment, indexed like [`Snapshot::environments`].
     pub modes: Vec<Mode>,
-    /// Address rules, sorted.
-    pub net_rules: Vec<NetRule>,
-    /// Host-name rules, sorted.
-    pub host_rules: Vec<HostRule>,
-    /// Declared endpoints, in the order written.
-    pub endpoints: Vec<EndpointRule>,
+    /// The distinct rules of its environments (one when they are the same everywhere).
+    pub rules: Vec<Rules>,
+    /// Per environment (indexed like [`Snapshot::environments`]), the index of its rules in
+    /// `rules`.
+    pub rules_of_env: Vec<u32>,
     /// RPC rules (`rpc_allow`), sorted, one per (target, pattern).
     pub rpc_rules: Vec<RpcRule>,
 }
@@ -142,16 +156,23 @@ impl NetRule {
 }
 
 impl ServiceRuleset {
-    /// The rule that decides `conn`: the first in [`NetRule::precedence`] order that allows it.
-    pub fn matching_rule(&self, conn: &Connection) -> Option<&NetRule> {
-        self.net_rules.iter().filter(|r| r.allows(conn)).min_by_key(|r| r.precedence())
+    /// Its rules in environment `env` (an index into [`Snapshot::environments`]); none for an
+    /// environment the snapshot does not have.
+    pub fn rules(&self, env: usize) -> &Rules {
+        self.rules_of_env.get(env).and_then(|&i| self.rules.get(i as usize)).unwrap_or(&NO_RULES)
+    }
+
+    /// The rule that decides `conn` in environment `env`: the first in
+    /// [`NetRule::precedence`] order that allows it.
+    pub fn matching_rule(&self, env: usize, conn: &Connection) -> Option<&NetRule> {
+        self.rules(env).net_rules.iter().filter(|r| r.allows(conn)).min_by_key(|r| r.precedence())
     }
 
     /// Judges `conn` from this service in environment `env` (an index into
     /// [`Snapshot::environments`]).
     pub fn decide(&self, env: usize, conn: &Connection) -> Decision<'_> {
         let mode = self.mode(env);
-        let rule = self.matching_rule(conn);
+        let rule = self.matching_rule(env, conn);
         Decision { verdict: crate::verdict::decide(mode, rule.is_some()), mode, rule }
     }
 
@@ -171,9 +192,9 @@ pub struct SnapshotContent {
     pub environments: Vec<EnvironmentEntry>,
     /// Services, sorted by name.
     pub services: Vec<ServiceRuleset>,
-    /// Bootstrap stages: each stage lists groups of services that start together (a group of
-    /// several is an accepted intrinsic cycle).
-    pub bootstrap: Vec<Vec<Vec<ServiceId>>>,
+    /// Bootstrap stages per environment (indexed like `environments`): each stage lists groups
+    /// of services that start together (a group of several is an accepted intrinsic cycle).
+    pub bootstrap: Vec<Vec<Vec<Vec<ServiceId>>>>,
 }
 
 /// Where an allow entry was written.
@@ -224,6 +245,9 @@ pub enum SnapshotError {
         /// The format in the file.
         found: u32,
     },
+    /// A per-environment list does not match the environments.
+    #[error("snapshot content is inconsistent (a per-environment list does not match the environments)")]
+    Shape,
     /// The content does not match its hash.
     #[error("snapshot content does not match its hash (file damaged or edited)")]
     HashMismatch,
@@ -250,9 +274,10 @@ pub struct Snapshot {
     content: SnapshotContent,
     hash: ContentHash,
     debug: DebugInfo,
-    /// Built from the content, never encoded.
+    /// Built from the content, never encoded: per environment (environments with the same
+    /// endpoints share one).
     #[serde(skip_serializing)]
-    owners: Owners,
+    owners: Vec<std::sync::Arc<Owners>>,
 }
 
 /// A snapshot as encoded: everything but the index.
@@ -331,24 +356,31 @@ pub struct Decision<'s> {
 impl Snapshot {
     /// Freezes compiled content; computes the hash.
     pub fn new(content: SnapshotContent, debug: DebugInfo) -> Result<Self, SnapshotError> {
-        let owners = Owners::new(content.services.iter().map(|s| s.endpoints.as_slice()));
+        let owners = owners_per_environment(&content);
         Self::with_owners(content, debug, owners)
     }
 
-    /// [`Snapshot::new`] with the index of the content's endpoints already built (the compiler
-    /// builds it to infer dependencies).
+    /// [`Snapshot::new`] with each environment's index of the content's endpoints already
+    /// built (the compiler builds them to infer dependencies).
     pub(crate) fn with_owners(
         content: SnapshotContent,
         debug: DebugInfo,
-        owners: Owners,
+        owners: Vec<std::sync::Arc<Owners>>,
     ) -> Result<Self, SnapshotError> {
+        check_shape(&content)?;
+        if owners.len() != content.environments.len() {
+            return Err(SnapshotError::Shape);
+        }
         let hash = hash_content(&content)?;
         Ok(Snapshot { content, hash, debug, owners })
     }
 
-    /// Which service owns an address: the index of every declared endpoint.
-    pub fn owners(&self) -> &Owners {
-        &self.owners
+    /// Which service owns an address in environment `env` (an index into
+    /// [`Snapshot::environments`]): the index of the endpoints declared there. An environment
+    /// the snapshot does not have has none.
+    pub fn owners(&self, env: usize) -> &Owners {
+        static NONE: std::sync::LazyLock<Owners> = std::sync::LazyLock::new(Owners::default);
+        self.owners.get(env).map_or(&NONE, |o| o.as_ref())
     }
 
     /// The content hash.
@@ -366,9 +398,9 @@ impl Snapshot {
         &self.content.services
     }
 
-    /// Bootstrap stages.
-    pub fn bootstrap(&self) -> &[Vec<Vec<ServiceId>>] {
-        &self.content.bootstrap
+    /// Bootstrap stages in environment `env` (empty for an environment it does not have).
+    pub fn bootstrap(&self, env: usize) -> &[Vec<Vec<ServiceId>>] {
+        self.content.bootstrap.get(env).map_or(&[], Vec::as_slice)
     }
 
     /// Source positions.
@@ -434,9 +466,14 @@ impl Snapshot {
         self.content.environments.iter().position(|e| e.name == name)
     }
 
-    /// Total number of address rules.
-    pub fn net_rule_count(&self) -> usize {
-        self.content.services.iter().map(|s| s.net_rules.len()).sum()
+    /// Number of address rules in environment `env`.
+    pub fn net_rule_count(&self, env: usize) -> usize {
+        self.content.services.iter().map(|s| s.rules(env).net_rules.len()).sum()
+    }
+
+    /// The names of the environments, comma separated (for messages).
+    pub fn environment_names(&self) -> String {
+        self.content.environments.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 
     /// Encodes to bytes: magic, then postcard.
@@ -461,9 +498,41 @@ impl Snapshot {
         if hash_content(&content)? != hash {
             return Err(SnapshotError::HashMismatch);
         }
-        let owners = Owners::new(content.services.iter().map(|s| s.endpoints.as_slice()));
+        check_shape(&content)?;
+        let owners = owners_per_environment(&content);
         Ok(Snapshot { content, hash, debug, owners })
     }
+}
+
+/// Every per-environment list has one entry per environment, and every service's rules index
+/// exists: so a lookup by environment never falls back on another environment's rules.
+fn check_shape(content: &SnapshotContent) -> Result<(), SnapshotError> {
+    let envs = content.environments.len();
+    let services_ok = content.services.iter().all(|s| {
+        s.modes.len() == envs
+            && s.rules_of_env.len() == envs
+            && s.rules_of_env.iter().all(|&i| (i as usize) < s.rules.len())
+    });
+    if services_ok && content.bootstrap.len() == envs { Ok(()) } else { Err(SnapshotError::Shape) }
+}
+
+/// The owner index of each environment; environments whose services all use the same rules
+/// share one.
+fn owners_per_environment(content: &SnapshotContent) -> Vec<std::sync::Arc<Owners>> {
+    let mut built: Vec<(Vec<u32>, std::sync::Arc<Owners>)> = Vec::new();
+    (0..content.environments.len())
+        .map(|env| {
+            let key: Vec<u32> =
+                content.services.iter().map(|s| s.rules_of_env.get(env).copied().unwrap_or(0)).collect();
+            if let Some((_, owners)) = built.iter().find(|(k, _)| *k == key) {
+                return std::sync::Arc::clone(owners);
+            }
+            let owners =
+                std::sync::Arc::new(Owners::new(content.services.iter().map(|s| s.rules(env).endpoints.as_slice())));
+            built.push((key, std::sync::Arc::clone(&owners)));
+            owners
+        })
+        .collect()
 }
 
 fn hash_content(content: &SnapshotContent) -> Result<ContentHash, SnapshotError> {

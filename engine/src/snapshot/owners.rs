@@ -241,7 +241,7 @@ mod tests {
         let compiled = compile_str("t.toml", text).unwrap_or_else(|(_, d)| panic!("{d:?}"));
         let services = compiled.snapshot.services();
         let names = services.iter().map(|s| s.name.clone()).collect();
-        (Owners::new(services.iter().map(|s| s.endpoints.as_slice())), names)
+        (Owners::new(services.iter().map(|s| s.rules(0).endpoints.as_slice())), names)
     }
 
     fn reached(

@@ -140,7 +140,7 @@ fn bench(dnsmasq: &Path, rounds: usize, queries: usize) {
     );
     let snapshot = compile_str("bench.toml", &policy).map_err(|(_, d)| format!("{d:?}")).unwrap().snapshot;
     let (_, service) = snapshot.service("client").unwrap();
-    let allows = depfence::lower::allows_from_snapshot(&service.net_rules);
+    let allows = depfence::lower::allows_from_snapshot(&service.rules(0).net_rules);
     dp.maps.install(&depfence::lower::compile(1, &allows).unwrap()).unwrap();
     let state =
         CgroupState { ruleset_id: 1, mode: MODE_ENFORCE, flags: FLAG_DNS, counter_slot: 0, ..Default::default() };
