@@ -27,6 +27,17 @@ pub enum ErrorFormat {
     Json,
 }
 
+/// Output of `diff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiffFormat {
+    /// For people, in a terminal.
+    Text,
+    /// For a pull-request comment.
+    Markdown,
+    /// For programs.
+    Json,
+}
+
 /// Output for results a program may read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -297,6 +308,22 @@ pub enum Command {
         activate: bool,
         #[command(flatten)]
         socket: SocketArg,
+    },
+    /// Compare two policies (files or directories): per environment, what changes for
+    /// enforcement (modes, rules, verdicts) and for the dependency graph (edges, problems).
+    ///
+    /// Exit code 0: nothing changes where a service enforces; 10: something does; 1: the new
+    /// policy is invalid (its new problems are listed).
+    Diff {
+        /// The policy before the change.
+        #[arg(value_name = "OLD")]
+        old: PathBuf,
+        /// The policy after the change.
+        #[arg(value_name = "NEW")]
+        new: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
+        output: DiffFormat,
     },
     /// Print shell completions.
     Completions {

@@ -21,6 +21,9 @@ pub const EXIT_KERNEL: u8 = 3;
 pub const EXIT_AGENT: u8 = 4;
 /// Exit code: reading or writing a file or a stream failed.
 pub const EXIT_IO: u8 = 5;
+/// Exit code: `policyctl diff` found a change to what a service enforces (in an environment
+/// where it enforces before or after the change).
+pub const EXIT_ENFORCEMENT_CHANGES: u8 = 10;
 /// Exit code: `policyctl agent` cannot start with its configuration (EX_USAGE): an environment
 /// the policy does not declare, or a pin root or state directory another agent holds.
 pub const EXIT_AGENT_CONFIG: u8 = 64;

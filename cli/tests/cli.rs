@@ -458,3 +458,81 @@ fn commands_judge_an_environment_and_say_which() {
         "{stdout}"
     );
 }
+
+/// `diff` on every example against itself: nothing changes, exit 0.
+#[test]
+fn diff_of_an_example_with_itself_is_empty() {
+    for (path, broken) in examples() {
+        let out = policyctl().args(["diff", "--output", "json"]).arg(&path).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(if broken { 1 } else { 0 }), "{} {out:?}", path.display());
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for env in doc["environments"].as_array().unwrap() {
+            for key in ["modes", "rules", "verdicts", "edges_added", "edges_removed", "problems_new", "problems_fixed"]
+            {
+                assert_eq!(env[key], serde_json::json!([]), "{} {key}: {env}", path.display());
+            }
+        }
+    }
+}
+
+/// A change that closes a cycle: the new problem, the new edge and the verdict that changes, in
+/// Markdown for a pull request; the reverse change lists the problem as fixed.
+#[test]
+fn diff_shows_what_a_change_does_for_a_reviewer() {
+    let old_text = std::fs::read_to_string(examples_dir().join("quickstart.toml")).unwrap();
+    let cycle = old_text.replace(
+        "mode = { prod = \"enforce\" }",
+        "mode = { prod = \"enforce\" }\nallow = [{ service = \"storefront\" }]",
+    );
+    let (old, new) = (write_policy(&old_text), write_policy(&cycle));
+    let out = policyctl().args(["diff", "--output", "markdown"]).arg(old.path()).arg(new.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "the new policy is invalid: {out:?}");
+    let md = String::from_utf8(out.stdout).unwrap();
+    assert!(md.contains("**This change alters what is enforced.**"), "{md}");
+    assert!(md.contains("**The new policy is invalid** (see its new problems)"), "{md}");
+    assert!(md.contains("#### Environment `prod`: changes what is enforced"), "{md}");
+    assert!(md.contains("**Dependencies added**\n\n- `orders-db` -> `storefront`\n"), "{md}");
+    assert!(
+        md.contains("**Verdicts that change**\n\n- `orders-db` -> 10.0.1.10:443/tcp: rejected -> allowed\n"),
+        "{md}"
+    );
+    assert!(md.contains("**New problems**\n\n- error[depfence::cycle]: dependency cycle `"), "{md}");
+    // The other way round, the cycle is fixed.
+    let out = policyctl().args(["diff"]).arg(new.path()).arg(old.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(10), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("  problems fixed:\n    error[depfence::cycle]"), "{text}");
+    assert!(text.contains("  dependencies removed:\n    `orders-db` -> `storefront`"), "{text}");
+
+    // Widening orders-api: enforced in qa, audited in prod; exit 10.
+    let wider = old_text.replace(
+        "allow = [{ service = \"orders-db\" }]",
+        "allow = [{ service = \"orders-db\" }, { cidr = \"10.0.9.0/24\", ports = [443], proto = \"tcp\" }]",
+    );
+    let wider = write_policy(&wider);
+    let out = policyctl().args(["diff", "--output", "json"]).arg(old.path()).arg(wider.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(10), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let env =
+        |name: &str| doc["environments"].as_array().unwrap().iter().find(|e| e["environment"] == name).unwrap().clone();
+    let (prod, qa) = (env("prod"), env("qa"));
+    assert_eq!((prod["enforcement_changes"].as_bool(), qa["enforcement_changes"].as_bool()), (Some(false), Some(true)));
+    assert_eq!(
+        qa["verdicts"],
+        serde_json::json!([{ "service": "orders-api", "connection": "10.0.9.0:443/tcp", "from": "rejected", "to": "allowed" }])
+    );
+    assert_eq!(prod["verdicts"][0]["from"], "would_reject");
+    assert!(qa["rules"][0]["added"][0].as_str().unwrap().starts_with("10.0.9.0/24 port 443, tcp at "), "{qa}");
+
+    // A change only where services audit: exit 0.
+    let audit_only = old_text.replace(
+        "  { cidr = \"198.51.100.0/24\", ports = [443], proto = \"tcp\", reason = \"payment provider\" },",
+        "  { cidr = \"198.51.100.0/24\", ports = [443], proto = \"tcp\", reason = \"payment provider\" },\n  { cidr = \"203.0.113.0/24\", ports = [443], env = \"prod\" },",
+    );
+    let audit_only = write_policy(&audit_only);
+    let out = policyctl().args(["diff"]).arg(old.path()).arg(audit_only.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("environment prod: changes, none where a service enforces"), "{text}");
+    assert!(text.contains("environment qa: no change"), "{text}");
+}

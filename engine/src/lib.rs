@@ -18,6 +18,7 @@ pub mod control_protocol;
 #[cfg(feature = "datapath")]
 pub mod datapath;
 pub mod diag;
+pub mod diff;
 #[cfg(feature = "dns")]
 pub mod dns;
 pub mod durable;

@@ -9,6 +9,7 @@ mod check;
 mod client;
 mod compile;
 mod completions;
+mod diff;
 mod events;
 mod explain;
 mod graph;
@@ -70,6 +71,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Events { follow, json, recent, socket } => events::run(&socket.socket, follow, json, recent),
         Command::Apply { candidate, drop: _, activate, socket } => apply::run(&socket.socket, candidate, activate),
+        Command::Diff { old, new, output } => diff::run(&old, &new, format, output),
         Command::Completions { shell } => completions::run(shell),
     }
 }

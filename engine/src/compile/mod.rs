@@ -145,6 +145,13 @@ impl Analysis {
         self.environments.iter().position(|e| e == name)
     }
 
+    /// The snapshot the policy's rules make, valid or not: for comparing policies
+    /// ([`crate::diff`]). Only [`Analysis::freeze`] makes the snapshot of a policy to enforce.
+    pub fn snapshot(&self) -> Result<Snapshot, SnapshotError> {
+        let content = SnapshotContent { format: SNAPSHOT_FORMAT, ..self.content.clone() };
+        Snapshot::with_owners(content, self.debug.clone(), self.owners.clone())
+    }
+
     /// The graph of environment `env` (an index into `environments`).
     pub fn graph(&self, env: usize) -> Option<&Graph> {
         self.graph_of_env.get(env).and_then(|&g| self.graphs.get(g))

@@ -298,7 +298,7 @@ impl PartialEq for Snapshot {
 impl Eq for Snapshot {}
 
 /// A connection attempt to judge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Connection {
     /// Destination address (IPv4-mapped IPv6 is treated as IPv4).
     pub addr: IpAddr,
@@ -425,6 +425,17 @@ impl Snapshot {
         let proto = if rule.proto == Proto::Any { "any protocol".to_owned() } else { rule.proto.to_string() };
         let ports = if rule.ports.is_any() { "any port".to_owned() } else { format!("port {}", rule.ports) };
         let mut text = format!("{} {ports}, {proto}", rule.net);
+        if let Some(target) = rule.target.and_then(|t| self.services().get(t as usize)) {
+            text.push_str(&format!(" (service `{}`)", target.name));
+        }
+        text
+    }
+
+    /// A host rule in words: `host *.example.com port 443, tcp (service `api`)`.
+    pub fn describe_host_rule(&self, rule: &HostRule) -> String {
+        let proto = if rule.proto == Proto::Any { "any protocol".to_owned() } else { rule.proto.to_string() };
+        let ports = if rule.ports.is_any() { "any port".to_owned() } else { format!("port {}", rule.ports) };
+        let mut text = format!("host {} {ports}, {proto}", rule.host);
         if let Some(target) = rule.target.and_then(|t| self.services().get(t as usize)) {
             text.push_str(&format!(" (service `{}`)", target.name));
         }
