@@ -384,7 +384,7 @@ fn events_follow_and_live_explain() {
     let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // Live and offline explain give one shape: the verdict of each environment asked about (the
     // agent's one, live), and the generation that answered.
-    let verdict = &body["verdicts"][0];
+    let verdict = &body["judgements"][0]["verdicts"][0];
     assert_eq!((verdict["verdict"].as_str(), verdict["mode"].as_str()), (Some("rejected"), Some("enforce")));
     assert_eq!(body["live"]["generation"], 1);
 
