@@ -75,6 +75,51 @@ pub struct SocketArg {
     pub socket: PathBuf,
 }
 
+/// `promote --prometheus`: the fleet's evidence, read from Prometheus, instead of one agent's.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// Decide on the whole fleet's evidence from this Prometheus (or Thanos, Mimir,
+    /// VictoriaMetrics) and rewrite the policy in the checkout (`--policy`); no agent needed.
+    /// Exit 0 promoted, 1 refused, 75 inconclusive.
+    #[arg(long, value_name = "URL", requires = "policy", conflicts_with = "force")]
+    pub prometheus: Option<String>,
+    /// The policy checkout the agents run (with `--prometheus`).
+    #[arg(long, value_name = "PATH")]
+    pub policy: Option<PathBuf>,
+    /// The window the evidence must cover.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub window: std::time::Duration,
+    /// The fewest connections the fleet must have seen in the window.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub min_connections: u64,
+    /// The fewest connections each host must have seen in the window.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub min_per_host: u64,
+    /// The Prometheus job the agents are scraped as.
+    #[arg(long, value_name = "NAME", default_value = "depfence")]
+    pub job: String,
+    /// A file holding a bearer token (or `$DEPFENCE_PROMETHEUS_TOKEN`).
+    #[arg(long, value_name = "FILE")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Basic authentication user; the password from `--basic-password-file` or
+    /// `$DEPFENCE_PROMETHEUS_PASSWORD`.
+    #[arg(long, value_name = "USER")]
+    pub basic_user: Option<String>,
+    /// A file holding the basic authentication password.
+    #[arg(long, value_name = "FILE", requires = "basic_user")]
+    pub basic_password_file: Option<PathBuf>,
+    /// Give up on a request to Prometheus after this long.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Append the decision, its queries and answers to this file (default:
+    /// `depfence-promotions.jsonl` beside the policy).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
 /// The agent's DNS proxy, for services with host rules.
 #[derive(Debug, Args)]
 pub struct DnsArgs {
@@ -260,6 +305,8 @@ pub enum Command {
         dry_run: bool,
         #[command(flatten)]
         socket: SocketArg,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Move a service back to audit (no evidence needed); logged like a promotion.
     Demote {
@@ -371,6 +418,10 @@ pub struct AgentArgs {
     /// once it exited, instead of only waiting for it.
     #[arg(long)]
     pub takeover: bool,
+    /// Police only this subtree of the cgroup2 mount (relative to it); the policy's cgroup paths
+    /// are then relative to the subtree (as inside a container's cgroup namespace).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
     #[command(flatten)]
     pub dns: DnsArgs,
 }

@@ -24,6 +24,10 @@ pub const EXIT_IO: u8 = 5;
 /// Exit code: `policyctl diff` found a change to what a service enforces (in an environment
 /// where it enforces before or after the change).
 pub const EXIT_ENFORCEMENT_CHANGES: u8 = 10;
+/// Exit code: `policyctl promote --prometheus` could not decide (EX_TEMPFAIL): Prometheus down
+/// or erroring, warnings, missing or stale hosts, a host on another policy, retention or samples
+/// shorter than the window. Never a success.
+pub const EXIT_INCONCLUSIVE: u8 = 75;
 /// Exit code: `policyctl agent` cannot start with its configuration (EX_USAGE): an environment
 /// the policy does not declare, or a pin root or state directory another agent holds.
 pub const EXIT_AGENT_CONFIG: u8 = 64;

@@ -39,6 +39,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, CliError> {
     config.dns = args.dns.settings();
     config.lock_wait = args.lock_wait;
     config.takeover = args.takeover;
+    config.cgroup_root = args.cgroup_root.map(|r| r.strip_prefix("/").map_or(r.clone(), std::path::Path::to_owned));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -63,7 +63,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Agent(args) => agent::run(args),
         Command::Reload { socket } => reload::run(&socket.socket),
-        Command::Promote { service, enforce: _, environment, force, reason, dry_run, socket } => {
+        Command::Promote { service, enforce: _, environment, dry_run, fleet, .. } if fleet.prometheus.is_some() => {
+            promote::fleet(&service, environment.as_deref(), dry_run, &fleet, format)
+        }
+        Command::Promote { service, enforce: _, environment, force, reason, dry_run, socket, fleet: _ } => {
             promote::promote(&socket.socket, service, environment, force, reason, dry_run)
         }
         Command::Demote { service, environment, reason, socket } => {

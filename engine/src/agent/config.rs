@@ -49,6 +49,10 @@ pub struct AgentConfig {
     /// Stop (SIGTERM) the agent that holds the pin root or the state directory, then wait for
     /// it, instead of only waiting.
     pub takeover: bool,
+    /// The subtree of the cgroup2 mount this agent polices (relative to the mount); the policy's
+    /// cgroup paths are relative to it. None: the whole tree. For an agent whose machine is a
+    /// cgroup subtree (a container, a test host).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// How the agent's DNS proxy runs.
@@ -80,6 +84,7 @@ impl AgentConfig {
             dns: Some(DnsSettings::default()),
             lock_wait: Duration::from_secs(10),
             takeover: false,
+            cgroup_root: None,
         }
     }
 }

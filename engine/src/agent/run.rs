@@ -48,7 +48,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         AgentLock::acquire(&[&config.pin_root, &config.state_dir], config.lock_wait, config.takeover)
     })?;
     let layout = PinLayout::new(&config.pin_root);
-    let mut kernel = Kernel::open(&layout, &config.state_dir, cgroup2.mount(), config.rule_capacity)?;
+    // The tree this agent polices: the whole mount, or the subtree `--cgroup-root` names.
+    let tree =
+        config.cgroup_root.as_ref().map_or_else(|| cgroup2.mount().to_owned(), |root| cgroup2.mount().join(root));
+    if !tree.is_dir() {
+        return Err(io_error("reading the cgroup root", &tree)(std::io::Error::from(std::io::ErrorKind::NotFound)));
+    }
+    let mut kernel = Kernel::open(&layout, &config.state_dir, &tree, config.rule_capacity)?;
 
     telemetry::describe();
     if let Some(addr) = config.metrics_listen {
@@ -84,7 +90,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let mut state = State::new(config, kernel, dns, SystemTime::now());
     // Consumers before producers: the event log exists before the first apply.
-    let found = walk(cgroup2.mount()).unwrap_or_default();
+    let found = walk(&tree).unwrap_or_default();
     tokio::task::block_in_place(|| {
         state.set_found(found);
         state.reload("start", SystemTime::now());
@@ -113,7 +119,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             _ = hangup.recv() => {
                 tokio::task::block_in_place(|| state.reload("SIGHUP", SystemTime::now()));
             }
-            _ = scan.tick() => match walk(cgroup2.mount()) {
+            _ = scan.tick() => match walk(&tree) {
                 Ok(found) => tokio::task::block_in_place(|| state.set_found(found)),
                 Err(e) => warn!("scanning cgroups: {e}"),
             },

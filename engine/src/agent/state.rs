@@ -59,6 +59,9 @@ pub struct State<D: Dataplane> {
     dns: Option<DnsRuntime>,
     /// Connections the last applies' sweeps found, not yet turned into events.
     closed: Vec<ClosedSocket>,
+    /// The policy hash last exported in `depfence_policy_info` (set to 0 when another replaces
+    /// it, so that the agent reports one policy at a time).
+    published_hash: Option<String>,
     /// Connections of services in audit that enforce would close, already reported (by
     /// cookie): one connection found by every sweep counts once.
     would_close_seen: BTreeSet<u64>,
@@ -115,6 +118,7 @@ impl<D: Dataplane> State<D> {
             rollout,
             dns,
             closed: Vec::new(),
+            published_hash: None,
             would_close_seen: BTreeSet::new(),
             would_close: BTreeMap::new(),
             zeroed: BTreeSet::new(),
@@ -236,8 +240,13 @@ impl<D: Dataplane> State<D> {
         }
         self.close_disallowed();
         gauge!("depfence_policy_generation").set(f64::from(self.kernel.generation()));
-        gauge!("depfence_policy_info", "hash" => snapshot.hash().to_string(), "environment" => self.config.environment.clone())
-            .set(1.0);
+        let hash = snapshot.hash().to_string();
+        let environment = self.config.environment.clone();
+        if let Some(old) = self.published_hash.take().filter(|old| *old != hash) {
+            gauge!("depfence_policy_info", "hash" => old, "environment" => environment.clone()).set(0.0);
+        }
+        gauge!("depfence_policy_info", "hash" => hash.clone(), "environment" => environment).set(1.0);
+        self.published_hash = Some(hash);
         Ok(())
     }
 

@@ -14,9 +14,12 @@
 //! calls), `rewrite` (the validating policy rewrite). Everything but `rollout` is pure or plain
 //! file I/O: the agent and the CLI own the clocks and sockets.
 
+pub mod fleet;
 mod gate;
 mod history;
 mod log;
+#[cfg(feature = "fleet")]
+pub mod prometheus;
 pub mod rewrite;
 mod rollout;
 mod store;
