@@ -167,6 +167,24 @@ fn the_fleet_gate_decides_on_every_host_evidence() {
     assert!(out.contains(&format!("{} (1)", targets[1])), "{out}");
     assert!(out.contains(&format!("127.0.0.1:{other}/tcp would-rejected (1 events) on {}", targets[1])), "{out}");
 
+    // A host that never reported (a target that was never up): inconclusive, from a second
+    // Prometheus that also scrapes it.
+    let never: std::net::SocketAddr =
+        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+            .parse()
+            .unwrap();
+    let with_never = Prometheus::start(&[targets[0], targets[1], never]).unwrap();
+    let out = until(
+        "a host that never reported",
+        &checkout_policy,
+        &format!("http://{}", with_never.addr()),
+        &["--dry-run"],
+        75,
+        &format!("agents that do not report: {never}"),
+    );
+    assert!(out.contains("inconclusive"), "{out}");
+    drop(with_never);
+
     // Prometheus down: inconclusive.
     drop(prometheus);
     let out = promote(&checkout_policy, &url, &["--dry-run"]);

@@ -610,6 +610,14 @@ mod tests {
         assert_eq!(d.outcome, FleetOutcome::Inconclusive);
         assert!(d.reasons.iter().any(|r| r.contains("a:1's samples cover only the last")), "{:?}", d.reasons);
 
+        // In enforce (or off) for part of the window on one host.
+        let mut table = fleet([(10, 0), (12, 0)]);
+        table.answers.get_mut("depfence_service_mode{service=\"app\",mode=\"audit\"}[600s]").unwrap().series[1]
+            .samples = vec![(T - 599.0, 1.0), (T - 300.0, 0.0), (T, 1.0)];
+        let d = decide(&table, &request());
+        assert_eq!(d.outcome, FleetOutcome::Inconclusive);
+        assert!(d.reasons.iter().any(|r| r.contains("not in audit for the whole window on b:1")), "{:?}", d.reasons);
+
         // Warnings, errors, retention, no answer at all.
         let mut table = fleet([(10, 0), (12, 0)]);
         table.answers.get_mut("depfence_policy_info == 1").unwrap().warnings = vec!["partial".into()];
