@@ -26,6 +26,7 @@ pub mod explain;
 pub mod graph;
 #[cfg(feature = "guard")]
 pub mod guard;
+pub mod learn;
 pub mod lower;
 pub mod policy;
 pub mod problem;

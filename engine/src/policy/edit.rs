@@ -221,6 +221,59 @@ pub fn set_service_mode_in(
     Ok(doc.to_string())
 }
 
+/// Appends an allow entry, given as an inline table's text (`{ service = "db", reason = "…" }`),
+/// to a service's `allow` list in one policy text, keeping comments and layout: on a line of its
+/// own in a list written one entry per line, else at the end of the line. Creates `allow` when
+/// the service has none. Returns the new text.
+pub fn add_allow_entry(source: &str, service: &str, entry: &str) -> Result<String, EditError> {
+    let syntax = |message: String| EditError::Syntax { file: "policy".into(), message };
+    let mut doc: DocumentMut = source.parse().map_err(|e: toml_edit::TomlError| syntax(e.message().into()))?;
+    let entry = match entry.parse::<Value>() {
+        Ok(Value::InlineTable(table)) => table,
+        Ok(_) => return Err(syntax(format!("`{entry}` is not an inline table"))),
+        Err(e) => return Err(syntax(e.message().into())),
+    };
+    let unsupported = |form: &str| EditError::UnsupportedForm { service: service.to_owned(), form: form.to_owned() };
+    match service_container(&mut doc, service)? {
+        Container::Table(table) => match table.get_mut("allow") {
+            None => {
+                table.insert("allow", Item::Value(Value::Array(toml_edit::Array::from_iter([entry]))));
+            }
+            Some(Item::Value(Value::Array(list))) => push_entry(list, entry),
+            Some(Item::ArrayOfTables(list)) => list.push(entry.into_table()),
+            Some(_) => return Err(unsupported("an `allow` that is not a list")),
+        },
+        Container::Inline(table) => match table.get_mut("allow") {
+            None => {
+                table.insert("allow", Value::Array(toml_edit::Array::from_iter([entry])));
+            }
+            Some(Value::Array(list)) => push_entry(list, entry),
+            Some(_) => return Err(unsupported("an `allow` that is not a list")),
+        },
+    }
+    Ok(doc.to_string())
+}
+
+/// Appends `entry` to a list, on a line of its own (indented like the last entry) when the list
+/// is written one entry per line.
+fn push_entry(list: &mut toml_edit::Array, entry: InlineTable) {
+    let indent = list
+        .iter()
+        .last()
+        .and_then(|last| last.decor().prefix().and_then(|p| p.as_str()))
+        .and_then(|prefix| prefix.rfind('\n').map(|at| prefix.get(at..).unwrap_or("\n").to_owned()));
+    let mut value = Value::InlineTable(entry);
+    match indent {
+        Some(indent) => {
+            value.decor_mut().set_prefix(indent);
+            value.decor_mut().set_suffix("");
+            list.push_formatted(value);
+            list.set_trailing_comma(true);
+        }
+        None => list.push(value),
+    }
+}
+
 /// A small unified diff: one hunk around the changed lines, two lines of context.
 pub fn line_diff(label: &str, old: &str, new: &str) -> String {
     const CONTEXT: usize = 2;
@@ -779,5 +832,32 @@ db.mode = "off"
             set_service_mode(text, "w", None, Mode::Enforce).unwrap(),
             text.replace("# the unit\n", "# the unit\n  mode = \"enforce\",\n")
         );
+    }
+
+    #[test]
+    fn allow_entries_are_appended_keeping_the_layout() {
+        let text = "version = 1\n[services.db]\nendpoints = [{ ip = \"10.0.0.5\" }]\n\n[services.api]\nallow = [\n  # the database\n  { service = \"db\" },\n]\n\n[services.web]\nallow = [{ service = \"api\" }]\n\n[services.batch]\ncgroup = \"b\"\n";
+        let entry = "{ ip = \"10.9.0.1\", ports = [443], reason = \"learned\" }";
+        let one_per_line = add_allow_entry(text, "api", entry).unwrap();
+        assert!(
+            one_per_line.contains("allow = [\n  # the database\n  { service = \"db\" },\n  { ip = \"10.9.0.1\", ports = [443], reason = \"learned\" },\n]\n"),
+            "{one_per_line}"
+        );
+        let inline = add_allow_entry(text, "web", entry).unwrap();
+        assert!(
+            inline.contains(
+                "allow = [{ service = \"api\" }, { ip = \"10.9.0.1\", ports = [443], reason = \"learned\" }]\n"
+            ),
+            "{inline}"
+        );
+        let created = add_allow_entry(text, "batch", entry).unwrap();
+        assert!(
+            created.ends_with("cgroup = \"b\"\nallow = [{ ip = \"10.9.0.1\", ports = [443], reason = \"learned\" }]\n"),
+            "{created}"
+        );
+        // Everything else is unchanged, and the result parses to the policy with the entry.
+        assert_eq!(one_per_line.replace("  { ip = \"10.9.0.1\", ports = [443], reason = \"learned\" },\n", ""), text);
+        assert!(crate::policy::parse_str("p.toml", &created).diagnostics.is_empty());
+        assert!(matches!(add_allow_entry(text, "nope", entry), Err(EditError::UnknownService { .. })));
     }
 }
