@@ -372,6 +372,34 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
         output: DiffFormat,
     },
+    /// Propose the policy change the audit evidence asks for: allow entries for the destinations
+    /// services were would-rejected to, checked against the dependency model.
+    ///
+    /// Exit code 0: nothing to propose; 10: proposals made (a diff, or written with --write);
+    /// 11: some would-rejects need a decision (the model refuses the entry they ask for).
+    Learn {
+        /// Only these services (default: every service with evidence).
+        #[arg(value_name = "SERVICE")]
+        services: Vec<String>,
+        /// The policy checkout to change.
+        #[arg(long, value_name = "PATH")]
+        policy: PathBuf,
+        /// The window of evidence.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+        /// The environment (default: the agent's).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
+        /// Write the change into the policy files (to the file that defines each service) instead
+        /// of printing it as a diff.
+        #[arg(long)]
+        write: bool,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.

@@ -24,6 +24,10 @@ pub const EXIT_IO: u8 = 5;
 /// Exit code: `policyctl diff` found a change to what a service enforces (in an environment
 /// where it enforces before or after the change).
 pub const EXIT_ENFORCEMENT_CHANGES: u8 = 10;
+/// Exit code: `policyctl learn` proposed entries.
+pub const EXIT_PROPOSALS: u8 = 10;
+/// Exit code: `policyctl learn` found would-rejects whose entry the model refuses.
+pub const EXIT_NEEDS_DECISION: u8 = 11;
 /// Exit code: `policyctl promote --prometheus` could not decide (EX_TEMPFAIL): Prometheus down
 /// or erroring, warnings, missing or stale hosts, a host on another policy, retention or samples
 /// shorter than the window. Never a success.

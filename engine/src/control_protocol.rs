@@ -85,6 +85,11 @@ pub enum Request {
     ActivateCandidate,
     /// Stop evaluating the candidate.
     DropCandidate,
+    /// Every service's would-rejected destinations in the last `window_secs` (for `learn`).
+    Observed {
+        /// The window, in seconds.
+        window_secs: u64,
+    },
 }
 
 /// The agent's answer: `ok` with a payload, or an error message.

@@ -13,6 +13,7 @@ mod diff;
 mod events;
 mod explain;
 mod graph;
+mod learn;
 mod promote;
 mod reload;
 mod run;
@@ -75,6 +76,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Events { follow, json, recent, socket } => events::run(&socket.socket, follow, json, recent),
         Command::Apply { candidate, drop: _, activate, socket } => apply::run(&socket.socket, candidate, activate),
         Command::Diff { old, new, output } => diff::run(&old, &new, format, output),
+        Command::Learn { services, policy, window, environment, write, output, socket } => {
+            learn::run(&learn::Options { services, policy, window, environment, write, output, socket: socket.socket })
+        }
         Command::Completions { shell } => completions::run(shell),
     }
 }

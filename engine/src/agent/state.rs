@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use metrics::{counter, gauge};
 use tokio::sync::broadcast;
@@ -518,7 +518,41 @@ impl<D: Dataplane> State<D> {
                 self.change_mode(ModeRequest { service, environment, mode, force, reason, who }, now)
             }
             Request::Events { .. } => Response::error("events are streamed, not requested"),
+            Request::Observed { window_secs } => Response::ok(self.observed(now, Duration::from_secs(window_secs))),
         }
+    }
+
+    /// Every service's would-rejected destinations in the window, as `learn` reads them: counts
+    /// and times from the counter history, the processes from the recent events, this host.
+    fn observed(&self, now: SystemTime, window: Duration) -> Vec<crate::learn::Observed> {
+        let Some((compiled, _)) = &self.active else { return Vec::new() };
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "localhost".into(), |h| h.trim().to_owned());
+        let recent = self.events.recent(usize::MAX);
+        let mut out = Vec::new();
+        for service in compiled.snapshot.services() {
+            for (destination, count, first, last) in self.rollout.destinations(&service.name, now, window) {
+                let processes = recent
+                    .iter()
+                    .filter(|e| e.service.as_deref() == Some(service.name.as_str()) && e.destination == destination)
+                    .map(|e| e.comm.clone())
+                    .collect();
+                let destination = match destination.parse::<Connection>() {
+                    Ok(c) => crate::learn::Destination::Address { addr: c.addr, port: c.port, proto: c.proto },
+                    Err(_) => crate::learn::Destination::Name { name: destination },
+                };
+                out.push(crate::learn::Observed {
+                    service: service.name.clone(),
+                    destination,
+                    count,
+                    hosts: [host.clone()].into(),
+                    first_seen: Some(first),
+                    last_seen: Some(last),
+                    processes,
+                });
+            }
+        }
+        out
     }
 
     fn reload_errors(&self) -> String {

@@ -481,6 +481,26 @@ impl CounterHistory {
         evidence
     }
 
+    /// Every would-rejected destination of `service` in the window ending at `now`: (destination,
+    /// count, first step seen, last step seen), by destination.
+    pub fn destinations(
+        &self,
+        service: &str,
+        now: SystemTime,
+        window: Duration,
+    ) -> Vec<(String, u64, SystemTime, SystemTime)> {
+        let Some(series) = self.series.get(service) else { return Vec::new() };
+        let first_step = step_start(now.checked_sub(window).unwrap_or(UNIX_EPOCH), &self.limits);
+        let mut found: BTreeMap<&str, (u64, SystemTime, SystemTime)> = BTreeMap::new();
+        for d in series.destinations.iter().filter(|d| d.time >= first_step && d.time <= now) {
+            let entry = found.entry(&d.destination).or_insert((0, d.time, d.time));
+            entry.0 = entry.0.saturating_add(d.count);
+            entry.1 = entry.1.min(d.time);
+            entry.2 = entry.2.max(d.time);
+        }
+        found.into_iter().map(|(d, (n, first, last))| (d.to_owned(), n, first, last)).collect()
+    }
+
     /// Reads a history file written by [`append`](Self::append) and [`save`](Self::save), with
     /// the default limits. A missing file is an empty history. Lines that are not understood
     /// (not JSON, not UTF-8, cut short) are skipped and reported in the result.

@@ -248,6 +248,17 @@ impl Rollout {
         self.note_write(&file, result.map_err(|e| e.to_string()));
     }
 
+    /// A service's would-rejected destinations in the window ending at `now`: (destination,
+    /// count, first seen, last seen).
+    pub fn destinations(
+        &self,
+        service: &str,
+        now: SystemTime,
+        window: Duration,
+    ) -> Vec<(String, u64, SystemTime, SystemTime)> {
+        self.history.destinations(service, now, window)
+    }
+
     /// The evidence for a service over the gate's window.
     pub fn evidence(&self, service: &str, now: SystemTime) -> Evidence {
         self.history.evidence(service, now, self.gate.window)
