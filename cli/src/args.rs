@@ -387,13 +387,17 @@ pub enum Command {
         /// The window of evidence.
         #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
         window: std::time::Duration,
-        /// The environment (default: the agent's).
+        /// The environment (default: the agent's; with --prometheus, the policy's only one).
         #[arg(short, long, value_name = "NAME")]
         environment: Option<String>,
         /// Write the change into the policy files (to the file that defines each service) instead
         /// of printing it as a diff.
         #[arg(long)]
         write: bool,
+        /// Read the whole fleet's evidence from this Prometheus instead of the local agent (a
+        /// bearer token from `$DEPFENCE_PROMETHEUS_TOKEN`).
+        #[arg(long, value_name = "URL")]
+        prometheus: Option<String>,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,

@@ -167,6 +167,23 @@ fn the_fleet_gate_decides_on_every_host_evidence() {
     assert!(out.contains(&format!("{} (1)", targets[1])), "{out}");
     assert!(out.contains(&format!("127.0.0.1:{other}/tcp would-rejected (1 events) on {}", targets[1])), "{out}");
 
+    // `learn` fleet-wide proposes the entry the would-reject asks for, naming the host that saw it.
+    let out = std::process::Command::new(&policyctl)
+        .args(["learn", "--policy"])
+        .arg(&checkout_policy)
+        .args(["--prometheus", &url, "-e", "prod", "--window", WINDOW])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(10), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "propose for `app`: {{ ip = \"127.0.0.1\", ports = [{other}], proto = \"tcp\", reason = \"learned: 1 would-reject(s) on {}\" }}",
+            targets[1]
+        )),
+        "{stdout}"
+    );
+
     // A host that never reported (a target that was never up): inconclusive, from a second
     // Prometheus that also scrapes it.
     let never: std::net::SocketAddr =

@@ -40,6 +40,11 @@ pub enum Destination {
         /// The name asked.
         name: String,
     },
+    /// A declared service, as the agents' destination metric names an address a service owns.
+    Service {
+        /// The service.
+        name: String,
+    },
 }
 
 /// A service's would-rejects to one destination: the evidence behind a proposal.
@@ -221,6 +226,16 @@ pub fn learn(files: Vec<(String, String)>, environment: &str, observed: Vec<Obse
                 }
                 Entry::Host { name: name.to_ascii_lowercase() }
             }
+            Destination::Service { name } => {
+                let target = snapshot.service(name).map(|(id, _)| id);
+                let rules = &ruleset.rules(env);
+                let reached = rules.net_rules.iter().map(|r| r.target).chain(rules.host_rules.iter().map(|r| r.target));
+                if target.is_none() || reached.flatten().any(|t| Some(t) == target) {
+                    covered.push(o);
+                    continue;
+                }
+                Entry::Service { target: name.clone(), ports: Vec::new() }
+            }
         };
         grouped.entry((o.service.clone(), key)).or_default().push(o);
     }
@@ -231,7 +246,7 @@ pub fn learn(files: Vec<(String, String)>, environment: &str, observed: Vec<Obse
                 .iter()
                 .filter_map(|o| match &o.destination {
                     Destination::Address { port, .. } => Some(*port),
-                    Destination::Name { .. } => None,
+                    Destination::Name { .. } | Destination::Service { .. } => None,
                 })
                 .collect();
             let entry = match key {
@@ -290,6 +305,66 @@ pub fn learn(files: Vec<(String, String)>, environment: &str, observed: Vec<Obse
         .map(|((name, old), (_, new))| (name.clone(), old.clone(), new.clone()))
         .collect();
     Ok(Learned { environment: environment.to_owned(), proposals: accepted, needs_decision, covered, changes })
+}
+
+/// The would-rejected destinations of the whole fleet in `environment`, from the agents' bounded
+/// destination counters in Prometheus (`depfence_destination_events_total`, whose destination is
+/// a service's name when the agent knows it, else `ip:port/proto` or a DNS name), over the
+/// window ending at `time`: counts are events (rate-limited per destination and second, so a
+/// lower bound), hosts are the agents' `instance`s. `services` names the policy's services.
+#[cfg(feature = "fleet")]
+pub fn observed_in_fleet(
+    metrics: &dyn crate::promote::fleet::Metrics,
+    environment: &str,
+    window: std::time::Duration,
+    time: SystemTime,
+    services: &BTreeSet<String>,
+) -> Result<Vec<Observed>, crate::promote::fleet::FetchError> {
+    let range = format!("{}s", window.as_secs().max(1));
+    let info = metrics.query("depfence_policy_info == 1", time)?;
+    let hosts_in_env: BTreeSet<String> = info
+        .series
+        .iter()
+        .filter(|s| s.label("environment") == environment)
+        .map(|s| s.label("instance").to_owned())
+        .collect();
+    let answer =
+        metrics.query(&format!("depfence_destination_events_total{{verdict=\"would_reject\"}}[{range}]"), time)?;
+    let start = time.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()) - window.as_secs_f64();
+    let mut found: BTreeMap<(String, String), (u64, BTreeSet<String>)> = BTreeMap::new();
+    for series in &answer.series {
+        let instance = series.label("instance");
+        if !hosts_in_env.contains(instance) {
+            continue;
+        }
+        let events = series.increase_since_birth(start + window.as_secs_f64() / 10.0).round() as u64;
+        if events == 0 {
+            continue;
+        }
+        let entry =
+            found.entry((series.label("service").to_owned(), series.label("destination").to_owned())).or_default();
+        entry.0 += events;
+        entry.1.insert(instance.to_owned());
+    }
+    Ok(found
+        .into_iter()
+        .map(|((service, destination), (count, hosts))| {
+            let destination = match destination.parse::<Connection>() {
+                Ok(c) => Destination::Address { addr: c.addr, port: c.port, proto: c.proto },
+                Err(_) if services.contains(&destination) => Destination::Service { name: destination },
+                Err(_) => Destination::Name { name: destination },
+            };
+            Observed {
+                service,
+                destination,
+                count,
+                hosts,
+                first_seen: None,
+                last_seen: None,
+                processes: BTreeSet::new(),
+            }
+        })
+        .collect())
 }
 
 /// True when a service's endpoints in `env` span more than one port range.
@@ -424,5 +499,61 @@ allow = [
         assert!(learned.proposals.is_empty());
         assert!(learned.needs_decision[0].problems[0].starts_with("depfence::cycle"), "{:?}", learned.needs_decision);
         assert!(learned.changes.is_empty());
+    }
+
+    /// The fleet's evidence: events per destination summed over the hosts of the environment,
+    /// a service-named destination as a service reference, another environment's host ignored.
+    #[cfg(feature = "fleet")]
+    #[test]
+    fn fleet_evidence_from_the_destination_counters() {
+        use crate::promote::fleet::{Answer, FetchError, Metrics, Series};
+        use std::time::{Duration, UNIX_EPOCH};
+        struct Fixed;
+        const T: f64 = 1_800_000_000.0;
+        fn series(labels: &[(&str, &str)], samples: &[(f64, f64)]) -> Series {
+            Series {
+                labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                samples: samples.to_vec(),
+            }
+        }
+        impl Metrics for Fixed {
+            fn query(&self, promql: &str, _: SystemTime) -> Result<Answer, FetchError> {
+                let series = if promql == "depfence_policy_info == 1" {
+                    vec![
+                        series(&[("instance", "a:1"), ("environment", "prod")], &[(T, 1.0)]),
+                        series(&[("instance", "b:1"), ("environment", "prod")], &[(T, 1.0)]),
+                        series(&[("instance", "q:1"), ("environment", "qa")], &[(T, 1.0)]),
+                    ]
+                } else {
+                    let d = |i: &str, dest: &str, samples: &[(f64, f64)]| {
+                        series(&[("instance", i), ("service", "api"), ("destination", dest)], samples)
+                    };
+                    vec![
+                        d("a:1", "cache", &[(T - 500.0, 1.0), (T, 3.0)]),
+                        d("b:1", "cache", &[(T - 599.0, 2.0), (T, 4.0)]),
+                        d("q:1", "cache", &[(T - 500.0, 1.0), (T, 9.0)]),
+                        d("a:1", "192.0.2.9:8443/tcp", &[(T - 599.0, 5.0), (T, 5.0)]),
+                        d("b:1", "pay.example.com", &[(T - 100.0, 1.0)]),
+                    ]
+                };
+                Ok(Answer { series, warnings: Vec::new() })
+            }
+            fn retention(&self) -> Result<Option<Duration>, FetchError> {
+                Ok(None)
+            }
+        }
+        let services: BTreeSet<String> = ["api", "cache"].iter().map(|s| (*s).to_owned()).collect();
+        let time = UNIX_EPOCH + Duration::from_secs_f64(T);
+        let found = observed_in_fleet(&Fixed, "prod", Duration::from_secs(600), time, &services).unwrap();
+        let got: Vec<(Destination, u64, Vec<String>)> =
+            found.into_iter().map(|o| (o.destination, o.count, o.hosts.into_iter().collect())).collect();
+        assert_eq!(
+            got,
+            [
+                (Destination::Service { name: "cache".into() }, 3 + 2, vec!["a:1".to_owned(), "b:1".to_owned()]),
+                (Destination::Name { name: "pay.example.com".into() }, 1, vec!["b:1".to_owned()]),
+            ],
+            "the literal saw no new event in the window; qa's host is not prod's"
+        );
     }
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use depfence::agent::control::{AgentStatus, Request};
 use depfence::durable::{Access, replace};
-use depfence::learn::{Learned, Observed, learn};
+use depfence::learn::{Learned, Observed, learn, observed_in_fleet};
 use depfence::policy::edit::line_diff;
+use depfence::promote::prometheus::{Auth, Prometheus};
 
 use super::client::ask_for;
 use crate::args::Output;
@@ -26,6 +27,8 @@ pub struct Options {
     pub environment: Option<String>,
     /// Write instead of printing a diff.
     pub write: bool,
+    /// Read the fleet's evidence from this Prometheus instead of the agent.
+    pub prometheus: Option<String>,
     /// Output format.
     pub output: Output,
     /// The agent's control socket.
@@ -34,22 +37,37 @@ pub struct Options {
 
 /// Reads the evidence from the agent, proposes, prints or writes.
 pub fn run(options: &Options) -> Result<ExitCode, CliError> {
-    let environment = match &options.environment {
-        Some(env) => env.clone(),
-        None => ask_for::<AgentStatus>(&options.socket, &Request::Status)?.environment,
+    let parsed = depfence::policy::load(&options.policy)?;
+    let files: Vec<(String, String)> =
+        parsed.policy.sources.files().iter().map(|f| (f.name().to_owned(), f.text().to_owned())).collect();
+    let (environment, mut observed) = match &options.prometheus {
+        Some(url) => {
+            let declared: Vec<String> = parsed.policy.declared_environments().into_iter().map(|e| e.name).collect();
+            let environment = match &options.environment {
+                Some(env) => env.clone(),
+                None => declared.get(super::environment_index(&declared, None)?).cloned().unwrap_or_default(),
+            };
+            let auth = std::env::var("DEPFENCE_PROMETHEUS_TOKEN").map_or(Auth::None, Auth::Bearer);
+            let prometheus = Prometheus::new(url, auth, Duration::from_secs(10));
+            let services = parsed.policy.services.iter().map(|s| s.name.value.clone()).collect();
+            let observed =
+                observed_in_fleet(&prometheus, &environment, options.window, std::time::SystemTime::now(), &services)
+                    .map_err(|e| CliError::Usage(format!("Prometheus: {e}")))?;
+            (environment, observed)
+        }
+        None => {
+            let environment = match &options.environment {
+                Some(env) => env.clone(),
+                None => ask_for::<AgentStatus>(&options.socket, &Request::Status)?.environment,
+            };
+            let observed: Vec<Observed> =
+                ask_for(&options.socket, &Request::Observed { window_secs: options.window.as_secs() })?;
+            (environment, observed)
+        }
     };
-    let mut observed: Vec<Observed> =
-        ask_for(&options.socket, &Request::Observed { window_secs: options.window.as_secs() })?;
     if !options.services.is_empty() {
         observed.retain(|o| options.services.contains(&o.service));
     }
-    let files: Vec<(String, String)> = depfence::policy::load(&options.policy)?
-        .policy
-        .sources
-        .files()
-        .iter()
-        .map(|f| (f.name().to_owned(), f.text().to_owned()))
-        .collect();
     let learned = learn(files, &environment, observed).map_err(|e| CliError::Usage(e.to_string()))?;
     if options.write {
         for (name, _, new) in &learned.changes {

@@ -34,7 +34,8 @@ pub struct Series {
 }
 
 impl Series {
-    fn label(&self, name: &str) -> &str {
+    /// A label's value (empty when absent).
+    pub fn label(&self, name: &str) -> &str {
         self.labels.get(name).map_or("", String::as_str)
     }
 
@@ -44,7 +45,7 @@ impl Series {
 
     /// [`Series::increase`] of a counter that is created at its first increment (its series
     /// starts at 1, not 0): when the series starts after `born_after`, its first value counts too.
-    fn increase_since_birth(&self, born_after: f64) -> f64 {
+    pub fn increase_since_birth(&self, born_after: f64) -> f64 {
         let first = match self.samples.first() {
             Some(&(t, v)) if t > born_after => v,
             _ => 0.0,
@@ -54,7 +55,7 @@ impl Series {
 
     /// The exact increase of a counter over its samples: the sum of its rises, a drop (a
     /// counter reset) counting from zero.
-    fn increase(&self) -> f64 {
+    pub fn increase(&self) -> f64 {
         self.samples
             .windows(2)
             .map(|w| match w {
