@@ -396,8 +396,11 @@ pub enum Command {
         write: bool,
         /// Read the whole fleet's evidence from this Prometheus instead of the local agent (a
         /// bearer token from `$DEPFENCE_PROMETHEUS_TOKEN`).
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", conflicts_with = "agent")]
         prometheus: Option<String>,
+        /// Read the evidence from the local agent (the default), at this control socket.
+        #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = depfence::agent::DEFAULT_SOCKET)]
+        agent: Option<PathBuf>,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,

@@ -285,6 +285,23 @@ fn audit_answers_look_alikes_and_reports_who_asked() {
             .any(|e| e.destination == format!("{EVIL_PREFIX}:{}/tcp", setup.port) && e.verdict == Verdict::WouldReject),
         "{events:#?}"
     );
+    // `learn` proposes a host entry for each denied name, with the process that asked.
+    let out = Command::new(assert_cmd::cargo::cargo_bin("policyctl"))
+        .args(["learn", "--policy"])
+        .arg(setup.dir.path().join("policy.toml"))
+        .arg("--socket")
+        .arg(&setup.agent.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(10), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for (name, comm) in [("evilmirror.internal", "curl"), ("mirror.internal.evil", "python3")] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("propose for `app`: {{ host = \"{name}\", reason = \"learned: ")));
+        assert!(line.is_some_and(|l| l.contains(&format!(" by {comm}\" }}"))), "{name}: {stdout}");
+    }
+
     // A denied name answered with an address an allowed name has: reported.
     assert_eq!(setup.getaddrinfo(&tools, "resolv.conf", "shared.evil"), format!("['{MIRROR}']"));
     let shared = setup.agent.sample("depfence_dns_shared_addresses_total{service=\"app\"}");

@@ -17,7 +17,7 @@ fn learn(agent: &Agent, policy: &std::path::Path, extra: &[&str]) -> Output {
     std::process::Command::new(assert_cmd::cargo::cargo_bin("policyctl"))
         .args(["learn", "--policy"])
         .arg(policy)
-        .arg("--socket")
+        .arg("--agent")
         .arg(&agent.socket)
         .args(extra)
         .output()

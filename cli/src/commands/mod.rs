@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Events { follow, json, recent, socket } => events::run(&socket.socket, follow, json, recent),
         Command::Apply { candidate, drop: _, activate, socket } => apply::run(&socket.socket, candidate, activate),
         Command::Diff { old, new, output } => diff::run(&old, &new, format, output),
-        Command::Learn { services, policy, window, environment, write, prometheus, output, socket } => {
+        Command::Learn { services, policy, window, environment, write, prometheus, agent, output, socket } => {
             learn::run(&learn::Options {
                 services,
                 policy,
@@ -85,7 +85,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 write,
                 prometheus,
                 output,
-                socket: socket.socket,
+                socket: agent.unwrap_or(socket.socket),
             })
         }
         Command::Completions { shell } => completions::run(shell),
