@@ -407,6 +407,32 @@ pub enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// The declared dependencies and allow rules nothing used in a window ("rules with no hits"),
+    /// from the local agent (every rule) or the fleet's Prometheus (every declared backend).
+    /// Exit 10 when something was unused.
+    Unused {
+        /// The window.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+        /// Read the whole fleet's hits from this Prometheus (needs --policy; a bearer token from
+        /// `$DEPFENCE_PROMETHEUS_TOKEN`).
+        #[arg(long, value_name = "URL", conflicts_with = "agent", requires = "policy")]
+        prometheus: Option<String>,
+        /// The policy whose declared dependencies are judged (with --prometheus).
+        #[arg(long, value_name = "PATH")]
+        policy: Option<PathBuf>,
+        /// The environment (with --prometheus; default: the policy's only one).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
+        /// Read the hits from the local agent (the default), at this control socket.
+        #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = depfence::agent::DEFAULT_SOCKET)]
+        agent: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.

@@ -28,6 +28,8 @@ pub const EXIT_ENFORCEMENT_CHANGES: u8 = 10;
 pub const EXIT_PROPOSALS: u8 = 10;
 /// Exit code: `policyctl learn` found would-rejects whose entry the model refuses.
 pub const EXIT_NEEDS_DECISION: u8 = 11;
+/// `unused`: some declared dependency or rule had no hit in the window.
+pub const EXIT_UNUSED: u8 = 10;
 /// Exit code: `policyctl promote --prometheus` could not decide (EX_TEMPFAIL): Prometheus down
 /// or erroring, warnings, missing or stale hosts, a host on another policy, retention or samples
 /// shorter than the window. Never a success.

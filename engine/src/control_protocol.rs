@@ -90,6 +90,12 @@ pub enum Request {
         /// The window, in seconds.
         window_secs: u64,
     },
+    /// The declared dependencies and rules of every service here and their hits in the last
+    /// `window_secs` (for `unused`).
+    Usage {
+        /// The window, in seconds.
+        window_secs: u64,
+    },
 }
 
 /// The agent's answer: `ok` with a payload, or an error message.

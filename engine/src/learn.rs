@@ -320,50 +320,17 @@ pub fn observed_in_fleet(
     time: SystemTime,
     services: &BTreeSet<String>,
 ) -> Result<Vec<Observed>, crate::promote::fleet::FetchError> {
-    let range = format!("{}s", window.as_secs().max(1));
-    let info = metrics.query("depfence_policy_info == 1", time)?;
-    let hosts_in_env: BTreeSet<String> = info
-        .series
-        .iter()
-        .filter(|s| s.label("environment") == environment)
-        .map(|s| s.label("instance").to_owned())
-        .collect();
-    let answer =
-        metrics.query(&format!("depfence_destination_events_total{{verdict=\"would_reject\"}}[{range}]"), time)?;
-    let start = time.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()) - window.as_secs_f64();
-    let born_after = start + window.as_secs_f64() / 10.0;
-    /// Per (service, destination): events, hosts, first and last rise (unix seconds).
-    type Seen = (u64, BTreeSet<String>, Option<f64>, Option<f64>);
-    let mut found: BTreeMap<(String, String), Seen> = BTreeMap::new();
-    for series in &answer.series {
-        let instance = series.label("instance");
-        if !hosts_in_env.contains(instance) {
-            continue;
-        }
-        let events = series.increase_since_birth(born_after).round() as u64;
-        if events == 0 {
-            continue;
-        }
-        // When it rose: its birth in the window, and every sample above the one before.
-        let born = series.samples.first().filter(|&&(t, _)| t > born_after).map(|&(t, _)| t);
-        let rises = series.samples.windows(2).filter_map(|w| match w {
-            [(_, a), (t, b)] if b != a => Some(*t),
-            _ => None,
-        });
-        let times: Vec<f64> = born.into_iter().chain(rises).collect();
-        let entry =
-            found.entry((series.label("service").to_owned(), series.label("destination").to_owned())).or_default();
-        entry.0 += events;
-        entry.1.insert(instance.to_owned());
-        for &t in &times {
-            entry.2 = Some(entry.2.map_or(t, |f: f64| f.min(t)));
-            entry.3 = Some(entry.3.map_or(t, |l: f64| l.max(t)));
-        }
-    }
-    let at = |t: Option<f64>| t.map(|t| std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(t.max(0.0)));
+    let found = crate::promote::fleet::rises_by(
+        metrics,
+        "depfence_destination_events_total{verdict=\"would_reject\"}",
+        environment,
+        window,
+        time,
+        |series| (series.label("service").to_owned(), series.label("destination").to_owned()),
+    )?;
     Ok(found
         .into_iter()
-        .map(|((service, destination), (count, hosts, first, last))| {
+        .map(|((service, destination), rise)| {
             let destination = match destination.parse::<Connection>() {
                 Ok(c) => Destination::Address { addr: c.addr, port: c.port, proto: c.proto },
                 Err(_) if services.contains(&destination) => Destination::Service { name: destination },
@@ -372,10 +339,10 @@ pub fn observed_in_fleet(
             Observed {
                 service,
                 destination,
-                count,
-                hosts,
-                first_seen: at(first),
-                last_seen: at(last),
+                count: rise.count,
+                hosts: rise.hosts,
+                first_seen: rise.first,
+                last_seen: rise.last,
                 processes: BTreeSet::new(),
             }
         })

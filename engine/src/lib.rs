@@ -34,4 +34,5 @@ pub mod promote;
 pub mod snapshot;
 pub mod synth;
 pub mod timefmt;
+pub mod usage;
 pub mod verdict;

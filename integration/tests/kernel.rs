@@ -120,6 +120,59 @@ fn enforce_audit_v4_v6_udp() {
     drop(dp);
 }
 
+/// Every allowed connect (and UDP datagram) counts one hit of the rule that allowed it, exactly,
+/// in `DF_RULE_HITS` under (ruleset, rule id); refusals and unexercised rules count nothing; a
+/// retired ruleset's hits are read and deleted together.
+#[test]
+fn rule_hits_are_counted_per_rule_exactly() {
+    if !privileged() {
+        return;
+    }
+    let cg = Cgroup::new();
+    let pins = Pins::new();
+    let mut dp = attached(&cg, &pins);
+    let (a, b, block, unused, denied) =
+        (tcp_listener(LO4), tcp_listener(LO4), tcp_listener(Ipv4Addr::new(127, 0, 0, 2).into()), 1, tcp_listener(LO4));
+    let (_udp, udp_port) = udp_receiver(LO4);
+    enforce(
+        &mut dp,
+        cg.id(),
+        3,
+        &[
+            Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: a, rule_id: 1 },
+            Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: b, rule_id: 2 },
+            Allow::Cidr {
+                addr: Ipv4Addr::new(127, 0, 0, 0).into(),
+                prefix: 24,
+                proto: IPPROTO_TCP,
+                ports: (block, block),
+                rule_id: 3,
+            },
+            Allow::Host { addr: LO4, proto: IPPROTO_UDP, port: udp_port, rule_id: 4 },
+            Allow::Host { addr: LO4, proto: IPPROTO_TCP, port: unused, rule_id: 5 },
+        ],
+    );
+    dp.maps.set_cgroup(cg.id(), CgroupState { flags: FLAG_ACTIVE_HAS_CIDR, ..state(1, MODE_ENFORCE, 3) }).unwrap();
+    assert_eq!(probe(&cg.path, "tcp", LO4, a, 7), Ok(7));
+    assert_eq!(probe(&cg.path, "tcp", LO4, b, 3), Ok(3));
+    assert_eq!(probe(&cg.path, "tcp", Ipv4Addr::new(127, 0, 0, 2).into(), block, 2), Ok(2));
+    assert_eq!(probe(&cg.path, "udp", LO4, udp_port, 4), Ok(4));
+    assert_eq!(probe(&cg.path, "tcp", LO4, denied, 2), Err(EPERM));
+    let hits: Vec<(u32, u32, u64)> =
+        dp.maps.rule_hits().unwrap().into_iter().map(|(k, n)| (k.ruleset, k.rule_id, n)).collect();
+    assert_eq!(hits, [(1, 1, 7), (1, 2, 3), (1, 3, 2), (1, 4, 4)]);
+    assert_eq!(dp.maps.counter(3, VERDICT_ALLOWED).unwrap(), 16, "every allowed call is one hit");
+    // Audit: a would-reject is no hit; an allowed connect still is.
+    dp.maps.set_cgroup(cg.id(), CgroupState { flags: FLAG_ACTIVE_HAS_CIDR, ..state(1, MODE_AUDIT, 3) }).unwrap();
+    assert_eq!(probe(&cg.path, "tcp", LO4, denied, 1), Ok(1));
+    assert_eq!(probe(&cg.path, "tcp", LO4, a, 1), Ok(1));
+    let mut taken = dp.maps.take_rule_hits(1).unwrap();
+    taken.sort_unstable();
+    assert_eq!(taken, [(1, 8), (2, 3), (3, 2), (4, 4)]);
+    assert!(dp.maps.rule_hits().unwrap().is_empty(), "taken hits are deleted");
+    assert_eq!(dp.maps.global(depfence_bpf_common::GLOBAL_RULE_HITS_DROPPED).unwrap(), 0);
+}
+
 #[test]
 fn nested_cgroup_uses_nearest_registered_ancestor() {
     if !privileged() {

@@ -14,7 +14,7 @@ mod pod;
 pub mod user;
 
 /// Version of the map layout below. A loader refuses pinned maps whose `DF_META` differs.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Map names (ELF symbol names, also the kernel object names: at most 15 bytes).
 pub mod map_names {
@@ -46,9 +46,13 @@ pub mod map_names {
     /// DNS over IPv6 sockets: who asked which server, per asking socket (LRU of socket cookie →
     /// `DnsSlot`).
     pub const DNS_SOCKS: &str = "DF_DNS_SOCKS";
+    /// Per-CPU hits of each allow rule (`RuleHitKey` → `u64`): which rules connections used.
+    pub const RULE_HITS: &str = "DF_RULE_HITS";
     /// Every name above.
-    pub const ALL: [&str; 13] =
-        [CGROUPS, RULES, CIDRS, COUNTERS, GLOBALS, EVENTS, META, CONFIG, DEDUP, NAMES, DNS_SLOTS, DNS_NEXT, DNS_SOCKS];
+    pub const ALL: [&str; 14] = [
+        CGROUPS, RULES, CIDRS, COUNTERS, GLOBALS, EVENTS, META, CONFIG, DEDUP, NAMES, DNS_SLOTS, DNS_NEXT, DNS_SOCKS,
+        RULE_HITS,
+    ];
 }
 
 /// Program names (ELF symbols) and their attach types.
@@ -129,6 +133,9 @@ pub const MAX_COUNTER_SLOTS: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// Event de-duplication LRU entries.
 pub const MAX_DEDUP: u32 = 8_192;
+/// Rules with hits counted (`DF_RULE_HITS`, preallocated: an update never allocates in a hook).
+/// A hit on a rule beyond it is counted in `GLOBAL_RULE_HITS_DROPPED`, never lost silently.
+pub const MAX_RULE_HITS: u32 = 65_536;
 /// Addresses admitted by the DNS proxy (all services, per protocol).
 pub const MAX_NAMES: u32 = 262_144;
 /// DNS redirect slots: `127.53.0.1` … `127.53.255.254`. Slot `i` is address `127.53.0.0 + i`;
@@ -267,8 +274,10 @@ pub const GLOBAL_EVENTS_DROPPED: u32 = 0;
 pub const GLOBAL_UNREGISTERED: u32 = 1;
 /// `counter_slot` out of range (bug in the loader).
 pub const GLOBAL_BAD_SLOT: u32 = 2;
+/// Allowed connections whose rule could not be counted in `DF_RULE_HITS` (the map was full).
+pub const GLOBAL_RULE_HITS_DROPPED: u32 = 4;
 /// Number of global counters.
-pub const GLOBAL_COUNT: u32 = 4;
+pub const GLOBAL_COUNT: u32 = 5;
 
 /// TCP protocol number.
 pub const IPPROTO_TCP: u8 = 6;
@@ -336,6 +345,22 @@ pub struct RuleKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RuleValue {
     /// Rule id (for events and explain).
+    pub rule_id: u32,
+}
+
+/// The rule id of an address the DNS proxy admitted (`DF_NAMES` ranges): a hit through a host
+/// rule. Events and explain name the host rule by service and name, not by this id.
+pub const NAME_RULE_ID: u32 = u32::MAX;
+
+/// `DF_RULE_HITS` key: one rule of one ruleset. Keyed by the ruleset id (never reused) rather
+/// than the service's counter slot, so a hit is always the hit of the rule that decided it,
+/// across hot swaps that renumber a service's rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct RuleHitKey {
+    /// Ruleset id.
+    pub ruleset: u32,
+    /// Rule id, as `RuleValue::rule_id` and `PortRange::rule_id` give it.
     pub rule_id: u32,
 }
 
@@ -500,6 +525,7 @@ const _: () = assert!(align_of::<CgroupState>() == 4);
 const _: () = assert!(size_of::<RuleKey>() == 24);
 const _: () = assert!(align_of::<RuleKey>() == 4);
 const _: () = assert!(size_of::<RuleValue>() == 4);
+const _: () = assert!(size_of::<RuleHitKey>() == 8);
 const _: () = assert!(size_of::<CidrKeyData>() == 20);
 const _: () = assert!(size_of::<PortRange>() == 12);
 const _: () = assert!(size_of::<CidrValue>() == 4 + 12 * MAX_CIDR_PORT_RANGES);

@@ -6,7 +6,8 @@
 )]
 
 use crate::{
-    CgroupState, CidrKeyData, CidrValue, Config, DedupKey, DnsSlot, Event, Meta, NameKey, PortRange, RuleKey, RuleValue,
+    CgroupState, CidrKeyData, CidrValue, Config, DedupKey, DnsSlot, Event, Meta, NameKey, PortRange, RuleHitKey,
+    RuleKey, RuleValue,
 };
 
 // SAFETY: all are #[repr(C)], Copy, contain only integers, and have no implicit padding
@@ -14,6 +15,7 @@ use crate::{
 unsafe impl aya::Pod for CgroupState {}
 unsafe impl aya::Pod for RuleKey {}
 unsafe impl aya::Pod for RuleValue {}
+unsafe impl aya::Pod for RuleHitKey {}
 unsafe impl aya::Pod for CidrKeyData {}
 unsafe impl aya::Pod for PortRange {}
 unsafe impl aya::Pod for CidrValue {}

@@ -21,7 +21,7 @@ use depfence_bpf_common::{
 
 use crate::context::{connected_dest, ctx_u32, is_unaddressed, read_dest};
 use crate::dns::{is_proxy, redirect_dns, restore_dns_peer};
-use crate::maps::{DF_CGROUPS, DF_CONFIG, DF_COUNTERS, DF_GLOBALS, KernelRules, bump};
+use crate::maps::{DF_CGROUPS, DF_CONFIG, DF_COUNTERS, DF_GLOBALS, KernelRules, bump, count_rule_hit};
 use crate::report::emit;
 
 /// Whose cgroup a hook judges: the calling task's (connect, sendmsg, socket creation, socket
@@ -137,6 +137,9 @@ fn decide(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> i32 {
     let hit = first_match(&KernelRules, active, &d, Extra::active(s));
     let verdict = verdict_of(mode, hit != 0);
     bump(&DF_COUNTERS, base + verdict);
+    if hit != 0 {
+        count_rule_hit(active, hit);
+    }
     if verdict != VERDICT_ALLOWED || flags & FLAG_EVENT_ALLOWED != 0 {
         emit(own, policy, s, &d, verdict, active, EVENT_DESTINATION);
     }

@@ -19,6 +19,7 @@ mod reload;
 mod run;
 mod status;
 mod status_kernel;
+mod unused;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -87,6 +88,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 output,
                 socket: agent.unwrap_or(socket.socket),
             })
+        }
+        Command::Unused { window, prometheus, policy, environment, agent, output, socket } => {
+            let source = match (prometheus, policy) {
+                (Some(url), Some(policy)) => unused::Source::Prometheus { url, policy, environment },
+                _ => unused::Source::Agent(agent.unwrap_or(socket.socket)),
+            };
+            unused::run(&source, window, output, format)
         }
         Command::Completions { shell } => completions::run(shell),
     }

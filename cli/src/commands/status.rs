@@ -85,6 +85,12 @@ fn render_status(s: &AgentStatus) -> String {
                 e.time
             );
         }
+        if !svc.rules.is_empty() {
+            let _ = writeln!(out, "  rule hits since the agent started:");
+            for rule in &svc.rules {
+                let _ = writeln!(out, "    {:>10}  {}", rule.hits, rule.rule);
+            }
+        }
     }
     if s.services_without_cgroups > 0 {
         let _ = writeln!(out, "\n{} other service(s) of the policy have no cgroup here", s.services_without_cgroups);

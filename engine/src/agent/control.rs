@@ -97,6 +97,22 @@ pub struct ServiceStatus {
     pub counts: crate::verdict::Counts,
     /// The last would-reject event.
     pub last_would_reject: Option<EventRecord>,
+    /// Its allow rules and their hits since the agent started, in rule order.
+    #[serde(default)]
+    pub rules: Vec<RuleStatus>,
+}
+
+/// One allow rule of a service and its hits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStatus {
+    /// The rule in words.
+    pub rule: String,
+    /// The backend it reaches.
+    pub backend: String,
+    /// Where its allow entry was written.
+    pub position: String,
+    /// Hits since the agent started.
+    pub hits: u64,
 }
 
 /// The answer to a promotion or demotion ([`Request::Promote`]).

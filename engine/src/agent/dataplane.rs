@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use crate::datapath::abi::{CgroupState, Config, Event, GLOBAL_EVENTS_DROPPED, map_names, prog_names};
+use crate::datapath::abi::{
+    CgroupState, Config, Event, GLOBAL_EVENTS_DROPPED, GLOBAL_RULE_HITS_DROPPED, RuleHitKey, map_names, prog_names,
+};
 use crate::datapath::sweep::ClosedSocket;
 use crate::datapath::{Datapath, DatapathError, map_err};
 use crate::lower::CompiledRuleset;
@@ -33,6 +35,12 @@ pub trait Dataplane {
     fn counts(&self, slot: u32) -> Result<Counts, DatapathError>;
     /// Zeroes the counters of a slot (before it gets a new owner).
     fn reset_counters(&mut self, slot: u32) -> Result<(), DatapathError>;
+    /// Every rule's hits, by (ruleset, rule id).
+    fn rule_hits(&self) -> Result<BTreeMap<RuleHitKey, u64>, DatapathError>;
+    /// Reads and deletes the hits of a ruleset no hook can count into any more: (rule id, hits).
+    fn take_rule_hits(&mut self, ruleset: u32) -> Result<Vec<(u32, u64)>, DatapathError>;
+    /// Allowed connections whose rule's hit could not be counted (the hits map was full).
+    fn rule_hits_dropped(&self) -> u64;
     /// The runtime settings.
     fn config(&self) -> Result<Config, DatapathError>;
     /// Writes the runtime settings.
@@ -94,6 +102,18 @@ impl Dataplane for Datapath {
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DatapathError> {
         self.maps.reset_counters(slot)
+    }
+
+    fn rule_hits(&self) -> Result<BTreeMap<RuleHitKey, u64>, DatapathError> {
+        self.maps.rule_hits()
+    }
+
+    fn take_rule_hits(&mut self, ruleset: u32) -> Result<Vec<(u32, u64)>, DatapathError> {
+        self.maps.take_rule_hits(ruleset)
+    }
+
+    fn rule_hits_dropped(&self) -> u64 {
+        self.maps.global(GLOBAL_RULE_HITS_DROPPED).unwrap_or(0)
     }
 
     fn config(&self) -> Result<Config, DatapathError> {

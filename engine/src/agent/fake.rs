@@ -9,7 +9,7 @@ use std::path::Path;
 
 use super::dataplane::Dataplane;
 use crate::datapath::DatapathError;
-use crate::datapath::abi::{self, CgroupState, Config, Event, lookup::Extra, verdict_of};
+use crate::datapath::abi::{self, CgroupState, Config, Event, RuleHitKey, lookup::Extra, verdict_of};
 use crate::datapath::sweep::ClosedSocket;
 use crate::lower::{CompiledRuleset, LoweredRules, destination};
 use crate::snapshot::Connection;
@@ -21,6 +21,7 @@ pub(crate) struct FakeDataplane {
     rules: LoweredRules,
     cgroups: BTreeMap<u64, CgroupState>,
     counters: BTreeMap<u32, Counts>,
+    rule_hits: BTreeMap<RuleHitKey, u64>,
     config: Config,
     events: Vec<Event>,
     attached: BTreeSet<u64>,
@@ -42,6 +43,9 @@ impl FakeDataplane {
         let hit = self.rules.first_match_with(state.ruleset_id, &d, Extra::active(&state));
         let verdict = Verdict::from_code(verdict_of(state.mode, hit != 0))?;
         self.count(cgroup_id, &state, &d, verdict);
+        if hit != 0 {
+            *self.rule_hits.entry(RuleHitKey { ruleset: state.ruleset_id, rule_id: hit }).or_default() += 1;
+        }
         let candidate = state.candidate_ruleset;
         if candidate != 0
             && candidate != state.ruleset_id
@@ -133,6 +137,19 @@ impl Dataplane for FakeDataplane {
     fn reset_counters(&mut self, slot: u32) -> Result<(), DatapathError> {
         self.counters.remove(&slot);
         Ok(())
+    }
+
+    fn rule_hits(&self) -> Result<BTreeMap<RuleHitKey, u64>, DatapathError> {
+        Ok(self.rule_hits.clone())
+    }
+
+    fn take_rule_hits(&mut self, ruleset: u32) -> Result<Vec<(u32, u64)>, DatapathError> {
+        let taken: Vec<RuleHitKey> = self.rule_hits.keys().filter(|k| k.ruleset == ruleset).copied().collect();
+        Ok(taken.into_iter().filter_map(|k| Some((k.rule_id, self.rule_hits.remove(&k)?))).collect())
+    }
+
+    fn rule_hits_dropped(&self) -> u64 {
+        0
     }
 
     fn config(&self) -> Result<Config, DatapathError> {

@@ -14,6 +14,11 @@
 //! ids and the generation continue past the kernel's. A slot or ruleset id the kernel still
 //! uses is never handed out again. A state file that cannot be written does not undo an apply:
 //! the kernel is in force, and the failure is reported ([`ApplyReport::state_error`]).
+//!
+//! Rule hits (`DF_RULE_HITS`) are keyed by ruleset id, so the books name each active ruleset's
+//! rules ([`RuleNames`]) and read a retired ruleset's last hits before deleting them: every hit
+//! is attributed to the rule that decided it, across swaps ([`Kernel::rule_hits`]). Hits on a
+//! previous agent's rulesets after it stopped are not attributed (they are deleted with them).
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -27,12 +32,16 @@ use crate::cgroup::FoundCgroup;
 use crate::datapath::sweep::ClosedSocket;
 use crate::datapath::{
     Datapath, DatapathError,
-    abi::{CgroupState, Config, Event, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, MAX_COUNTER_SLOTS},
+    abi::{
+        CgroupState, Config, Event, FLAG_ACTIVE_HAS_CIDR, FLAG_CANDIDATE_HAS_CIDR, FLAG_DNS, MAX_COUNTER_SLOTS,
+        RuleHitKey,
+    },
     pins::PinLayout,
 };
 use crate::lower::{CompileError, CompiledRuleset, allows_from_snapshot, compile};
 use crate::snapshot::{ContentHash, Snapshot};
 use crate::timefmt::{from_unix_seconds, to_unix_seconds};
+use crate::usage::{RuleName, RuleNames};
 use crate::verdict::{Counts, Mode};
 
 /// Applying a policy to the kernel failed; what was in force before stays in force.
@@ -229,6 +238,23 @@ pub struct Kernel<D: Dataplane = Datapath> {
     dns: Option<(u16, u64)>,
     /// Why the state file was not used at start, if it was not.
     problem: Option<StateFileProblem>,
+    /// The rules of each active ruleset, by ruleset id.
+    rule_names: BTreeMap<u32, RuleNames>,
+    /// Each rule's hits as last read.
+    hits_read: BTreeMap<RuleHitKey, u64>,
+    /// Hits of retired rulesets not yet handed out by [`Kernel::rule_hits`].
+    retired_hits: Vec<RuleHits>,
+}
+
+/// Hits of one rule of a service since they were last handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleHits {
+    /// The service.
+    pub service: String,
+    /// The rule.
+    pub rule: RuleName,
+    /// New hits.
+    pub hits: u64,
 }
 
 impl Kernel<Datapath> {
@@ -300,6 +326,9 @@ impl<D: Dataplane> Kernel<D> {
             applied: None,
             dns: None,
             problem,
+            rule_names: BTreeMap::new(),
+            hits_read: BTreeMap::new(),
+            retired_hits: Vec::new(),
         })
     }
 
@@ -431,6 +460,7 @@ impl<D: Dataplane> Kernel<D> {
         for &service in wanted.keys() {
             if new_policy || !self.services.contains_key(service) {
                 let active = self.compile_for(desired.snapshot, desired.environment, service)?;
+                self.rule_names.insert(active.0, RuleNames::of(desired.snapshot, service, desired.environment));
                 let candidate = match desired.candidate {
                     Some((candidate, env)) => Some(self.compile_for(candidate, env, service)?),
                     None => None,
@@ -460,7 +490,7 @@ impl<D: Dataplane> Kernel<D> {
         }
         self.persisted.applied_hash = Some(active_hash);
         let now = SystemTime::now();
-        let mut retire: Vec<CompiledRuleset> = Vec::new();
+        let mut retire: Vec<(u32, CompiledRuleset)> = Vec::new();
         let mut next_services: BTreeMap<String, InstalledService> = BTreeMap::new();
         for (&service, cgroups) in &wanted {
             let (slot, origin) = self.slot_for(service, cgroups)?;
@@ -526,10 +556,10 @@ impl<D: Dataplane> Kernel<D> {
             }
             if let Some(old) = old {
                 if old.ruleset.0 != ruleset.0 {
-                    retire.push(old.ruleset.1);
+                    retire.push(old.ruleset);
                 }
                 if let Some(c) = old.candidate.filter(|c| candidate.as_ref().is_none_or(|n| n.0 != c.0)) {
-                    retire.push(c.1);
+                    retire.push(c);
                 }
             }
             next_services.insert(
@@ -543,9 +573,9 @@ impl<D: Dataplane> Kernel<D> {
                 self.dataplane.remove_cgroup(*id)?;
                 report.unregistered.push(*id);
             }
-            retire.push(old.ruleset.1);
+            retire.push(old.ruleset);
             if let Some(c) = old.candidate {
-                retire.push(c.1);
+                retire.push(c);
             }
         }
         // Cgroups that left their service but whose service stays.
@@ -585,7 +615,8 @@ impl<D: Dataplane> Kernel<D> {
 
         // 4. Free what no cgroup points at any more, once no running hook can read it.
         self.dataplane.wait_for_readers()?;
-        for ruleset in &retire {
+        for (id, ruleset) in &retire {
+            self.harvest_hits(*id)?;
             self.dataplane.uninstall(ruleset)?;
             report.retired += 1;
         }
@@ -598,6 +629,7 @@ impl<D: Dataplane> Kernel<D> {
                 .collect();
             for id in self.dataplane.ruleset_ids() {
                 if !live.contains(&id) {
+                    self.dataplane.take_rule_hits(id)?;
                     report.retired += usize::from(self.dataplane.remove_ruleset(id)? > 0);
                 }
             }
@@ -624,6 +656,47 @@ impl<D: Dataplane> Kernel<D> {
         let rulesets = self.services.values().flat_map(|s| std::iter::once(&s.ruleset).chain(s.candidate.as_ref()));
         let (exact, cidrs) = rulesets.fold((0, 0), |(e, c), (_, r)| (e + r.exact.len(), c + r.cidrs.len()));
         (exact, cidrs, self.services.values().map(|s| s.cgroups.len()).sum())
+    }
+
+    /// Reads and deletes a retired ruleset's hits, keeping those not yet handed out.
+    fn harvest_hits(&mut self, ruleset: u32) -> Result<()> {
+        let hits = self.dataplane.take_rule_hits(ruleset)?;
+        let Some(names) = self.rule_names.remove(&ruleset) else { return Ok(()) };
+        for (rule_id, total) in hits {
+            let read = self.hits_read.remove(&RuleHitKey { ruleset, rule_id }).unwrap_or(0);
+            if let Some(rule) = names.name(rule_id)
+                && total > read
+            {
+                self.retired_hits.push(RuleHits { service: names.service.clone(), rule, hits: total - read });
+            }
+        }
+        self.hits_read.retain(|key, _| key.ruleset != ruleset);
+        Ok(())
+    }
+
+    /// The rule hits since the last call: of the active rulesets, and of those retired since.
+    pub fn rule_hits(&mut self) -> Result<Vec<RuleHits>> {
+        let mut out = std::mem::take(&mut self.retired_hits);
+        for (key, total) in self.dataplane.rule_hits()? {
+            let Some(names) = self.rule_names.get(&key.ruleset) else { continue };
+            let read = self.hits_read.insert(key, total).unwrap_or(0);
+            if let Some(rule) = names.name(key.rule_id)
+                && total > read
+            {
+                out.push(RuleHits { service: names.service.clone(), rule, hits: total - read });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rules of a service's active ruleset.
+    pub fn rule_names(&self, service: &str) -> Option<&RuleNames> {
+        self.services.get(service).and_then(|s| self.rule_names.get(&s.ruleset.0))
+    }
+
+    /// Allowed connections whose rule's hit the kernel could not count (its map was full).
+    pub fn rule_hits_dropped(&self) -> u64 {
+        self.dataplane.rule_hits_dropped()
     }
 
     /// The counters of a service's slot.

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 use tracing::{error, info, warn};
 
 use super::config::AgentConfig;
-use super::control::{self, AgentStatus, CandidateStatus, ReloadStatus, Request, Response, ServiceStatus};
+use super::control::{self, AgentStatus, CandidateStatus, ReloadStatus, Request, Response, RuleStatus, ServiceStatus};
 use super::dataplane::Dataplane;
 use super::discovery::{self, Selectors};
 use super::dns::DnsRuntime;
@@ -70,6 +70,14 @@ pub struct State<D: Dataplane> {
     /// Services whose counters an apply zeroed, until their next sample (a service gone before
     /// it keeps its slot, and everything in it since the zeroing is its own).
     zeroed: BTreeSet<String>,
+    /// Each rule's hits since the agent started: (service, rule) → hits.
+    rule_hits: BTreeMap<(String, String), u64>,
+    /// Hits not yet in the history (it records them once a step): (service, rule) → hits.
+    unrecorded_hits: BTreeMap<(String, String), u64>,
+    /// When hits were last recorded in the history.
+    hits_recorded: SystemTime,
+    /// The backends exported per service (bounded).
+    backends_seen: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl<D: Dataplane> State<D> {
@@ -122,6 +130,10 @@ impl<D: Dataplane> State<D> {
             would_close_seen: BTreeSet::new(),
             would_close: BTreeMap::new(),
             zeroed: BTreeSet::new(),
+            rule_hits: BTreeMap::new(),
+            unrecorded_hits: BTreeMap::new(),
+            hits_recorded: now,
+            backends_seen: BTreeMap::new(),
         }
     }
 
@@ -239,6 +251,12 @@ impl<D: Dataplane> State<D> {
             );
         }
         self.close_disallowed();
+        // Every declared backend is exported (at 0 until hit), so a dashboard shows what is unused.
+        for name in self.kernel.services().keys() {
+            for (_, rule) in self.kernel.rule_names(name).map(|n| n.all().collect::<Vec<_>>()).unwrap_or_default() {
+                telemetry::backend_hits(&mut self.backends_seen, name, &rule.backend, 0);
+            }
+        }
         gauge!("depfence_policy_generation").set(f64::from(self.kernel.generation()));
         let hash = snapshot.hash().to_string();
         let environment = self.config.environment.clone();
@@ -393,9 +411,11 @@ impl<D: Dataplane> State<D> {
                 self.rollout.record_would_reject(name, now, count);
             }
         }
+        self.sample_rule_hits(now);
         self.rollout.persist(now, false);
         self.count_failed_writes();
         counter!("depfence_events_dropped_total").absolute(self.kernel.events_dropped());
+        counter!("depfence_rule_hits_dropped_total").absolute(self.kernel.rule_hits_dropped());
         let (rules, cidrs, cgroups) = self.kernel.fill();
         let fill = [
             ("DF_RULES", rules, self.config.rule_capacity),
@@ -408,8 +428,38 @@ impl<D: Dataplane> State<D> {
         }
     }
 
+    /// Reads the rules' new hits into the metrics and the totals; once a history step has
+    /// passed (or `force`), into the history.
+    fn sample_rule_hits(&mut self, now: SystemTime) {
+        match self.kernel.rule_hits() {
+            Ok(hits) => {
+                for h in hits {
+                    telemetry::backend_hits(&mut self.backends_seen, &h.service, &h.rule.backend, h.hits);
+                    let key = (h.service, h.rule.rule);
+                    *self.rule_hits.entry(key.clone()).or_default() += h.hits;
+                    *self.unrecorded_hits.entry(key).or_default() += h.hits;
+                }
+            }
+            Err(e) => warn!("reading the rule hits: {e}"),
+        }
+        self.record_rule_hits(now, false);
+    }
+
+    fn record_rule_hits(&mut self, now: SystemTime, force: bool) {
+        let step = self.rollout.history().limits().step;
+        if !force && now.duration_since(self.hits_recorded).unwrap_or_default() < step {
+            return;
+        }
+        self.hits_recorded = now;
+        for ((service, rule), hits) in std::mem::take(&mut self.unrecorded_hits) {
+            self.rollout.record_hits(&service, now, &rule, hits);
+        }
+    }
+
     /// Writes what the evidence store holds back (the agent is stopping).
     pub fn persist(&mut self, now: SystemTime) {
+        self.sample_rule_hits(now);
+        self.record_rule_hits(now, true);
         self.rollout.persist(now, true);
         self.count_failed_writes();
     }
@@ -458,6 +508,21 @@ impl<D: Dataplane> State<D> {
                 cgroups: s.cgroups.values().cloned().collect(),
                 counts: self.kernel.counters(s.slot),
                 last_would_reject: self.events.last_would_reject(name).cloned(),
+                rules: self
+                    .kernel
+                    .rule_names(name)
+                    .map(|names| {
+                        names
+                            .all()
+                            .map(|(_, r)| RuleStatus {
+                                hits: self.rule_hits.get(&(name.clone(), r.rule.clone())).copied().unwrap_or(0),
+                                rule: r.rule,
+                                backend: r.backend,
+                                position: r.position,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .collect::<Vec<_>>();
         let total = self.active.as_ref().map_or(0, |(c, _)| c.snapshot.services().len());
@@ -519,7 +584,33 @@ impl<D: Dataplane> State<D> {
             }
             Request::Events { .. } => Response::error("events are streamed, not requested"),
             Request::Observed { window_secs } => Response::ok(self.observed(now, Duration::from_secs(window_secs))),
+            Request::Usage { window_secs } => match self.usage(now, Duration::from_secs(window_secs)) {
+                Some(usage) => Response::ok(usage),
+                None => Response::error("no policy is in force yet"),
+            },
         }
+    }
+
+    /// The declared dependencies of the services here and their hits in the window: the hits
+    /// the history recorded, and those since its last step; how long each service was observed.
+    fn usage(&mut self, now: SystemTime, window: Duration) -> Option<crate::usage::Usage> {
+        self.sample_rule_hits(now);
+        self.record_rule_hits(now, true);
+        let (compiled, env) = self.active.as_ref()?;
+        let mut usage = crate::usage::declared(&compiled.snapshot, *env, &self.config.environment, window);
+        usage.services.retain(|s| self.kernel.services().contains_key(&s.service));
+        for service in &mut usage.services {
+            let evidence = self.rollout.history().evidence(&service.service, now, window);
+            service.observed_for_secs = Some(evidence.observed_for.as_secs());
+        }
+        let names: Vec<String> = usage.services.iter().map(|s| s.service.clone()).collect();
+        for service in names {
+            for (rule, hits, first, last) in self.rollout.history().hits(&service, now, window) {
+                // Listed means hit in the window, even when its steps there were dropped.
+                usage.add_rule_hits(&service, &rule, hits.max(1), first, last);
+            }
+        }
+        Some(usage)
     }
 
     /// Every service's would-rejected destinations in the window, as `learn` reads them: counts
@@ -531,7 +622,7 @@ impl<D: Dataplane> State<D> {
         let recent = self.events.recent(usize::MAX);
         let mut out = Vec::new();
         for service in compiled.snapshot.services() {
-            for (destination, count, first, last) in self.rollout.destinations(&service.name, now, window) {
+            for (destination, count, first, last) in self.rollout.history().destinations(&service.name, now, window) {
                 let processes = recent
                     .iter()
                     .filter(|e| e.service.as_deref() == Some(service.name.as_str()) && e.destination == destination)

@@ -27,6 +27,20 @@ pub const OVERFLOW: &str = "_other";
 /// Events kept for `policyctl events` without `--follow`.
 pub const RECENT_EVENTS: usize = 1024;
 
+/// Adds `hits` to a service's declared backend (`depfence_backend_hits_total`); 0 exports it.
+/// Backends past [`MAX_DESTINATIONS_PER_SERVICE`] of a service count under [`OVERFLOW`].
+pub fn backend_hits(seen: &mut BTreeMap<String, BTreeSet<String>>, service: &str, backend: &str, hits: u64) {
+    let known = seen.entry(service.to_owned()).or_default();
+    let label = if known.contains(backend) || known.len() < MAX_DESTINATIONS_PER_SERVICE {
+        known.insert(backend.to_owned());
+        backend
+    } else {
+        OVERFLOW
+    };
+    counter!("depfence_backend_hits_total", "service" => service.to_owned(), "backend" => label.to_owned())
+        .increment(hits);
+}
+
 /// Registers the help text of every metric (once, at start-up).
 pub fn describe() {
     describe_counter!("depfence_connections_total", "Connections judged by the kernel, by service and verdict.");
@@ -38,6 +52,16 @@ pub fn describe() {
         "depfence_destination_events_total",
         "Refused or would-be-refused connection events by service, destination and verdict \
          (at most one per destination per cgroup per second)."
+    );
+    describe_counter!(
+        "depfence_backend_hits_total",
+        "Allowed connections (and UDP datagrams) by service and declared backend (a service, an address block, \
+         or the host names of the DNS proxy), counted in the kernel per rule; every declared backend is exported, \
+         at most 100 per service."
+    );
+    describe_counter!(
+        "depfence_rule_hits_dropped_total",
+        "Allowed connections whose rule hit could not be counted (the kernel's hit map was full)."
     );
     describe_gauge!("depfence_policy_generation", "Generation of the policy in force.");
     describe_gauge!("depfence_policy_info", "The policy in force: its content hash and the environment (value 1).");

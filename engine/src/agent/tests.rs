@@ -730,3 +730,48 @@ fn a_service_gone_before_its_first_sample_keeps_its_evidence() {
     let error = s.promote("web", at(10)).error.unwrap_or_default();
     assert!(error.contains("web had 1 would-rejected connection"), "{error}");
 }
+
+/// Rule hits are attributed to the rule that decided them across a reload that renumbers the
+/// rules (a new rule sorts before the old one), kept in the status since the agent started, and
+/// the usage over a window names exactly the rules and dependencies nothing used.
+#[test]
+fn rule_hits_follow_their_rule_across_reloads_and_unused_lists_the_rest() {
+    let extra = r#", { ip = "10.0.0.7", ports = [443] }"#;
+    let mut s = Setup::new(&policy("audit", extra), GateConfig::default());
+    assert!(s.state.reload("start", at(0)));
+    for _ in 0..3 {
+        assert_eq!(s.connect(APP, DB), Some(Verdict::Allowed));
+    }
+    s.state.sample(at(1));
+    // A new rule that sorts first: db's rule gets another kernel rule id.
+    s.write_policy(&policy("audit", &format!(r#", {{ ip = "10.0.0.2", ports = [22] }}{extra}"#)));
+    assert!(s.state.reload("edit", at(2)));
+    for _ in 0..2 {
+        assert_eq!(s.connect(APP, DB), Some(Verdict::Allowed));
+    }
+    assert_eq!(s.connect(APP, "10.0.0.2:22"), Some(Verdict::Allowed));
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::WouldReject)); // no rule: no hit
+    for t in 3..=120 {
+        s.state.sample(at(t));
+    }
+    let app = s.service("app");
+    let hits: BTreeMap<String, u64> = app.rules.iter().map(|r| (r.rule.clone(), r.hits)).collect();
+    assert_eq!(
+        hits,
+        BTreeMap::from([
+            ("10.0.0.2/32 port 22, any protocol".to_owned(), 1),
+            ("10.0.0.5/32 port 5432, tcp (service `db`)".to_owned(), 5),
+            ("10.0.0.7/32 port 443, any protocol".to_owned(), 0),
+        ])
+    );
+    let usage = s.ask(Request::Usage { window_secs: 3600 }, at(120));
+    assert!(usage.ok, "{usage:?}");
+    let usage: crate::usage::Usage = serde_json::from_value(usage.body).unwrap();
+    let unused = usage.unused();
+    assert_eq!(unused.dependencies, vec![("app".to_owned(), "10.0.0.7/32".to_owned())]);
+    assert!(unused.rules.is_empty(), "{unused:?}");
+    // Observed for two minutes of the hour (from the first sample, at 1 s): said so.
+    assert_eq!(unused.partial, vec![("app".to_owned(), Duration::from_secs(119))]);
+    let db = usage.services[0].backends.iter().find(|b| b.backend == "db").unwrap();
+    assert_eq!((db.hits, db.rules.len()), (5, 1));
+}

@@ -14,7 +14,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
+        lpm_trie::Key,
+    },
     pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError,
@@ -22,8 +25,8 @@ use aya::{
     },
 };
 use depfence_bpf_common::{
-    ABI_VERSION, CgroupState, CidrKeyData, CidrValue, Config, Event, Meta, RuleKey, RuleValue, VERDICT_COUNT,
-    map_names, prog_names,
+    ABI_VERSION, CgroupState, CidrKeyData, CidrValue, Config, Event, Meta, RuleHitKey, RuleKey, RuleValue,
+    VERDICT_COUNT, map_names, prog_names,
 };
 
 pub mod confine;
@@ -157,6 +160,8 @@ pub struct Maps {
     pub meta: Array<MapData, Meta>,
     /// `DF_CONFIG`: runtime settings.
     pub config: Array<MapData, Config>,
+    /// `DF_RULE_HITS`: per-CPU hits of each rule of each ruleset.
+    pub rule_hits: PerCpuHashMap<MapData, RuleHitKey, u64>,
     barrier: ReaderBarrier,
 }
 
@@ -189,12 +194,19 @@ impl Maps {
             events: RingBuf::try_from(take(map_names::EVENTS)?).map_err(map_err(map_names::EVENTS))?,
             meta: Array::try_from(take(map_names::META)?).map_err(map_err(map_names::META))?,
             config: Array::try_from(take(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?,
+            rule_hits: PerCpuHashMap::try_from(take(map_names::RULE_HITS)?).map_err(map_err(map_names::RULE_HITS))?,
             barrier: ReaderBarrier::new()?,
         })
     }
 
     /// Re-open every map from its pin (no programs are loaded).
     pub fn from_pins(layout: &PinLayout) -> Result<Self> {
+        // The layout version first: the pins of another ABI may not have every map of this one.
+        let meta: Array<MapData, Meta> = open_pinned(layout, map_names::META)?;
+        let found = meta.get(&0, 0).map_err(map_err(map_names::META))?.abi_version;
+        if found != ABI_VERSION {
+            return Err(DatapathError::AbiMismatch { found });
+        }
         let maps = Self {
             cgroups: open_pinned(layout, map_names::CGROUPS)?,
             rules: open_pinned(layout, map_names::RULES)?,
@@ -202,14 +214,11 @@ impl Maps {
             counters: open_pinned(layout, map_names::COUNTERS)?,
             globals: open_pinned(layout, map_names::GLOBALS)?,
             events: open_pinned(layout, map_names::EVENTS)?,
-            meta: open_pinned(layout, map_names::META)?,
+            meta,
             config: open_pinned(layout, map_names::CONFIG)?,
+            rule_hits: open_pinned(layout, map_names::RULE_HITS)?,
             barrier: ReaderBarrier::new()?,
         };
-        let found = maps.meta.get(&0, 0).map_err(map_err(map_names::META))?.abi_version;
-        if found != ABI_VERSION {
-            return Err(DatapathError::AbiMismatch { found });
-        }
         Ok(maps)
     }
 
@@ -294,6 +303,30 @@ impl Maps {
             self.cidrs.remove(k).map_err(map_err(map_names::CIDRS))?;
         }
         Ok(keys.len() + cidr_keys.len())
+    }
+
+    /// Every rule's hits, summed over CPUs, by (ruleset, rule id).
+    pub fn rule_hits(&self) -> Result<std::collections::BTreeMap<RuleHitKey, u64>> {
+        let mut hits = std::collections::BTreeMap::new();
+        for entry in self.rule_hits.iter() {
+            let (key, values) = entry.map_err(map_err(map_names::RULE_HITS))?;
+            hits.insert(key, values.iter().sum());
+        }
+        Ok(hits)
+    }
+
+    /// Reads and deletes the hits of one ruleset (retired: no hook can count into it any more):
+    /// (rule id, hits summed over CPUs).
+    pub fn take_rule_hits(&mut self, ruleset: u32) -> Result<Vec<(u32, u64)>> {
+        let found: Vec<(RuleHitKey, u64)> =
+            self.rule_hits()?.into_iter().filter(|(key, _)| key.ruleset == ruleset).collect();
+        for (key, _) in &found {
+            match self.rule_hits.remove(key) {
+                Err(MapError::KeyNotFound) | Ok(()) => {}
+                Err(e) => return Err(map_err(map_names::RULE_HITS)(e)),
+            }
+        }
+        Ok(found.into_iter().map(|(key, hits)| (key.rule_id, hits)).collect())
     }
 
     /// Writes the runtime settings.

@@ -27,9 +27,7 @@ use crate::datapath::sockets::SockDiag;
 use crate::datapath::{DatapathError, map_err, open_pinned};
 use crate::policy::Proto;
 
-/// The rule id of an address admitted through DNS (events and explain name the host rule by
-/// service and name, not by this id).
-pub const NAME_RULE_ID: u32 = u32::MAX;
+pub use crate::datapath::abi::NAME_RULE_ID;
 
 /// `DF_NAMES` and our book of what each of its entries holds.
 struct Names {

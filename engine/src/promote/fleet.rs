@@ -17,12 +17,12 @@
 //! [`super::prometheus`], a table in the tests), and its [`FleetDecision`] records every query
 //! and answer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::timefmt::{Human, rfc3339};
+use crate::timefmt::{Human, rfc3339, unix_seconds};
 
 /// One series of an answer: its labels and its samples as (unix seconds, value).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -74,6 +74,67 @@ pub struct Answer {
     pub series: Vec<Series>,
     /// Warnings the server attached (a partial answer, for instance).
     pub warnings: Vec<String>,
+}
+
+/// How a counter rose over a window, summed over the hosts that report it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rise {
+    /// The increase over the window (a series born in the window counts its first value).
+    pub count: u64,
+    /// The agents (`instance`s) whose counter rose.
+    pub hosts: BTreeSet<String>,
+    /// The first sample that showed a rise (or the series' birth in the window).
+    pub first: Option<SystemTime>,
+    /// The last such sample.
+    pub last: Option<SystemTime>,
+}
+
+/// The rises of the counter `selector` names (a PromQL series selector) over the window that ends
+/// at `time`, on the agents whose `depfence_policy_info` says they run in `environment`, summed
+/// by `key` of each series. Raw samples (a range selector), so nothing is extrapolated; series
+/// that did not rise are left out.
+pub fn rises_by<K: Ord>(
+    metrics: &dyn Metrics,
+    selector: &str,
+    environment: &str,
+    window: Duration,
+    time: SystemTime,
+    key: impl Fn(&Series) -> K,
+) -> Result<BTreeMap<K, Rise>, FetchError> {
+    let range = format!("{}s", window.as_secs().max(1));
+    let info = metrics.query("depfence_policy_info == 1", time)?;
+    let hosts_in_env: BTreeSet<&str> =
+        info.series.iter().filter(|s| s.label("environment") == environment).map(|s| s.label("instance")).collect();
+    let answer = metrics.query(&format!("{selector}[{range}]"), time)?;
+    let start = unix_seconds(time) - window.as_secs_f64();
+    // A series born in the first tenth of the window may be one the scrapes met late.
+    let born_after = start + window.as_secs_f64() / 10.0;
+    let at = |t: f64| UNIX_EPOCH + Duration::from_secs_f64(t.max(0.0));
+    let mut found: BTreeMap<K, Rise> = BTreeMap::new();
+    for series in &answer.series {
+        let instance = series.label("instance");
+        if !hosts_in_env.contains(instance) {
+            continue;
+        }
+        let count = series.increase_since_birth(born_after).round() as u64;
+        if count == 0 {
+            continue;
+        }
+        // When it rose: its birth in the window, and every sample above the one before.
+        let born = series.samples.first().filter(|&&(t, v)| t > born_after && v > 0.0).map(|&(t, _)| t);
+        let rises = series.samples.windows(2).filter_map(|w| match w {
+            [(_, a), (t, b)] if b != a => Some(*t),
+            _ => None,
+        });
+        let rise = found.entry(key(series)).or_default();
+        rise.count += count;
+        rise.hosts.insert(instance.to_owned());
+        for t in born.into_iter().chain(rises).map(at) {
+            rise.first = Some(rise.first.map_or(t, |f| f.min(t)));
+            rise.last = Some(rise.last.map_or(t, |l| l.max(t)));
+        }
+    }
+    Ok(found)
 }
 
 /// Asking Prometheus failed.
@@ -337,7 +398,7 @@ pub fn decide(metrics: &dyn Metrics, request: &FleetRequest) -> FleetDecision {
         "in audit for the whole window",
         format!("depfence_service_mode{{service=\"{service}\",mode=\"audit\"}}[{range}]"),
     );
-    let start = unix(request.time) - window.as_secs_f64();
+    let start = unix_seconds(request.time) - window.as_secs_f64();
     let slack = window.as_secs_f64() / 10.0;
     for host in &hosts {
         let series = audit.iter().flat_map(|a| &a.series).find(|s| s.label("instance") == host);
@@ -350,7 +411,7 @@ pub fn decide(metrics: &dyn Metrics, request: &FleetRequest) -> FleetDecision {
                 let from = s.samples.first().map_or(0.0, |&(t, _)| t);
                 asker.inconclusive.push(format!(
                     "{host}'s samples cover only the last {} of the window",
-                    Human(Duration::from_secs_f64((unix(request.time) - from).max(0.0)))
+                    Human(Duration::from_secs_f64((unix_seconds(request.time) - from).max(0.0)))
                 ));
             }
             Some(_) => {}
@@ -459,10 +520,6 @@ pub fn decide(metrics: &dyn Metrics, request: &FleetRequest) -> FleetDecision {
         ));
     }
     decision
-}
-
-fn unix(time: SystemTime) -> f64 {
-    time.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

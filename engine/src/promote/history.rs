@@ -34,6 +34,9 @@ pub struct HistoryLimits {
     pub max_gap: Duration,
     /// The most destination entries kept per service (default 1024).
     pub destinations: usize,
+    /// The most steps with hits kept per rule (default 1 500: a day of a rule used every
+    /// minute); a rule's first and last hit are kept regardless.
+    pub hit_steps: usize,
     /// The most lines [`CounterHistory::append`] holds back before it must rewrite the whole
     /// file instead (default 100 000).
     pub pending: usize,
@@ -48,6 +51,7 @@ impl Default for HistoryLimits {
             min_interval: Duration::from_secs(1),
             max_gap: Duration::from_secs(300),
             destinations: 1024,
+            hit_steps: 1500,
             pending: 100_000,
         }
     }
@@ -82,6 +86,38 @@ struct Series {
     raw: Option<(u64, u64)>,
     /// Would-reject destinations per step.
     destinations: VecDeque<DestinationCount>,
+    /// Hits of each allow rule (by its description).
+    hits: BTreeMap<String, RuleHits>,
+}
+
+/// The hits of one allow rule: when first and last hit, and the hits per step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RuleHits {
+    first: SystemTime,
+    last: SystemTime,
+    /// (step start, hits), oldest first, at most [`HistoryLimits::hit_steps`].
+    steps: VecDeque<(SystemTime, u64)>,
+}
+
+impl RuleHits {
+    fn add(&mut self, time: SystemTime, count: u64, limits: &HistoryLimits) {
+        self.first = self.first.min(time);
+        self.last = self.last.max(time);
+        if count == 0 {
+            return;
+        }
+        let step = step_start(time, limits);
+        match self.steps.iter_mut().rev().find(|(t, _)| *t == step) {
+            Some((_, n)) => *n = n.saturating_add(count),
+            None => {
+                let at = self.steps.iter().rposition(|(t, _)| *t < step).map_or(0, |i| i + 1);
+                self.steps.insert(at, (step, count));
+            }
+        }
+        while self.steps.len() > limits.hit_steps.max(1) {
+            self.steps.pop_front();
+        }
+    }
 }
 
 impl Series {
@@ -180,6 +216,14 @@ enum Line {
         #[serde(with = "unix_ms")]
         t_ms: SystemTime,
         destination: String,
+        count: u64,
+    },
+    /// Hits of one allow rule in the step that starts at `t_ms` (more lines of one step add up).
+    Hits {
+        service: String,
+        #[serde(with = "unix_ms")]
+        t_ms: SystemTime,
+        rule: String,
         count: u64,
     },
     /// Evidence of one service (or of every service, without `service`) was lost at `t_ms`.
@@ -401,8 +445,54 @@ impl CounterHistory {
             Line::Destination { service, t_ms, destination, count } => {
                 self.series.entry(service).or_default().add_destination(t_ms, &destination, count, &limits);
             }
+            Line::Hits { service, t_ms, rule, count } => self.add_hits(&service, t_ms, &rule, count),
             Line::Lost { service, t_ms, reason } => self.note_lost(service, t_ms, reason),
         }
+    }
+
+    /// Records `count` hits of a service's allow rule (named by its description) at `time`.
+    /// The agent records them once a step, so the file holds a line per rule and step at most.
+    pub fn record_hits(&mut self, service: &str, time: SystemTime, rule: &str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.add_hits(service, time, rule, count);
+        self.queue(Line::Hits { service: service.to_owned(), t_ms: time, rule: rule.to_owned(), count });
+    }
+
+    fn add_hits(&mut self, service: &str, time: SystemTime, rule: &str, count: u64) {
+        let limits = self.limits;
+        let series = self.series.entry(service.to_owned()).or_default();
+        match series.hits.get_mut(rule) {
+            Some(hits) => hits.add(time, count, &limits),
+            None => {
+                let mut hits = RuleHits { first: time, last: time, steps: VecDeque::new() };
+                hits.add(time, count, &limits);
+                series.hits.insert(rule.to_owned(), hits);
+            }
+        }
+    }
+
+    /// The allow rules of `service` hit in the window ending at `now`: (rule, hits counted in
+    /// the window's steps, first hit, last hit), by rule. A rule is listed when its last hit
+    /// falls in the window, even when its steps there were dropped by
+    /// [`HistoryLimits::hit_steps`] (then its count is a lower bound).
+    pub fn hits(&self, service: &str, now: SystemTime, window: Duration) -> Vec<(String, u64, SystemTime, SystemTime)> {
+        let Some(series) = self.series.get(service) else { return Vec::new() };
+        let start = now.checked_sub(window).unwrap_or(UNIX_EPOCH);
+        let first_step = step_start(start, &self.limits);
+        series
+            .hits
+            .iter()
+            .filter(|(_, h)| h.last >= start && h.first <= now)
+            .map(|(rule, h)| {
+                let in_window: Vec<&(SystemTime, u64)> =
+                    h.steps.iter().filter(|(t, _)| *t >= first_step && *t <= now).collect();
+                let count = in_window.iter().map(|(_, n)| n).sum();
+                let first_step_hit = in_window.first().map_or(start, |(t, _)| *t);
+                (rule.clone(), count, h.first.max(start).max(first_step_hit), h.last.min(now))
+            })
+            .collect()
     }
 
     /// The newest sample of a service.
@@ -574,6 +664,15 @@ impl CounterHistory {
                     count: d.count,
                 });
             }
+            for (rule, hits) in &series.hits {
+                // The first and the last hit as lines of their own (a step's start may be before
+                // the first), then every step kept.
+                let steps = hits.steps.iter().map(|&(t, n)| (t.clamp(hits.first, hits.last), n));
+                for (t_ms, count) in std::iter::once((hits.first, 0)).chain(steps) {
+                    lines.push(Line::Hits { service: service.clone(), t_ms, rule: rule.clone(), count });
+                }
+                lines.push(Line::Hits { service: service.clone(), t_ms: hits.last, rule: rule.clone(), count: 0 });
+            }
         }
         for (service, loss) in &self.lost {
             lines.push(Line::Lost { service: service.clone(), t_ms: loss.at, reason: loss.reason.clone() });
@@ -676,6 +775,39 @@ mod tests {
         // Nothing to ride on before a service's first sample: nothing recorded.
         h.record_would_reject("db", at(0), 1);
         assert_eq!(h.evidence("db", at(0), HOUR).would_reject, 0);
+    }
+
+    #[test]
+    fn rule_hits_are_kept_per_step_and_survive_a_rewrite() {
+        let mut h = CounterHistory::default();
+        h.record_hits("web", at(30), "db", 5);
+        h.record_hits("web", at(3630), "db", 2);
+        h.record_hits("web", at(3650), "db", 1);
+        h.record_hits("web", at(3650), "cache", 0); // nothing hit: nothing kept
+        h.record_hits("web", at(7000), "search", 4);
+        // The last two hours: db (its last hit at 3650) and search.
+        let hits = h.hits("web", at(7200), 2 * HOUR);
+        assert_eq!(hits, vec![("db".into(), 8, at(30), at(3650)), ("search".into(), 4, at(7000), at(7000))]);
+        // The last 50 minutes: only search; db's last hit is before them.
+        assert_eq!(h.hits("web", at(7200), mins(50)), vec![("search".into(), 4, at(7000), at(7000))]);
+        // A window ending before search was hit, starting after db's first step: first seen
+        // to the minute.
+        assert_eq!(h.hits("web", at(3700), Duration::from_secs(200)), vec![("db".into(), 3, at(3600), at(3650))]);
+        // Rewritten and read back: the same.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        h.save(&path).unwrap();
+        let loaded = CounterHistory::load(&path).unwrap();
+        assert_eq!(loaded.skipped_lines, 0);
+        assert_eq!(loaded.history.hits("web", at(7200), 2 * HOUR), hits);
+        // And appended lines read back the same too.
+        let path = dir.path().join("appended.jsonl");
+        let mut h2 = CounterHistory::default();
+        h2.record_hits("web", at(30), "db", 5);
+        h2.record_hits("web", at(3650), "db", 3);
+        h2.append(&path).unwrap();
+        let loaded = CounterHistory::load(&path).unwrap().history;
+        assert_eq!(loaded.hits("web", at(7200), 2 * HOUR), vec![("db".into(), 8, at(30), at(3650))]);
     }
 
     #[test]

@@ -248,15 +248,14 @@ impl Rollout {
         self.note_write(&file, result.map_err(|e| e.to_string()));
     }
 
-    /// A service's would-rejected destinations in the window ending at `now`: (destination,
-    /// count, first seen, last seen).
-    pub fn destinations(
-        &self,
-        service: &str,
-        now: SystemTime,
-        window: Duration,
-    ) -> Vec<(String, u64, SystemTime, SystemTime)> {
-        self.history.destinations(service, now, window)
+    /// The counter history (would-rejected destinations, rule hits, evidence over any window).
+    pub fn history(&self) -> &CounterHistory {
+        &self.history
+    }
+
+    /// Records hits of a service's allow rule (see [`CounterHistory::record_hits`]).
+    pub fn record_hits(&mut self, service: &str, now: SystemTime, rule: &str, count: u64) {
+        self.history.record_hits(service, now, rule, count);
     }
 
     /// The evidence for a service over the gate's window.
