@@ -67,6 +67,22 @@ impl PolicyArg {
     }
 }
 
+/// What `check-deploy` and `deploy-order` read.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub policy: PolicyArg,
+    /// The deployed-versions manifest of the environment (TOML, written by the CD system).
+    #[arg(long, value_name = "FILE")]
+    pub deployed: PathBuf,
+    /// The environment the manifest describes.
+    #[arg(short, long, value_name = "NAME")]
+    pub environment: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
 /// Where the running agent listens.
 #[derive(Debug, Args)]
 pub struct SocketArg {
@@ -235,6 +251,24 @@ pub enum Command {
         /// The environment whose order to print (needed when the environments' graphs differ).
         #[arg(short, long, value_name = "NAME")]
         environment: Option<String>,
+    },
+    /// Check a planned deploy against the policy's version requirements (`requires`): during the
+    /// rollout (old and new versions side by side) and after it. Exit 0 safe, 12 unsafe.
+    CheckDeploy {
+        #[command(flatten)]
+        deploy: DeployArgs,
+        /// The planned change, `SERVICE=VERSION` (repeat for more); none: check what runs now.
+        #[arg(long = "set", value_name = "SERVICE=VERSION")]
+        sets: Vec<String>,
+    },
+    /// The order in which to roll out planned changes, one service at a time, so that every
+    /// step meets the version requirements. Exit 0 with an order, 12 when none works.
+    DeployOrder {
+        #[command(flatten)]
+        deploy: DeployArgs,
+        /// The planned change, `SERVICE=VERSION` (repeat for more).
+        #[arg(long = "set", value_name = "SERVICE=VERSION", required = true)]
+        sets: Vec<String>,
     },
     /// Run a command and everything it starts in a fresh cgroup under one service's policy,
     /// enforced by the kernel; report what it tried that the policy does not allow.

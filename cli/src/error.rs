@@ -28,8 +28,11 @@ pub const EXIT_ENFORCEMENT_CHANGES: u8 = 10;
 pub const EXIT_PROPOSALS: u8 = 10;
 /// Exit code: `policyctl learn` found would-rejects whose entry the model refuses.
 pub const EXIT_NEEDS_DECISION: u8 = 11;
-/// `unused`: some declared dependency or rule had no hit in the window.
+/// Exit code: `policyctl unused` found a declared dependency or rule with no hit in the window.
 pub const EXIT_UNUSED: u8 = 10;
+/// Exit code: `policyctl check-deploy` found a version requirement the planned deploy breaks,
+/// or `policyctl deploy-order` found no order that keeps every step safe.
+pub const EXIT_UNSAFE_DEPLOY: u8 = 12;
 /// Exit code: `policyctl promote --prometheus` could not decide (EX_TEMPFAIL): Prometheus down
 /// or erroring, warnings, missing or stale hosts, a host on another policy, retention or samples
 /// shorter than the window. Never a success.
@@ -48,6 +51,9 @@ pub enum CliError {
     /// The policy could not be read (a path that does not exist, say).
     #[error(transparent)]
     Load(#[from] depfence::policy::LoadError),
+    /// A deployed-versions manifest could not be read.
+    #[error(transparent)]
+    Manifest(#[from] depfence::deploy::ManifestError),
     /// Compiling failed for a reason other than the policy's own problems.
     #[error(transparent)]
     Compile(CompileError),
@@ -83,7 +89,7 @@ impl CliError {
     /// The exit code for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Usage(_) | CliError::Load(_) => EXIT_USAGE,
+            CliError::Usage(_) | CliError::Load(_) | CliError::Manifest(_) => EXIT_USAGE,
             CliError::Compile(CompileError::Load(_)) => EXIT_USAGE,
             CliError::Compile(_) | CliError::Io { .. } => EXIT_IO,
             CliError::Confine(

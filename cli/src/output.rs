@@ -11,6 +11,17 @@ use crate::error::CliError;
 /// Prints diagnostics in the chosen format: human and plain to standard error, JSON to standard
 /// output (a program reading it gets one document).
 pub fn print_diagnostics(format: ErrorFormat, sources: &Sources, diagnostics: &Diagnostics) -> Result<(), CliError> {
+    print_diagnostics_with(format, sources, diagnostics, &summary(diagnostics))
+}
+
+/// [`print_diagnostics`] with another last line for the human form (the findings of a command
+/// on a valid policy, such as `check-deploy`'s, are not the policy's validity).
+pub fn print_diagnostics_with(
+    format: ErrorFormat,
+    sources: &Sources,
+    diagnostics: &Diagnostics,
+    summary: &str,
+) -> Result<(), CliError> {
     match format {
         ErrorFormat::Human if diagnostics.is_empty() => {}
         ErrorFormat::Human => {
@@ -27,7 +38,7 @@ pub fn print_diagnostics(format: ErrorFormat, sources: &Sources, diagnostics: &D
                 let _ = handler.render_report(&mut text, &report);
                 text.push('\n');
             }
-            text.push_str(&summary(diagnostics));
+            text.push_str(summary);
             text.push('\n');
             std::io::stderr().write_all(text.as_bytes())?;
         }

@@ -9,6 +9,7 @@ const MODE_HELP: &str = "a mode is one of `off`, `audit` or `enforce`";
 const PORTS_HELP: &str =
     "ports are a number (`443`), a range (`\"8000-8100\"`) or a list of them (`[443, \"8000-8100\"]`)";
 const RPC_HELP: &str = "an rpc name is `/package.Service/Method`, `/package.Service/*` for every method of a service, or `/*` for every call";
+const VERSION_REQ_HELP: &str = "a version requirement is one or more comparators separated by commas, each with an operator, as in `>=2.14`, `>=2.14, <3` or `^2.14`";
 const CYCLE_HELP: &str = "break the cycle, mark one of its dependencies `critical = false` if the service starts without it, or declare it in `[[intrinsic_cycles]]` with a reason";
 
 /// What is wrong with a policy.
@@ -250,6 +251,66 @@ pub enum Problem {
         /// The destination of the rule that reaches it.
         destination: String,
     },
+    /// A version requirement (`version` or `when` of a `requires` entry) that does not parse.
+    #[error("invalid version requirement `{value}` in `{key}`: {reason}")]
+    InvalidVersionRequirement {
+        /// `version` or `when`.
+        key: String,
+        /// The value as written.
+        value: String,
+        /// The `semver` crate's message.
+        reason: String,
+    },
+    /// A version requirement with a comparator that has no operator (`"2.14"`).
+    #[error("version requirement `{value}` in `{key}` has no operator")]
+    BareVersionRequirement {
+        /// `version` or `when`.
+        key: String,
+        /// The value as written.
+        value: String,
+    },
+    /// A `requires` entry on a service that none of the consumer's allow rules reach.
+    #[error("`{service}` requires versions of `{target}` but no allow rule of `{service}` reaches it")]
+    RequirementWithoutAllow {
+        /// The consumer.
+        service: String,
+        /// The service it requires.
+        target: String,
+    },
+    /// A version in a deployed-versions manifest that is not a semantic version.
+    #[error("invalid version `{value}`: {reason}")]
+    InvalidVersion {
+        /// The value as written.
+        value: String,
+        /// The `semver` crate's message.
+        reason: String,
+    },
+    /// A deployment state in which a consumer runs a version that needs versions of a target
+    /// the target does not run (`policyctl check-deploy`).
+    #[error("{state}, `{consumer}` {consumer_versions} requires `{target}` {requirement}, but {found}")]
+    UnmetRequirement {
+        /// The state: `during the rollout`, `after the rollout`, `now`.
+        state: String,
+        /// The consumer.
+        consumer: String,
+        /// The consumer's running versions the requirement applies to, comma separated.
+        consumer_versions: String,
+        /// The target.
+        target: String,
+        /// The requirement as written.
+        requirement: String,
+        /// What runs instead: `` `payments` 2.13.1 runs `` or `` `payments` is not deployed ``.
+        found: String,
+        /// What to deploy first.
+        advice: String,
+    },
+    /// Planned changes that no rollout order can deploy one at a time with every requirement met
+    /// at every step (`policyctl deploy-order`).
+    #[error("no deploy order keeps every step safe: {conflict}")]
+    NoDeployOrder {
+        /// Which services need which first: `` `a` before `b`, `b` before `a` ``.
+        conflict: String,
+    },
     /// A declared intrinsic cycle whose services do not form one cycle.
     #[error("declared intrinsic cycle {services} is not a dependency cycle")]
     StaleIntrinsicCycle {
@@ -293,6 +354,12 @@ impl Problem {
             Problem::InvalidRpcPattern { .. } => "depfence::invalid_rpc",
             Problem::EmptyRpcList => "depfence::empty_rpcs",
             Problem::RpcWithoutAllow { .. } => "depfence::rpc_without_allow",
+            Problem::InvalidVersionRequirement { .. } => "depfence::invalid_version_requirement",
+            Problem::BareVersionRequirement { .. } => "depfence::bare_version_requirement",
+            Problem::RequirementWithoutAllow { .. } => "depfence::requirement_without_allow",
+            Problem::InvalidVersion { .. } => "depfence::invalid_version",
+            Problem::UnmetRequirement { .. } => "depfence::unmet_requirement",
+            Problem::NoDeployOrder { .. } => "depfence::no_deploy_order",
         }
     }
 
@@ -348,6 +415,20 @@ impl Problem {
             Problem::RpcWithoutAllow { target, .. } => Some(format!(
                 "add `{{ service = \"{target}\" }}` to `allow`: the kernel must let the connection through before the guard judges its calls, and the dependency graph checks see it"
             )),
+            Problem::InvalidVersionRequirement { .. } => Some(VERSION_REQ_HELP.into()),
+            Problem::BareVersionRequirement { value, .. } => Some(format!(
+                "Cargo reads a bare `{value}` as `^{value}` (at least `{value}`, below the next major version); write `>={value}` or `^{value}` explicitly"
+            )),
+            Problem::RequirementWithoutAllow { target, .. } => Some(format!(
+                "add `{{ service = \"{target}\" }}` to `allow` if the service calls it, or remove the requirement"
+            )),
+            Problem::InvalidVersion { .. } => {
+                Some("a version is a semantic version `MAJOR.MINOR.PATCH`, as in `2.14.0` or `3.1.0-canary.1`".into())
+            }
+            Problem::UnmetRequirement { advice, .. } => Some(advice.clone()),
+            Problem::NoDeployOrder { .. } => Some(
+                "each step must meet every requirement: release a version of one of these services that works with both versions of the other (or widen a `version` or `when`), deploy it first, then the rest".into(),
+            ),
             _ => None,
         }
     }

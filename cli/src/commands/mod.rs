@@ -6,9 +6,11 @@ mod agent;
 mod apply;
 mod bootstrap_order;
 mod check;
+mod check_deploy;
 mod client;
 mod compile;
 mod completions;
+mod deploy_order;
 mod diff;
 mod events;
 mod explain;
@@ -53,6 +55,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::BootstrapOrder { policy, output, environment } => {
             bootstrap_order::run(policy.path()?, format, output, environment.as_deref())
         }
+        Command::CheckDeploy { deploy, sets } => check_deploy::run(&deploy, &sets, format),
+        Command::DeployOrder { deploy, sets } => deploy_order::run(&deploy, &sets, format),
         Command::Run { policy, service, environment, mode, pass_fds, command } => {
             run::run(policy.path()?, format, &service, environment.as_deref(), mode, &pass_fds, &command)
         }

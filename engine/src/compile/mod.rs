@@ -15,8 +15,8 @@ use std::path::Path;
 
 use crate::diag::{Diagnostic, Diagnostics, Loc, Sources};
 use crate::graph;
-use crate::policy::{LoadError, Parsed, PolicySet, load, parse_sources};
-use crate::problem::Problem;
+use crate::policy::{LoadError, Parsed, PolicySet, Requirement, load, parse_sources};
+use crate::problem::{Problem, closest};
 use crate::snapshot::{SNAPSHOT_FORMAT, Snapshot, SnapshotContent, SnapshotError};
 
 /// A service as the graph sees it.
@@ -102,6 +102,15 @@ pub struct Graph {
     pub stages: Vec<Stage>,
 }
 
+/// A `requires` entry and the service that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRequirement {
+    /// The service that needs the versions (the consumer).
+    pub consumer: String,
+    /// The entry.
+    pub requirement: Requirement,
+}
+
 /// Everything the compiler learned about a policy.
 #[derive(Debug, Clone)]
 pub struct Analysis {
@@ -119,6 +128,9 @@ pub struct Analysis {
     graph_of_env: Vec<usize>,
     /// Every problem found.
     pub diagnostics: Diagnostics,
+    /// The `requires` entries whose target is a known service, sorted by consumer (in the
+    /// order written): what `check-deploy` checks. The snapshot does not hold them.
+    pub requirements: Vec<VersionRequirement>,
     content: SnapshotContent,
     debug: crate::snapshot::DebugInfo,
     owners: Vec<std::sync::Arc<crate::snapshot::Owners>>,
@@ -325,6 +337,7 @@ pub fn analyze(policy: &PolicySet) -> Analysis {
     }
     found.extend(graph_found);
     diagnostics.extend(merge_by_environment(found, &environments));
+    let requirements = check_requirements(policy, &nodes, &graphs, &graph_of_env, &environments, &mut diagnostics);
     content.bootstrap =
         graph_of_env.iter().map(|&g| graphs.get(g).map(bootstrap_content).unwrap_or_default()).collect();
     diagnostics.sort();
@@ -335,10 +348,68 @@ pub fn analyze(policy: &PolicySet) -> Analysis {
         graphs,
         graph_of_env,
         diagnostics,
+        requirements,
         content,
         debug: resolved.debug,
         owners: resolved.owners,
     }
+}
+
+/// The `requires` entries whose target exists; an unknown target is an error (with a "did you
+/// mean"), and a target no allow rule of the consumer reaches (declared or inferred, in an
+/// environment where the requirement holds) a warning.
+fn check_requirements(
+    policy: &PolicySet,
+    nodes: &[Node],
+    graphs: &[Graph],
+    graph_of_env: &[usize],
+    environments: &[String],
+    diags: &mut Diagnostics,
+) -> Vec<VersionRequirement> {
+    let node = |name: &str| nodes.binary_search_by(|n| n.name.as_str().cmp(name)).ok();
+    let mut services: Vec<&crate::policy::Service> = policy.services.iter().collect();
+    services.sort_by(|a, b| a.name.value.cmp(&b.name.value));
+    let mut kept = Vec::new();
+    for service in services {
+        let consumer = node(&service.name.value);
+        for requirement in &service.requires {
+            let target_name = &requirement.service.value;
+            let Some(target) = node(target_name) else {
+                let suggestion = closest(target_name, nodes.iter().map(|n| n.name.as_str()));
+                diags.push(Diagnostic::error(
+                    Problem::Unknown { kind: "service", name: target_name.clone(), suggestion },
+                    requirement.service.loc,
+                    "no such service",
+                ));
+                continue;
+            };
+            let unreached: Vec<String> = environments
+                .iter()
+                .enumerate()
+                .filter(|(_, env)| requirement.env.includes(env))
+                .filter(|&(e, _)| {
+                    let graph = graph_of_env.get(e).and_then(|&g| graphs.get(g));
+                    !graph.is_some_and(|g| g.edges.iter().any(|edge| Some(edge.from) == consumer && edge.to == target))
+                })
+                .map(|(_, env)| env.clone())
+                .collect();
+            if !unreached.is_empty() {
+                let warning = Diagnostic::warning(
+                    Problem::RequirementWithoutAllow {
+                        service: service.name.value.clone(),
+                        target: target_name.clone(),
+                    },
+                    requirement.service.loc,
+                    "not allowed",
+                );
+                let in_all = environments.iter().filter(|env| requirement.env.includes(env)).count() == unreached.len()
+                    && requirement.env == crate::policy::EnvScope::All;
+                diags.push(if in_all { warning } else { warning.in_environments(unreached) });
+            }
+            kept.push(VersionRequirement { consumer: service.name.value.clone(), requirement: requirement.clone() });
+        }
+    }
+    kept
 }
 
 /// The bootstrap order of a graph as the snapshot keeps it: service ids per group per stage.

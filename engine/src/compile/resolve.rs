@@ -332,7 +332,11 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
     }
     // Every environment an endpoint or an allow entry names exists.
     let scopes = service.endpoints.iter().flat_map(|e| e.env.names());
-    for env in scopes.chain(service.allow.iter().flat_map(|a| a.env.names().iter().chain(&a.cross_environment))) {
+    let requires = service.requires.iter().flat_map(|r| r.env.names());
+    for env in scopes
+        .chain(service.allow.iter().flat_map(|a| a.env.names().iter().chain(&a.cross_environment)))
+        .chain(requires)
+    {
         env_names.get(env, diags);
     }
 

@@ -442,6 +442,73 @@ pub struct RpcAllowEntry {
     pub loc: Loc,
 }
 
+/// A semver requirement as written in a `requires` entry (`">=2.14"`, `">=2.14, <3"`): the
+/// parsed requirement and its text, which messages quote. Equal when the texts are.
+#[derive(Debug, Clone)]
+pub struct VersionConstraint {
+    /// The requirement, with Cargo's semantics (the `semver` crate).
+    pub req: semver::VersionReq,
+    /// The text as written, trimmed.
+    pub text: String,
+}
+
+impl VersionConstraint {
+    /// True when the target version `version` satisfies the requirement, under the `semver`
+    /// crate's rules: a pre-release such as `2.14.0-rc.1` satisfies only a requirement that
+    /// names a pre-release of the same `major.minor.patch` (so not `>=2.14`).
+    pub fn admits(&self, version: &semver::Version) -> bool {
+        self.req.matches(version)
+    }
+
+    /// True when a consumer running `version` is one the requirement's `when` selects. A
+    /// pre-release or build of a release counts as that release: `3.1.0-canary.1` needs what
+    /// `3.1.0` needs.
+    pub fn selects(&self, version: &semver::Version) -> bool {
+        let release = semver::Version::new(version.major, version.minor, version.patch);
+        self.req.matches(&release)
+    }
+}
+
+impl PartialEq for VersionConstraint {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for VersionConstraint {}
+
+impl fmt::Display for VersionConstraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// One entry of a service's `requires` list: the versions of another service it needs,
+/// `{ service = "payments", version = ">=2.14", when = ">=3.1", reason = "…" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirement {
+    /// The service whose versions are constrained (the target).
+    pub service: Located<String>,
+    /// What every running version of the target must satisfy.
+    pub version: Located<VersionConstraint>,
+    /// The versions of the consumer that need it; `None`: every version.
+    pub when: Option<Located<VersionConstraint>>,
+    /// Why.
+    pub reason: Option<String>,
+    /// The environments where the requirement holds.
+    pub env: EnvScope,
+    /// The whole entry.
+    pub loc: Loc,
+}
+
+impl Requirement {
+    /// True when a consumer running `version` needs this requirement (see
+    /// [`VersionConstraint::selects`]).
+    pub fn applies_to(&self, version: &semver::Version) -> bool {
+        self.when.as_ref().is_none_or(|when| when.value.selects(version))
+    }
+}
+
 /// One `[services.NAME]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
@@ -467,6 +534,8 @@ pub struct Service {
     pub allow: Vec<AllowEntry>,
     /// Which RPCs it may call on which backend services (the in-process guard).
     pub rpc_allow: Vec<RpcAllowEntry>,
+    /// The versions of other services it needs (`requires`), checked by `check-deploy`.
+    pub requires: Vec<Requirement>,
 }
 
 /// A cycle the team accepts, with a reason; it becomes one supernode in the bootstrap order.
@@ -532,6 +601,8 @@ impl PolicySet {
                 s.endpoints.iter_mut().for_each(|e| e.env = EnvScope::All);
                 s.allow.retain(|a| a.env.includes(env));
                 s.allow.iter_mut().for_each(|a| a.env = EnvScope::All);
+                s.requires.retain(|r| r.env.includes(env));
+                s.requires.iter_mut().for_each(|r| r.env = EnvScope::All);
                 if let ModeSpec::PerEnvironment(list) = &mut s.mode {
                     list.retain(|(name, _)| name.value == env);
                 }

@@ -21,8 +21,19 @@ pub const POLICY_VERSION: i64 = 1;
 const TOP_KEYS: &[&str] = &["version", "environments", "model", "services", "intrinsic_cycles"];
 const ENVIRONMENT_KEYS: &[&str] = &["mode"];
 const MODEL_KEYS: &[&str] = &["layers", "isolated"];
-const SERVICE_KEYS: &[&str] =
-    &["cgroup", "layer", "group", "owner", "description", "tier", "mode", "endpoints", "allow", "rpc_allow"];
+const SERVICE_KEYS: &[&str] = &[
+    "cgroup",
+    "layer",
+    "group",
+    "owner",
+    "description",
+    "tier",
+    "mode",
+    "endpoints",
+    "allow",
+    "rpc_allow",
+    "requires",
+];
 const SELECTOR_KEYS: &[&str] = &["regex"];
 const ENDPOINT_KEYS: &[&str] = &["ip", "cidr", "host", "ports", "proto", "env"];
 const ALLOW_KEYS: &[&str] =
@@ -30,6 +41,7 @@ const ALLOW_KEYS: &[&str] =
 /// The key of an `endpoints` table for the environments the table does not name.
 const DEFAULT_ENDPOINTS_KEY: &str = "default";
 const RPC_ALLOW_KEYS: &[&str] = &["service", "rpcs"];
+const REQUIRES_KEYS: &[&str] = &["service", "version", "when", "reason", "env"];
 const CYCLE_KEYS: &[&str] = &["services", "reason"];
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -332,6 +344,7 @@ impl Parser<'_> {
             endpoints: Vec::new(),
             allow: Vec::new(),
             rpc_allow: Vec::new(),
+            requires: Vec::new(),
         };
         for (k, v) in table.iter() {
             match k.get_ref().as_ref() {
@@ -354,6 +367,13 @@ impl Parser<'_> {
                     for item in self.array("allow", v).unwrap_or_default() {
                         if let Some(entry) = self.allow_entry(item) {
                             service.allow.push(entry);
+                        }
+                    }
+                }
+                "requires" => {
+                    for item in self.array("requires", v).unwrap_or_default() {
+                        if let Some(entry) = self.requirement(item) {
+                            service.requires.push(entry);
                         }
                     }
                 }
@@ -763,6 +783,82 @@ impl Parser<'_> {
         }
     }
 
+    /// `{ service = "payments", version = ">=2.14", when = ">=3.1", reason = "…", env = "prod" }`.
+    fn requirement(&mut self, value: &Value<'_>) -> Option<Requirement> {
+        let table = self.table("requires", value)?;
+        let mut service = None;
+        let mut version = None;
+        let mut when = None;
+        let mut reason = None;
+        let mut env = EnvScope::All;
+        let mut ok = true;
+        for (k, v) in table.iter() {
+            match k.get_ref().as_ref() {
+                "service" => {
+                    service = self.name_value("service", v);
+                    ok &= service.is_some();
+                }
+                "version" => {
+                    version = self.version_constraint("version", v);
+                    ok &= version.is_some();
+                }
+                "when" => {
+                    when = self.version_constraint("when", v);
+                    ok &= when.is_some();
+                }
+                "reason" => match self.string("reason", v) {
+                    Some(text) => reason = Some(text.to_owned()),
+                    None => ok = false,
+                },
+                "env" => match self.environment_names("env", v) {
+                    Some(names) => env = EnvScope::Only(names),
+                    None => ok = false,
+                },
+                _ => self.unknown_key(k, "a requires entry", REQUIRES_KEYS),
+            }
+        }
+        for key in ["service", "version"] {
+            if !table.contains_key(key) {
+                self.error(
+                    Problem::MissingKey { key, context: "a requires entry" },
+                    value.span(),
+                    format!("no `{key}`").as_str(),
+                );
+                ok = false;
+            }
+        }
+        match (service, version) {
+            (Some(service), Some(version)) if ok => {
+                Some(Requirement { service, version, when, reason, env, loc: self.loc(value.span()) })
+            }
+            _ => None,
+        }
+    }
+
+    /// A semver requirement with an explicit operator on every comparator.
+    fn version_constraint(&mut self, key: &str, value: &Value<'_>) -> Option<Located<VersionConstraint>> {
+        let text = self.string(key, value)?.trim();
+        match parse_version_constraint(text) {
+            Ok(constraint) => Some(Located::new(constraint, self.loc(value.span()))),
+            Err(ConstraintError::Bare) => {
+                self.error(
+                    Problem::BareVersionRequirement { key: key.to_owned(), value: text.to_owned() },
+                    value.span(),
+                    "no operator",
+                );
+                None
+            }
+            Err(ConstraintError::Invalid(reason)) => {
+                self.error(
+                    Problem::InvalidVersionRequirement { key: key.to_owned(), value: text.to_owned(), reason },
+                    value.span(),
+                    "not a version requirement",
+                );
+                None
+            }
+        }
+    }
+
     fn intrinsic_cycle(&mut self, value: &Value<'_>) -> Option<IntrinsicCycle> {
         let table = self.table("intrinsic_cycles", value)?;
         let mut services = Vec::new();
@@ -791,6 +887,30 @@ impl Parser<'_> {
         };
         Some(IntrinsicCycle { services, reason, loc: self.loc(value.span()) })
     }
+}
+
+/// Why a version requirement was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConstraintError {
+    /// A comparator without an operator (`2.14`), which Cargo reads as `^2.14`.
+    Bare,
+    /// Not a requirement; the `semver` crate's message.
+    Invalid(String),
+}
+
+/// Parses a requirement such as `>=2.14` or `>=2.14, <3`. Every comparator needs an operator
+/// (`=`, `>`, `>=`, `<`, `<=`, `~`, `^`) or a wildcard (`2.*`, `*`): a bare `2.14` means `^2.14`
+/// to Cargo, which a reader easily takes for `=2.14` or `>=2.14`.
+pub(crate) fn parse_version_constraint(text: &str) -> Result<VersionConstraint, ConstraintError> {
+    let req = semver::VersionReq::parse(text).map_err(|e| ConstraintError::Invalid(e.to_string()))?;
+    let bare = text
+        .split(',')
+        .map(str::trim)
+        .any(|part| part.starts_with(|c: char| c.is_ascii_digit()) && !part.contains(['*', 'x', 'X']));
+    if bare {
+        return Err(ConstraintError::Bare);
+    }
+    Ok(VersionConstraint { req, text: text.to_owned() })
 }
 
 /// IPv4-mapped IPv6 blocks (`::ffff:a.b.c.d/96+n`) become IPv4 blocks, so they match IPv4
@@ -846,6 +966,34 @@ mod tests {
         assert!(parse_port_range("0").is_err());
         assert!(parse_port_range("70000").is_err());
         assert!(parse_port_range("http").is_err());
+    }
+
+    #[test]
+    fn version_constraints_need_an_operator() {
+        assert_eq!(parse_version_constraint(">=2.14").unwrap().text, ">=2.14");
+        assert!(parse_version_constraint(">=2.14, <3").is_ok());
+        assert!(parse_version_constraint("^2.14").is_ok());
+        assert!(parse_version_constraint("2.*").is_ok());
+        assert_eq!(parse_version_constraint("2.14"), Err(ConstraintError::Bare));
+        assert_eq!(parse_version_constraint(">=1, 2.14"), Err(ConstraintError::Bare));
+        assert!(matches!(parse_version_constraint(">=two"), Err(ConstraintError::Invalid(_))));
+        assert!(matches!(parse_version_constraint(""), Err(ConstraintError::Invalid(_))));
+    }
+
+    #[test]
+    fn pre_releases_compare_conservatively() {
+        let at_least = parse_version_constraint(">=2.14").unwrap();
+        let v = |t: &str| semver::Version::parse(t).unwrap();
+        // A target's pre-release does not satisfy a requirement on the release.
+        assert!(!at_least.admits(&v("2.14.0-rc.1")));
+        assert!(at_least.admits(&v("2.14.0")));
+        assert!(at_least.admits(&v("2.15.3")));
+        // A consumer's canary counts as its release for `when`.
+        let when = parse_version_constraint(">=3.1").unwrap();
+        assert!(when.selects(&v("3.1.0-canary.1")));
+        assert!(when.selects(&v("3.1.0+build.7")));
+        assert!(!when.selects(&v("3.0.9")));
+        assert!(!when.selects(&v("3.0.0-rc.1")));
     }
 
     #[test]
