@@ -9,9 +9,11 @@ mod check;
 mod client;
 mod compile;
 mod completions;
+mod dependents;
 mod diff;
 mod events;
 mod explain;
+mod export;
 mod graph;
 mod learn;
 mod promote;
@@ -86,6 +88,21 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 prometheus,
                 output,
                 socket: agent.unwrap_or(socket.socket),
+            })
+        }
+        Command::Dependents { service, policy, transitive, environment, output } => {
+            dependents::run(policy.path()?, format, &service, transitive, environment.as_deref(), output)
+        }
+        Command::Export { policy, sqlite, environments, force, agent, prometheus, window } => {
+            export::run(&export::Options {
+                policy: policy.path()?.to_owned(),
+                sqlite,
+                environments,
+                force,
+                agent,
+                prometheus,
+                window,
+                format,
             })
         }
         Command::Completions { shell } => completions::run(shell),
