@@ -467,6 +467,54 @@ pub enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Who depends on a service: the services with an edge to it in the environment's
+    /// dependency graph (allow entries naming it, and edges inferred from addresses), with
+    /// `--transitive` also those that reach it through others; most critical first.
+    Dependents {
+        /// The service.
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        #[command(flatten)]
+        policy: PolicyArg,
+        /// Also the services that depend on it through others.
+        #[arg(long)]
+        transitive: bool,
+        /// The environment whose graph to walk (needed when the environments' graphs differ).
+        #[arg(short, long, value_name = "NAME")]
+        environment: Option<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Export the policy, its dependency graph and (with `--agent` or `--prometheus`) the
+    /// traffic the agents saw, as a SQLite database for SQL queries (schema:
+    /// docs/export-schema.md). The file is written whole, and never over an existing one unless
+    /// `--force`.
+    Export {
+        #[command(flatten)]
+        policy: PolicyArg,
+        /// The database file to write.
+        #[arg(long, value_name = "FILE")]
+        sqlite: PathBuf,
+        /// Export only this environment (repeat for more; default: every environment).
+        #[arg(short, long = "environment", value_name = "NAME")]
+        environments: Vec<String>,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Add the local agent's observed would-rejects, from this control socket
+        /// (`--agent=SOCKET`; `--agent` alone: the default socket).
+        #[arg(long, value_name = "SOCKET", num_args = 0..=1, require_equals = true,
+              default_missing_value = depfence::agent::DEFAULT_SOCKET, conflicts_with = "prometheus")]
+        agent: Option<PathBuf>,
+        /// Add the whole fleet's observed would-rejects from this Prometheus (one query per
+        /// exported environment).
+        #[arg(long, value_name = "URL")]
+        prometheus: Option<String>,
+        /// The window of observed traffic.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.

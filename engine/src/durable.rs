@@ -84,6 +84,32 @@ pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
     Ok(aside)
 }
 
+/// A new, empty temporary file beside `path` (in the same directory, so [`install`] renames it
+/// atomically), hidden (a dotfile), with `mode`: for a writer that needs a path of its own, as
+/// SQLite does. Dropped without [`install`], it is removed.
+pub fn temp_beside(path: &Path, mode: u32) -> io::Result<tempfile::NamedTempFile> {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let temp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".depfence-tmp")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(parent(path))?;
+    // The umask may have narrowed the mode.
+    temp.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+    Ok(temp)
+}
+
+/// Puts a file made with [`temp_beside`] at `path` durably: syncs it, moves it into place and
+/// syncs the directory. Without `replace_existing`, an existing `path` is never replaced (the
+/// error is [`io::ErrorKind::AlreadyExists`], and the temporary file is removed), even when it
+/// appears while the file was being written.
+pub fn install(temp: tempfile::NamedTempFile, path: &Path, replace_existing: bool) -> io::Result<()> {
+    temp.as_file().sync_all()?;
+    let placed = if replace_existing { temp.persist(path) } else { temp.persist_noclobber(path) };
+    placed.map_err(|e| e.error)?;
+    File::open(parent(path))?.sync_all()
+}
+
 fn write_and_rename(path: &Path, bytes: &[u8], access: Access, expected: Option<&[u8]>) -> Result<(), ReplaceError> {
     let existing = if access == Access::KeepExisting {
         match fs::canonicalize(path) {
@@ -159,6 +185,26 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".depfence-tmp"))
             .collect()
+    }
+
+    #[test]
+    fn install_replaces_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.db");
+        let temp = temp_beside(&path, 0o644).unwrap();
+        fs::write(temp.path(), b"one").unwrap();
+        install(temp, &path, false).unwrap();
+        assert_eq!((fs::read(&path).unwrap(), mode(&path)), (b"one".to_vec(), 0o644));
+        let temp = temp_beside(&path, 0o644).unwrap();
+        fs::write(temp.path(), b"two").unwrap();
+        let refused = install(temp, &path, false).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"one", "kept");
+        let temp = temp_beside(&path, 0o644).unwrap();
+        fs::write(temp.path(), b"three").unwrap();
+        install(temp, &path, true).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"three");
+        assert!(leftovers(dir.path()).is_empty());
     }
 
     #[test]

@@ -251,6 +251,55 @@ pub fn reachable_from(adj: &[Vec<usize>], start: usize) -> Vec<bool> {
     seen
 }
 
+/// A breadth-first search tree from `start`: for every node reachable from `start` by one or
+/// more edges, its parent on a shortest path (fewest edges) from `start`; `None` for the rest.
+///
+/// `start` itself has no parent (even on a cycle), so walking parents from any reached node ends
+/// at `start`. Ties are broken deterministically: each node's successors are visited in
+/// ascending order (a sorted, deduplicated copy), so among shortest paths the one through lower
+/// node indices wins. An out-of-range `start` yields all `None`.
+pub fn shortest_path_tree(adj: &[Vec<usize>], start: usize) -> Vec<Option<usize>> {
+    let n = adj.len();
+    let mut parent: Vec<Option<usize>> = vec![None; n];
+    if start >= n {
+        return parent;
+    }
+    let mut seen = vec![false; n];
+    write(&mut seen, start, true);
+    let mut queue = VecDeque::from([start]);
+    let mut buf = Vec::new();
+    while let Some(u) = queue.pop_front() {
+        sorted_successors(adj, u, n, &mut buf);
+        for &w in &buf {
+            if read(&seen, w, true) {
+                continue;
+            }
+            write(&mut seen, w, true);
+            write(&mut parent, w, Some(u));
+            queue.push_back(w);
+        }
+    }
+    parent
+}
+
+/// The path from the root of a [`shortest_path_tree`] to `node`, root first; `None` when `node`
+/// is not in the tree (or the parents do not lead back to a root within `parent.len()` steps).
+pub fn tree_path(parent: &[Option<usize>], node: usize) -> Option<Vec<usize>> {
+    let mut path = vec![node];
+    let mut current = parent.get(node).copied().flatten()?;
+    for _ in 0..parent.len() {
+        path.push(current);
+        match parent.get(current).copied().flatten() {
+            Some(next) => current = next,
+            None => {
+                path.reverse();
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
 /// Bootstrap levels of the condensation DAG, one per component, indexed like `components`.
 ///
 /// `components` is normally the output of [`strongly_connected_components`] (any order is
@@ -371,6 +420,26 @@ mod tests {
         assert_eq!(shortest_path(&adj, &[0], &[3]), Some(vec![0, 1, 3]));
         assert_eq!(shortest_path(&adj, &[3], &[0]), None);
         assert_eq!(reachable_from(&adj, 0), vec![false, true, true, true]);
+    }
+
+    #[test]
+    fn shortest_path_tree_prefers_fewest_edges_then_lower_indices() {
+        // 0 -> {2, 1} -> 3 -> 4, and a long way 0 -> 5 -> 6 -> 4; 3 -> 0 closes a cycle.
+        let adj = graph(8, &[(0, 2), (0, 1), (1, 3), (2, 3), (3, 4), (0, 5), (5, 6), (6, 4), (3, 0), (7, 0)]);
+        let tree = shortest_path_tree(&adj, 0);
+        assert_eq!(tree[0], None, "the root has no parent, even on a cycle");
+        assert_eq!(tree[3], Some(1), "the lower index among equal paths");
+        assert_eq!(tree[7], None, "not reachable");
+        assert_eq!(tree_path(&tree, 4), Some(vec![0, 1, 3, 4]));
+        assert_eq!(tree_path(&tree, 6), Some(vec![0, 5, 6]));
+        assert_eq!(tree_path(&tree, 0), None);
+        assert_eq!(tree_path(&tree, 7), None);
+        assert_eq!(tree_path(&tree, 99), None);
+        assert_eq!(shortest_path_tree(&adj, 99), vec![None; 8]);
+        // Agrees with shortest_path on every reachable node.
+        for node in 1..8 {
+            assert_eq!(tree_path(&tree, node), shortest_path(&adj, &[0], &[node]), "node {node}");
+        }
     }
 
     #[test]

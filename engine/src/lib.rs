@@ -18,12 +18,15 @@ pub mod control_protocol;
 #[cfg(feature = "datapath")]
 pub mod datapath;
 pub mod deploy;
+pub mod dependents;
 pub mod diag;
 pub mod diff;
 #[cfg(feature = "dns")]
 pub mod dns;
 pub mod durable;
 pub mod explain;
+#[cfg(feature = "export")]
+pub mod export;
 pub mod graph;
 #[cfg(feature = "guard")]
 pub mod guard;

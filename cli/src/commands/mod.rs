@@ -11,9 +11,11 @@ mod client;
 mod compile;
 mod completions;
 mod deploy_order;
+mod dependents;
 mod diff;
 mod events;
 mod explain;
+mod export;
 mod graph;
 mod learn;
 mod promote;
@@ -99,6 +101,21 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 _ => unused::Source::Agent(agent.unwrap_or(socket.socket)),
             };
             unused::run(&source, window, output, format)
+        }
+        Command::Dependents { service, policy, transitive, environment, output } => {
+            dependents::run(policy.path()?, format, &service, transitive, environment.as_deref(), output)
+        }
+        Command::Export { policy, sqlite, environments, force, agent, prometheus, window } => {
+            export::run(&export::Options {
+                policy: policy.path()?.to_owned(),
+                sqlite,
+                environments,
+                force,
+                agent,
+                prometheus,
+                window,
+                format,
+            })
         }
         Command::Completions { shell } => completions::run(shell),
     }

@@ -30,6 +30,8 @@ pub struct Node {
     pub group: Option<String>,
     /// Criticality tier.
     pub tier: Option<u8>,
+    /// Owning team.
+    pub owner: Option<String>,
 }
 
 /// Why an edge exists.

@@ -317,6 +317,7 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
         layer,
         group: service.group.as_ref().map(|g| g.value.clone()),
         tier: service.tier.map(|t| t.value),
+        owner: service.owner.clone(),
     };
     let modes = resolve_modes(&service.mode, environments, env_names, diags);
     for endpoint in &service.endpoints {
