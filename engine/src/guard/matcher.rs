@@ -235,7 +235,15 @@ pub(crate) struct Matcher {
     host_wildcards: Vec<(HostPattern, PortRange, ServiceId)>,
     /// Which service owns an address: the snapshot's index of its endpoints.
     owners: Owners,
+    /// The authorities that name a single-address endpoint on one of its few ports, as a client
+    /// writes them (`10.0.0.5:50051`, `[fd00::5]:50051`, or without the port), → the service
+    /// [`Owners`] says owns them: its answer remembered, so such a call costs one lookup of its
+    /// authority instead of a split, an address lookup and a port match.
+    ip_authorities: HashMap<Box<str>, ServiceId>,
 }
+
+/// The widest port range of an endpoint whose authorities are remembered one by one.
+const REMEMBERED_PORTS: u32 = 64;
 
 impl Matcher {
     /// Indexes `snapshot` for the environment at index `env`.
@@ -252,6 +260,7 @@ impl Matcher {
             pairs: HashTable::new(),
             host_wildcards: Vec::new(),
             owners: snapshot.owners(env).clone(),
+            ip_authorities: HashMap::default(),
         };
         // Names and endpoints first: which backend a name reaches decides the rules' keys.
         for (id, service) in (0..).zip(services) {
@@ -273,6 +282,7 @@ impl Matcher {
             }
         }
         m.host_wildcards.sort_by_key(|(host, _, _)| std::cmp::Reverse(host.domain.len()));
+        m.remember_ip_authorities(snapshot, env);
         for (id, service) in (0..).zip(services) {
             let lower = service.name.to_ascii_lowercase();
             let entry = m.names.get(lower.as_str());
@@ -313,6 +323,33 @@ impl Matcher {
             }
         }
         m
+    }
+
+    /// Fills [`Matcher::ip_authorities`] from the single-address endpoints with at most
+    /// [`REMEMBERED_PORTS`] ports, each answer [`Owners::owner_of_text`]'s.
+    fn remember_ip_authorities(&mut self, snapshot: &Snapshot, env: usize) {
+        for service in snapshot.services() {
+            for endpoint in service.rules(env).endpoints.iter().filter(|e| e.proto.covers(Proto::Tcp)) {
+                let Destination::Net(net) = &endpoint.destination else { continue };
+                let ports = endpoint.ports;
+                if net.prefix_len() != net.max_prefix_len()
+                    || ports.is_any()
+                    || u32::from(ports.last) - u32::from(ports.first) >= REMEMBERED_PORTS
+                {
+                    continue;
+                }
+                let text = net.addr().to_string();
+                let host = if net.addr().is_ipv6() { format!("[{text}]") } else { text.clone() };
+                let authorities = (ports.first..=ports.last)
+                    .map(|port| (format!("{host}:{port}"), Some(port)))
+                    .chain([(host.clone(), None)]);
+                for (authority, port) in authorities {
+                    if let Some(owner) = self.owners.owner_of_text(&text, port, Proto::Tcp) {
+                        self.ip_authorities.insert(authority.into_boxed_str(), owner);
+                    }
+                }
+            }
+        }
     }
 
     /// The hashes of the rule keys for (backend, caller, RPC path): the parts are written in
@@ -361,7 +398,7 @@ impl Matcher {
     /// authority to its backend first.
     #[inline(never)]
     fn decide_resolved(&self, caller: &str, rpc: &str, authority: &str, host: Option<&str>) -> (Verdict, Mode, Reason) {
-        let backend = self.resolve_backend(authority);
+        let backend = self.backend_of(authority);
         if let Some(id) = backend
             && let Some(key) = self.backend_keys.get(id as usize)
             // Judged above already when the host is that key name and names the backend.
@@ -407,6 +444,17 @@ impl Matcher {
             Reason::Rule { rule, .. } => Some(rule),
             _ => None,
         }
+    }
+
+    /// The backend service an authority names: remembered for an endpoint's address, else
+    /// [`Matcher::resolve_backend`].
+    #[inline]
+    fn backend_of(&self, authority: &str) -> Option<ServiceId> {
+        let remembered = match authority.as_bytes().first() {
+            Some(b'0'..=b'9' | b'[') => self.ip_authorities.get(authority).copied(),
+            _ => None,
+        };
+        remembered.or_else(|| self.resolve_backend(authority))
     }
 
     /// The backend service an authority names; see the module documentation of
@@ -651,6 +699,12 @@ mode = "off"
         ];
         for (authority, expected) in cases {
             assert_eq!(name(&s, m.resolve_backend(authority)), expected, "{authority}");
+            assert_eq!(name(&s, m.backend_of(authority)), expected, "remembered: {authority}");
+        }
+        // What is remembered is what the resolution says.
+        assert!(m.ip_authorities.len() >= 4, "{:?}", m.ip_authorities);
+        for (authority, id) in &m.ip_authorities {
+            assert_eq!(m.resolve_backend(authority), Some(*id), "{authority}");
         }
         let long = "a".repeat(300);
         assert_eq!(m.resolve_backend(&long.to_uppercase()), None);
