@@ -17,8 +17,8 @@ pub mod compile;
 pub mod control_protocol;
 #[cfg(feature = "datapath")]
 pub mod datapath;
-pub mod deploy;
 pub mod dependents;
+pub mod deploy;
 pub mod diag;
 pub mod diff;
 #[cfg(feature = "dns")]
