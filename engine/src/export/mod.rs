@@ -782,7 +782,7 @@ endpoints = [{ ip = "10.0.0.1", ports = [5432], proto = "tcp" }]
 [services.api]
 tier = 2
 endpoints = [{ ip = "10.0.0.2", ports = [80], proto = "tcp" }]
-allow = [{ service = "db" }, { ip = "192.0.2.0/24", ports = [443], proto = "tcp" }]
+allow = [{ service = "db" }, { cidr = "192.0.2.0/24", ports = [443], proto = "tcp" }]
 requires = [
   { service = "db", version = ">=1.8", reason = "the new column" },
   { service = "db", version = "^2.0.0-rc.1, <3", when = ">=3.1", env = "qa" },
@@ -840,9 +840,9 @@ requires = [
         assert_eq!(
             rows(&db, "SELECT * FROM deployed_versions ORDER BY service, component, major, minor, patch"),
             vec![
-                "prod|api||3.0.0|3|0|0|NULL|NULL|prod.toml|6|12",
-                "prod|api|sidecar|0.2.1|0|2|1|NULL|NULL|prod.toml|7|38",
-                "prod|api|sidecar|0.10.0|0|10|0|NULL|NULL|prod.toml|7|28",
+                "prod|api||3.0.0|3|0|0|NULL|NULL|prod.toml|5|12",
+                "prod|api|sidecar|0.2.1|0|2|1|NULL|NULL|prod.toml|6|37",
+                "prod|api|sidecar|0.10.0|0|10|0|NULL|NULL|prod.toml|6|27",
                 "prod|db||1.9.0-rc.1+b7|1|9|0|rc.1|b7|prod.toml|2|23",
                 "prod|db||1.10.0|1|10|0|NULL|NULL|prod.toml|2|13",
             ]
