@@ -502,13 +502,18 @@ pub enum Command {
         /// Replace the file if it exists.
         #[arg(long)]
         force: bool,
-        /// Add the local agent's observed would-rejects, from this control socket
-        /// (`--agent=SOCKET`; `--agent` alone: the default socket).
+        /// Add the deployed-versions manifest of an environment (`ENV=FILE`, repeat for more; a
+        /// bare `FILE` when exactly one environment is exported): the `deployed_versions` table.
+        #[arg(long, value_name = "ENV=FILE")]
+        deployed: Vec<String>,
+        /// Add the local agent's observed traffic (would-rejects and the hits of the declared
+        /// dependencies), from this control socket (`--agent=SOCKET`; `--agent` alone: the
+        /// default socket).
         #[arg(long, value_name = "SOCKET", num_args = 0..=1, require_equals = true,
               default_missing_value = depfence::agent::DEFAULT_SOCKET, conflicts_with = "prometheus")]
         agent: Option<PathBuf>,
-        /// Add the whole fleet's observed would-rejects from this Prometheus (one query per
-        /// exported environment).
+        /// Add the whole fleet's observed traffic (would-rejects and the hits of the declared
+        /// dependencies) from this Prometheus (two queries per exported environment).
         #[arg(long, value_name = "URL")]
         prometheus: Option<String>,
         /// The window of observed traffic.

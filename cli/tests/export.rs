@@ -117,7 +117,7 @@ fn the_export_schema_is_the_reviewed_one() {
         "SELECT type || ' ' || name || char(10) || sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY type, name",
     );
     insta::assert_snapshot!("export_schema", schema.join("\n\n"));
-    assert_eq!(rows(&db, "PRAGMA user_version"), vec!["1"]);
+    assert_eq!(rows(&db, "PRAGMA user_version"), vec!["2"]);
 }
 
 #[test]
@@ -129,7 +129,8 @@ fn the_export_holds_the_policy_and_its_graph() {
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
         format!(
-            "wrote {}: 6 services, 6 graph edges, 5 rules, 0 observed destinations in 1 environment(s)\n",
+            "wrote {}: 6 services, 6 graph edges, 5 rules, 0 requirements, 0 deployed versions, 0 observed \
+             destinations in 1 environment(s)\n",
             db_path.display()
         )
     );
@@ -138,6 +139,7 @@ fn the_export_holds_the_policy_and_its_graph() {
     assert_eq!(
         meta,
         vec![
+            "deployed_environments=",
             "dmd_organisation=shop",
             "dmd_platform=depfence",
             "environments=prod",
@@ -145,7 +147,7 @@ fn the_export_holds_the_policy_and_its_graph() {
             "observed_source=none",
             "observed_window_secs=",
             "policy=shop",
-            "schema_version=1",
+            "schema_version=2",
         ]
     );
     assert_eq!(rows(&db, "SELECT * FROM environments"), vec!["prod|enforce"]);

@@ -105,12 +105,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Dependents { service, policy, transitive, environment, output } => {
             dependents::run(policy.path()?, format, &service, transitive, environment.as_deref(), output)
         }
-        Command::Export { policy, sqlite, environments, force, agent, prometheus, window } => {
+        Command::Export { policy, sqlite, environments, force, deployed, agent, prometheus, window } => {
             export::run(&export::Options {
                 policy: policy.path()?.to_owned(),
                 sqlite,
                 environments,
                 force,
+                deployed,
                 agent,
                 prometheus,
                 window,

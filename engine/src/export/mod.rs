@@ -1,6 +1,6 @@
-//! The policy, its dependency graph and the traffic the agents saw, as a SQLite database for
-//! ad-hoc SQL (`policyctl export --sqlite`): who owns what, who depends on whom, what is
-//! enforced, what was seen. The schema is [`SCHEMA`] (`schema.sql`), versioned by
+//! The policy, its dependency graph, what runs where and the traffic the agents saw, as a SQLite
+//! database for ad-hoc SQL (`policyctl export --sqlite`): who owns what, who depends on whom,
+//! what is enforced, which versions run and which the policy requires, what was seen. The schema is [`SCHEMA`] (`schema.sql`), versioned by
 //! [`SCHEMA_VERSION`] and documented column by column in `docs/export-schema.md`; its `owners`
 //! and `repository_metadata` views have the columns of dependency-management-data's tables of
 //! those names, so a dependency-management-data database can be joined with it.
@@ -15,19 +15,23 @@ use std::time::Duration;
 
 use rusqlite::{Connection, Transaction, params};
 
+use semver::{Op, Version, VersionReq};
+
 use crate::compile::{Compiled, EdgeKind};
+use crate::deploy::ParsedDeployed;
 use crate::diag::Sources;
 use crate::learn::{Destination, Observed};
 use crate::policy::{PolicySet, PortRange, Proto};
 use crate::snapshot::{Origin, OriginId, Snapshot};
 use crate::timefmt::rfc3339_seconds;
+use crate::usage::{HOST_RULES, Usage};
 
 /// The schema, as the `CREATE` statements of a new database.
 pub const SCHEMA: &str = include_str!("schema.sql");
 
 /// The schema's version: `meta.schema_version` and `PRAGMA user_version`. A later version only
 /// adds tables, columns and views.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The file mode of an export: readable by everyone, as a report is.
 const EXPORT_MODE: u32 = 0o644;
@@ -62,6 +66,19 @@ pub struct Evidence {
     pub window: Duration,
     /// Would-rejected destinations, as `policyctl learn` reads them.
     pub observed: Vec<Observed>,
+    /// The declared dependencies and their hits, as `policyctl unused` reads them (the agent's
+    /// `Usage` answer or [`crate::usage::usage_in_fleet`]): each backend with hits is an
+    /// allowed row of `observed_edges`.
+    pub usage: Option<Usage>,
+}
+
+/// The deployed-versions manifest of one environment.
+#[derive(Debug, Clone, Copy)]
+pub struct Manifest<'a> {
+    /// The environment it describes (an exported one).
+    pub environment: &'a str,
+    /// The manifest as read (its positions point into its sources).
+    pub manifest: &'a ParsedDeployed,
 }
 
 /// What to export.
@@ -78,6 +95,8 @@ pub struct Export<'a> {
     pub environments: Vec<String>,
     /// Observed traffic, per environment.
     pub evidence: Vec<Evidence>,
+    /// What runs, per environment (at most one manifest each).
+    pub deployed: Vec<Manifest<'a>>,
 }
 
 /// How many rows each table got.
@@ -93,6 +112,10 @@ pub struct Summary {
     pub dependencies: usize,
     /// `observed_edges`.
     pub observed_edges: usize,
+    /// `deployed_versions`.
+    pub deployed_versions: usize,
+    /// `requirements`.
+    pub requirements: usize,
 }
 
 /// Why the export was not written.
@@ -110,6 +133,12 @@ pub enum ExportError {
         /// The policy's environments, comma separated.
         known: String,
     },
+    /// A manifest for an environment that is not exported.
+    #[error("a deployed-versions manifest for environment `{0}`, which is not exported")]
+    NotExported(String),
+    /// Two manifests for one environment.
+    #[error("two deployed-versions manifests for environment `{0}`")]
+    TwoManifests(String),
     /// Writing the database failed.
     #[error("writing the export: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -131,6 +160,20 @@ pub fn write_sqlite(path: &Path, export: &Export<'_>, replace_existing: bool) ->
         return Err(ExportError::Exists(path.to_owned()));
     }
     let envs = environments(export)?;
+    for (i, manifest) in export.deployed.iter().enumerate() {
+        if !envs.iter().any(|(_, name)| name == manifest.environment) {
+            return Err(match export.compiled.snapshot.environment_index(manifest.environment) {
+                Some(_) => ExportError::NotExported(manifest.environment.to_owned()),
+                None => ExportError::UnknownEnvironment {
+                    name: manifest.environment.to_owned(),
+                    known: export.compiled.snapshot.environment_names(),
+                },
+            });
+        }
+        if export.deployed.iter().take(i).any(|m| m.environment == manifest.environment) {
+            return Err(ExportError::TwoManifests(manifest.environment.to_owned()));
+        }
+    }
     let temp = crate::durable::temp_beside(path, EXPORT_MODE).map_err(io)?;
     let mut db = Connection::open(temp.path())?;
     let summary = fill(&mut db, export, &envs)?;
@@ -175,6 +218,7 @@ fn fill(db: &mut Connection, export: &Export<'_>, envs: &[(usize, String)]) -> R
         ("observed_window_secs", observed.map_or(String::new(), |e| e.window.as_secs().to_string())),
         ("dmd_platform", "depfence".to_owned()),
         ("dmd_organisation", export.name.clone()),
+        ("deployed_environments", deployed_environments(export)),
     ];
     for (key, value) in meta {
         tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![key, value])?;
@@ -195,8 +239,15 @@ fn fill(db: &mut Connection, export: &Export<'_>, envs: &[(usize, String)]) -> R
     for evidence in &export.evidence {
         if let Some(&(index, _)) = envs.iter().find(|(_, n)| *n == evidence.environment) {
             summary.observed_edges += observed_edges(&tx, snapshot, index, evidence)?;
+            if let Some(usage) = &evidence.usage {
+                summary.observed_edges += allowed_edges(&tx, snapshot, evidence, usage)?;
+            }
         }
     }
+    for manifest in &export.deployed {
+        summary.deployed_versions += deployed_versions(&tx, snapshot, manifest)?;
+    }
+    summary.requirements = requirements(&tx, export, envs)?;
     tx.commit()?;
     Ok(summary)
 }
@@ -392,6 +443,144 @@ fn observed_edges(
     Ok(count)
 }
 
+/// `observed_edges` with verdict `allowed`: each declared dependency (backend) of a service
+/// with hits in the window. A backend is a service (kind `service`), an address block
+/// (`address`) or the service's host rules as one ([`HOST_RULES`], kind `host_rules`).
+fn allowed_edges(
+    tx: &Transaction<'_>,
+    snapshot: &Snapshot,
+    evidence: &Evidence,
+    usage: &Usage,
+) -> Result<usize, ExportError> {
+    let mut insert = tx.prepare(
+        "INSERT INTO observed_edges (from_service, environment, destination, destination_kind, destination_service, \
+         port, protocol, verdict, count, first_seen, last_seen, hosts, processes, source) \
+         VALUES (?1, ?2, ?3, ?4, ?5, NULL, NULL, 'allowed', ?6, ?7, ?8, ?9, '[]', ?10)",
+    )?;
+    let mut count = 0;
+    for service in &usage.services {
+        if snapshot.service(&service.service).is_none() {
+            continue;
+        }
+        for backend in service.backends.iter().filter(|b| b.hits > 0) {
+            let target = snapshot.service(&backend.backend).map(|(_, s)| s.name.as_str());
+            let kind = match target {
+                Some(_) => "service",
+                None if backend.backend == HOST_RULES => "host_rules",
+                None => "address",
+            };
+            insert.execute(params![
+                service.service,
+                evidence.environment,
+                backend.backend,
+                kind,
+                target,
+                i64::try_from(backend.hits).unwrap_or(i64::MAX),
+                backend.first_seen.map(rfc3339_seconds),
+                backend.last_seen.map(rfc3339_seconds),
+                serde_json::to_string(&backend.hosts).unwrap_or_default(),
+                evidence.source.as_str()
+            ])?;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// The environments with a manifest, comma separated, in name order.
+fn deployed_environments(export: &Export<'_>) -> String {
+    let mut names: Vec<&str> = export.deployed.iter().map(|m| m.environment).collect();
+    names.sort_unstable();
+    names.join(",")
+}
+
+/// A version part as an SQLite integer (saturating: SQLite integers are signed 64-bit).
+fn part(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// `deployed_versions`: one environment's manifest; services the policy does not know are left
+/// out (the CLI warns about them, as `check-deploy` does).
+fn deployed_versions(tx: &Transaction<'_>, snapshot: &Snapshot, manifest: &Manifest<'_>) -> Result<usize, ExportError> {
+    let mut insert = tx.prepare(
+        "INSERT OR IGNORE INTO deployed_versions (environment, service, component, version, major, minor, patch, \
+         prerelease, build, file, line, column) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let sources = &manifest.manifest.sources;
+    let mut count = 0;
+    for (name, service) in &manifest.manifest.deployed.services {
+        if snapshot.service(name).is_none() {
+            continue;
+        }
+        let own = service.versions.iter().map(|v| ("", v));
+        let components = service.components.iter().flat_map(|(c, vs)| vs.iter().map(move |v| (c.as_str(), v)));
+        for (component, version) in own.chain(components) {
+            let at = sources.position(version.loc);
+            let v: &Version = &version.value;
+            count += insert.execute(params![
+                manifest.environment,
+                name,
+                component,
+                v.to_string(),
+                part(v.major),
+                part(v.minor),
+                part(v.patch),
+                (!v.pre.is_empty()).then(|| v.pre.as_str()),
+                (!v.build.is_empty()).then(|| v.build.as_str()),
+                at.file,
+                at.line,
+                at.column
+            ])?;
+        }
+    }
+    Ok(count)
+}
+
+/// The lower bound of a requirement that is a single `>=X[.Y[.Z]]` comparator without a
+/// pre-release (missing parts are 0).
+pub fn simple_lower_bound(req: &VersionReq) -> Option<(u64, u64, u64)> {
+    match req.comparators.as_slice() {
+        [c] if c.op == Op::GreaterEq && c.pre.is_empty() => Some((c.major, c.minor.unwrap_or(0), c.patch.unwrap_or(0))),
+        _ => None,
+    }
+}
+
+/// `requirements`: each `requires` entry, in each exported environment where it holds.
+fn requirements(tx: &Transaction<'_>, export: &Export<'_>, envs: &[(usize, String)]) -> Result<usize, ExportError> {
+    let sources = &export.compiled.sources;
+    let mut insert = tx.prepare(
+        "INSERT INTO requirements (environment, consumer, target, version, applies_when, reason, min_major, \
+         min_minor, min_patch, file, line, column) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let mut count = 0;
+    for (_, env) in envs {
+        for required in &export.compiled.analysis.requirements {
+            let entry = &required.requirement;
+            if !entry.env.includes(env) {
+                continue;
+            }
+            let at = sources.position(entry.loc);
+            let bound = simple_lower_bound(&entry.version.value.req);
+            insert.execute(params![
+                env,
+                required.consumer,
+                entry.service.value,
+                entry.version.value.text,
+                entry.when.as_ref().map(|w| w.value.text.as_str()),
+                entry.reason,
+                bound.map(|b| part(b.0)),
+                bound.map(|b| part(b.1)),
+                bound.map(|b| part(b.2)),
+                at.file,
+                at.line,
+                at.column
+            ])?;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
 /// File name, line and column of an origin (None when unknown).
 fn position(snapshot: &Snapshot, origin: Option<&Origin>) -> (Option<String>, Option<u32>, Option<u32>) {
     match origin.and_then(|o| snapshot.debug_info().files.get(o.file as usize).map(|f| (f, o))) {
@@ -480,18 +669,28 @@ allow = [
                 source: Source::Agent,
                 window: Duration::from_secs(3600),
                 observed: vec![observed],
+                usage: None,
             }],
+            deployed: Vec::new(),
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("deps.db");
         let summary = write_sqlite(&path, &export, false).unwrap();
         assert_eq!(
             summary,
-            Summary { environments: 1, services: 2, service_edges: 1, dependencies: 2, observed_edges: 1 }
+            Summary {
+                environments: 1,
+                services: 2,
+                service_edges: 1,
+                dependencies: 2,
+                observed_edges: 1,
+                deployed_versions: 0,
+                requirements: 0
+            }
         );
         let db = Connection::open(&path).unwrap();
-        assert_eq!(rows(&db, "PRAGMA user_version"), vec!["1"]);
-        assert_eq!(rows(&db, "SELECT value FROM meta WHERE key = 'schema_version'"), vec!["1"]);
+        assert_eq!(rows(&db, "PRAGMA user_version"), vec!["2"]);
+        assert_eq!(rows(&db, "SELECT value FROM meta WHERE key = 'schema_version'"), vec!["2"]);
         assert_eq!(rows(&db, "SELECT * FROM environments"), vec!["prod|enforce"]);
         assert_eq!(
             rows(&db, "SELECT * FROM services ORDER BY name"),
@@ -538,6 +737,7 @@ allow = [
             name: "shop".into(),
             environments: Vec::new(),
             evidence: Vec::new(),
+            deployed: Vec::new(),
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("deps.db");
@@ -563,9 +763,156 @@ allow = [
             name: "shop".into(),
             environments: vec!["prd".into()],
             evidence: Vec::new(),
+            deployed: Vec::new(),
         };
         let dir = tempfile::tempdir().unwrap();
         let error = write_sqlite(&dir.path().join("deps.db"), &export, false).unwrap_err();
         assert_eq!(error.to_string(), "unknown environment `prd` (the policy has: prod, qa)");
+    }
+
+    const VERSIONED: &str = r#"version = 1
+[environments]
+prod = "enforce"
+qa = "audit"
+
+[services.db]
+tier = 1
+endpoints = [{ ip = "10.0.0.1", ports = [5432], proto = "tcp" }]
+
+[services.api]
+tier = 2
+endpoints = [{ ip = "10.0.0.2", ports = [80], proto = "tcp" }]
+allow = [{ service = "db" }, { cidr = "192.0.2.0/24", ports = [443], proto = "tcp" }]
+requires = [
+  { service = "db", version = ">=1.8", reason = "the new column" },
+  { service = "db", version = "^2.0.0-rc.1, <3", when = ">=3.1", env = "qa" },
+]
+"#;
+
+    #[test]
+    fn deployed_versions_requirements_and_allowed_traffic() {
+        let files = vec![("policy.toml".to_owned(), VERSIONED.to_owned())];
+        let parsed = parse_sources(files.clone());
+        let compiled = compile_sources(files).unwrap();
+        let manifest = crate::deploy::parse_deployed_str(
+            "prod.toml",
+            "[services.db]\nversions = [\"1.10.0\", \"1.9.0-rc.1+b7\"]\n\n\
+             [services.api]\nversions = \"3.0.0\"\ncomponents = { sidecar = [\"0.10.0\", \"0.2.1\"] }\n\n\
+             [services.ghost]\nversions = \"1.0.0\"\n",
+        );
+        assert!(manifest.diagnostics.is_empty());
+        let t = |s| Some(UNIX_EPOCH + Duration::from_secs(s));
+        let mut usage = crate::usage::declared(&compiled.snapshot, 0, "prod", Duration::from_secs(3600));
+        usage.add_rule_hits(
+            "api",
+            &usage.services[0].backends[0].rules[0].rule.clone(),
+            4,
+            t(60).unwrap(),
+            t(120).unwrap(),
+        );
+        let rise = crate::promote::fleet::Rise {
+            count: 2,
+            hosts: BTreeSet::from(["h1".to_owned()]),
+            first: t(0),
+            last: t(30),
+        };
+        usage.add_backend_hits("api", "db", &rise);
+        let export = Export {
+            policy: &parsed.policy,
+            compiled: &compiled,
+            name: "shop".into(),
+            environments: Vec::new(),
+            evidence: vec![Evidence {
+                environment: "prod".into(),
+                source: Source::Prometheus,
+                window: Duration::from_secs(3600),
+                observed: Vec::new(),
+                usage: Some(usage),
+            }],
+            deployed: vec![Manifest { environment: "prod", manifest: &manifest }],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deps.db");
+        let summary = write_sqlite(&path, &export, false).unwrap();
+        assert_eq!((summary.deployed_versions, summary.requirements, summary.observed_edges), (5, 3, 2));
+        let db = Connection::open(&path).unwrap();
+        assert_eq!(rows(&db, "SELECT value FROM meta WHERE key = 'deployed_environments'"), vec!["prod"]);
+        assert_eq!(
+            rows(&db, "SELECT * FROM deployed_versions ORDER BY service, component, major, minor, patch"),
+            vec![
+                "prod|api||3.0.0|3|0|0|NULL|NULL|prod.toml|5|12",
+                "prod|api|sidecar|0.2.1|0|2|1|NULL|NULL|prod.toml|6|37",
+                "prod|api|sidecar|0.10.0|0|10|0|NULL|NULL|prod.toml|6|27",
+                "prod|db||1.9.0-rc.1+b7|1|9|0|rc.1|b7|prod.toml|2|23",
+                "prod|db||1.10.0|1|10|0|NULL|NULL|prod.toml|2|13",
+            ]
+        );
+        // Numerically, not as text: 0.10.0 is not below 0.3.0.
+        assert_eq!(
+            rows(
+                &db,
+                "SELECT version FROM deployed_versions WHERE component = 'sidecar' AND (major, minor, patch) < (0, 3, 0)"
+            ),
+            vec!["0.2.1"]
+        );
+        assert_eq!(
+            rows(&db, "SELECT * FROM requirements ORDER BY environment, line"),
+            vec![
+                "prod|api|db|>=1.8|NULL|the new column|1|8|0|policy.toml|15|3",
+                "qa|api|db|>=1.8|NULL|the new column|1|8|0|policy.toml|15|3",
+                "qa|api|db|^2.0.0-rc.1, <3|>=3.1|NULL|NULL|NULL|NULL|policy.toml|16|3",
+            ]
+        );
+        assert_eq!(
+            rows(&db, "SELECT * FROM observed_edges ORDER BY destination"),
+            vec![
+                "api|prod|192.0.2.0/24|address|NULL|NULL|NULL|allowed|4|1970-01-01T00:01:00Z|1970-01-01T00:02:00Z|[]|[]|prometheus",
+                "api|prod|db|service|db|NULL|NULL|allowed|2|1970-01-01T00:00:00Z|1970-01-01T00:00:30Z|[\"h1\"]|[]|prometheus",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_manifest_must_be_for_an_exported_environment() {
+        let parsed = parse_sources(files());
+        let compiled = compile_sources(files()).unwrap();
+        let manifest = crate::deploy::parse_deployed_str("qa.toml", "");
+        let export = |env, environments: Vec<String>, twice: bool| {
+            let mut deployed = vec![Manifest { environment: env, manifest: &manifest }];
+            if twice {
+                deployed.push(Manifest { environment: env, manifest: &manifest });
+            }
+            let export = Export {
+                policy: &parsed.policy,
+                compiled: &compiled,
+                name: "shop".into(),
+                environments,
+                evidence: Vec::new(),
+                deployed,
+            };
+            let dir = tempfile::tempdir().unwrap();
+            write_sqlite(&dir.path().join("deps.db"), &export, false).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            export("qa", vec!["prod".into()], false),
+            Err("a deployed-versions manifest for environment `qa`, which is not exported".into())
+        );
+        assert_eq!(export("qa", Vec::new(), true), Err("two deployed-versions manifests for environment `qa`".into()));
+        assert_eq!(
+            export("prd", Vec::new(), false),
+            Err("unknown environment `prd` (the policy has: prod, qa)".into())
+        );
+        assert_eq!(export("qa", Vec::new(), false), Ok(()));
+    }
+
+    #[test]
+    fn only_a_single_at_least_comparator_has_a_lower_bound() {
+        let bound = |text: &str| simple_lower_bound(&VersionReq::parse(text).unwrap());
+        assert_eq!(bound(">=0.3"), Some((0, 3, 0)));
+        assert_eq!(bound(">=1.2.3"), Some((1, 2, 3)));
+        assert_eq!(bound(">=2"), Some((2, 0, 0)));
+        assert_eq!(bound(">=1.0.0-rc.1"), None);
+        assert_eq!(bound(">=1, <2"), None);
+        assert_eq!(bound("^1.2"), None);
     }
 }

@@ -1,9 +1,11 @@
--- The schema of `policyctl export --sqlite`, version 1. Documented column by column in
+-- The schema of `policyctl export --sqlite`, version 2. Documented column by column in
 -- docs/export-schema.md; `meta.schema_version` (and `PRAGMA user_version`) say which version a
--- file has. A later version only adds tables, columns and views.
+-- file has. A later version only adds tables, columns, views and values. Version 2 added
+-- `deployed_versions`, `requirements`, and `observed_edges` rows with verdict `allowed`.
 
 -- What the file is: one row per key (schema_version, generator, policy, snapshot_hash,
--- environments, observed_source, observed_window_secs, dmd_platform, dmd_organisation).
+-- environments, observed_source, observed_window_secs, dmd_platform, dmd_organisation,
+-- deployed_environments).
 CREATE TABLE meta (
     key TEXT PRIMARY KEY NOT NULL,
     value TEXT NOT NULL
@@ -72,12 +74,13 @@ CREATE TABLE dependencies (
 CREATE INDEX dependencies_by_target ON dependencies (to_service, environment);
 
 -- Traffic seen by the agents (`--agent` or `--prometheus`): one row per (service, environment,
--- destination, verdict). Version 1 fills only would-rejected traffic.
+-- destination, verdict). `would_reject`: destinations the policy does not allow; `allowed`
+-- (version 2): the declared dependencies (backends) that had hits in the window.
 CREATE TABLE observed_edges (
     from_service TEXT NOT NULL REFERENCES services (name),
     environment TEXT NOT NULL REFERENCES environments (name),
     destination TEXT NOT NULL,
-    destination_kind TEXT NOT NULL CHECK (destination_kind IN ('address', 'name', 'service')),
+    destination_kind TEXT NOT NULL CHECK (destination_kind IN ('address', 'name', 'service', 'host_rules')),
     destination_service TEXT REFERENCES services (name),
     port INTEGER,
     protocol TEXT CHECK (protocol IN ('tcp', 'udp')),
@@ -88,6 +91,46 @@ CREATE TABLE observed_edges (
     hosts TEXT NOT NULL,
     processes TEXT NOT NULL,
     source TEXT NOT NULL CHECK (source IN ('agent', 'prometheus'))
+) STRICT;
+
+-- What runs in each environment with a deployed-versions manifest (`--deployed ENV=FILE`): one
+-- row per (environment, service, component, version); `component` is '' for the service's own
+-- versions. The version's parts are integers, so `(major, minor, patch) < (0, 3, 0)` compares
+-- numerically (text would say '0.10.0' < '0.3').
+CREATE TABLE deployed_versions (
+    environment TEXT NOT NULL REFERENCES environments (name),
+    service TEXT NOT NULL REFERENCES services (name),
+    component TEXT NOT NULL,
+    version TEXT NOT NULL,
+    major INTEGER NOT NULL,
+    minor INTEGER NOT NULL,
+    patch INTEGER NOT NULL,
+    prerelease TEXT,
+    build TEXT,
+    file TEXT,
+    line INTEGER,
+    column INTEGER,
+    PRIMARY KEY (environment, service, component, version)
+) STRICT;
+
+CREATE INDEX deployed_versions_by_component ON deployed_versions (component, environment);
+
+-- The version requirements (`requires`) of the policy: one row per (exported environment where
+-- the requirement holds, requirement). `min_*`: the lower bound when the requirement is a single
+-- `>=X[.Y[.Z]]` comparator without a pre-release, else NULL.
+CREATE TABLE requirements (
+    environment TEXT NOT NULL REFERENCES environments (name),
+    consumer TEXT NOT NULL REFERENCES services (name),
+    target TEXT NOT NULL REFERENCES services (name),
+    version TEXT NOT NULL,
+    applies_when TEXT,
+    reason TEXT,
+    min_major INTEGER,
+    min_minor INTEGER,
+    min_patch INTEGER,
+    file TEXT,
+    line INTEGER,
+    column INTEGER
 ) STRICT;
 
 -- dependency-management-data's `owners` table, one row per service with an owner.
