@@ -122,6 +122,13 @@ pub fn rule_of(rules: &[NetRule], rule_id: u32) -> Option<&NetRule> {
     rules.get(usize::try_from(rule_id.checked_sub(1)?).ok()?)
 }
 
+/// True when two services' address rules (sorted, as a snapshot keeps them) lower to the same
+/// kernel entries: the lowering reads only each rule's block, protocol and ports, and a rule's
+/// position (its rule id). What a rule reaches and where it was written do not matter.
+pub fn same_kernel_rules(a: &[NetRule], b: &[NetRule]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x.net, x.proto, x.ports) == (y.net, y.proto, y.ports))
+}
+
 /// The kernel form of a service's address rules (`rules` sorted, as a snapshot keeps them): a
 /// host address with one port, or any port on a host without port-range rules, becomes exact
 /// keys (one per protocol); everything else a prefix with a port range. Exact keys come first for

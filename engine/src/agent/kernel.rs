@@ -38,7 +38,7 @@ use crate::datapath::{
     },
     pins::PinLayout,
 };
-use crate::lower::{CompileError, CompiledRuleset, allows_from_snapshot, compile};
+use crate::lower::{CompileError, CompiledRuleset, allows_from_snapshot, compile, same_kernel_rules};
 use crate::snapshot::{ContentHash, Snapshot};
 use crate::timefmt::{from_unix_seconds, to_unix_seconds};
 use crate::usage::{RuleName, RuleNames};
@@ -169,6 +169,24 @@ pub struct InstalledService {
     pub candidate: Option<(u32, CompiledRuleset)>,
     /// Its cgroups: id → path relative to the cgroup2 mount.
     pub cgroups: BTreeMap<u64, String>,
+    /// The state its cgroups point at.
+    pub state: CgroupState,
+}
+
+/// Which of a service's rulesets an apply writes anew (None: the installed one stays).
+struct Planned {
+    active: Option<(u32, CompiledRuleset)>,
+    /// `Some(None)`: no candidate.
+    candidate: Option<Option<(u32, CompiledRuleset)>>,
+}
+
+/// True when a service's address rules in `new` lower to the kernel entries its rules in `old`
+/// lowered to (see [`same_kernel_rules`]).
+fn same_rules(old: (&Snapshot, usize), new: (&Snapshot, usize), service: &str) -> bool {
+    match (old.0.service(service), new.0.service(service)) {
+        (Some((_, a)), Some((_, b))) => same_kernel_rules(&a.rules(old.1).net_rules, &b.rules(new.1).net_rules),
+        _ => false,
+    }
 }
 
 /// The desired state: a policy, the environment, and the cgroups matched on this machine.
@@ -183,6 +201,19 @@ pub struct Desired<'a> {
     pub matched: &'a [(&'a FoundCgroup, String)],
     /// The matched cgroups that get the programs attached.
     pub attach: &'a [&'a FoundCgroup],
+    /// The policies the kernel's rulesets were built from by the last apply (active and
+    /// candidate, with their environment indexes): a service whose address rules are the same
+    /// in the new policy keeps its ruleset (a delta apply). None: every ruleset is rebuilt.
+    pub previous: Option<Previous<'a>>,
+}
+
+/// What the last apply built the kernel's rulesets from.
+#[derive(Clone, Copy)]
+pub struct Previous<'a> {
+    /// The active policy and its environment index.
+    pub active: (&'a Snapshot, usize),
+    /// The candidate policy and its environment index.
+    pub candidate: Option<(&'a Snapshot, usize)>,
 }
 
 /// What one apply changed.
@@ -453,27 +484,50 @@ impl<D: Dataplane> Kernel<D> {
             wanted.entry(service.as_str()).or_default().push(cgroup);
         }
 
-        // 1. Write every ruleset the new state needs, before anything points at it: all of them
-        //    for a new policy (or candidate), else those of services new on this machine.
-        type Rulesets = ((u32, CompiledRuleset), Option<(u32, CompiledRuleset)>);
-        let mut fresh: BTreeMap<String, Rulesets> = BTreeMap::new();
+        // 1. Write every ruleset the new state needs, before anything points at it: for a new
+        //    policy (or candidate), those of the services whose address rules changed (all of them
+        //    without a trusted previous policy); else those of services new on this machine.
+        let previous =
+            desired.previous.filter(|p| self.applied == Some((p.active.0.hash(), p.candidate.map(|(c, _)| c.hash()))));
+        let mut fresh: BTreeMap<String, Planned> = BTreeMap::new();
         for &service in wanted.keys() {
-            if new_policy || !self.services.contains_key(service) {
-                let active = self.compile_for(desired.snapshot, desired.environment, service)?;
-                self.rule_names.insert(active.0, RuleNames::of(desired.snapshot, service, desired.environment));
-                let candidate = match desired.candidate {
-                    Some((candidate, env)) => Some(self.compile_for(candidate, env, service)?),
-                    None => None,
-                };
-                fresh.insert(service.to_owned(), (active, candidate));
+            let installed = self.services.get(service).map(|s| (s.ruleset.0, s.candidate.is_some()));
+            if installed.is_some() && !new_policy {
+                continue;
             }
+            let keep_active = installed.is_some()
+                && previous.is_some_and(|p| same_rules(p.active, (desired.snapshot, desired.environment), service));
+            let keep_candidate = installed.is_some_and(|(_, candidate)| candidate)
+                && previous.is_some_and(|p| match (p.candidate, desired.candidate) {
+                    (Some(old), Some(new)) => same_rules(old, new, service),
+                    _ => false,
+                });
+            let active = match keep_active {
+                true => None,
+                false => Some(self.compile_for(desired.snapshot, desired.environment, service)?),
+            };
+            // A kept ruleset's rules keep their meaning; their words and positions may not.
+            let id = active.as_ref().map(|a| a.0).or(installed.map(|(id, _)| id)).unwrap_or_default();
+            self.rule_names.insert(id, RuleNames::of(desired.snapshot, service, desired.environment));
+            let candidate = match (desired.candidate, keep_candidate) {
+                (Some(_), true) => None,
+                (Some((candidate, env)), false) => Some(Some(self.compile_for(candidate, env, service)?)),
+                (None, _) => Some(None),
+            };
+            fresh.insert(service.to_owned(), Planned { active, candidate });
         }
         let mut written: Vec<&CompiledRuleset> = Vec::new();
-        for (active, candidate) in fresh.values() {
-            for ruleset in std::iter::once(&active.1).chain(candidate.as_ref().map(|c| &c.1)) {
+        for planned in fresh.values() {
+            let new = planned.active.iter().chain(planned.candidate.iter().flatten());
+            for (_, ruleset) in new {
                 if let Err(e) = self.dataplane.install(ruleset) {
                     for done in &written {
                         let _ = self.dataplane.uninstall(done);
+                    }
+                    for planned in fresh.values() {
+                        if let Some((id, _)) = &planned.active {
+                            self.rule_names.remove(id);
+                        }
                     }
                     return Err(e.into());
                 }
@@ -503,11 +557,18 @@ impl<D: Dataplane> Kernel<D> {
                 .service(service)
                 .and_then(|(_, s)| s.modes.get(desired.environment).copied())
                 .unwrap_or(Mode::Off);
-            let old = self.services.remove(service);
-            let (ruleset, candidate) = match (fresh.remove(service), &old) {
-                (Some(rulesets), _) => rulesets,
-                (None, Some(old)) => (old.ruleset.clone(), old.candidate.clone()),
+            let mut old = self.services.remove(service);
+            let planned = fresh.remove(service).unwrap_or(Planned { active: None, candidate: None });
+            // What stays is taken from the old books (a placeholder left there, never retired).
+            let ruleset = match (planned.active, old.as_mut()) {
+                (Some(new), _) => new,
+                (None, Some(old)) => (old.ruleset.0, std::mem::take(&mut old.ruleset.1)),
                 (None, None) => continue,
+            };
+            let candidate = match (planned.candidate, old.as_mut()) {
+                (Some(new), _) => new,
+                (None, Some(old)) => old.candidate.as_mut().map(|(id, c)| (*id, std::mem::take(c))),
+                (None, None) => None,
             };
             let remembered = match (self.persisted.modes.get(service), &origin) {
                 (Some((m, since)), _) => Some((*m, since.map(from_unix_seconds))),
@@ -538,7 +599,7 @@ impl<D: Dataplane> Kernel<D> {
             if self.dns.is_some() && has_names {
                 flags |= FLAG_DNS;
             }
-            let state = CgroupState {
+            let mut state = CgroupState {
                 ruleset_id: ruleset.0,
                 mode: mode.code(),
                 candidate_ruleset: candidate.as_ref().map_or(0, |c| c.0),
@@ -546,9 +607,18 @@ impl<D: Dataplane> Kernel<D> {
                 counter_slot: slot,
                 generation: self.persisted.generation,
             };
+            // Only cgroups whose state changes are repointed: a service whose ruleset, mode and
+            // flags stay keeps the generation that last changed them (its events say so).
+            let unchanged = old.as_ref().filter(|o| CgroupState { generation: o.state.generation, ..state } == o.state);
+            if let Some(old) = unchanged {
+                state = old.state;
+            }
             let mut registered = BTreeMap::new();
             for cgroup in cgroups {
-                self.dataplane.set_cgroup(cgroup.id, state)?;
+                let known = old.as_ref().is_some_and(|o| o.cgroups.contains_key(&cgroup.id));
+                if !(known && unchanged.is_some()) {
+                    self.dataplane.set_cgroup(cgroup.id, state)?;
+                }
                 if !old.as_ref().is_some_and(|o| o.cgroups.contains_key(&cgroup.id)) {
                     report.registered.push(cgroup.relative.clone());
                 }
@@ -564,7 +634,7 @@ impl<D: Dataplane> Kernel<D> {
             }
             next_services.insert(
                 service.to_owned(),
-                InstalledService { slot, mode, mode_since, ruleset, candidate, cgroups: registered },
+                InstalledService { slot, mode, mode_since, ruleset, candidate, cgroups: registered, state },
             );
         }
         // Services that no longer have a cgroup here (or left the policy).

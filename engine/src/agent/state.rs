@@ -25,7 +25,7 @@ use super::control::{self, AgentStatus, CandidateStatus, ReloadStatus, Request, 
 use super::dataplane::Dataplane;
 use super::discovery::{self, Selectors};
 use super::dns::DnsRuntime;
-use super::kernel::{Desired, Kernel, KernelError, StateFileProblem};
+use super::kernel::{Desired, Kernel, KernelError, Previous, StateFileProblem};
 use super::telemetry::{self, EventLog, EventRecord};
 use crate::cgroup::{FoundCgroup, nearest_registered};
 use crate::compile::{Compiled, compile_path};
@@ -78,6 +78,9 @@ pub struct State<D: Dataplane> {
     hits_recorded: SystemTime,
     /// The backends exported per service (bounded).
     backends_seen: BTreeMap<String, BTreeSet<String>>,
+    /// The policies (active, candidate) the last apply built the kernel's rulesets from: the
+    /// next apply keeps the rulesets of services whose rules stay.
+    applied: Option<(InForce, Option<InForce>)>,
 }
 
 impl<D: Dataplane> State<D> {
@@ -134,6 +137,7 @@ impl<D: Dataplane> State<D> {
             unrecorded_hits: BTreeMap::new(),
             hits_recorded: now,
             backends_seen: BTreeMap::new(),
+            applied: None,
         }
     }
 
@@ -226,8 +230,13 @@ impl<D: Dataplane> State<D> {
         }
         let attach = discovery::attach_points(&matched);
         let candidate = self.candidate.as_ref().map(|(_, (c, e))| (&c.snapshot, *e));
-        let desired = Desired { snapshot, environment, candidate, matched: &matched, attach: &attach };
+        let previous = self.applied.as_ref().map(|((active, env), candidate)| Previous {
+            active: (&active.snapshot, *env),
+            candidate: candidate.as_ref().map(|(c, e)| (&c.snapshot, *e)),
+        });
+        let desired = Desired { snapshot, environment, candidate, matched: &matched, attach: &attach, previous };
         let report = self.kernel.apply(&desired)?;
+        self.applied = Some(((Arc::clone(&compiled), environment), self.candidate.as_ref().map(|(_, c)| c.clone())));
         self.zeroed.extend(report.counters_zeroed.iter().cloned());
         let state_file = self.kernel.state_file().to_owned();
         self.rollout.note_write(&state_file, report.state_error.clone().map_or(Ok(()), Err));
