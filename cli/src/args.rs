@@ -566,6 +566,10 @@ pub struct AgentArgs {
     /// once it exited, instead of only waiting for it.
     #[arg(long)]
     pub takeover: bool,
+    /// After a change to the policy's files, wait until they stay unchanged this long before
+    /// reading them (a burst of writes is read once).
+    #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub reload_settle: std::time::Duration,
     /// Police only this subtree of the cgroup2 mount (relative to it); the policy's cgroup paths
     /// are then relative to the subtree (as inside a container's cgroup namespace).
     #[arg(long, value_name = "PATH")]

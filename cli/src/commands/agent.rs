@@ -38,6 +38,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode, CliError> {
     };
     config.dns = args.dns.settings();
     config.lock_wait = args.lock_wait;
+    config.reload_settle = args.reload_settle;
     config.takeover = args.takeover;
     config.cgroup_root = args.cgroup_root.map(|r| r.strip_prefix("/").map_or(r.clone(), std::path::Path::to_owned));
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -36,6 +36,10 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How often the cgroup tree is scanned.
     pub scan_interval: Duration,
+    /// How long the policy's files must stay unchanged before a reload reads them (editors and
+    /// `git pull` write in several steps; a half-written policy would only fail to compile and
+    /// be read again, but costs a compile).
+    pub reload_settle: Duration,
     /// Exact-rule capacity of the kernel map (two generations must fit during a swap).
     pub rule_capacity: u32,
     /// What `promote --enforce` requires.
@@ -79,6 +83,7 @@ impl AgentConfig {
             control_socket: PathBuf::from(DEFAULT_SOCKET),
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
             scan_interval: Duration::from_millis(250),
+            reload_settle: Duration::from_millis(50),
             rule_capacity: abi::MAX_RULES,
             gate: crate::promote::GateConfig::default(),
             dns: Some(DnsSettings::default()),

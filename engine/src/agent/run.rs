@@ -130,7 +130,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 Some(Message::Dns(event)) => state.dns_event(event, SystemTime::now()),
                 Some(Message::PolicyChanged) => {
                     // Editors write in several steps: let the burst settle, then read once.
-                    reload_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));
+                    reload_at = Some(tokio::time::Instant::now() + state.config().reload_settle);
                 }
                 Some(Message::Request(request, uid, reply)) => {
                     state.drain_events(SystemTime::now());
