@@ -3,9 +3,12 @@
 //!
 //! Rulesets are installed only for services that have a cgroup on this machine. Each service
 //! keeps its counter slot across reloads and restarts (the slot map is saved in the state
-//! directory); a policy reload gives every service a fresh ruleset id, so the old and the new
-//! generation sit side by side until every cgroup has been repointed and no hook can still read
-//! the old one.
+//! directory). A policy reload is a delta: a service whose address rules changed gets a fresh
+//! ruleset id, so its old and new generation sit side by side until its cgroups have been
+//! repointed and no hook can still read the old one; a service whose rules lower to the same
+//! kernel entries as in the policy last applied (`lower::same_kernel_rules`) keeps its ruleset,
+//! and a cgroup whose state (ruleset, mode, flags) stays is not written at all, so it keeps the
+//! generation that last changed it.
 //!
 //! The state file is a cache of what the pinned maps say: when it is damaged, unreadable, or
 //! missing while the maps hold a previous agent's cgroups, the books are rebuilt from the
@@ -472,7 +475,8 @@ impl<D: Dataplane> Kernel<D> {
     }
 
     /// Brings the kernel to `desired`. With a new policy (`desired.snapshot` differs from the
-    /// last one applied) every service gets a fresh ruleset; otherwise only cgroups and
+    /// last one applied) every service whose rules changed gets a fresh ruleset (every service,
+    /// without a `desired.previous` that matches what was applied); otherwise only cgroups and
     /// services that appeared or vanished change. On error nothing of the new state is in
     /// force.
     pub fn apply(&mut self, desired: &Desired<'_>) -> Result<ApplyReport> {
