@@ -184,6 +184,26 @@ fn the_fleet_gate_decides_on_every_host_evidence() {
         "{stdout}"
     );
 
+    // `unused` fleet-wide, judged against a policy that also declares a backend nothing reaches:
+    // `db`, hit on every host, is used; the other is listed.
+    let judged = dir.path().join("judged.toml");
+    let declared = text.replace(
+        "allow = [{ service = \"db\" }]",
+        "allow = [{ service = \"db\" }, { ip = \"127.0.0.9\", ports = [9], proto = \"tcp\" }]",
+    );
+    assert_ne!(declared, text);
+    std::fs::write(&judged, declared).unwrap();
+    let out = std::process::Command::new(&policyctl)
+        .args(["unused", "--prometheus", &url, "--policy"])
+        .arg(&judged)
+        .args(["-e", "prod", "--window", WINDOW])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(10), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("unused dependency: `app` -> `127.0.0.9/32`"), "{stdout}");
+    assert!(!stdout.contains("`db`"), "{stdout}");
+
     // A host that never reported (a target that was never up): inconclusive, from a second
     // Prometheus that also scrapes it.
     let never: std::net::SocketAddr =

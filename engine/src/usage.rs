@@ -148,6 +148,9 @@ pub struct Usage {
     pub window: Duration,
     /// Every service with rules, by name.
     pub services: Vec<ServiceUse>,
+    /// The hits are known per rule (from an agent), not only per backend (Prometheus).
+    #[serde(default)]
+    pub per_rule: bool,
 }
 
 /// What nothing used in the window.
@@ -184,7 +187,7 @@ impl Usage {
                     out.dependencies.push((service.service.clone(), backend.backend.clone()));
                     continue;
                 }
-                for rule in backend.rules.iter().filter(|r| r.hits == 0) {
+                for rule in backend.rules.iter().filter(|r| self.per_rule && r.hits == 0) {
                     out.rules.push((service.service.clone(), rule.rule.clone(), rule.position.clone()));
                 }
             }
@@ -232,7 +235,7 @@ pub fn declared(snapshot: &Snapshot, env: usize, environment: &str, window: Dura
             ServiceUse { service: names.service, observed_for_secs: None, backends: backends.into_values().collect() }
         })
         .collect();
-    Usage { environment: environment.to_owned(), window, services }
+    Usage { environment: environment.to_owned(), window, services, per_rule: false }
 }
 
 impl Usage {

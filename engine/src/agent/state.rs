@@ -607,6 +607,7 @@ impl<D: Dataplane> State<D> {
         self.record_rule_hits(now, true);
         let (compiled, env) = self.active.as_ref()?;
         let mut usage = crate::usage::declared(&compiled.snapshot, *env, &self.config.environment, window);
+        usage.per_rule = true;
         usage.services.retain(|s| self.kernel.services().contains_key(&s.service));
         for service in &mut usage.services {
             let evidence = self.rollout.history().evidence(&service.service, now, window);
