@@ -13,14 +13,14 @@
 //! types and invalid versions are errors), and one run reports them all.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use semver::Version;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::diag::{Diagnostic, Diagnostics, FileId, Loc, Located, Sources};
+use crate::diag::{Diagnostic, Diagnostics, FileId, Located, Sources};
+use crate::policy::TomlReport;
 use crate::problem::{Problem, closest};
 
 const TOP_KEYS: &[&str] = &["services"];
@@ -126,33 +126,17 @@ struct Reader {
     diags: Diagnostics,
 }
 
+impl TomlReport for Reader {
+    fn file(&self) -> FileId {
+        self.file
+    }
+
+    fn diagnostics(&mut self) -> &mut Diagnostics {
+        &mut self.diags
+    }
+}
+
 impl Reader {
-    fn loc(&self, span: Range<usize>) -> Loc {
-        Loc::new(self.file, span)
-    }
-
-    fn error(&mut self, problem: Problem, span: Range<usize>, label: &str) {
-        let loc = self.loc(span);
-        self.diags.push(Diagnostic::error(problem, loc, label));
-    }
-
-    fn unknown_key(&mut self, key: &Spanned<std::borrow::Cow<'_, str>>, context: &'static str, known: &[&str]) {
-        let suggestion = closest(key.get_ref(), known.iter().copied());
-        self.error(
-            Problem::UnknownKey { key: key.get_ref().to_string(), context, suggestion },
-            key.span(),
-            "unknown key",
-        );
-    }
-
-    fn wrong_type(&mut self, key: &str, expected: &'static str, value: &Value<'_>) {
-        self.error(
-            Problem::WrongType { key: key.to_owned(), expected, found: value.get_ref().type_str() },
-            value.span(),
-            "wrong type",
-        );
-    }
-
     fn document(&mut self, root: &DeTable<'_>, deployed: &mut Deployed) {
         for (key, value) in root.iter() {
             if key.get_ref() != "services" {

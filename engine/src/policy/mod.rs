@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use ast::*;
+pub(crate) use parse::TomlReport;
 pub use parse::{POLICY_VERSION, parse_port_range};
 
 use rayon::prelude::*;

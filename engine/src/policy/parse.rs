@@ -121,16 +121,27 @@ struct Parser<'d> {
     diags: &'d mut Diagnostics,
 }
 
-impl Parser<'_> {
+/// What every reader of a TOML file with spans reports the same way: located errors, unknown
+/// keys (with the closest known one), values of the wrong type. The policy parser and the
+/// deployed-versions manifest reader implement the two accessors.
+pub(crate) trait TomlReport {
+    /// The file being read.
+    fn file(&self) -> FileId;
+    /// Where the diagnostics go.
+    fn diagnostics(&mut self) -> &mut Diagnostics;
+
+    /// A location in the file.
     fn loc(&self, span: Range<usize>) -> Loc {
-        Loc::new(self.file, span)
+        Loc::new(self.file(), span)
     }
 
+    /// An error at `span`.
     fn error(&mut self, problem: Problem, span: Range<usize>, label: &str) {
         let loc = self.loc(span);
-        self.diags.push(Diagnostic::error(problem, loc, label));
+        self.diagnostics().push(Diagnostic::error(problem, loc, label));
     }
 
+    /// A key that `context` does not know.
     fn unknown_key(&mut self, key: &Spanned<std::borrow::Cow<'_, str>>, context: &'static str, known: &[&str]) {
         let suggestion = closest(key.get_ref(), known.iter().copied());
         self.error(
@@ -140,6 +151,7 @@ impl Parser<'_> {
         );
     }
 
+    /// A value of the wrong type for `key`.
     fn wrong_type(&mut self, key: &str, expected: &'static str, value: &Value<'_>) {
         self.error(
             Problem::WrongType { key: key.to_owned(), expected, found: value.get_ref().type_str() },
@@ -147,7 +159,19 @@ impl Parser<'_> {
             "wrong type",
         );
     }
+}
 
+impl TomlReport for Parser<'_> {
+    fn file(&self) -> FileId {
+        self.file
+    }
+
+    fn diagnostics(&mut self) -> &mut Diagnostics {
+        self.diags
+    }
+}
+
+impl Parser<'_> {
     fn string<'v>(&mut self, key: &str, value: &'v Value<'_>) -> Option<&'v str> {
         let text = value.get_ref().as_str();
         if text.is_none() {
