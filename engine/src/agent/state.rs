@@ -156,6 +156,12 @@ impl<D: Dataplane> State<D> {
         &mut self.kernel
     }
 
+    /// How many policy files the last reload parsed anew (the others came from its cache).
+    #[cfg(test)]
+    pub(crate) fn policy_files_reparsed(&self) -> usize {
+        self.compiler.reparsed()
+    }
+
     /// The kernel books, for the next agent (tests restart the agent on the same dataplane).
     #[cfg(test)]
     pub(crate) fn into_kernel(self) -> Kernel<D> {
