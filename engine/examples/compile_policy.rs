@@ -2,26 +2,33 @@
 //! measurement behind BENCHMARKS.md. Run it under `/usr/bin/time -v` for the peak RSS.
 //!
 //! ```text
-//! cargo run --release -p depfence --example compile_policy -- DIR [--toml-baseline]
+//! cargo run --release -p depfence --example compile_policy -- DIR [--toml-baseline | --edit]
 //! ```
 //!
 //! `--toml-baseline` only reads the files and parses each with the raw TOML parser
 //! (`toml::de::DeTable::parse`, the parser the policy front end is built on), for comparison.
+//!
+//! `--edit` measures the incremental compile: an [`IncrementalCompiler`] compiles the directory,
+//! then one allow entry is added to one file (in memory) and the policy is compiled again,
+//! stage by stage, and checked against a full compile of the edited files (same hash, same
+//! bytes).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use depfence::compile::{CompileError, compile};
-use depfence::policy::load;
+use depfence::compile::{CompileError, IncrementalCompiler, analyze, compile, compile_sources};
+use depfence::policy::{ParseCache, load};
 
 fn main() -> ExitCode {
     let Some(path) = std::env::args().nth(1).map(PathBuf::from) else {
         eprintln!("usage: compile_policy DIR|FILE [--toml-baseline]");
         return ExitCode::FAILURE;
     };
-    if std::env::args().nth(2).as_deref() == Some("--toml-baseline") {
-        return toml_baseline(&path);
+    match std::env::args().nth(2).as_deref() {
+        Some("--toml-baseline") => return toml_baseline(&path),
+        Some("--edit") => return edit(&path),
+        _ => {}
     }
     let total = Instant::now();
 
@@ -117,17 +124,126 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Reads every `*.toml` file in `dir` and parses it with the raw TOML parser only.
-fn toml_baseline(dir: &std::path::Path) -> ExitCode {
+/// The `*.toml` files of `dir`, sorted.
+fn toml_files(dir: &std::path::Path) -> Option<Vec<PathBuf>> {
     let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
         Err(e) => {
             eprintln!("compile_policy: {}: {e}", dir.display());
-            return ExitCode::FAILURE;
+            return None;
         }
     };
     paths.retain(|p| p.extension().is_some_and(|e| e == "toml"));
     paths.sort();
+    Some(paths)
+}
+
+fn secs(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64()
+}
+
+/// The incremental compile after a one-file edit, stage by stage.
+fn edit(dir: &std::path::Path) -> ExitCode {
+    let Some(paths) = toml_files(dir) else { return ExitCode::FAILURE };
+    let started = Instant::now();
+    let mut texts = Vec::new();
+    for path in &paths {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            eprintln!("compile_policy: cannot read {}", path.display());
+            return ExitCode::FAILURE;
+        };
+        texts.push((path.display().to_string(), text));
+    }
+    println!("read          {:>9.3} s   {} files", secs(started), texts.len());
+
+    // Warm: the compiler and a bare parse cache hold the unedited policy.
+    let mut compiler = IncrementalCompiler::new();
+    let mut cache = ParseCache::new();
+    let started = Instant::now();
+    if let Err(e) = compiler.compile_sources(texts.clone()) {
+        eprintln!("compile_policy: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!("first compile {:>9.3} s   (IncrementalCompiler, empty cache)", secs(started));
+    cache.parse_sources(texts.clone());
+    // The cache's own cost: the same files again (compared, kept, merged; nothing parsed).
+    let same = texts.clone();
+    let started = Instant::now();
+    cache.parse_sources(same);
+    println!("unchanged     {:>9.3} s   parse with {} file(s) re-parsed", secs(started), cache.reparsed());
+
+    // The edit: one more allow entry in the middle file's first allow list.
+    let mut edited = texts.clone();
+    let index = edited.len() / 2;
+    let Some((name, text)) = edited.get_mut(index) else { return ExitCode::FAILURE };
+    let Some(at) = text.find("allow = [").map(|at| at + "allow = [".len()) else {
+        eprintln!("compile_policy: no allow list in {name}");
+        return ExitCode::FAILURE;
+    };
+    text.insert_str(at, "{ ip = \"198.18.7.7\", ports = [443] }, ");
+    println!("edit          one allow entry added in {name}");
+
+    // Stage by stage, on the bare cache.
+    let started = Instant::now();
+    cache.parse_sources(edited.clone());
+    println!("  parse       {:>9.3} s   {} file(s) re-parsed, merged", secs(started), cache.reparsed());
+    let Some(parsed) = cache.parsed() else { return ExitCode::FAILURE };
+    let started = Instant::now();
+    let analysis = analyze(&parsed.policy);
+    println!("  analyze     {:>9.3} s   names, rules, inferred edges, graph checks, bootstrap", secs(started));
+    let started = Instant::now();
+    let compiled = match analysis.freeze(parsed.policy.sources.clone()) {
+        Ok(compiled) => compiled,
+        Err(e) => {
+            eprintln!("compile_policy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("  freeze      {:>9.3} s   snapshot + SHA-256", secs(started));
+    let started = Instant::now();
+    let bytes = compiled.snapshot.to_bytes().unwrap_or_default();
+    println!("  encode      {:>9.3} s", secs(started));
+    // What reusing resolved services from a cache would cost at least: copying them out.
+    let started = Instant::now();
+    let copy = compiled.snapshot.content().services.clone();
+    println!("  (copy of every service's rules {:.3} s, not in the compile)", secs(started));
+    drop(copy);
+    drop(compiled);
+
+    // The real path, against a full compile of the same files.
+    let started = Instant::now();
+    let incremental = match compiler.compile_sources(edited.clone()) {
+        Ok(compiled) => compiled,
+        Err(e) => {
+            eprintln!("compile_policy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "incremental   {:>9.3} s   {} file(s) re-parsed, hash {}",
+        secs(started),
+        compiler.reparsed(),
+        incremental.snapshot.hash()
+    );
+    let started = Instant::now();
+    let full = match compile_sources(edited) {
+        Ok(compiled) => compiled,
+        Err(e) => {
+            eprintln!("compile_policy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("full          {:>9.3} s   hash {}", secs(started), full.snapshot.hash());
+    let same = full.snapshot.to_bytes().ok() == Some(bytes.clone())
+        && incremental.snapshot.to_bytes().ok() == Some(bytes)
+        && full.warning_lines() == incremental.warning_lines();
+    println!("same bytes, hash and warnings: {same}");
+    if same { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// Reads every `*.toml` file in `dir` and parses it with the raw TOML parser only.
+fn toml_baseline(dir: &std::path::Path) -> ExitCode {
+    let Some(paths) = toml_files(dir) else { return ExitCode::FAILURE };
     let started = Instant::now();
     let mut bytes = 0;
     let mut tables = 0;

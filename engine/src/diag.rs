@@ -23,7 +23,8 @@ pub type FileId = u32;
 pub struct SourceFile {
     name: Arc<str>,
     text: Arc<str>,
-    line_starts: Vec<u32>,
+    /// Shared, so cloning a file (the incremental parse cache keeps its files) copies no lines.
+    line_starts: Arc<[u32]>,
 }
 
 impl SourceFile {

@@ -28,7 +28,7 @@ use super::dns::DnsRuntime;
 use super::kernel::{Desired, Kernel, KernelError, Previous, StateFileProblem};
 use super::telemetry::{self, EventLog, EventRecord};
 use crate::cgroup::{FoundCgroup, nearest_registered};
-use crate::compile::{Compiled, compile_path};
+use crate::compile::{CompileError, Compiled, IncrementalCompiler, compile_path};
 use crate::datapath::abi::{self, user::words_addr};
 use crate::datapath::sweep::ClosedSocket;
 use crate::dns::DnsEvent;
@@ -50,6 +50,8 @@ pub struct State<D: Dataplane> {
     config: AgentConfig,
     kernel: Kernel<D>,
     active: Option<InForce>,
+    /// Compiles the policy, keeping its last parse (so a reload re-parses changed files only).
+    compiler: IncrementalCompiler,
     candidate: Option<(PathBuf, InForce)>,
     last_reload: Option<ReloadStatus>,
     found: Vec<FoundCgroup>,
@@ -121,6 +123,7 @@ impl<D: Dataplane> State<D> {
             config,
             kernel,
             active: None,
+            compiler: IncrementalCompiler::new(),
             candidate: None,
             last_reload: None,
             found: Vec::new(),
@@ -157,6 +160,12 @@ impl<D: Dataplane> State<D> {
         &mut self.kernel
     }
 
+    /// How many policy files the last reload parsed anew (the others came from its cache).
+    #[cfg(test)]
+    pub(crate) fn policy_files_reparsed(&self) -> usize {
+        self.compiler.reparsed()
+    }
+
     /// The kernel books, for the next agent (tests restart the agent on the same dataplane).
     #[cfg(test)]
     pub(crate) fn into_kernel(self) -> Kernel<D> {
@@ -166,7 +175,7 @@ impl<D: Dataplane> State<D> {
     /// Compiles the policy and, if valid, applies it. Returns whether it is in force.
     pub fn reload(&mut self, why: &str, now: SystemTime) -> bool {
         let started = std::time::Instant::now();
-        let result = self.compile(&self.config.policy).and_then(|in_force| {
+        let result = self.compile_policy().and_then(|in_force| {
             let previous = self.active.replace(in_force);
             self.apply().map_err(|e| {
                 self.active = previous;
@@ -201,9 +210,21 @@ impl<D: Dataplane> State<D> {
         ok
     }
 
+    /// The agent's policy compiled for its environment, or why not (one line each). The
+    /// compiler keeps the last parse, so a reload after an edit re-parses the edited files only.
+    fn compile_policy(&mut self) -> Result<InForce, Vec<String>> {
+        let compiled = self.compiler.compile_path(&self.config.policy);
+        self.in_force(&self.config.policy, compiled)
+    }
+
     /// The policy at `path` compiled for this agent's environment, or why not (one line each).
     fn compile(&self, path: &Path) -> Result<InForce, Vec<String>> {
-        let compiled = compile_path(path).map_err(|e| e.lines())?;
+        self.in_force(path, compile_path(path))
+    }
+
+    /// A compiled policy with the index of this agent's environment in it, or why not.
+    fn in_force(&self, path: &Path, compiled: Result<Compiled, CompileError>) -> Result<InForce, Vec<String>> {
+        let compiled = compiled.map_err(|e| e.lines())?;
         for warning in compiled.warning_lines() {
             warn!(target: "depfence::policy", "{warning}");
         }

@@ -145,6 +145,23 @@ fn at(secs: u64) -> SystemTime {
 }
 
 #[test]
+fn a_reload_reparses_only_changed_files() {
+    let mut s = Setup::new(&policy("enforce", ""), GateConfig::default());
+    assert!(s.state.reload("start", at(0)));
+    assert_eq!(s.state.policy_files_reparsed(), 1);
+    // Nothing changed: nothing is parsed again, and the same policy stays in force.
+    let hash = s.status().policy_hash;
+    assert!(s.state.reload("SIGHUP", at(1)));
+    assert_eq!(s.state.policy_files_reparsed(), 0);
+    assert_eq!(s.status().policy_hash, hash);
+    // An edit: the file is parsed again, and the new rule is in force.
+    s.write_policy(&policy("enforce", r#", { ip = "10.0.0.6", ports = [80] }"#));
+    assert!(s.state.reload("policy file changed", at(2)));
+    assert_eq!(s.state.policy_files_reparsed(), 1);
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::Allowed));
+}
+
+#[test]
 fn an_invalid_reload_keeps_the_last_good_policy() {
     let mut s = Setup::new(&policy("enforce", ""), GateConfig::default());
     assert!(s.state.reload("start", at(0)));

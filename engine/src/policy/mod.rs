@@ -14,7 +14,7 @@ pub use parse::{POLICY_VERSION, parse_port_range};
 
 use rayon::prelude::*;
 
-use crate::diag::{Diagnostic, Diagnostics, FileId, Located, SourceFile};
+use crate::diag::{Diagnostic, Diagnostics, FileId, Loc, Located, SourceFile};
 use crate::problem::Problem;
 
 /// A policy could not be read at all (as opposed to read and found invalid).
@@ -102,19 +102,163 @@ fn collect_toml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadErro
 
 /// Parses named texts as the files of one policy.
 pub fn parse_sources(files: impl IntoIterator<Item = (String, String)>) -> Parsed {
-    // Files are parsed in parallel, each on its own, then merged in order.
-    let files: Vec<(String, String)> = files.into_iter().collect();
-    let parts: Vec<parse::FilePart> = files
-        .into_par_iter()
-        .enumerate()
-        .map(|(file, (name, text))| parse::parse_file(file as FileId, SourceFile::new(name, text)))
-        .collect();
+    let mut cache = ParseCache::default();
+    cache.parse_sources(files);
+    cache.parsed.take().unwrap_or_else(|| merge(&[], Vec::new()))
+}
+
+/// What [`ParseCache`] keeps of one file: everything its parse gave but its services, which
+/// live in the merged policy (moved, never copied).
+#[derive(Debug)]
+struct CachedFile {
+    /// Its name and text (the key: a file is reused when both are the same).
+    source: SourceFile,
+    /// Its environments, layers, isolation sets and intrinsic cycles (services left out).
+    globals: PolicySet,
+    /// What parsing it found.
+    diags: Diagnostics,
+    /// Where it defines `[model]`.
+    model_at: Option<Loc>,
+    /// False when it is not valid TOML.
+    syntax_ok: bool,
+    /// How many services it defines: its run of `services` in the merged policy.
+    services: usize,
+}
+
+impl CachedFile {
+    fn new(part: parse::FilePart) -> (Self, Vec<Service>) {
+        let parse::FilePart { source, mut policy, diags, model_at, syntax_ok } = part;
+        let services = std::mem::take(&mut policy.services);
+        (CachedFile { source, globals: policy, diags, model_at, syntax_ok, services: services.len() }, services)
+    }
+}
+
+/// The incremental front end: the files of the last parse, so the next parse of the same
+/// policy re-parses only the files whose name or text changed (or that moved to another place
+/// in the file order, since locations carry the file's index), and keeps the others' parse (the
+/// AST with its locations, and its diagnostics). The merged result is the same, to the byte, as
+/// [`parse_sources`] of the same files: a file's parse depends only on its index and its text,
+/// and the merge (the one-`[model]` rule, duplicate names) runs again over all files every time.
+///
+/// Where is it decided which files are re-parsed: [`ParseCache::parse_sources`]. A file is
+/// kept when its name, its index and its whole text are equal to the cached one's (the text is
+/// compared, not hashed: no collision can keep a stale parse).
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    files: Vec<CachedFile>,
+    parsed: Option<Parsed>,
+    reparsed: usize,
+}
+
+impl ParseCache {
+    /// An empty cache: the first parse reads every file.
+    pub fn new() -> Self {
+        ParseCache::default()
+    }
+
+    /// [`load`], re-parsing only what changed since the last call. Every file is still read
+    /// (and compared with the cached text).
+    pub fn load(&mut self, path: &Path) -> Result<&Parsed, LoadError> {
+        let files = read_files(&policy_files(path)?)?;
+        Ok(self.parse_sources(files))
+    }
+
+    /// [`parse_sources`], re-parsing only the files that changed since the last call.
+    pub fn parse_sources(&mut self, files: impl IntoIterator<Item = (String, String)>) -> &Parsed {
+        let files: Vec<(String, String)> = files.into_iter().collect();
+        let mut old_files: Vec<Option<CachedFile>> = std::mem::take(&mut self.files).into_iter().map(Some).collect();
+        // The old policy's services, cut into each old file's run.
+        let mut old_services = self.parsed.take().map(|p| p.policy.services).unwrap_or_default().into_iter();
+        let mut old_runs: Vec<Vec<Service>> =
+            old_files.iter().flatten().map(|f| old_services.by_ref().take(f.services).collect()).collect();
+        let keep: Vec<bool> = files
+            .iter()
+            .zip(old_files.iter().map(Some).chain(std::iter::repeat(None)))
+            .map(|((name, text), old)| {
+                old.and_then(Option::as_ref).is_some_and(|old| old.source.name() == name && old.source.text() == text)
+            })
+            .collect();
+        let fresh: Vec<Option<parse::FilePart>> = files
+            .into_par_iter()
+            .zip(keep.par_iter())
+            .enumerate()
+            .map(|(file, ((name, text), &keep))| {
+                (!keep).then(|| parse::parse_file(file as FileId, SourceFile::new(name, text)))
+            })
+            .collect();
+        self.reparsed = fresh.iter().flatten().count();
+        let mut kept_files = Vec::with_capacity(fresh.len());
+        let mut runs = Vec::with_capacity(fresh.len());
+        for (index, part) in fresh.into_iter().enumerate() {
+            let (file, services) = match part {
+                Some(part) => CachedFile::new(part),
+                None => {
+                    let old = old_files.get_mut(index).and_then(Option::take);
+                    let run = old_runs.get_mut(index).map(std::mem::take).unwrap_or_default();
+                    match old {
+                        Some(old) => (old, run),
+                        // Not reached: a kept file has an old one at its index.
+                        None => continue,
+                    }
+                }
+            };
+            kept_files.push(file);
+            runs.push(services);
+        }
+        self.files = kept_files;
+        self.parsed.insert(merge(&self.files, runs))
+    }
+
+    /// The result of the last parse, if any.
+    pub fn parsed(&self) -> Option<&Parsed> {
+        self.parsed.as_ref()
+    }
+
+    /// How many files the last parse read anew (the others came from the cache).
+    pub fn reparsed(&self) -> usize {
+        self.reparsed
+    }
+}
+
+/// Merges files parsed on their own, in order, into one policy: each file's globals and its
+/// run of services (`services`, one per file), the parse diagnostics, then the checks across
+/// files (one `[model]`, names defined twice).
+fn merge(files: &[CachedFile], services: Vec<Vec<Service>>) -> Parsed {
     let mut policy = PolicySet::default();
     let mut diagnostics = Diagnostics::default();
-    let mut model_at = None;
+    let mut model_at: Option<Loc> = None;
     let mut syntax_ok = true;
-    for part in parts {
-        syntax_ok &= part.merge_into(&mut policy, &mut model_at, &mut diagnostics);
+    policy.services.reserve_exact(services.iter().map(Vec::len).sum());
+    for (file, mut run) in files.iter().zip(services) {
+        policy.sources.push(file.source.clone());
+        diagnostics.extend(file.diags.clone());
+        let globals = &file.globals;
+        let mut model_used = true;
+        if let Some(here) = file.model_at {
+            match model_at {
+                Some(first) => {
+                    // A second `[model]` is reported, and not used.
+                    diagnostics.push(
+                        Diagnostic::error(
+                            Problem::Duplicate { kind: "table", name: "model".into() },
+                            here,
+                            "defined again here",
+                        )
+                        .with_note(first, "first defined here"),
+                    );
+                    model_used = false;
+                }
+                None => model_at = Some(here),
+            }
+        }
+        policy.environments.extend(globals.environments.iter().cloned());
+        if model_used {
+            policy.layers.extend(globals.layers.iter().cloned());
+            policy.isolated.extend(globals.isolated.iter().cloned());
+        }
+        policy.services.append(&mut run);
+        policy.intrinsic_cycles.extend(globals.intrinsic_cycles.iter().cloned());
+        syntax_ok &= file.syntax_ok;
     }
     check_duplicates(&policy, &mut diagnostics);
     Parsed { policy, diagnostics, syntax_ok }

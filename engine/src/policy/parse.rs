@@ -47,18 +47,19 @@ const CYCLE_KEYS: &[&str] = &["services", "reason"];
 type Value<'i> = Spanned<DeValue<'i>>;
 
 /// One file parsed on its own: its part of the policy, its diagnostics, and where it defines
-/// `[model]` (which only one file may do; [`FilePart::merge_into`] checks that).
-pub(crate) struct FilePart {
-    source: SourceFile,
-    policy: PolicySet,
-    diags: Diagnostics,
-    model_at: Option<Loc>,
-    syntax_ok: bool,
+/// `[model]` (which only one file may do; the merge in [`super::merge`] checks that).
+pub(super) struct FilePart {
+    pub(super) source: SourceFile,
+    pub(super) policy: PolicySet,
+    pub(super) diags: Diagnostics,
+    pub(super) model_at: Option<Loc>,
+    pub(super) syntax_ok: bool,
 }
 
 /// Parses one file. When it is not valid TOML, only the syntax errors are kept (its content is
 /// not used, so later stages do not report problems that only follow from the bad syntax).
-pub(crate) fn parse_file(file: FileId, source: SourceFile) -> FilePart {
+/// The result depends only on `file` and the text: the incremental cache relies on it.
+pub(super) fn parse_file(file: FileId, source: SourceFile) -> FilePart {
     let mut policy = PolicySet::default();
     let mut diags = Diagnostics::default();
     let mut model_at = None;
@@ -75,45 +76,6 @@ pub(crate) fn parse_file(file: FileId, source: SourceFile) -> FilePart {
         }
     }
     FilePart { source, policy, diags, model_at, syntax_ok }
-}
-
-impl FilePart {
-    /// Appends this file to the policy read so far; `model_at` is where the files before it
-    /// defined `[model]`, if any. Returns false when the file is not valid TOML.
-    pub(crate) fn merge_into(
-        self,
-        policy: &mut PolicySet,
-        model_at: &mut Option<Loc>,
-        diags: &mut Diagnostics,
-    ) -> bool {
-        let FilePart { source, policy: mut part, diags: found, model_at: here, syntax_ok } = self;
-        policy.sources.push(source);
-        diags.extend(found);
-        if let Some(here) = here {
-            match *model_at {
-                Some(first) => {
-                    // A second `[model]` is reported, and not used.
-                    diags.push(
-                        Diagnostic::error(
-                            Problem::Duplicate { kind: "table", name: "model".into() },
-                            here,
-                            "defined again here",
-                        )
-                        .with_note(first, "first defined here"),
-                    );
-                    part.layers.clear();
-                    part.isolated.clear();
-                }
-                None => *model_at = Some(here),
-            }
-        }
-        policy.environments.append(&mut part.environments);
-        policy.layers.append(&mut part.layers);
-        policy.isolated.append(&mut part.isolated);
-        policy.services.append(&mut part.services);
-        policy.intrinsic_cycles.append(&mut part.intrinsic_cycles);
-        syntax_ok
-    }
 }
 
 struct Parser<'d> {

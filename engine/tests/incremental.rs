@@ -1,0 +1,261 @@
+//! The incremental compile against the full one, as a model: random edit sequences on a small
+//! multi-file policy (STYLE.md, "Test against a simple model"), and after every step the
+//! incremental result must equal a full compile of the same files: the same snapshot bytes and
+//! hash, the same diagnostics, the same parse (AST, locations, diagnostics).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "test helpers outside #[test] functions: a failing test should say where"
+)]
+
+use depfence::compile::{CompileError, Compiled, IncrementalCompiler, compile_sources};
+use depfence::policy::{ParseCache, parse_sources};
+use proptest::prelude::*;
+
+/// One service as the model holds it.
+#[derive(Debug, Clone)]
+struct Svc {
+    /// Unique among all services ever created (a duplicate name comes only from `Duplicate`).
+    name: String,
+    /// Allow entries: a service reference by number (may name no service: an error) or a raw IP.
+    allow: Vec<Entry>,
+    /// The layer (index into `LAYERS`).
+    layer: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Service(usize),
+    Ip(u8),
+}
+
+const LAYERS: &[&str] = &["data", "core", "edge"];
+
+/// One file: its services, or a syntax error in it, or deleted.
+#[derive(Debug, Clone)]
+struct File {
+    services: Vec<Svc>,
+    broken: bool,
+    deleted: bool,
+    /// Bumped by `Reformat`: comment lines before the services, so locations shift.
+    padding: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    EditAllow { file: usize, service: usize, allow: Vec<Entry> },
+    AddService { file: usize, layer: usize },
+    RemoveService { file: usize, service: usize },
+    Touch,
+    Reformat { file: usize },
+    Delete { file: usize },
+    Restore { file: usize },
+    Break { file: usize },
+    Fix { file: usize },
+    Duplicate { file: usize, service: usize },
+    SecondModel { file: usize },
+}
+
+fn entry() -> impl Strategy<Value = Entry> {
+    prop_oneof![(0usize..14).prop_map(Entry::Service), (0u8..12).prop_map(Entry::Ip)]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let file = 0usize..4;
+    prop_oneof![
+        4 => (file.clone(), 0usize..6, prop::collection::vec(entry(), 0..4))
+            .prop_map(|(file, service, allow)| Op::EditAllow { file, service, allow }),
+        2 => (file.clone(), 0usize..3).prop_map(|(file, layer)| Op::AddService { file, layer }),
+        2 => (file.clone(), 0usize..6).prop_map(|(file, service)| Op::RemoveService { file, service }),
+        1 => Just(Op::Touch),
+        1 => file.clone().prop_map(|file| Op::Reformat { file }),
+        1 => file.clone().prop_map(|file| Op::Delete { file }),
+        1 => file.clone().prop_map(|file| Op::Restore { file }),
+        1 => file.clone().prop_map(|file| Op::Break { file }),
+        2 => file.clone().prop_map(|file| Op::Fix { file }),
+        1 => (file.clone(), 0usize..6).prop_map(|(file, service)| Op::Duplicate { file, service }),
+        1 => file.prop_map(|file| Op::SecondModel { file }),
+    ]
+}
+
+struct Model {
+    files: Vec<File>,
+    next: usize,
+    /// The file (by index) that holds a second `[model]`, if any.
+    second_model: Option<usize>,
+}
+
+impl Model {
+    fn new() -> Self {
+        let mut model = Model { files: Vec::new(), next: 0, second_model: None };
+        for file in 0..4 {
+            let services = (0..3).map(|i| model.service((file + i) % 3, Vec::new())).collect();
+            model.files.push(File { services, broken: false, deleted: false, padding: 0 });
+        }
+        model
+    }
+
+    fn service(&mut self, layer: usize, allow: Vec<Entry>) -> Svc {
+        self.next += 1;
+        Svc { name: format!("s{}", self.next), allow, layer }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match op.clone() {
+            Op::EditAllow { file, service, allow } => {
+                if let Some(s) = self.files.get_mut(file).and_then(|f| f.services.get_mut(service)) {
+                    s.allow = allow;
+                }
+            }
+            Op::AddService { file, layer } => {
+                let s = self.service(layer, vec![Entry::Service(1)]);
+                if let Some(f) = self.files.get_mut(file) {
+                    f.services.push(s);
+                }
+            }
+            Op::RemoveService { file, service } => {
+                if let Some(f) = self.files.get_mut(file)
+                    && service < f.services.len()
+                {
+                    f.services.remove(service);
+                }
+            }
+            Op::Touch => {}
+            Op::Reformat { file } => self.files[file].padding += 1,
+            Op::Delete { file } => self.files[file].deleted = true,
+            Op::Restore { file } => self.files[file].deleted = false,
+            Op::Break { file } => self.files[file].broken = true,
+            Op::Fix { file } => {
+                self.files[file].broken = false;
+                if self.second_model == Some(file) {
+                    self.second_model = None;
+                }
+                // Duplicates are fixed too: every name unique again.
+                let names: Vec<String> = self.files.iter().flat_map(|f| &f.services).map(|s| s.name.clone()).collect();
+                let mut seen = std::collections::BTreeSet::new();
+                for (i, name) in names.iter().enumerate() {
+                    if !seen.insert(name.clone()) {
+                        let fresh = format!("s{}", self.next + 1 + i);
+                        for s in self.files.iter_mut().flat_map(|f| &mut f.services).filter(|s| &s.name == name).skip(1)
+                        {
+                            s.name = fresh.clone();
+                        }
+                    }
+                }
+                self.next += names.len() + 1;
+            }
+            Op::Duplicate { file, service } => {
+                let copy = self.files.iter().flat_map(|f| &f.services).nth(service).cloned();
+                if let Some(copy) = copy {
+                    self.files[file].services.push(copy);
+                }
+            }
+            Op::SecondModel { file } => self.second_model = Some(file),
+        }
+    }
+
+    /// The policy's files: a global file, then the team files not deleted.
+    fn texts(&self) -> Vec<(String, String)> {
+        let mut out = vec![(
+            "00-global.toml".to_owned(),
+            "version = 1\n\n[environments]\nqa = \"enforce\"\nprod = \"audit\"\n\n[model]\nlayers = [\"data\", \"core\", \"edge\"]\n"
+                .to_owned(),
+        )];
+        let all: Vec<&str> = self.files.iter().flat_map(|f| &f.services).map(|s| s.name.as_str()).collect();
+        for (index, file) in self.files.iter().enumerate() {
+            if file.deleted {
+                continue;
+            }
+            let mut text = String::from("version = 1\n");
+            for _ in 0..file.padding {
+                text.push_str("# reformatted\n");
+            }
+            if self.second_model == Some(index) {
+                text.push_str("[model]\nlayers = [\"other\"]\n");
+            }
+            for s in &file.services {
+                text.push_str(&format!("\n[services.{}]\nlayer = \"{}\"\n", s.name, LAYERS[s.layer]));
+                let n = s.name.trim_start_matches('s').parse::<u32>().unwrap_or(0);
+                text.push_str(&format!(
+                    "endpoints = [{{ ip = \"10.0.{}.{}\", ports = [443] }}]\n",
+                    n / 200,
+                    n % 200 + 1
+                ));
+                text.push_str("allow = [\n");
+                for e in &s.allow {
+                    match e {
+                        Entry::Service(i) => {
+                            let name = all.get(*i).copied().unwrap_or("ghost");
+                            text.push_str(&format!("  {{ service = \"{name}\" }},\n"));
+                        }
+                        Entry::Ip(last) => text.push_str(&format!("  {{ ip = \"10.0.0.{last}\" }},\n")),
+                    }
+                }
+                text.push_str("]\n");
+            }
+            if file.broken {
+                text.push_str("[services.oops\nallow = [\n");
+            }
+            out.push((format!("team-{index}.toml"), text));
+        }
+        out
+    }
+}
+
+/// What a compile gave, in comparable form.
+fn outcome(result: &Result<Compiled, CompileError>) -> (Option<Vec<u8>>, Option<String>, Vec<String>) {
+    match result {
+        Ok(compiled) => (
+            Some(compiled.snapshot.to_bytes().unwrap()),
+            Some(compiled.snapshot.hash().to_string()),
+            compiled.warning_lines(),
+        ),
+        Err(error) => (None, None, error.lines()),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_equals_full(ops in prop::collection::vec(op(), 1..24)) {
+        let mut model = Model::new();
+        let mut compiler = IncrementalCompiler::new();
+        let mut cache = ParseCache::new();
+        let first = model.texts();
+        prop_assert_eq!(outcome(&compiler.compile_sources(first.clone())), outcome(&compile_sources(first)));
+        for op in &ops {
+            model.apply(op);
+            let texts = model.texts();
+            let full = compile_sources(texts.clone());
+            let incremental = compiler.compile_sources(texts.clone());
+            prop_assert_eq!(outcome(&incremental), outcome(&full), "after {:?}", op);
+            // The parse itself: the AST with its locations, and the diagnostics.
+            let full_parse = format!("{:?}", parse_sources(texts.clone()));
+            let cached_parse = format!("{:?}", cache.parse_sources(texts.clone()));
+            prop_assert_eq!(cached_parse, full_parse, "after {:?}", op);
+        }
+    }
+}
+
+/// A one-file edit re-parses that file only; an unchanged policy re-parses nothing.
+#[test]
+fn only_changed_files_are_reparsed() {
+    let mut model = Model::new();
+    let mut compiler = IncrementalCompiler::new();
+    let first = compiler.compile_sources(model.texts());
+    assert!(first.is_ok(), "{:?}", first.err().map(|e| e.lines()));
+    assert_eq!(compiler.reparsed(), 5);
+    let _ = compiler.compile_sources(model.texts());
+    assert_eq!(compiler.reparsed(), 0);
+    model.apply(&Op::EditAllow { file: 2, service: 0, allow: vec![Entry::Ip(3)] });
+    let result = compiler.compile_sources(model.texts());
+    assert_eq!(compiler.reparsed(), 1);
+    assert_eq!(outcome(&result), outcome(&compile_sources(model.texts())));
+    // A file deleted: the ones after it move up, so they are parsed again (locations hold
+    // the file's index); the ones before it are kept.
+    model.apply(&Op::Delete { file: 1 });
+    let _ = compiler.compile_sources(model.texts());
+    assert_eq!(compiler.reparsed(), 2);
+}
