@@ -31,6 +31,14 @@ impl Selectors {
     /// The selectors of every service of `snapshot` that has one. A regex that does not compile
     /// (the compiler has already checked them) is skipped.
     pub fn new(snapshot: &Snapshot) -> Self {
+        Self::reusing(snapshot, None)
+    }
+
+    /// [`Selectors::new`], taking the compiled regexes of `previous` (the last policy's) that
+    /// are the same: a policy edit compiles only its new ones.
+    pub fn reusing(snapshot: &Snapshot, previous: Option<&Selectors>) -> Self {
+        let known: std::collections::HashMap<&str, &Regex> =
+            previous.map(|p| p.regexes.iter().map(|(re, _)| (re.as_str(), re)).collect()).unwrap_or_default();
         let mut selectors = Selectors::default();
         for service in snapshot.services() {
             match &service.selector {
@@ -38,7 +46,9 @@ impl Selectors {
                     selectors.exact.entry(path.trim_matches('/').to_owned()).or_insert_with(|| service.name.clone());
                 }
                 Some(Selector::Regex(re)) => {
-                    if let Ok(re) = Regex::new(&format!("^(?:{re})$")) {
+                    let anchored = format!("^(?:{re})$");
+                    let compiled = known.get(anchored.as_str()).map(|re| Ok((*re).clone()));
+                    if let Ok(re) = compiled.unwrap_or_else(|| Regex::new(&anchored)) {
                         selectors.regexes.push((re, service.name.clone()));
                     }
                 }
@@ -161,6 +171,21 @@ cgroup = { regex = "system\\.slice/.*" }
         assert_eq!(selectors.service_of("kubepods/x/web-12"), Some("web"));
         assert_eq!(selectors.service_of("kubepods/x/web-12/child"), None);
         assert_eq!(selectors.service_of("x/kubepods/x/web-1"), None);
+    }
+
+    #[test]
+    fn an_edited_policy_reuses_the_regexes_it_keeps() {
+        let first = Selectors::new(&snapshot(POLICY));
+        let edited = POLICY.replace("web-[0-9]+", "web-[a-z]+");
+        let second = Selectors::reusing(&snapshot(&edited), Some(&first));
+        // The changed regex is the new one; the kept one matches as before.
+        assert_eq!(second.service_of("kubepods/x/web-12"), None);
+        assert_eq!(second.service_of("kubepods/x/web-ab"), Some("web"));
+        assert_eq!(second.service_of("system.slice/cron.service"), Some("all-system"));
+        let fresh = Selectors::new(&snapshot(&edited));
+        for path in ["kubepods/x/web-ab", "kubepods/x/web-1", "system.slice/a.service", "other"] {
+            assert_eq!(second.service_of(path), fresh.service_of(path), "{path}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::dns::DnsEvent;
 use crate::explain::{Environments, Live, explain};
 use crate::lower::proto_of;
 use crate::promote::{Actor, ModeRequest, Rollout, user_name};
-use crate::snapshot::{Connection, Snapshot};
+use crate::snapshot::{Connection, ContentHash, Snapshot};
 use crate::timefmt::{rfc3339_seconds, unix_seconds};
 use crate::verdict::{Mode, Verdict};
 
@@ -83,6 +83,11 @@ pub struct State<D: Dataplane> {
     /// The policies (active, candidate) the last apply built the kernel's rulesets from: the
     /// next apply keeps the rulesets of services whose rules stay.
     applied: Option<(InForce, Option<InForce>)>,
+    /// The cgroup selectors of the policy in force (its regexes compiled once per policy, not
+    /// at every apply), with the policy's hash.
+    selectors: Option<(ContentHash, Arc<Selectors>)>,
+    /// How long the last apply's kernel part took (the reload log says it).
+    kernel_apply: Duration,
 }
 
 impl<D: Dataplane> State<D> {
@@ -141,6 +146,8 @@ impl<D: Dataplane> State<D> {
             hits_recorded: now,
             backends_seen: BTreeMap::new(),
             applied: None,
+            selectors: None,
+            kernel_apply: Duration::ZERO,
         }
     }
 
@@ -175,13 +182,16 @@ impl<D: Dataplane> State<D> {
     /// Compiles the policy and, if valid, applies it. Returns whether it is in force.
     pub fn reload(&mut self, why: &str, now: SystemTime) -> bool {
         let started = std::time::Instant::now();
+        let mut compiled_at = started;
         let result = self.compile_policy().and_then(|in_force| {
+            compiled_at = std::time::Instant::now();
             let previous = self.active.replace(in_force);
             self.apply().map_err(|e| {
                 self.active = previous;
                 vec![format!("applying to the kernel: {e}")]
             })
         });
+        let applied_at = std::time::Instant::now();
         let ok = result.is_ok();
         let errors = result.err().unwrap_or_default();
         if ok {
@@ -193,6 +203,9 @@ impl<D: Dataplane> State<D> {
                 reason = why,
                 generation = self.kernel.generation(),
                 hash,
+                compile_ms = compiled_at.duration_since(started).as_millis() as u64,
+                apply_ms = applied_at.duration_since(compiled_at).as_millis() as u64,
+                kernel_ms = self.kernel_apply.as_millis() as u64,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "policy applied"
             );
@@ -244,7 +257,15 @@ impl<D: Dataplane> State<D> {
     fn apply(&mut self) -> Result<(), KernelError> {
         let Some((compiled, environment)) = self.active.clone() else { return Ok(()) };
         let snapshot = &compiled.snapshot;
-        let selectors = Selectors::new(snapshot);
+        let selectors = match &self.selectors {
+            Some((hash, selectors)) if *hash == snapshot.hash() => Arc::clone(selectors),
+            _ => {
+                let previous = self.selectors.as_ref().map(|(_, s)| s.as_ref());
+                let selectors = Arc::new(Selectors::reusing(snapshot, previous));
+                self.selectors = Some((snapshot.hash(), Arc::clone(&selectors)));
+                selectors
+            }
+        };
         let (matched, conflicts) = selectors.assign(&self.found);
         for c in &conflicts {
             warn!(cgroup = c.cgroup, chosen = c.chosen, also = c.also, "two services select one cgroup");
@@ -256,7 +277,9 @@ impl<D: Dataplane> State<D> {
             candidate: candidate.as_ref().map(|(c, e)| (&c.snapshot, *e)),
         });
         let desired = Desired { snapshot, environment, candidate, matched: &matched, attach: &attach, previous };
+        let kernel_started = std::time::Instant::now();
         let report = self.kernel.apply(&desired)?;
+        self.kernel_apply = kernel_started.elapsed();
         self.applied = Some(((Arc::clone(&compiled), environment), self.candidate.as_ref().map(|(_, c)| c.clone())));
         self.zeroed.extend(report.counters_zeroed.iter().cloned());
         let state_file = self.kernel.state_file().to_owned();
