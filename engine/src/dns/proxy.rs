@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
@@ -302,7 +303,7 @@ async fn serve_udp(inner: Arc<Inner>, socket: Arc<PktUdp>) {
         };
         let inner = Arc::clone(&inner);
         let socket = Arc::clone(&socket);
-        tokio::spawn(async move {
+        let mut answering = Box::pin(async move {
             let _permit = permit;
             let who = inner.attributor.attribute(datagram.client, datagram.local, Transport::Udp);
             if let Some(reply) =
@@ -312,6 +313,12 @@ async fn serve_udp(inner: Arc<Inner>, socket: Arc<PktUdp>) {
                 let _ = socket.send(&reply, datagram.client, datagram.local.ip()).await;
             }
         });
+        // What is answered without waiting (a cache hit, a refusal, an error) is answered here,
+        // on the listener's thread, as soon as it arrives; what waits (upstream) goes on as its
+        // own task, which polls it again with its own waker.
+        if answering.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+            tokio::spawn(answering);
+        }
     }
 }
 
