@@ -5,6 +5,9 @@
 //! a response, with the query's id and question, no larger than the client accepts, with TTLs
 //! at most the cap. Enforce never sends a denied name upstream (unless probing), nor a
 //! question nobody was attributed unless told to; only allowed answers enter the allow set.
+//! The same question asked again (another id; answered from the answer cache when the first
+//! answer may be kept) gets the same judgement and reply, with its own id, and a hit goes
+//! nowhere upstream.
 #![no_main]
 
 use std::future::Future;
@@ -13,7 +16,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use depfence::dns::{
-    AllowChange, AllowSet, Answerer, DenyResponse, DnsEvent, DnsPolicy, Transport, TtlBounds, Unattributed,
+    AllowChange, AllowSet, Answerer, CacheUse, DenyResponse, DnsEvent, DnsPolicy, Transport, TtlBounds, Unattributed,
 };
 use depfence::verdict::Verdict;
 use depfence_fuzz::dns::{Asker, DnsCase, MemoryUpstream};
@@ -29,6 +32,7 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> =
 fuzz_target!(|data: &[u8]| {
     let Some(case) = DnsCase::parse(data) else { return };
     let events = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::clone(&events);
     let sink = {
         let events = Arc::clone(&events);
         move |e: DnsEvent| events.lock().unwrap().push(e)
@@ -121,5 +125,42 @@ fuzz_target!(|data: &[u8]| {
     let allowed = events.iter().any(|e| matches!(e, DnsEvent::Query(q) if q.verdict == Verdict::Allowed));
     if !allowed {
         assert!(allow.is_empty(), "addresses admitted for a name that was not allowed");
+    }
+
+    // Again, with another id: the same judgement and the same reply (but for the id and the
+    // TTLs' age), from the cache when the first answer could be kept.
+    let (Some(first), Some(_)) = (&reply, single_question) else { return };
+    let mut again = case.query.to_vec();
+    let Some(id) = again.get_mut(..2) else { return };
+    id[0] ^= 0xff;
+    let second = {
+        let _runtime = RUNTIME.enter();
+        let mut answering = pin!(answerer.answer(&again, case.setup.asker.attribution(), client, local, transport));
+        match answering.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(reply) => reply,
+            Poll::Pending => panic!("answering again waited"),
+        }
+    };
+    RUNTIME.block_on(tokio::task::yield_now());
+    let second = second.expect("silence for a question answered before");
+    let (first, second) = (Message::from_vec(first).unwrap(), Message::from_vec(&second).unwrap());
+    assert_eq!(second.metadata.id.to_be_bytes(), again[..2], "the second reply's id is not its query's");
+    assert_eq!(second.metadata.response_code, first.metadata.response_code);
+    assert_eq!(second.queries, first.queries);
+    let strip = |m: &Message| m.answers.iter().map(|r| (r.name.clone(), r.data.clone())).collect::<Vec<_>>();
+    assert_eq!(strip(&second), strip(&first), "a second answer differs from the first");
+    let all = store.lock().unwrap().clone();
+    let judged: Vec<_> = all
+        .iter()
+        .filter_map(|e| match e {
+            DnsEvent::Query(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    if let [one, two] = judged.as_slice() {
+        assert_eq!((one.verdict, &one.addrs), (two.verdict, &two.addrs), "judged otherwise the second time");
+        if two.cache == CacheUse::Hit {
+            assert_eq!(answerer.upstream().asked().len(), asked.len(), "a cache hit went upstream");
+        }
     }
 });

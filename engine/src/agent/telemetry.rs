@@ -307,6 +307,9 @@ pub fn export_dns_event(event: &DnsEvent) {
             if q.upstream_error.is_some() {
                 counter!("depfence_dns_upstream_failures_total", "service" => service).increment(1);
             }
+            if q.cache != crate::dns::CacheUse::NotAsked {
+                counter!("depfence_dns_cache_total", "result" => q.cache.as_str()).increment(1);
+            }
         }
         DnsEvent::Unattributed { .. } => counter!("depfence_dns_unattributed_total").increment(1),
         DnsEvent::SharedAddress(shared) => {

@@ -13,7 +13,8 @@ use arc_swap::ArcSwap;
 
 use super::allow::AllowSet;
 use super::attrib::{Attribution, Transport};
-use super::event::{DnsEvent, EventSink, QueryEvent};
+use super::cache::{AnswerCache, CacheKey, CacheSettings, CacheStats};
+use super::event::{CacheUse, DnsEvent, EventSink, QueryEvent};
 use super::names::DnsPolicy;
 use super::upstream::{Servers, Upstream, UpstreamError};
 use crate::policy::Mode;
@@ -53,13 +54,23 @@ pub struct AnswerSettings {
     pub probe_denied: bool,
 }
 
+/// The clock an [`Answerer`] reads (the cache's ages, the allow set's deadlines): [`now`](super::now)
+/// unless a test gives its own.
+pub type Clock = Arc<dyn Fn() -> std::time::Instant + Send + Sync>;
+
 /// Answers DNS messages, one at a time, as the proxy does: what answering needs (the settings,
-/// where to forward, the policy in force, the allow set the answers feed, where events go) and
-/// no socket. The proxy's listeners share one; tests and the fuzz targets call it directly with
-/// an in-memory [`Upstream`].
+/// where to forward, the answer cache in front of it, the policy in force, the allow set the
+/// answers feed, where events go) and no socket. The proxy's listeners share one; tests and the
+/// fuzz targets call it directly with an in-memory [`Upstream`].
+///
+/// The cache only saves the trip upstream: every question is judged by its asker's policy, and
+/// an answer from the cache admits its addresses (with what is left of their TTLs) and is
+/// reported exactly as a fresh one.
 pub struct Answerer<U = Servers> {
     settings: AnswerSettings,
     upstream: U,
+    cache: AnswerCache,
+    clock: Clock,
     policy: ArcSwap<DnsPolicy>,
     allow: Arc<AllowSet>,
     events: Box<dyn EventSink>,
@@ -148,7 +159,56 @@ impl<U: Upstream> Answerer<U> {
         allow: Arc<AllowSet>,
         events: impl EventSink + 'static,
     ) -> Answerer<U> {
-        Answerer { settings, upstream, policy: ArcSwap::from_pointee(policy), allow, events: Box::new(events) }
+        let cache = AnswerCache::new(CacheSettings::default(), allow.bounds().cap);
+        Answerer {
+            settings,
+            upstream,
+            cache,
+            clock: Arc::new(super::now),
+            policy: ArcSwap::from_pointee(policy),
+            allow,
+            events: Box::new(events),
+        }
+    }
+
+    /// The same answerer with its answer cache bounded by `cache` (the default:
+    /// [`CacheSettings::default`]; `max_entries: 0` turns it off).
+    #[must_use]
+    pub fn with_cache(mut self, cache: CacheSettings) -> Answerer<U> {
+        self.cache = AnswerCache::new(cache, self.allow.bounds().cap);
+        self
+    }
+
+    /// The same answerer reading `clock` instead of tokio's (tests: ages and expiry without
+    /// sleeping).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Answerer<U> {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> std::time::Instant {
+        (self.clock)()
+    }
+
+    /// The answer cache's hits, misses and size.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// The answer to `query`: from the cache when it holds one, else from upstream (and kept
+    /// when it may be). Says which.
+    async fn resolve(&self, query: &Message) -> (Result<Message, UpstreamError>, CacheUse) {
+        let key = if self.cache.enabled() { CacheKey::of(query) } else { None };
+        let Some(key) = key else { return (self.upstream.forward(query).await, CacheUse::NotAsked) };
+        if let Some(hit) = self.cache.get(&key, self.now()) {
+            return (Ok(hit), CacheUse::Hit);
+        }
+        let answer = self.upstream.forward(query).await;
+        if let Ok(answer) = &answer {
+            self.cache.put(key, answer, self.now());
+        }
+        (answer, CacheUse::Miss)
     }
 
     /// Where allowed questions go.
@@ -223,7 +283,7 @@ impl<U: Upstream> Answerer<U> {
             if !forwarded {
                 return encode(&error_reply(&query, ResponseCode::Refused), transport, &query);
             }
-            let reply = match self.upstream.forward(&query).await {
+            let reply = match self.resolve(&query).await.0 {
                 Ok(answer) => self.client_reply(answer, &query),
                 Err(_) => error_reply(&query, ResponseCode::ServFail),
             };
@@ -233,7 +293,7 @@ impl<U: Upstream> Answerer<U> {
 
         let grants = service.names.grants(&name);
         let verdict = crate::verdict::decide(service.mode, !grants.is_empty());
-        let report = |reply: &Message, addrs: Vec<IpAddr>, upstream_error: Option<UpstreamError>| {
+        let report = |reply: &Message, addrs: Vec<IpAddr>, upstream_error: Option<UpstreamError>, cache: CacheUse| {
             self.events.event(DnsEvent::Query(QueryEvent {
                 who: who.clone(),
                 name: name.clone(),
@@ -244,6 +304,7 @@ impl<U: Upstream> Answerer<U> {
                 rcode: reply.metadata.response_code.to_string(),
                 addrs,
                 upstream_error,
+                cache,
                 elapsed: started.elapsed(),
             }));
         };
@@ -254,13 +315,13 @@ impl<U: Upstream> Answerer<U> {
                 DenyResponse::NxDomain => ResponseCode::NXDomain,
             };
             let reply = error_reply(&query, rcode);
-            report(&reply, Vec::new(), None);
+            report(&reply, Vec::new(), None, CacheUse::NotAsked);
             if self.settings.probe_denied {
                 let inner = Arc::clone(self);
                 let (query, service_name, names, name) =
                     (query.clone(), Arc::clone(&who.service), service.clone(), name.clone());
                 tokio::spawn(async move {
-                    if let Ok(answer) = inner.upstream.forward(&query).await {
+                    if let (Ok(answer), _) = inner.resolve(&query).await {
                         let addrs = chain_addrs(&answer, &name);
                         inner.observe(&service_name, &names.names, &name, &addrs);
                     }
@@ -269,11 +330,14 @@ impl<U: Upstream> Answerer<U> {
             return encode(&reply, transport, &query);
         }
 
-        let answer = match self.upstream.forward(&query).await {
+        // From the cache or from upstream, what follows is the same: the asker's addresses
+        // admitted for what is left of their TTLs, the same event.
+        let (answer, cache) = self.resolve(&query).await;
+        let answer = match answer {
             Ok(answer) => answer,
             Err(e) => {
                 let reply = error_reply(&query, ResponseCode::ServFail);
-                report(&reply, Vec::new(), Some(e));
+                report(&reply, Vec::new(), Some(e), cache);
                 return encode(&reply, transport, &query);
             }
         };
@@ -281,7 +345,7 @@ impl<U: Upstream> Answerer<U> {
         if service.mode != Mode::Off && !addrs.is_empty() {
             if !grants.is_empty() {
                 // Admitted (and the sink told) before the client sees the answer.
-                let admitted = self.allow.admit(&who.service, &grants, &addrs, super::now());
+                let admitted = self.allow.admit(&who.service, &grants, &addrs, self.now());
                 if !admitted.rejected_full.is_empty() {
                     self.events.event(DnsEvent::AllowSetFull {
                         service: Arc::clone(&who.service),
@@ -293,12 +357,12 @@ impl<U: Upstream> Answerer<U> {
             self.observe(&who.service, &service.names, &name, &addrs);
         }
         let reply = self.client_reply(answer, &query);
-        report(&reply, addrs.iter().map(|(a, _)| *a).collect(), None);
+        report(&reply, addrs.iter().map(|(a, _)| *a).collect(), None, cache);
         encode(&reply, transport, &query)
     }
 
     fn observe(&self, service: &Arc<str>, names: &super::names::NameMatcher, name: &str, addrs: &[(IpAddr, u32)]) {
-        for conflict in self.allow.observe(service, names, name, addrs, super::now()) {
+        for conflict in self.allow.observe(service, names, name, addrs, self.now()) {
             self.events.event(DnsEvent::SharedAddress(conflict));
         }
     }
@@ -607,5 +671,220 @@ mod tests {
         assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
         let reply = Message::from_vec(&reply_to(&answerer, &with_edns, Transport::Udp).await).unwrap();
         assert_eq!(reply.metadata.response_code, ResponseCode::BADCOOKIE);
+    }
+
+    /// A clock tests move by hand.
+    #[derive(Clone)]
+    struct ManualClock(Arc<std::sync::Mutex<std::time::Instant>>);
+
+    impl ManualClock {
+        fn new() -> ManualClock {
+            ManualClock(Arc::new(std::sync::Mutex::new(std::time::Instant::now())))
+        }
+        fn now(&self) -> std::time::Instant {
+            *self.0.lock().unwrap()
+        }
+        fn advance(&self, by: std::time::Duration) {
+            *self.0.lock().unwrap() += by;
+        }
+        fn clock(&self) -> Clock {
+            let me = self.clone();
+            Arc::new(move || me.now())
+        }
+    }
+
+    type Events = Arc<std::sync::Mutex<Vec<DnsEvent>>>;
+
+    /// `web` (enforce) may resolve `*.mirror.internal`; `ci` (enforce) and `batch` (audit) only
+    /// `pypi.org`.
+    fn two_service_policy() -> DnsPolicy {
+        let grant = Grant { proto: Proto::Any, ports: PortRange::ANY };
+        let matcher = |pattern: &str| NameMatcher::new([(&HostPattern::parse(pattern).unwrap(), grant)]);
+        DnsPolicy::from_services([
+            ("web".to_owned(), ServicePolicy { mode: Mode::Enforce, names: matcher("*.mirror.internal") }),
+            ("ci".to_owned(), ServicePolicy { mode: Mode::Enforce, names: matcher("pypi.org") }),
+            ("batch".to_owned(), ServicePolicy { mode: Mode::Audit, names: matcher("pypi.org") }),
+        ])
+    }
+
+    fn asker(service: &str, pid: u32) -> Attribution {
+        Attribution { service: Arc::from(service), pid, ..web() }
+    }
+
+    /// An answerer over [`two_service_policy`] whose upstream answers `answer`, on `clock`,
+    /// recording its events.
+    fn cached_answerer(answer: Message, clock: &ManualClock) -> (Arc<Answerer<MemoryUpstream>>, Events) {
+        let upstream = MemoryUpstream { answer: Some(answer), asked: Default::default() };
+        let allow = Arc::new(AllowSet::new(TtlBounds::default(), 64, |_: &AllowChange| {}));
+        let events: Events = Arc::default();
+        let sink = {
+            let events = Arc::clone(&events);
+            move |e: DnsEvent| events.lock().unwrap().push(e)
+        };
+        let answerer = Answerer::new(AnswerSettings::default(), upstream, two_service_policy(), allow, sink)
+            .with_clock(clock.clock());
+        (Arc::new(answerer), events)
+    }
+
+    async fn ask_as(answerer: &Arc<Answerer<MemoryUpstream>>, id: u16, qname: &str, who: Attribution) -> Message {
+        let mut q = Message::query();
+        q.metadata.id = id;
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(name(qname), RecordType::A));
+        let (client, local) = ("127.0.0.1:40000".parse().unwrap(), "127.53.0.7:53".parse().unwrap());
+        let reply = answerer.answer(&q.to_vec().unwrap(), Some(who), client, local, Transport::Udp).await.unwrap();
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!(reply.metadata.id, id, "the reply's id is the asker's");
+        assert_eq!(reply.queries, q.queries, "the reply echoes the asker's question");
+        reply
+    }
+
+    fn a_record(ttl: u32) -> Message {
+        let mut answer = Message::response(0, OpCode::Query);
+        answer.add_answer(Record::from_rdata(name("a.mirror.internal."), ttl, RData::A(A([10, 0, 0, 10].into()))));
+        answer
+    }
+
+    fn query_events(events: &Events) -> Vec<QueryEvent> {
+        let events = events.lock().unwrap();
+        events
+            .iter()
+            .filter_map(|e| match e {
+                DnsEvent::Query(q) => Some(q.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn cached_answers_age_and_expire_with_their_ttl() {
+        let clock = ManualClock::new();
+        let (answerer, _) = cached_answerer(a_record(60), &clock);
+        let asked = || answerer.upstream().asked.load(Relaxed);
+
+        let reply = ask_as(&answerer, 1, "a.mirror.internal.", asker("web", 1)).await;
+        assert_eq!((reply.answers[0].ttl, asked()), (60, 1));
+        clock.advance(std::time::Duration::from_millis(25_500));
+        let reply = ask_as(&answerer, 2, "A.Mirror.Internal.", asker("web", 1)).await;
+        assert_eq!(asked(), 1, "a hit went upstream");
+        assert_eq!(reply.answers[0].ttl, 35, "the TTL lowered by the entry's age");
+        clock.advance(std::time::Duration::from_millis(34_500));
+        let reply = ask_as(&answerer, 3, "a.mirror.internal.", asker("web", 1)).await;
+        assert_eq!(asked(), 2, "an expired entry was used");
+        assert_eq!(reply.answers[0].ttl, 60);
+        let stats = answerer.cache_stats();
+        assert_eq!((stats.hits, stats.misses, stats.entries), (1, 2, 1));
+    }
+
+    #[tokio::test]
+    async fn negative_answers_are_cached_until_the_soa_minimum() {
+        let clock = ManualClock::new();
+        let mut nx = Message::response(0, OpCode::Query);
+        nx.metadata.response_code = ResponseCode::NXDomain;
+        let soa = hickory_proto::rr::rdata::SOA::new(name("internal."), name("h.internal."), 1, 60, 60, 60, 30);
+        nx.add_authority(Record::from_rdata(name("internal."), 600, RData::SOA(soa)));
+        let (answerer, events) = cached_answerer(nx, &clock);
+        let asked = || answerer.upstream().asked.load(Relaxed);
+
+        let reply = ask_as(&answerer, 1, "gone.mirror.internal.", asker("web", 1)).await;
+        assert_eq!((reply.metadata.response_code, asked()), (ResponseCode::NXDomain, 1));
+        clock.advance(std::time::Duration::from_secs(29));
+        let reply = ask_as(&answerer, 2, "gone.mirror.internal.", asker("web", 1)).await;
+        assert_eq!((reply.metadata.response_code, asked()), (ResponseCode::NXDomain, 1));
+        assert_eq!(reply.authorities[0].ttl, 1, "the SOA's TTL is what is left of the 30 s");
+        clock.advance(std::time::Duration::from_secs(1));
+        ask_as(&answerer, 3, "gone.mirror.internal.", asker("web", 1)).await;
+        assert_eq!(asked(), 2, "the negative entry outlived the SOA minimum");
+        let caches: Vec<CacheUse> = query_events(&events).iter().map(|e| e.cache).collect();
+        assert_eq!(caches, [CacheUse::Miss, CacheUse::Hit, CacheUse::Miss]);
+
+        // SERVFAIL is never kept.
+        let mut fail = Message::response(0, OpCode::Query);
+        fail.metadata.response_code = ResponseCode::ServFail;
+        let (answerer, _) = cached_answerer(fail, &clock);
+        ask_as(&answerer, 1, "a.mirror.internal.", asker("web", 1)).await;
+        ask_as(&answerer, 2, "a.mirror.internal.", asker("web", 1)).await;
+        assert_eq!(answerer.upstream().asked.load(Relaxed), 2);
+    }
+
+    /// A cached answer is judged per service and per query: `ci`, which may not resolve the
+    /// name `web`'s answer is cached for, is refused and admits nothing; `batch` (audit) gets
+    /// the answer and admits nothing; `web`'s second question, answered from the cache, admits
+    /// the addresses for `web` for what is left of their TTL.
+    #[tokio::test]
+    async fn a_cached_answer_admits_only_for_the_service_that_may_resolve_it() {
+        let clock = ManualClock::new();
+        let (answerer, events) = cached_answerer(a_record(60), &clock);
+        let allow = Arc::clone(answerer.allow_set());
+        let t0 = clock.now();
+        ask_as(&answerer, 1, "a.mirror.internal.", asker("web", 1)).await;
+        assert_eq!(allow.live("web"), vec![("10.0.0.10".parse().unwrap(), t0 + std::time::Duration::from_secs(60))]);
+
+        clock.advance(std::time::Duration::from_secs(5));
+        let reply = ask_as(&answerer, 2, "a.mirror.internal.", asker("ci", 2)).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        assert!(reply.answers.is_empty());
+        assert!(allow.live("ci").is_empty(), "a denied service admitted a cached answer");
+        let reply = ask_as(&answerer, 3, "a.mirror.internal.", asker("batch", 3)).await;
+        assert_eq!((reply.metadata.response_code, reply.answers.len()), (ResponseCode::NoError, 1));
+        assert!(allow.live("batch").is_empty(), "audit admitted a cached answer");
+        assert_eq!(answerer.upstream().asked.load(Relaxed), 1, "the audit answer came from the cache");
+
+        // Let web's entry lapse, then ask again from the cache: admitted again, with 40 s left.
+        clock.advance(std::time::Duration::from_secs(15));
+        allow.sweep(t0 + std::time::Duration::from_secs(61));
+        assert!(allow.live("web").is_empty());
+        let t1 = clock.now();
+        let reply = ask_as(&answerer, 4, "a.mirror.internal.", asker("web", 1)).await;
+        assert_eq!(reply.answers[0].ttl, 40);
+        assert_eq!(allow.live("web"), vec![("10.0.0.10".parse().unwrap(), t1 + std::time::Duration::from_secs(40))]);
+        assert_eq!(answerer.upstream().asked.load(Relaxed), 1);
+
+        let summary: Vec<(String, Verdict, CacheUse, usize)> = query_events(&events)
+            .iter()
+            .map(|e| (e.who.service.to_string(), e.verdict, e.cache, e.addrs.len()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("web".to_owned(), Verdict::Allowed, CacheUse::Miss, 1),
+                ("ci".to_owned(), Verdict::Rejected, CacheUse::NotAsked, 0),
+                ("batch".to_owned(), Verdict::WouldReject, CacheUse::Hit, 1),
+                ("web".to_owned(), Verdict::Allowed, CacheUse::Hit, 1),
+            ]
+        );
+    }
+
+    /// A hit reports what a miss reports (asker, name, type, verdict, code, addresses), and
+    /// hands the asker the same reply but for its own id and what is left of the TTLs.
+    #[tokio::test]
+    async fn a_hit_reports_and_replies_as_a_miss_does() {
+        let clock = ManualClock::new();
+        let (answerer, events) = cached_answerer(a_record(60), &clock);
+        let miss = ask_as(&answerer, 0x1111, "a.mirror.internal.", asker("web", 7)).await;
+        let hit = ask_as(&answerer, 0x2222, "a.mirror.internal.", asker("web", 7)).await;
+        let mut expected = miss.clone();
+        expected.metadata.id = 0x2222;
+        assert_eq!(hit, expected);
+        let mut events = query_events(&events);
+        assert_eq!(events.len(), 2);
+        assert_eq!((events[0].cache, events[1].cache), (CacheUse::Miss, CacheUse::Hit));
+        for e in &mut events {
+            e.elapsed = std::time::Duration::ZERO;
+            e.cache = CacheUse::NotAsked;
+        }
+        assert_eq!(events[0], events[1]);
+    }
+
+    #[tokio::test]
+    async fn a_cache_that_is_off_forwards_every_question() {
+        let clock = ManualClock::new();
+        let (answerer, _) = cached_answerer(a_record(60), &clock);
+        let answerer =
+            Arc::into_inner(answerer).unwrap().with_cache(CacheSettings { max_entries: 0, ..CacheSettings::default() });
+        let answerer = Arc::new(answerer);
+        ask_as(&answerer, 1, "a.mirror.internal.", asker("web", 1)).await;
+        ask_as(&answerer, 2, "a.mirror.internal.", asker("web", 1)).await;
+        assert_eq!(answerer.upstream().asked.load(Relaxed), 2);
     }
 }

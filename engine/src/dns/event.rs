@@ -33,8 +33,34 @@ pub struct QueryEvent {
     pub addrs: Vec<IpAddr>,
     /// Why the client got `SERVFAIL`, when the upstream failed.
     pub upstream_error: Option<UpstreamError>,
+    /// Whether the answer came from the proxy's cache (the judgement, the admission and this
+    /// event are the same either way).
+    pub cache: CacheUse,
     /// From receipt to reply.
     pub elapsed: Duration,
+}
+
+/// Where an answer came from, as far as the answer cache is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheUse {
+    /// The cache was not consulted: a denied name, a cache that is off, a message it cannot key.
+    #[default]
+    NotAsked,
+    /// Answered from the cache: not sent upstream.
+    Hit,
+    /// Not in the cache: asked upstream (and kept, when the answer may be).
+    Miss,
+}
+
+impl CacheUse {
+    /// `hit`, `miss` or `none`, for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheUse::NotAsked => "none",
+            CacheUse::Hit => "hit",
+            CacheUse::Miss => "miss",
+        }
+    }
 }
 
 /// What the proxy reports (the agent turns these into metrics and the event log).

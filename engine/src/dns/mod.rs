@@ -11,6 +11,9 @@
 //!   from the address it was sent to. An allowed name is resolved upstream; a denied one gets `REFUSED`
 //!   (or `NXDOMAIN`) in enforce, and is answered but reported in audit. An upstream failure
 //!   gives a prompt `SERVFAIL`.
+//! - [`AnswerCache`]: upstream answers by question (name, type, class, RD/DO/CD), each for its
+//!   TTL (negative ones per RFC 2308), bounded in entries and bytes; it saves the trip upstream
+//!   and nothing else: every question is still judged, admitted and reported.
 //! - [`AllowSet`]: the A/AAAA answers of allowed names, per service, for the record's TTL
 //!   clamped to a floor and a cap, with change notifications for the kernel maps, and
 //!   shared-address conflict reports.
@@ -22,6 +25,7 @@
 pub mod allow;
 mod answer;
 pub mod attrib;
+pub mod cache;
 mod event;
 #[cfg(feature = "agent")]
 pub mod kernel;
@@ -31,9 +35,10 @@ mod socket;
 pub mod upstream;
 
 pub use allow::{AllowChange, AllowEntry, AllowSet, AllowSink, SharedAddress, TtlBounds};
-pub use answer::{AnswerSettings, Answerer, DenyResponse, Unattributed};
+pub use answer::{AnswerSettings, Answerer, Clock, DenyResponse, Unattributed};
 pub use attrib::{Attribution, Attributor, StaticAttributor, Transport, slot_addr, slot_index};
-pub use event::{DnsEvent, EventSink, QueryEvent};
+pub use cache::{AnswerCache, CacheSettings, CacheStats};
+pub use event::{CacheUse, DnsEvent, EventSink, QueryEvent};
 pub use names::{DnsPolicy, Grant, NameMatcher, ServicePolicy};
 pub use proxy::{DnsError, Proxy, ProxyConfig};
 pub use upstream::{Servers, Upstream, UpstreamError};

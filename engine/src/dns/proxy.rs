@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
@@ -15,6 +16,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::allow::AllowSet;
 use super::answer::{AnswerSettings, Answerer, DenyResponse, Unattributed, header_error};
 use super::attrib::{Attributor, Transport};
+use super::cache::{CacheSettings, CacheStats};
 use super::event::{DnsEvent, EventSink};
 use super::names::DnsPolicy;
 use super::socket::{PktUdp, tcp_listener};
@@ -48,6 +50,8 @@ pub struct ProxyConfig {
     /// answer) to find addresses they share with allowed names. Off by default: it sends
     /// denied names upstream, which enforce otherwise never does.
     pub probe_denied: bool,
+    /// The answer cache's bounds (`max_entries: 0` turns it off).
+    pub cache: CacheSettings,
     /// Queries handled at once; beyond it a query gets `SERVFAIL` at once.
     pub max_in_flight: usize,
     /// TCP connections at once; beyond it a connection is closed at once.
@@ -71,6 +75,7 @@ impl Default for ProxyConfig {
             deny: DenyResponse::Refused,
             unattributed: Unattributed::Refuse,
             probe_denied: false,
+            cache: CacheSettings::default(),
             max_in_flight: 4096,
             max_tcp_connections: 256,
             tcp_idle_timeout: Duration::from_secs(10),
@@ -224,7 +229,7 @@ impl Proxy {
         let settings =
             AnswerSettings { deny: config.deny, unattributed: config.unattributed, probe_denied: config.probe_denied };
         let upstream = Servers::new(upstreams, config.upstream_timeout);
-        let answerer = Arc::new(Answerer::new(settings, upstream, policy, allow, events));
+        let answerer = Arc::new(Answerer::new(settings, upstream, policy, allow, events).with_cache(config.cache));
         let inner = Arc::new(Inner {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             config,
@@ -255,6 +260,11 @@ impl Proxy {
     /// The allow set the proxy feeds.
     pub fn allow_set(&self) -> &Arc<AllowSet> {
         self.inner.answerer.allow_set()
+    }
+
+    /// The answer cache's hits, misses and size.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.answerer.cache_stats()
     }
 
     /// Replaces the policy; queries received from now on are judged by it. Allow-set entries
@@ -293,7 +303,7 @@ async fn serve_udp(inner: Arc<Inner>, socket: Arc<PktUdp>) {
         };
         let inner = Arc::clone(&inner);
         let socket = Arc::clone(&socket);
-        tokio::spawn(async move {
+        let mut answering = Box::pin(async move {
             let _permit = permit;
             let who = inner.attributor.attribute(datagram.client, datagram.local, Transport::Udp);
             if let Some(reply) =
@@ -303,6 +313,12 @@ async fn serve_udp(inner: Arc<Inner>, socket: Arc<PktUdp>) {
                 let _ = socket.send(&reply, datagram.client, datagram.local.ip()).await;
             }
         });
+        // What is answered without waiting (a cache hit, a refusal, an error) is answered here,
+        // on the listener's thread, as soon as it arrives; what waits (upstream) goes on as its
+        // own task, which polls it again with its own waker.
+        if answering.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+            tokio::spawn(answering);
+        }
     }
 }
 

@@ -2,10 +2,12 @@
 //! process in a policed cgroup, straight to a local dnsmasq (the baseline: not port 53, so not
 //! redirected), and to port 53 of `127.0.0.1` and of `::1`, which the kernel redirects to the
 //! agent's DNS proxy (attribution by slot address for IPv4, by socket cookie and `sock_diag`
-//! for IPv6), which forwards to the same dnsmasq and admits the answer into `DF_NAMES`.
+//! for IPv6), which answers from its cache (the same name every time: a hit) or forwards to the
+//! same dnsmasq (a new name every time: a miss), and admits the answer into `DF_NAMES` either
+//! way.
 //!
 //! usage: depfence-dns-bench [--rounds R] [--queries N] [--quick]
-//!        depfence-dns-bench client <ip> <port> <n>     (internal: the measuring client)
+//!        depfence-dns-bench client <ip> <port> <n> [fresh]   (internal: the measuring client)
 //!
 //! Rounds interleave the three paths, so a noisy neighbour hits them alike; medians and p99
 //! are over all samples, ratios are paired by round.
@@ -62,11 +64,11 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// A DNS query for `A NAME` with id `id`.
-fn query(id: u16) -> Vec<u8> {
+/// A DNS query for `A name` with id `id`.
+fn query(id: u16, name: &str) -> Vec<u8> {
     let mut q = id.to_be_bytes().to_vec();
     q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in NAME.split('.') {
+    for label in name.split('.') {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
@@ -75,11 +77,14 @@ fn query(id: u16) -> Vec<u8> {
 }
 
 /// The measuring client: `n` queries on one connected UDP socket, one at a time, each timed;
-/// every answer must carry the query's id and `NOERROR` with one answer. Prints one latency in
-/// ns per line.
+/// every answer must carry the query's id and `NOERROR` with one answer. `NAME` every time, or
+/// with `fresh` a name never asked before (`<pid>-<id>.miss.mirror.internal`). Prints one
+/// latency in ns per line.
 fn client(args: &[String]) -> ExitCode {
     let server = SocketAddr::new(args[0].parse().unwrap(), args[1].parse().unwrap());
     let n: u16 = args[2].parse().unwrap();
+    let fresh = args.get(3).is_some_and(|a| a == "fresh");
+    let pid = std::process::id();
     let local: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
     let socket = UdpSocket::bind(local).unwrap();
     socket.connect(server).unwrap();
@@ -87,7 +92,7 @@ fn client(args: &[String]) -> ExitCode {
     let mut out = String::new();
     let mut buf = [0u8; 512];
     for id in 1..=n {
-        let q = query(id);
+        let q = if fresh { query(id, &format!("p{pid}-{id}.miss.mirror.internal")) } else { query(id, NAME) };
         let start = Instant::now();
         socket.send(&q).unwrap();
         let len = socket.recv(&mut buf).unwrap();
@@ -101,9 +106,12 @@ fn client(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run_client(cgroup: &Path, server: SocketAddr, n: usize) -> Vec<u64> {
+fn run_client(cgroup: &Path, server: SocketAddr, fresh: bool, n: usize) -> Vec<u64> {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["client", &server.ip().to_string(), &server.port().to_string(), &n.to_string()]).stdout(Stdio::piped());
+    if fresh {
+        cmd.arg("fresh");
+    }
     let out = spawn_in(cgroup, &mut cmd).unwrap().wait_with_output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "client to {server} failed: {text}");
@@ -122,7 +130,8 @@ fn percentile(samples: &[u64], p: f64) -> f64 {
 }
 
 fn bench(dnsmasq: &Path, rounds: usize, queries: usize) {
-    let upstream = Dnsmasq::start(dnsmasq, &format!("127.0.0.21 {NAME}\n"), 300, &[]);
+    let upstream =
+        Dnsmasq::start(dnsmasq, &format!("127.0.0.21 {NAME}\n"), 300, &["--address=/miss.mirror.internal/127.0.0.21"]);
     let mut top = Cgroup::new();
     let cgroup = top.child("client");
     let pins = Pins::new();
@@ -167,14 +176,17 @@ fn bench(dnsmasq: &Path, rounds: usize, queries: usize) {
         .set_config(Config { dns_proxy_port: u32::from(proxy.port()), dns_exempt_cgroup: own, ..Config::default() })
         .unwrap();
 
-    let paths: [(&str, SocketAddr); 3] = [
-        ("direct to dnsmasq (not redirected)", upstream.addr),
-        ("127.0.0.1:53, redirected to the proxy", "127.0.0.1:53".parse().unwrap()),
-        ("[::1]:53, redirected to the proxy", "[::1]:53".parse().unwrap()),
+    let (v4, v6): (SocketAddr, SocketAddr) = ("127.0.0.1:53".parse().unwrap(), "[::1]:53".parse().unwrap());
+    let paths: [(&str, SocketAddr, bool); 5] = [
+        ("direct to dnsmasq (not redirected)", upstream.addr, false),
+        ("127.0.0.1:53 → proxy, cache hit", v4, false),
+        ("127.0.0.1:53 → proxy, cache miss", v4, true),
+        ("[::1]:53 → proxy, cache hit", v6, false),
+        ("[::1]:53 → proxy, cache miss", v6, true),
     ];
     // Warm-up, and a check that every path answers.
-    for (_, server) in &paths {
-        run_client(&cgroup, *server, queries / 4 + 1);
+    for (_, server, fresh) in &paths {
+        run_client(&cgroup, *server, *fresh, queries / 4 + 1);
     }
     let mut samples: Vec<Vec<u64>> = vec![Vec::new(); paths.len()];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
@@ -182,7 +194,7 @@ fn bench(dnsmasq: &Path, rounds: usize, queries: usize) {
         let mut medians = vec![0.0; paths.len()];
         for k in 0..paths.len() {
             let i = (k + round) % paths.len();
-            let s = run_client(&cgroup, paths[i].1, queries);
+            let s = run_client(&cgroup, paths[i].1, paths[i].2, queries);
             medians[i] = median(&s);
             samples[i].extend(s);
         }
@@ -192,7 +204,7 @@ fn bench(dnsmasq: &Path, rounds: usize, queries: usize) {
     }
     println!("{rounds} rounds × {queries} queries per path, one at a time, from a cgroup in enforce:");
     println!("{:<40} {:>10} {:>10} {:>18}", "path", "median µs", "p99 µs", "ratio to direct");
-    for (i, (name, _)) in paths.iter().enumerate() {
+    for (i, (name, _, _)) in paths.iter().enumerate() {
         let mut r = ratios[i].clone();
         r.sort_by(f64::total_cmp);
         println!(
@@ -204,6 +216,8 @@ fn bench(dnsmasq: &Path, rounds: usize, queries: usize) {
             r[r.len() - 1]
         );
     }
+    let stats = proxy.cache_stats();
+    println!("proxy cache: {} hits, {} misses, {} entries", stats.hits, stats.misses, stats.entries);
     let admitted = kernel.admitted();
     assert!(admitted >= 1, "the redirected answers were admitted into DF_NAMES");
     runtime.block_on(proxy.shutdown());
