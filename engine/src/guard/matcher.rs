@@ -334,7 +334,8 @@ impl Matcher {
                 let ports = endpoint.ports;
                 if net.prefix_len() != net.max_prefix_len()
                     || ports.is_any()
-                    || u32::from(ports.last) - u32::from(ports.first) >= REMEMBERED_PORTS
+                    // An inverted range (a decoded snapshot may hold one) holds no port.
+                    || ports.last.checked_sub(ports.first).is_none_or(|width| u32::from(width) >= REMEMBERED_PORTS)
                 {
                     continue;
                 }
