@@ -216,6 +216,23 @@ fn enforcement_survives_agent_kill_and_restart_keeps_counters() {
     assert_eq!(probe(&app, "tcp", LO4, other, 1), Err(EPERM));
 }
 
+/// Tests run in parallel and their clients take ephemeral ports, so the metrics port chosen for
+/// an agent can be taken before the agent binds it: the agent exits naming the address, and
+/// the fixture starts it again on another port instead of failing the test.
+#[test]
+fn an_agent_whose_metrics_port_was_taken_starts_on_another() {
+    if !privileged("an_agent_whose_metrics_port_was_taken_starts_on_another") {
+        return;
+    }
+    let Setup { cgroups: _cgroups, app: _app, db: _db, other: _other, dir: _dir, policy } = Setup::new("audit");
+    let mut agent = Agent::start(&assert_cmd::cargo::cargo_bin("policyctl"), &policy, "prod");
+    agent.stop();
+    let taken = std::net::TcpListener::bind(("127.0.0.1", agent.metrics)).unwrap();
+    agent.spawn(&policy, "prod");
+    assert_ne!(agent.metrics, taken.local_addr().unwrap().port(), "started on another port");
+    assert!(agent.metrics().contains("depfence_"), "it serves metrics there: {}", agent.metrics());
+}
+
 fn policyctl(args: &[&str], socket: &Path) -> std::process::Output {
     Command::new(assert_cmd::cargo::cargo_bin("policyctl")).args(args).arg("--socket").arg(socket).output().unwrap()
 }

@@ -10,7 +10,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -34,9 +34,9 @@ pub struct Agent {
     log: PathBuf,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+/// How many times the agent is started on a fresh metrics port when its port was taken
+/// between choosing and binding it.
+const PORT_ATTEMPTS: usize = 5;
 
 impl Agent {
     /// Starts `policyctl agent` (the binary at `policyctl`) and waits until it is ready.
@@ -63,7 +63,7 @@ impl Agent {
             child: None,
             pins,
             socket,
-            metrics: free_port(),
+            metrics: crate::free_loopback_port().unwrap(),
             log,
             state,
         };
@@ -72,7 +72,21 @@ impl Agent {
     }
 
     /// (Re)starts the agent process on the same pins and state, and waits until it is ready.
+    /// When its metrics port was taken in the meantime (tests run in parallel and their
+    /// clients take ephemeral ports), it starts again on another free port.
     pub fn spawn(&mut self, policy: &Path, environment: &str) {
+        for _ in 0..PORT_ATTEMPTS {
+            if self.spawn_once(policy, environment) {
+                return;
+            }
+            self.metrics = crate::free_loopback_port().unwrap();
+        }
+        panic!("agent: no free metrics port in {PORT_ATTEMPTS} attempts; log:\n{}", self.log_text());
+    }
+
+    /// Starts the agent and waits until it is ready (true), or until it exits because its
+    /// metrics port is in use (false); panics on any other failure.
+    fn spawn_once(&mut self, policy: &Path, environment: &str) -> bool {
         let log = std::fs::File::create(&self.log).unwrap();
         let child = Command::new(&self.policyctl)
             .arg("agent")
@@ -92,8 +106,16 @@ impl Agent {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                self.child = None;
+                let log = self.log_text();
+                if log.contains("Address already in use") && log.contains("metrics exporter") {
+                    return false;
+                }
+                panic!("agent exited ({status}) before it was ready; log:\n{log}");
+            }
             if self.try_status().is_ok_and(|s| s.ready) {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -53,6 +53,12 @@ pub fn require_tool(test: &str, tool: &str, package: &str) -> Option<std::path::
     None
 }
 
+/// A loopback TCP port that was free a moment ago. Another process may take it before the caller
+/// binds it: callers that start a server on it retry on "address in use".
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
 pub mod agent;
 pub mod dns;
 pub mod fixture;

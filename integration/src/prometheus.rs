@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -270,7 +270,7 @@ fn write_config(dir: &Path, targets: &[SocketAddr], rule_files: &[PathBuf]) -> i
 /// Starts the server on a free loopback port and waits for `/-/ready`. Fails with
 /// `AddrInUse` when the port was taken in the meantime.
 fn spawn_and_wait(binary: &Path, dir: &Path, config: &Path) -> io::Result<(Child, SocketAddr)> {
-    let addr = free_port()?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::free_loopback_port()?));
     let log_path = dir.join("prometheus.log");
     let log = File::create(&log_path)?;
     let mut child = Command::new(binary)
@@ -304,11 +304,6 @@ fn spawn_and_wait(binary: &Path, dir: &Path, config: &Path) -> io::Result<(Child
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// A loopback address whose port was free a moment ago.
-fn free_port() -> io::Result<SocketAddr> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()
 }
 
 fn yaml_quote(text: &str) -> String {
