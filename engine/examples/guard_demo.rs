@@ -64,7 +64,9 @@ fn main() -> ExitCode {
 async fn server(addr: &str) -> Result<(), String> {
     let addr: SocketAddr = addr.parse().map_err(|e| format!("`{addr}`: {e}"))?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("bind {addr}: {e}"))?;
-    println!("server: listening on {addr}");
+    // The bound address: port 0 asks for a free one, and the caller reads which.
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("server: listening on {bound}");
     loop {
         let (stream, _) = listener.accept().await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {

@@ -80,19 +80,19 @@ fn the_readme_demo_switches_from_audit_to_enforce_while_the_client_runs() {
     let audit = std::fs::read_to_string(example_policy).unwrap();
     let audit_line = "mode = { prod = \"audit\" }";
     assert!(audit.contains(audit_line), "the example's checkout audits in prod");
-    // A free loopback port for the server, in place of the example's 50051 (billing's endpoint).
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
+    // The server on a free loopback port (it says which), in place of the example's 50051
+    // (billing's endpoint): bound before the policy names it, so no other process can take it.
+    let (_server, server_lines) = start(&["server", "127.0.0.1:0"]);
+    let mut server_log = Vec::new();
+    wait_for(&server_lines, "listening", &mut server_log);
+    let addr = server_log.last().and_then(|l| l.strip_prefix("server: listening on ")).unwrap().to_owned();
+    let port = addr.rsplit(':').next().unwrap();
     assert_eq!(audit.matches("50051").count(), 1, "billing's one endpoint port");
-    let audit = audit.replace("50051", &port.to_string());
+    let audit = audit.replace("50051", port);
     let enforce = audit.replace(audit_line, "mode = { prod = \"enforce\" }");
     let dir = tempfile::tempdir().unwrap();
     let snapshot = dir.path().join("guard.snap");
     install(&snapshot, &audit);
-
-    let (_server, server_lines) = start(&["server", &addr]);
-    let mut server_log = Vec::new();
-    wait_for(&server_lines, "listening", &mut server_log);
 
     let (client, client_lines) = start(&["client", snapshot.to_str().unwrap(), "prod", &addr, "5"]);
     let mut client_log = Vec::new();
