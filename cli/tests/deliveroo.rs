@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use assert_cmd::Command;
 use rusqlite::Connection;
 
+mod support;
+use support::rows;
+
 /// The query, exactly as docs/export-schema.md and the README show it.
 const AFFECTED_BY_SIDECAR: &str = include_str!("../../docs/queries/affected-by-sidecar.sql");
 
@@ -63,26 +66,6 @@ fn exported() -> (tempfile::TempDir, PathBuf) {
         )
     );
     (dir, db)
-}
-
-fn rows(db: &Connection, sql: &str) -> Vec<String> {
-    let mut statement = db.prepare(sql).unwrap();
-    let columns = statement.column_count();
-    statement
-        .query_map([], |row| {
-            let fields: Vec<String> = (0..columns)
-                .map(|i| match row.get::<_, rusqlite::types::Value>(i).unwrap() {
-                    rusqlite::types::Value::Null => String::new(),
-                    rusqlite::types::Value::Integer(n) => n.to_string(),
-                    rusqlite::types::Value::Text(t) => t,
-                    other => format!("{other:?}"),
-                })
-                .collect();
-            Ok(fields.join("|"))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
 }
 
 #[test]
@@ -133,13 +116,14 @@ fn one_query_names_the_affected_services_their_owners_tiers_and_dependents() {
 
 #[test]
 fn the_query_through_the_sqlite3_shell() {
-    if std::process::Command::new("sqlite3").arg("--version").output().is_err() {
-        eprintln!("skipping the_query_through_the_sqlite3_shell: no `sqlite3` on PATH (scripts/setup installs it)");
+    // Under CI a missing shell is a failure, not a skip.
+    let Some(sqlite3) = depfence_integration::require_tool("the_query_through_the_sqlite3_shell", "sqlite3", "sqlite3")
+    else {
         return;
-    }
+    };
     let (_dir, db_path) = exported();
     // As the README runs it: `sqlite3 FILE < docs/queries/affected-by-sidecar.sql`.
-    let mut shell = std::process::Command::new("sqlite3")
+    let mut shell = std::process::Command::new(sqlite3)
         .arg(&db_path)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -251,8 +235,8 @@ fn with_an_agent_the_used_dependencies_are_allowed_observed_edges() {
     assert_eq!(
         rows(&db, "SELECT * FROM observed_edges ORDER BY from_service"),
         vec![
-            "consumer-web|prod|orders|service|orders|||allowed|40|2023-11-14T22:13:20Z|2023-11-14T22:23:20Z|[]|[]|agent",
-            "rider-dispatch|prod|orders|service|orders|||allowed|7|2023-11-14T22:14:20Z|2023-11-14T22:15:20Z|[]|[]|agent",
+            "consumer-web|prod|orders|service|orders|NULL|NULL|allowed|40|2023-11-14T22:13:20Z|2023-11-14T22:23:20Z|[]|[]|agent",
+            "rider-dispatch|prod|orders|service|orders|NULL|NULL|allowed|7|2023-11-14T22:14:20Z|2023-11-14T22:15:20Z|[]|[]|agent",
         ]
     );
     // Declared but unused in the window: no allowed row (what `policyctl unused` lists).

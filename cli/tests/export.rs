@@ -15,6 +15,9 @@ use std::path::Path;
 use assert_cmd::Command;
 use rusqlite::Connection;
 
+mod support;
+use support::rows;
+
 fn policyctl() -> Command {
     Command::cargo_bin("policyctl").unwrap()
 }
@@ -83,26 +86,6 @@ fn shop() -> (tempfile::TempDir, std::path::PathBuf) {
 
 fn export(policy: &Path, db: &Path, extra: &[&str]) -> std::process::Output {
     policyctl().arg("export").arg("--sqlite").arg(db).arg(policy).args(extra).output().unwrap()
-}
-
-fn rows(db: &Connection, sql: &str) -> Vec<String> {
-    let mut statement = db.prepare(sql).unwrap();
-    let columns = statement.column_count();
-    statement
-        .query_map([], |row| {
-            let fields: Vec<String> = (0..columns)
-                .map(|i| match row.get::<_, rusqlite::types::Value>(i).unwrap() {
-                    rusqlite::types::Value::Null => "NULL".to_owned(),
-                    rusqlite::types::Value::Integer(n) => n.to_string(),
-                    rusqlite::types::Value::Text(t) => t,
-                    other => format!("{other:?}"),
-                })
-                .collect();
-            Ok(fields.join("|"))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
 }
 
 #[test]
@@ -406,16 +389,16 @@ fn an_incident_query_over_the_export_agrees_with_dependents() {
 
 #[test]
 fn the_incident_query_through_the_sqlite3_shell() {
-    if std::process::Command::new("sqlite3").arg("--version").output().is_err() {
-        eprintln!(
-            "skipping the_incident_query_through_the_sqlite3_shell: no `sqlite3` on PATH (scripts/setup installs it)"
-        );
+    // Under CI a missing shell is a failure, not a skip.
+    let Some(sqlite3) =
+        depfence_integration::require_tool("the_incident_query_through_the_sqlite3_shell", "sqlite3", "sqlite3")
+    else {
         return;
-    }
+    };
     let (dir, policy) = shop();
     let db_path = dir.path().join("shop.db");
     assert!(export(&policy, &db_path, &[]).status.success());
-    let out = std::process::Command::new("sqlite3").arg(&db_path).arg(INCIDENT_QUERY).output().unwrap();
+    let out = std::process::Command::new(sqlite3).arg(&db_path).arg(INCIDENT_QUERY).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
     assert_eq!(lines, affected_per_dependents(&policy));
