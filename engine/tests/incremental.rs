@@ -259,3 +259,56 @@ fn only_changed_files_are_reparsed() {
     let _ = compiler.compile_sources(model.texts());
     assert_eq!(compiler.reparsed(), 2);
 }
+
+/// `ParseCache::load` reads a file again only when its stamp (inode, size, times) changed, and
+/// trusts a stamp only when the file had been unchanged for a while before it was read: an
+/// in-place write of the same size, a rename over it and a fresh write are all seen, and what
+/// it parses is always what `policy::load` parses from the same files.
+#[test]
+fn files_on_disk_are_read_again_only_when_their_stamp_changed() {
+    let model = Model::new();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in model.texts() {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let files = model.texts().len();
+    let same_as_full = |cache: &mut ParseCache| {
+        let cached = format!("{:?}", cache.load(dir.path()).unwrap());
+        assert_eq!(cached, format!("{:?}", depfence::policy::load(dir.path()).unwrap()));
+    };
+    let mut cache = ParseCache::new();
+    // Just written: read and parsed, but not trusted yet, so read again next time.
+    same_as_full(&mut cache);
+    assert_eq!((cache.reparsed(), cache.unread()), (files, 0));
+    same_as_full(&mut cache);
+    assert_eq!((cache.reparsed(), cache.unread()), (0, 0), "recent files are read (and compared) again");
+    // Settled: read once more, trusted, then not read at all.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    same_as_full(&mut cache);
+    assert_eq!((cache.reparsed(), cache.unread()), (0, 0));
+    same_as_full(&mut cache);
+    assert_eq!((cache.reparsed(), cache.unread()), (0, files), "unchanged files are not read");
+    // An explicit reload reads everything once (and trusts the settled stamps again).
+    cache.forget_stamps();
+    same_as_full(&mut cache);
+    assert_eq!((cache.reparsed(), cache.unread()), (0, 0), "after forget_stamps every file is read");
+    same_as_full(&mut cache);
+    assert_eq!(cache.unread(), files);
+
+    // An in-place write of the same length: its change time moves, so it is read and parsed.
+    let path = dir.path().join("team-2.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text.replacen("10.0.", "10.9.", 1);
+    assert_ne!(edited, text);
+    assert_eq!(edited.len(), text.len());
+    std::fs::write(&path, &edited).unwrap();
+    same_as_full(&mut cache);
+    assert_eq!((cache.reparsed(), cache.unread()), (1, files - 1));
+    // A rename over a file (as editors and git write): another inode, read.
+    let temp = dir.path().join(".team-3.toml.swp");
+    std::fs::write(&temp, std::fs::read_to_string(dir.path().join("team-3.toml")).unwrap() + "\n# edited\n").unwrap();
+    std::fs::rename(&temp, dir.path().join("team-3.toml")).unwrap();
+    same_as_full(&mut cache);
+    assert_eq!(cache.reparsed(), 1);
+    assert_eq!(cache.unread(), files - 2, "the file written a moment ago is read again too");
+}

@@ -117,7 +117,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 tokio::task::block_in_place(|| state.reload("policy file changed", SystemTime::now()));
             }
             _ = hangup.recv() => {
-                tokio::task::block_in_place(|| state.reload("SIGHUP", SystemTime::now()));
+                tokio::task::block_in_place(|| state.reload_everything("SIGHUP", SystemTime::now()));
             }
             _ = scan.tick() => match walk(&tree) {
                 Ok(found) => tokio::task::block_in_place(|| state.set_found(found)),

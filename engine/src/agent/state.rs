@@ -179,6 +179,14 @@ impl<D: Dataplane> State<D> {
         self.kernel
     }
 
+    /// [`State::reload`] after reading every policy file, whatever its times say: what an
+    /// operator asks for (SIGHUP, `policyctl reload`), and the way to pick up an edit the file
+    /// times do not show (a network file system's cached attributes).
+    pub fn reload_everything(&mut self, why: &str, now: SystemTime) -> bool {
+        self.compiler.forget_stamps();
+        self.reload(why, now)
+    }
+
     /// Compiles the policy and, if valid, applies it. Returns whether it is in force.
     pub fn reload(&mut self, why: &str, now: SystemTime) -> bool {
         let started = std::time::Instant::now();
@@ -203,6 +211,8 @@ impl<D: Dataplane> State<D> {
                 reason = why,
                 generation = self.kernel.generation(),
                 hash,
+                files_reparsed = self.compiler.reparsed(),
+                files_unread = self.compiler.unread(),
                 compile_ms = compiled_at.duration_since(started).as_millis() as u64,
                 apply_ms = applied_at.duration_since(compiled_at).as_millis() as u64,
                 kernel_ms = self.kernel_apply.as_millis() as u64,
@@ -603,7 +613,7 @@ impl<D: Dataplane> State<D> {
             Request::Status => Response::ok(self.status()),
             Request::Explain { from, to } => self.explain(&from, &to),
             Request::Reload => {
-                if self.reload("policyctl reload", now) {
+                if self.reload_everything("policyctl reload", now) {
                     Response::ok(self.status())
                 } else {
                     Response::error(format!(

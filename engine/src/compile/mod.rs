@@ -288,7 +288,8 @@ pub fn compile_sources(files: impl IntoIterator<Item = (String, String)>) -> Res
 
 /// The compile entry point for a policy compiled again and again as its files change (the
 /// agent's reloads): [`compile_path`] with a [`ParseCache`], so a compile after a one-file edit
-/// re-parses that file only. The result is the same, to the byte, as [`compile_path`]'s: the
+/// re-parses that file only (and reads only the files whose stamps changed, see
+/// [`ParseCache::load`]). The result is the same, to the byte, as [`compile_path`]'s: the
 /// same snapshot (bytes and hash) and the same diagnostics. Only the parse is incremental; the
 /// analysis and the freeze run over the whole policy each time (BENCHMARKS.md, "Incremental
 /// compile", measures both).
@@ -319,6 +320,17 @@ impl IncrementalCompiler {
     /// How many files the last compile parsed anew.
     pub fn reparsed(&self) -> usize {
         self.cache.reparsed()
+    }
+
+    /// Makes the next compile read every file: [`ParseCache::forget_stamps`].
+    pub fn forget_stamps(&mut self) {
+        self.cache.forget_stamps();
+    }
+
+    /// How many files the last [`IncrementalCompiler::compile_path`] did not even read (their
+    /// stamps were those of the cached texts).
+    pub fn unread(&self) -> usize {
+        self.cache.unread()
     }
 }
 

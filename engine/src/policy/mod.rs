@@ -123,14 +123,69 @@ struct CachedFile {
     syntax_ok: bool,
     /// How many services it defines: its run of `services` in the merged policy.
     services: usize,
+    /// When it was read from a file that had not changed for a while: what that file looked
+    /// like, so the next [`ParseCache::load`] need not read it again while it still looks so.
+    stamp: Option<FileStamp>,
 }
 
 impl CachedFile {
     fn new(part: parse::FilePart) -> (Self, Vec<Service>) {
         let parse::FilePart { source, mut policy, diags, model_at, syntax_ok } = part;
         let services = std::mem::take(&mut policy.services);
-        (CachedFile { source, globals: policy, diags, model_at, syntax_ok, services: services.len() }, services)
+        let file =
+            CachedFile { source, globals: policy, diags, model_at, syntax_ok, services: services.len(), stamp: None };
+        (file, services)
     }
+}
+
+/// What a file looked like when it was read: device, inode, size, and modification and change
+/// times (nanoseconds). Any write changes the change time, which no program can set, and a
+/// rename puts another inode in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How long a file must have been unchanged, when it is read, for its stamp to be trusted: file
+/// times are coarse (a clock tick), so a file written again within a tick of being read could
+/// keep its stamp with other bytes. Older than this, any later write changes the stamp.
+const STAMP_SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl FileStamp {
+    fn of(metadata: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt as _;
+        FileStamp {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            len: metadata.len(),
+            mtime: (metadata.mtime(), metadata.mtime_nsec()),
+            ctime: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+
+    /// True when neither time is within [`STAMP_SETTLED`] of `now` (or after it).
+    fn settled(&self, now: std::time::SystemTime) -> bool {
+        let Ok(now) = now.duration_since(std::time::UNIX_EPOCH) else { return false };
+        let limit = now.saturating_sub(STAMP_SETTLED);
+        let before = |(secs, nanos): (i64, i64)| {
+            let (Ok(secs), Ok(nanos)) = (u64::try_from(secs), u32::try_from(nanos)) else { return false };
+            std::time::Duration::new(secs, nanos) < limit
+        };
+        before(self.mtime) && before(self.ctime)
+    }
+}
+
+/// One file of a policy as [`ParseCache::load`] found it: its text, or, when its stamp is the one
+/// recorded for the cached file at the same place, nothing (it was not read).
+enum FileInput {
+    /// The text just read, and the file's stamp when that text can be trusted to stay its own.
+    Read(String, Option<FileStamp>),
+    /// Unchanged since the cached parse: not read.
+    Unchanged,
 }
 
 /// The incremental front end: the files of the last parse, so the next parse of the same
@@ -142,12 +197,14 @@ impl CachedFile {
 ///
 /// Where is it decided which files are re-parsed: [`ParseCache::parse_sources`]. A file is
 /// kept when its name, its index and its whole text are equal to the cached one's (the text is
-/// compared, not hashed: no collision can keep a stale parse).
+/// compared, not hashed: no collision can keep a stale parse). Which files are read at all:
+/// [`ParseCache::load`], by each file's stamp.
 #[derive(Debug, Default)]
 pub struct ParseCache {
     files: Vec<CachedFile>,
     parsed: Option<Parsed>,
     reparsed: usize,
+    unread: usize,
 }
 
 impl ParseCache {
@@ -156,16 +213,56 @@ impl ParseCache {
         ParseCache::default()
     }
 
-    /// [`load`], re-parsing only what changed since the last call. Every file is still read
-    /// (and compared with the cached text).
+    /// [`load`], re-parsing only what changed since the last call. A file whose stamp (device,
+    /// inode, size, modification and change times) is the one recorded when its cached text was
+    /// read, and that had then been unchanged for [`STAMP_SETTLED`], is not read again; every
+    /// other file is read and compared with the cached text.
     pub fn load(&mut self, path: &Path) -> Result<&Parsed, LoadError> {
-        let files = read_files(&policy_files(path)?)?;
-        Ok(self.parse_sources(files))
+        let paths = policy_files(path)?;
+        let mut files = Vec::with_capacity(paths.len());
+        self.unread = 0;
+        for (index, file) in paths.iter().enumerate() {
+            let name = file.display().to_string();
+            let io = |source| LoadError::Io { path: file.clone(), source };
+            let now = std::time::SystemTime::now();
+            let before = FileStamp::of(&std::fs::metadata(file).map_err(io)?);
+            let cached = self.files.get(index).filter(|c| *c.source.name() == *name);
+            if cached.is_some_and(|c| c.stamp == Some(before)) {
+                self.unread += 1;
+                files.push((name, FileInput::Unchanged));
+                continue;
+            }
+            let text = std::fs::read_to_string(file).map_err(io)?;
+            // Trusted only when the file did not change while it was read, nor shortly before.
+            let after = FileStamp::of(&std::fs::metadata(file).map_err(io)?);
+            let stamp = (after == before && before.settled(now)).then_some(before);
+            files.push((name, FileInput::Read(text, stamp)));
+        }
+        Ok(self.parse_inputs(files))
+    }
+
+    /// Makes the next [`ParseCache::load`] read every file (and compare its text), as asked for
+    /// by someone who knows better than the file times: an explicit reload, a file system whose
+    /// times cannot be trusted (a network mount's cached attributes).
+    pub fn forget_stamps(&mut self) {
+        for file in &mut self.files {
+            file.stamp = None;
+        }
+    }
+
+    /// How many files the last [`ParseCache::load`] did not read (their stamps were unchanged).
+    pub fn unread(&self) -> usize {
+        self.unread
     }
 
     /// [`parse_sources`], re-parsing only the files that changed since the last call.
     pub fn parse_sources(&mut self, files: impl IntoIterator<Item = (String, String)>) -> &Parsed {
-        let files: Vec<(String, String)> = files.into_iter().collect();
+        self.unread = 0;
+        self.parse_inputs(files.into_iter().map(|(name, text)| (name, FileInput::Read(text, None))).collect())
+    }
+
+    /// Parses the files that are new or changed, keeps the others' parse, merges.
+    fn parse_inputs(&mut self, files: Vec<(String, FileInput)>) -> &Parsed {
         let mut old_files: Vec<Option<CachedFile>> = std::mem::take(&mut self.files).into_iter().map(Some).collect();
         // The old policy's services, cut into each old file's run.
         let mut old_services = self.parsed.take().map(|p| p.policy.services).unwrap_or_default().into_iter();
@@ -174,23 +271,40 @@ impl ParseCache {
         let keep: Vec<bool> = files
             .iter()
             .zip(old_files.iter().map(Some).chain(std::iter::repeat(None)))
-            .map(|((name, text), old)| {
-                old.and_then(Option::as_ref).is_some_and(|old| old.source.name() == name && old.source.text() == text)
+            .map(|((name, input), old)| {
+                old.and_then(Option::as_ref).is_some_and(|old| {
+                    *old.source.name() == **name
+                        && match input {
+                            FileInput::Unchanged => true,
+                            FileInput::Read(text, _) => *old.source.text() == **text,
+                        }
+                })
+            })
+            .collect();
+        // A file not read keeps its stamp (None here); one read gets the stamp it was read with.
+        let stamps: Vec<Option<Option<FileStamp>>> = files
+            .iter()
+            .map(|(_, input)| match input {
+                FileInput::Read(_, stamp) => Some(*stamp),
+                FileInput::Unchanged => None,
             })
             .collect();
         let fresh: Vec<Option<parse::FilePart>> = files
             .into_par_iter()
             .zip(keep.par_iter())
             .enumerate()
-            .map(|(file, ((name, text), &keep))| {
-                (!keep).then(|| parse::parse_file(file as FileId, SourceFile::new(name, text)))
+            .map(|(file, ((name, input), &keep))| match input {
+                FileInput::Read(text, _) if !keep => {
+                    Some(parse::parse_file(file as FileId, SourceFile::new(name, text)))
+                }
+                _ => None,
             })
             .collect();
         self.reparsed = fresh.iter().flatten().count();
         let mut kept_files = Vec::with_capacity(fresh.len());
         let mut runs = Vec::with_capacity(fresh.len());
-        for (index, part) in fresh.into_iter().enumerate() {
-            let (file, services) = match part {
+        for ((index, part), read_stamp) in fresh.into_iter().enumerate().zip(stamps) {
+            let (mut file, services) = match part {
                 Some(part) => CachedFile::new(part),
                 None => {
                     let old = old_files.get_mut(index).and_then(Option::take);
@@ -202,6 +316,9 @@ impl ParseCache {
                     }
                 }
             };
+            if let Some(stamp) = read_stamp {
+                file.stamp = stamp;
+            }
             kept_files.push(file);
             runs.push(services);
         }
