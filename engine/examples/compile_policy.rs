@@ -90,6 +90,16 @@ fn main() -> ExitCode {
         compiled.analysis.diagnostics.warnings().count()
     );
 
+    // The peak resident memory so far: the load, the parse and the compile (Linux).
+    let peak = |what: &str| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+            let kib: f64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            println!("peak RSS {what}  {:.1} MiB", kib / 1024.0);
+        }
+    };
+    peak("after the compile");
+
     let started = Instant::now();
     let bytes = match snapshot.to_bytes() {
         Ok(bytes) => bytes,
@@ -106,6 +116,7 @@ fn main() -> ExitCode {
         snapshot.hash()
     );
 
+    peak("after the encoding");
     let total = total.elapsed();
     let rules = net_rules + host_rules;
     println!(

@@ -547,22 +547,36 @@ fn owners_per_environment(content: &SnapshotContent) -> Vec<std::sync::Arc<Owner
 }
 
 fn hash_content(content: &SnapshotContent) -> Result<ContentHash, SnapshotError> {
-    let bytes = encode_content(content, Vec::new())?;
-    Ok(ContentHash(Sha256::digest(&bytes).into()))
+    let mut hasher = Sha256::new();
+    emit_content(content, |bytes| hasher.update(bytes))?;
+    Ok(ContentHash(hasher.finalize().into()))
 }
 
-/// Appends the postcard encoding of `content` to `out`, encoding the services in parallel.
-/// Postcard encodes a struct as its fields in order and a sequence as its length then its
-/// elements, so the services can be encoded one by one and concatenated: the bytes are exactly
-/// `postcard::to_extend(content, out)`.
-fn encode_content(content: &SnapshotContent, out: Vec<u8>) -> Result<Vec<u8>, SnapshotError> {
+/// Appends the postcard encoding of `content` to `out`: [`emit_content`]'s pieces, in order.
+fn encode_content(content: &SnapshotContent, mut out: Vec<u8>) -> Result<Vec<u8>, SnapshotError> {
+    emit_content(content, |bytes| out.extend_from_slice(bytes))?;
+    Ok(out)
+}
+
+/// How many services are encoded at once (in parallel) before their bytes are handed on: the
+/// encoding of a large policy is never held twice in memory.
+const SERVICES_PER_BATCH: usize = 256;
+
+/// Hands the postcard encoding of `content` to `sink`, piece by piece, encoding the services in
+/// parallel batches. Postcard encodes a struct as its fields in order and a sequence as its
+/// length then its elements, so the services can be encoded one by one and concatenated: the
+/// pieces, concatenated, are exactly `postcard::to_stdvec(content)`.
+fn emit_content(content: &SnapshotContent, mut sink: impl FnMut(&[u8])) -> Result<(), SnapshotError> {
     let services = &content.services;
-    let mut out = postcard::to_extend(&(content.format, &content.environments, services.len()), out)?;
-    let parts: Vec<Vec<u8>> = services.par_iter().map(postcard::to_stdvec).collect::<Result<_, _>>()?;
-    for part in parts {
-        out.extend_from_slice(&part);
+    sink(&postcard::to_stdvec(&(content.format, &content.environments, services.len()))?);
+    for batch in services.chunks(SERVICES_PER_BATCH) {
+        let parts: Vec<Vec<u8>> = batch.par_iter().map(postcard::to_stdvec).collect::<Result<_, _>>()?;
+        for part in &parts {
+            sink(part);
+        }
     }
-    Ok(postcard::to_extend(&content.bootstrap, out)?)
+    sink(&postcard::to_stdvec(&content.bootstrap)?);
+    Ok(())
 }
 
 #[cfg(test)]
