@@ -1,7 +1,11 @@
 //! The incremental compile against the full one, as a model: random edit sequences on a small
 //! multi-file policy (STYLE.md, "Test against a simple model"), and after every step the
 //! incremental result must equal a full compile of the same files: the same snapshot bytes and
-//! hash, the same diagnostics, the same parse (AST, locations, diagnostics).
+//! hash, the same diagnostics, the same parse (AST, locations, diagnostics). The edits vary
+//! what a service's resolved rules depend on, so a cache of resolved parts would be caught
+//! here too: allow entries (service references, addresses, hosts, environment-scoped and
+//! cross-environment entries), endpoints (per environment, ports, none), groups and their
+//! isolation, `rpc_allow`, layers, files reformatted, broken, deleted, duplicated names.
 
 #![allow(
     clippy::unwrap_used,
@@ -22,15 +26,37 @@ struct Svc {
     allow: Vec<Entry>,
     /// The layer (index into `LAYERS`).
     layer: usize,
+    /// Its endpoints: one for every environment, one per environment, or none.
+    endpoints: Endpoints,
+    /// Its group (index into `GROUPS`), if any.
+    group: Option<usize>,
+    /// Whether it narrows its first service entry to one RPC (`rpc_allow`).
+    rpc: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Endpoints {
+    /// `endpoints = [...]` on this port (the address is the service's own).
+    Everywhere(u16),
+    /// `endpoints.prod` and `endpoints.qa`, with these last address bytes.
+    PerEnvironment(u8, u8),
+    None,
 }
 
 #[derive(Debug, Clone)]
 enum Entry {
     Service(usize),
     Ip(u8),
+    /// `{ host = "hN.mirror.internal" }`.
+    Host(u8),
+    /// `{ ip = "10.0.0.N", env = "qa" }`.
+    IpInQa(u8),
+    /// `{ service = N, env = "qa", cross_environment = "prod" }`.
+    CrossToProd(usize),
 }
 
 const LAYERS: &[&str] = &["data", "core", "edge"];
+const GROUPS: &[&str] = &["g0", "g1"];
 
 /// One file: its services, or a syntax error in it, or deleted.
 #[derive(Debug, Clone)]
@@ -44,21 +70,76 @@ struct File {
 
 #[derive(Debug, Clone)]
 enum Op {
-    EditAllow { file: usize, service: usize, allow: Vec<Entry> },
-    AddService { file: usize, layer: usize },
-    RemoveService { file: usize, service: usize },
+    EditAllow {
+        file: usize,
+        service: usize,
+        allow: Vec<Entry>,
+    },
+    AddService {
+        file: usize,
+        layer: usize,
+    },
+    RemoveService {
+        file: usize,
+        service: usize,
+    },
     Touch,
-    Reformat { file: usize },
-    Delete { file: usize },
-    Restore { file: usize },
-    Break { file: usize },
-    Fix { file: usize },
-    Duplicate { file: usize, service: usize },
-    SecondModel { file: usize },
+    Reformat {
+        file: usize,
+    },
+    Delete {
+        file: usize,
+    },
+    Restore {
+        file: usize,
+    },
+    Break {
+        file: usize,
+    },
+    Fix {
+        file: usize,
+    },
+    Duplicate {
+        file: usize,
+        service: usize,
+    },
+    SecondModel {
+        file: usize,
+    },
+    Endpoints {
+        file: usize,
+        service: usize,
+        endpoints: Endpoints,
+    },
+    Group {
+        file: usize,
+        service: usize,
+        group: Option<usize>,
+    },
+    Rpc {
+        file: usize,
+        service: usize,
+    },
+    /// Isolates the groups from each other, or stops isolating them.
+    Isolate,
 }
 
 fn entry() -> impl Strategy<Value = Entry> {
-    prop_oneof![(0usize..14).prop_map(Entry::Service), (0u8..12).prop_map(Entry::Ip)]
+    prop_oneof![
+        3 => (0usize..14).prop_map(Entry::Service),
+        2 => (0u8..12).prop_map(Entry::Ip),
+        1 => (0u8..4).prop_map(Entry::Host),
+        1 => (0u8..12).prop_map(Entry::IpInQa),
+        1 => (0usize..14).prop_map(Entry::CrossToProd),
+    ]
+}
+
+fn endpoints() -> impl Strategy<Value = Endpoints> {
+    prop_oneof![
+        2 => prop_oneof![Just(443u16), Just(8443)].prop_map(Endpoints::Everywhere),
+        1 => (0u8..12, 0u8..12).prop_map(|(prod, qa)| Endpoints::PerEnvironment(prod, qa)),
+        1 => Just(Endpoints::None),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -75,7 +156,13 @@ fn op() -> impl Strategy<Value = Op> {
         1 => file.clone().prop_map(|file| Op::Break { file }),
         2 => file.clone().prop_map(|file| Op::Fix { file }),
         1 => (file.clone(), 0usize..6).prop_map(|(file, service)| Op::Duplicate { file, service }),
-        1 => file.prop_map(|file| Op::SecondModel { file }),
+        1 => file.clone().prop_map(|file| Op::SecondModel { file }),
+        2 => (file.clone(), 0usize..6, endpoints())
+            .prop_map(|(file, service, endpoints)| Op::Endpoints { file, service, endpoints }),
+        1 => (file.clone(), 0usize..6, prop::option::of(0usize..2))
+            .prop_map(|(file, service, group)| Op::Group { file, service, group }),
+        1 => (file, 0usize..6).prop_map(|(file, service)| Op::Rpc { file, service }),
+        1 => Just(Op::Isolate),
     ]
 }
 
@@ -84,11 +171,13 @@ struct Model {
     next: usize,
     /// The file (by index) that holds a second `[model]`, if any.
     second_model: Option<usize>,
+    /// `isolated = [["g0", "g1"]]` in the global `[model]`.
+    isolated: bool,
 }
 
 impl Model {
     fn new() -> Self {
-        let mut model = Model { files: Vec::new(), next: 0, second_model: None };
+        let mut model = Model { files: Vec::new(), next: 0, second_model: None, isolated: false };
         for file in 0..4 {
             let services = (0..3).map(|i| model.service((file + i) % 3, Vec::new())).collect();
             model.files.push(File { services, broken: false, deleted: false, padding: 0 });
@@ -98,7 +187,14 @@ impl Model {
 
     fn service(&mut self, layer: usize, allow: Vec<Entry>) -> Svc {
         self.next += 1;
-        Svc { name: format!("s{}", self.next), allow, layer }
+        Svc {
+            name: format!("s{}", self.next),
+            allow,
+            layer,
+            endpoints: Endpoints::Everywhere(443),
+            group: None,
+            rpc: false,
+        }
     }
 
     fn apply(&mut self, op: &Op) {
@@ -152,16 +248,34 @@ impl Model {
                 }
             }
             Op::SecondModel { file } => self.second_model = Some(file),
+            Op::Endpoints { file, service, endpoints } => {
+                if let Some(s) = self.files.get_mut(file).and_then(|f| f.services.get_mut(service)) {
+                    s.endpoints = endpoints;
+                }
+            }
+            Op::Group { file, service, group } => {
+                if let Some(s) = self.files.get_mut(file).and_then(|f| f.services.get_mut(service)) {
+                    s.group = group;
+                }
+            }
+            Op::Rpc { file, service } => {
+                if let Some(s) = self.files.get_mut(file).and_then(|f| f.services.get_mut(service)) {
+                    s.rpc = !s.rpc;
+                }
+            }
+            Op::Isolate => self.isolated = !self.isolated,
         }
     }
 
     /// The policy's files: a global file, then the team files not deleted.
     fn texts(&self) -> Vec<(String, String)> {
-        let mut out = vec![(
-            "00-global.toml".to_owned(),
-            "version = 1\n\n[environments]\nqa = \"enforce\"\nprod = \"audit\"\n\n[model]\nlayers = [\"data\", \"core\", \"edge\"]\n"
-                .to_owned(),
-        )];
+        let mut global = String::from(
+            "version = 1\n\n[environments]\nqa = \"enforce\"\nprod = \"audit\"\n\n[model]\nlayers = [\"data\", \"core\", \"edge\"]\n",
+        );
+        if self.isolated {
+            global.push_str("isolated = [[\"g0\", \"g1\"]]\n");
+        }
+        let mut out = vec![("00-global.toml".to_owned(), global)];
         let all: Vec<&str> = self.files.iter().flat_map(|f| &f.services).map(|s| s.name.as_str()).collect();
         for (index, file) in self.files.iter().enumerate() {
             if file.deleted {
@@ -176,23 +290,48 @@ impl Model {
             }
             for s in &file.services {
                 text.push_str(&format!("\n[services.{}]\nlayer = \"{}\"\n", s.name, LAYERS[s.layer]));
+                if let Some(group) = s.group {
+                    text.push_str(&format!("group = \"{}\"\n", GROUPS[group]));
+                }
                 let n = s.name.trim_start_matches('s').parse::<u32>().unwrap_or(0);
-                text.push_str(&format!(
-                    "endpoints = [{{ ip = \"10.0.{}.{}\", ports = [443] }}]\n",
-                    n / 200,
-                    n % 200 + 1
-                ));
+                match s.endpoints {
+                    Endpoints::Everywhere(port) => text.push_str(&format!(
+                        "endpoints = [{{ ip = \"10.0.{}.{}\", ports = [{port}] }}]\n",
+                        n / 200,
+                        n % 200 + 1
+                    )),
+                    Endpoints::PerEnvironment(prod, qa) => text.push_str(&format!(
+                        "endpoints.prod = [{{ ip = \"10.1.0.{prod}\", ports = [443] }}]\n\
+                         endpoints.qa = [{{ ip = \"10.2.0.{qa}\", ports = [443] }}]\n"
+                    )),
+                    Endpoints::None => {}
+                }
                 text.push_str("allow = [\n");
+                let name_of = |i: usize| all.get(i).copied().unwrap_or("ghost");
                 for e in &s.allow {
                     match e {
-                        Entry::Service(i) => {
-                            let name = all.get(*i).copied().unwrap_or("ghost");
-                            text.push_str(&format!("  {{ service = \"{name}\" }},\n"));
-                        }
+                        Entry::Service(i) => text.push_str(&format!("  {{ service = \"{}\" }},\n", name_of(*i))),
                         Entry::Ip(last) => text.push_str(&format!("  {{ ip = \"10.0.0.{last}\" }},\n")),
+                        Entry::Host(n) => {
+                            text.push_str(&format!("  {{ host = \"h{n}.mirror.internal\", ports = [443] }},\n"));
+                        }
+                        Entry::IpInQa(last) => {
+                            text.push_str(&format!("  {{ ip = \"10.0.0.{last}\", env = \"qa\" }},\n"));
+                        }
+                        Entry::CrossToProd(i) => text.push_str(&format!(
+                            "  {{ service = \"{}\", env = \"qa\", cross_environment = \"prod\", reason = \"test\" }},\n",
+                            name_of(*i)
+                        )),
                     }
                 }
                 text.push_str("]\n");
+                let first_service = s.allow.iter().find_map(|e| match e {
+                    Entry::Service(i) => Some(name_of(*i)),
+                    _ => None,
+                });
+                if let (true, Some(target)) = (s.rpc, first_service) {
+                    text.push_str(&format!("rpc_allow = [{{ service = \"{target}\", rpcs = [\"/pkg.Svc/Call\"] }}]\n"));
+                }
             }
             if file.broken {
                 text.push_str("[services.oops\nallow = [\n");
