@@ -158,6 +158,10 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     assert_eq!(agent.sample("depfence_service_mode{service=\"app\",mode=\"audit\"}"), Some(1.0));
     assert_eq!(agent.sample("depfence_policy_generation"), Some(2.0));
     assert_eq!(agent.sample("depfence_policy_last_reload_successful"), Some(1.0));
+    for stage in ["compile", "apply"] {
+        let took = agent.sample(&format!("depfence_policy_last_reload_duration_seconds{{stage=\"{stage}\"}}"));
+        assert!(took.is_some_and(|t| t > 0.0 && t < 60.0), "{stage}: {took:?}\n{}", agent.metrics());
+    }
     let dest = format!(
         "depfence_destination_events_total{{service=\"batch\",destination=\"127.0.0.1:{other}/tcp\",verdict=\"would_reject\"}}"
     );

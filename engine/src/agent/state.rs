@@ -219,6 +219,11 @@ impl<D: Dataplane> State<D> {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "policy applied"
             );
+            // How long the reload took until the kernel had it (compile, then apply), so a
+            // policy that grows slow to reload shows on a dashboard before it hurts.
+            let (compile, apply) = (compiled_at.duration_since(started), applied_at.duration_since(compiled_at));
+            gauge!("depfence_policy_last_reload_duration_seconds", "stage" => "compile").set(compile.as_secs_f64());
+            gauge!("depfence_policy_last_reload_duration_seconds", "stage" => "apply").set(apply.as_secs_f64());
             counter!("depfence_policy_reloads_total", "result" => "success").increment(1);
             gauge!("depfence_policy_last_reload_success_timestamp_seconds").set(unix_seconds(now));
         } else {

@@ -71,6 +71,10 @@ pub fn describe() {
         "depfence_policy_last_reload_success_timestamp_seconds",
         "Unix time of the last successful reload."
     );
+    describe_gauge!(
+        "depfence_policy_last_reload_duration_seconds",
+        "How long the last successful reload took, by stage: compile (read, parse, check), apply (until the kernel enforces it)."
+    );
     describe_counter!("depfence_events_dropped_total", "Kernel events lost because the ring buffer was full.");
     describe_counter!(
         "depfence_connections_closed_total",
