@@ -45,6 +45,17 @@ impl SourceFile {
         &self.text
     }
 
+    /// Whether `other` is this very text (the same allocation, not merely equal bytes): a
+    /// file kept by the incremental parse keeps its text.
+    pub(crate) fn is_text(&self, other: &Arc<str>) -> bool {
+        Arc::ptr_eq(&self.text, other)
+    }
+
+    /// The text, shared.
+    pub(crate) fn shared_text(&self) -> Arc<str> {
+        Arc::clone(&self.text)
+    }
+
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: u32) -> (u32, u32) {
         let line_index = self.line_starts.partition_point(|&start| start <= offset).saturating_sub(1);

@@ -47,6 +47,8 @@ enum Endpoints {
 enum Entry {
     Service(usize),
     Ip(u8),
+    /// An address no service owns (`10.200.0.N`): a rule, and no edge.
+    Outside(u8),
     /// `{ host = "hN.mirror.internal" }`.
     Host(u8),
     /// `{ ip = "10.0.0.N", env = "qa" }`.
@@ -128,6 +130,7 @@ fn entry() -> impl Strategy<Value = Entry> {
     prop_oneof![
         3 => (0usize..14).prop_map(Entry::Service),
         2 => (0u8..12).prop_map(Entry::Ip),
+        3 => (0u8..12).prop_map(Entry::Outside),
         1 => (0u8..4).prop_map(Entry::Host),
         1 => (0u8..12).prop_map(Entry::IpInQa),
         1 => (0usize..14).prop_map(Entry::CrossToProd),
@@ -312,6 +315,7 @@ impl Model {
                     match e {
                         Entry::Service(i) => text.push_str(&format!("  {{ service = \"{}\" }},\n", name_of(*i))),
                         Entry::Ip(last) => text.push_str(&format!("  {{ ip = \"10.0.0.{last}\" }},\n")),
+                        Entry::Outside(last) => text.push_str(&format!("  {{ ip = \"10.200.0.{last}\" }},\n")),
                         Entry::Host(n) => {
                             text.push_str(&format!("  {{ host = \"h{n}.mirror.internal\", ports = [443] }},\n"));
                         }

@@ -271,7 +271,7 @@ pub fn check_sources(files: impl IntoIterator<Item = (String, String)>) -> Check
 }
 
 fn check_parsed(parsed: Parsed) -> Checked {
-    let analysis = analyze_parsed(&parsed);
+    let analysis = analyze_parsed(&parsed, None);
     Checked { parsed, analysis }
 }
 
@@ -289,13 +289,15 @@ pub fn compile_sources(files: impl IntoIterator<Item = (String, String)>) -> Res
 /// The compile entry point for a policy compiled again and again as its files change (the
 /// agent's reloads): [`compile_path`] with a [`ParseCache`], so a compile after a one-file edit
 /// re-parses that file only (and reads only the files whose stamps changed, see
-/// [`ParseCache::load`]). The result is the same, to the byte, as [`compile_path`]'s: the
-/// same snapshot (bytes and hash) and the same diagnostics. Only the parse is incremental; the
-/// analysis and the freeze run over the whole policy each time (BENCHMARKS.md, "Incremental
-/// compile", measures both).
+/// [`ParseCache::load`]), and with the services resolved last time, so only the services of
+/// the edited files are resolved again while no name, endpoint, layer or environment changed
+/// (`resolve::ResolveCache`). The result is the same, to the byte, as [`compile_path`]'s: the
+/// same snapshot (bytes and hash) and the same diagnostics. The graph checks and the freeze
+/// still run over the whole policy (BENCHMARKS.md, "Incremental compile", measures each part).
 #[derive(Debug, Default)]
 pub struct IncrementalCompiler {
     cache: ParseCache,
+    resolved: resolve::ResolveCache,
 }
 
 impl IncrementalCompiler {
@@ -306,7 +308,7 @@ impl IncrementalCompiler {
 
     /// [`compile_path`], re-parsing only the files that changed since the last call.
     pub fn compile_path(&mut self, path: &Path) -> Result<Compiled, CompileError> {
-        freeze_parsed(self.cache.load(path)?)
+        freeze_parsed(self.cache.load(path)?, Some(&mut self.resolved))
     }
 
     /// [`compile_sources`], re-parsing only the files that changed since the last call.
@@ -314,7 +316,7 @@ impl IncrementalCompiler {
         &mut self,
         files: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Compiled, CompileError> {
-        freeze_parsed(self.cache.parse_sources(files))
+        freeze_parsed(self.cache.parse_sources(files), Some(&mut self.resolved))
     }
 
     /// How many files the last compile parsed anew.
@@ -335,9 +337,9 @@ impl IncrementalCompiler {
 }
 
 /// Analyzes and freezes a parsed policy that stays where it is (in a [`ParseCache`]).
-fn freeze_parsed(parsed: &Parsed) -> Result<Compiled, CompileError> {
+fn freeze_parsed(parsed: &Parsed, cache: Option<&mut resolve::ResolveCache>) -> Result<Compiled, CompileError> {
     let sources = parsed.policy.sources.clone();
-    match analyze_parsed(parsed) {
+    match analyze_parsed(parsed, cache) {
         Some(analysis) => analysis.freeze(sources),
         None => Err(CompileError::Invalid { sources, diagnostics: parsed.diagnostics.clone() }),
     }
@@ -346,8 +348,14 @@ fn freeze_parsed(parsed: &Parsed) -> Result<Compiled, CompileError> {
 /// Analyzes a parsed policy: resolves names, expands rules, runs every graph check in each
 /// environment.
 pub fn analyze(policy: &PolicySet) -> Analysis {
+    analyze_with(policy, None)
+}
+
+/// [`analyze`], reusing the resolved services of the last analysis of the same policy that
+/// `cache` kept when nothing they were resolved from changed ([`resolve::ResolveCache`]).
+fn analyze_with(policy: &PolicySet, cache: Option<&mut resolve::ResolveCache>) -> Analysis {
     let mut diagnostics = Diagnostics::default();
-    let resolved = resolve::resolve(policy, &mut diagnostics);
+    let resolved = resolve::resolve(policy, &mut diagnostics, cache);
     let mut content = resolved.content;
     let environments: Vec<String> = content.environments.iter().map(|e| e.name.clone()).collect();
     let layers: Vec<String> = policy.layers.iter().map(|l| l.value.clone()).collect();
@@ -513,11 +521,11 @@ fn merge_by_environment(found: Vec<(Vec<usize>, Diagnostics)>, environments: &[S
 /// Analyzes what [`crate::policy::load`] or [`crate::policy::parse_sources`] read. Returns None
 /// when a file is not valid TOML (the syntax errors are in `parsed.diagnostics`); otherwise the
 /// analysis's diagnostics hold the parse diagnostics too, in source order.
-fn analyze_parsed(parsed: &Parsed) -> Option<Analysis> {
+fn analyze_parsed(parsed: &Parsed, cache: Option<&mut resolve::ResolveCache>) -> Option<Analysis> {
     if !parsed.syntax_ok {
         return None;
     }
-    let mut analysis = analyze(&parsed.policy);
+    let mut analysis = analyze_with(&parsed.policy, cache);
     let mut all = parsed.diagnostics.clone();
     all.extend(std::mem::take(&mut analysis.diagnostics));
     all.sort();

@@ -154,6 +154,7 @@ impl Context<'_, '_> {
 }
 
 /// What resolving one service gives.
+#[derive(Clone)]
 struct ServicePart {
     node: Node,
     /// Per view.
@@ -167,7 +168,7 @@ struct ServicePart {
 
 /// Resolves every service (in parallel: each service only reads shared, immutable indexes) and
 /// concatenates the results in service order, so the outcome does not depend on scheduling.
-pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
+pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option<&mut ResolveCache>) -> Resolved {
     // Services sorted by name; the first definition wins (duplicates are already reported).
     let mut by_name: BTreeMap<&str, &Service> = BTreeMap::new();
     for s in &policy.services {
@@ -249,12 +250,15 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
             Some(first)
         })
         .collect();
-    let parts: Vec<ServicePart> = services
-        .par_iter()
-        .zip(first_origins)
-        .enumerate()
-        .map(|(id, (service, first_origin))| resolve_service(&ctx, id, service, first_origin))
-        .collect();
+    let parts: Vec<ServicePart> = match cache {
+        None => services
+            .par_iter()
+            .zip(first_origins)
+            .enumerate()
+            .map(|(id, (service, first_origin))| resolve_service(&ctx, id, service, first_origin))
+            .collect(),
+        Some(cache) => cache.resolve(&ctx, &view_envs_key(&view_index), &first_origins),
+    };
     let mut nodes = Vec::with_capacity(services.len());
     let mut views: Vec<View> = view_index
         .iter()
@@ -294,6 +298,147 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics) -> Resolved {
         content: SnapshotContent { format: 0, environments, services: rulesets, bootstrap: Vec::new() },
         debug,
         intrinsic,
+    }
+}
+
+/// The environments of each view, for [`ContextKey`].
+fn view_envs_key(views: &[ViewIndex]) -> Vec<Vec<usize>> {
+    views.iter().map(|v| v.envs.clone()).collect()
+}
+
+/// Each service's resolved part from the last compile of the same policy, reused when nothing
+/// it was resolved from changed (`compile::IncrementalCompiler` keeps one).
+///
+/// A service's part depends on its own definition and on its context: every service's name
+/// (the ids), every service's endpoints (the rules a service reference expands to, the owners
+/// that infer edges), the layers, the environments and the views. It also carries origin ids
+/// counted over the whole policy. So a part is reused when
+/// - the context, compared by value (locations left out), is the last compile's;
+/// - the service's file is the very text the part was resolved from (the incremental parse
+///   keeps an unchanged file's text, so its definition and locations are the same);
+/// - the part has no diagnostics (an error's note may point at another service's endpoint,
+///   whose location can move while its value does not);
+///
+/// and then its origin ids are moved by the difference of its first origin id. The result is
+/// the same, to the byte, as resolving anew (`engine/tests/incremental.rs`).
+#[derive(Default)]
+pub(crate) struct ResolveCache {
+    context: Option<ContextKey>,
+    parts: HashMap<String, CachedPart>,
+}
+
+impl std::fmt::Debug for ResolveCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolveCache").field("services", &self.parts.len()).finish_non_exhaustive()
+    }
+}
+
+/// An endpoint by value: what it is, not where it was written.
+type EndpointValue = (Destination, Vec<PortRange>, Proto, EnvScope);
+
+/// What a service's part was resolved from, compared by value.
+#[derive(PartialEq)]
+struct ContextKey {
+    names: Vec<String>,
+    endpoints: Vec<Vec<EndpointValue>>,
+    layers: Vec<String>,
+    environments: Vec<EnvironmentEntry>,
+    views: Vec<Vec<usize>>,
+}
+
+impl ContextKey {
+    fn of(ctx: &Context<'_, '_>, views: &[Vec<usize>]) -> ContextKey {
+        ContextKey {
+            names: ctx.services.iter().map(|s| s.name.value.clone()).collect(),
+            endpoints: ctx
+                .services
+                .iter()
+                .map(|s| {
+                    s.endpoints
+                        .iter()
+                        .map(|e| (e.destination.value.clone(), e.ports.clone(), e.proto, e.env.clone()))
+                        .collect()
+                })
+                .collect(),
+            layers: ctx.policy.layers.iter().map(|l| l.value.clone()).collect(),
+            environments: ctx.environments.to_vec(),
+            views: views.to_vec(),
+        }
+    }
+}
+
+/// One service's part, with what it was resolved from.
+struct CachedPart {
+    /// Its file's text (compared by identity).
+    text: std::sync::Arc<str>,
+    file: crate::diag::FileId,
+    first_origin: u32,
+    part: ServicePart,
+}
+
+impl ResolveCache {
+    /// Every service's part: the cached one when it may be reused (its origins moved), else
+    /// resolved anew; the cache keeps each diagnostic-free part for the next compile.
+    fn resolve(&mut self, ctx: &Context<'_, '_>, views: &[Vec<usize>], first_origins: &[u32]) -> Vec<ServicePart> {
+        let context = ContextKey::of(ctx, views);
+        let same_context = self.context.as_ref() == Some(&context);
+        let mut old = std::mem::take(&mut self.parts);
+        if !same_context {
+            old.clear();
+        }
+        let cached: Vec<Option<CachedPart>> = ctx.services.iter().map(|s| old.remove(&s.name.value)).collect();
+        drop(old);
+        let results: Vec<(ServicePart, Option<CachedPart>)> = ctx
+            .services
+            .par_iter()
+            .zip(cached)
+            .zip(first_origins)
+            .enumerate()
+            .map(|(id, ((service, cached), &first_origin))| {
+                let file = service.name.loc.file;
+                let text = ctx.policy.sources.file(file).map(crate::diag::SourceFile::shared_text);
+                let reusable = cached
+                    .filter(|c| c.file == file && ctx.policy.sources.file(file).is_some_and(|f| f.is_text(&c.text)));
+                let part = match reusable {
+                    Some(mut cached) => {
+                        cached.part.move_origins(first_origin, cached.first_origin);
+                        cached.first_origin = first_origin;
+                        return (cached.part.clone(), Some(cached));
+                    }
+                    None => resolve_service(ctx, id, service, first_origin),
+                };
+                let keep = part.diags.is_empty() && part.view_diags.iter().all(Diagnostics::is_empty);
+                let cached = match (keep, text) {
+                    (true, Some(text)) => Some(CachedPart { text, file, first_origin, part: part.clone() }),
+                    _ => None,
+                };
+                (part, cached)
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(results.len());
+        for (service, (part, cached)) in ctx.services.iter().zip(results) {
+            if let Some(cached) = cached {
+                self.parts.insert(service.name.value.clone(), cached);
+            }
+            parts.push(part);
+        }
+        self.context = Some(context);
+        parts
+    }
+}
+
+impl ServicePart {
+    /// Moves every origin id of the part from numbering after `was` to numbering after `now`.
+    fn move_origins(&mut self, now: u32, was: u32) {
+        if now == was {
+            return;
+        }
+        let moved = |origin: &mut u32| *origin = origin.wrapping_sub(was).wrapping_add(now);
+        for rules in &mut self.ruleset.rules {
+            rules.net_rules.iter_mut().for_each(|r| moved(&mut r.origin));
+            rules.host_rules.iter_mut().for_each(|r| moved(&mut r.origin));
+        }
+        self.ruleset.rpc_rules.iter_mut().for_each(|r| moved(&mut r.origin));
     }
 }
 
