@@ -157,6 +157,16 @@ fn agent_applies_reloads_and_keeps_the_last_good_policy() {
     assert_eq!(agent.sample("depfence_connections_total{service=\"app\",verdict=\"would_reject\"}"), Some(1.0));
     assert_eq!(agent.sample("depfence_service_mode{service=\"app\",mode=\"audit\"}"), Some(1.0));
     assert_eq!(agent.sample("depfence_policy_generation"), Some(2.0));
+    // After a reload the snapshot is published by a thread of its own: soon, and whole.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let in_force = agent.status().policy_hash;
+    while Some(published()) != in_force || Some(guard.snapshot_hash().to_string()) != in_force {
+        assert!(
+            Instant::now() < deadline,
+            "the reloaded policy's snapshot was not published, or the guard did not follow"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(agent.sample("depfence_policy_last_reload_successful"), Some(1.0));
     for stage in ["compile", "apply"] {
         let took = agent.sample(&format!("depfence_policy_last_reload_duration_seconds{{stage=\"{stage}\"}}"));

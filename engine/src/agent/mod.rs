@@ -19,6 +19,7 @@ mod dns;
 mod fake;
 pub mod kernel;
 pub mod lock;
+mod publish;
 mod run;
 pub mod state;
 pub mod telemetry;

@@ -26,6 +26,7 @@ use super::dataplane::Dataplane;
 use super::discovery::{self, Selectors};
 use super::dns::DnsRuntime;
 use super::kernel::{Desired, Kernel, KernelError, Previous, StateFileProblem};
+use super::publish::Publisher;
 use super::telemetry::{self, EventLog, EventRecord};
 use crate::cgroup::{FoundCgroup, nearest_registered};
 use crate::compile::{CompileError, Compiled, IncrementalCompiler, compile_path};
@@ -88,6 +89,8 @@ pub struct State<D: Dataplane> {
     selectors: Option<(ContentHash, Arc<Selectors>)>,
     /// How long the last apply's kernel part took (the reload log says it).
     kernel_apply: Duration,
+    /// Writes the snapshot in force for in-process guards.
+    publisher: Publisher,
 }
 
 impl<D: Dataplane> State<D> {
@@ -122,7 +125,8 @@ impl<D: Dataplane> State<D> {
             rollout.lose_evidence(now, &problem.to_string());
             telemetry::evidence_lost(None);
         }
-        check_published_snapshot(&config.state_dir);
+        // Unit tests count metrics per thread: there, every snapshot is written in line.
+        let publisher = Publisher::new(&config.state_dir, !cfg!(test));
         let (event_tx, _) = broadcast::channel(4096);
         State {
             config,
@@ -148,6 +152,7 @@ impl<D: Dataplane> State<D> {
             applied: None,
             selectors: None,
             kernel_apply: Duration::ZERO,
+            publisher,
         }
     }
 
@@ -205,7 +210,7 @@ impl<D: Dataplane> State<D> {
         if ok {
             let hash = self.active.as_ref().map(|(c, _)| c.snapshot.hash().to_string()).unwrap_or_default();
             if let Some((compiled, _)) = &self.active {
-                publish_snapshot(&self.config.state_dir, &compiled.snapshot);
+                self.publisher.publish(compiled);
             }
             info!(
                 reason = why,
@@ -823,37 +828,6 @@ impl<D: Dataplane> State<D> {
             Response::error(format!("the activated policy was not applied:\n{}", self.reload_errors()))
         }
     }
-}
-
-/// Writes the snapshot in force to the state directory, where in-process guards follow it
-/// (`Guard::from_agent`). A failure is logged and counted: the kernel already enforces the
-/// policy.
-fn publish_snapshot(state_dir: &Path, snapshot: &Snapshot) {
-    let path = state_dir.join(crate::snapshot::AGENT_SNAPSHOT_FILE);
-    let written = snapshot
-        .to_bytes()
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| crate::snapshot::write_file(&path, &bytes).map_err(|e| e.to_string()));
-    if let Err(e) = written {
-        telemetry::state_file_error(&path, "write");
-        warn!(path = %path.display(), "cannot publish the snapshot for in-process guards: {e}");
-    }
-}
-
-/// Reports a published snapshot that in-process guards cannot load (damaged, or unreadable);
-/// the next applied policy replaces it.
-fn check_published_snapshot(state_dir: &Path) {
-    let path = state_dir.join(crate::snapshot::AGENT_SNAPSHOT_FILE);
-    let problem = match std::fs::read(&path) {
-        Ok(bytes) => match Snapshot::from_bytes(&bytes) {
-            Ok(_) => return,
-            Err(e) => ("corrupt", format!("`{}` is not a valid snapshot: {e}", path.display())),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-        Err(e) => ("read", format!("cannot read `{}`: {e}", path.display())),
-    };
-    telemetry::state_file_error(&path, problem.0);
-    error!("{}; in-process guards cannot load it until a policy is applied and published again", problem.1);
 }
 
 /// Writes `from` over `to`, file for file (a policy file, or a directory of `*.toml` files:
