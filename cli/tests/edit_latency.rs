@@ -88,6 +88,11 @@ fn a_one_service_edit_is_in_force_soon_after_it_is_written() {
         took[took.len() / 2].as_secs_f64() * 1000.0,
         ms.join(", ")
     );
+    // The agent's memory after the edits: what it holds (policy, caches, books) and its peak.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+    let memory: Vec<&str> =
+        status.lines().filter(|l| l.starts_with("VmRSS:") || l.starts_with("VmHWM:")).map(str::trim).collect();
+    println!("agent memory: {}", memory.join(", "));
     let log = agent.log_text();
     for line in log.lines().filter(|l| l.contains("policy applied")).take(rounds + 1) {
         println!("{line}");
