@@ -215,13 +215,13 @@ impl<'a> Side<'a> {
     /// A service's rules in words (position aside, so a moved entry is no change), each with
     /// where it is written.
     fn rules(&self, service: &str, env: usize) -> BTreeMap<String, String> {
-        let Some((_, ruleset)) = self.snapshot.service(service) else { return BTreeMap::new() };
+        let Some((id, ruleset)) = self.snapshot.service(service) else { return BTreeMap::new() };
         let rules = ruleset.rules(env);
-        let nets = rules.net_rules.iter().map(|r| (self.snapshot.describe_rule(r), self.snapshot.rule_position(r)));
+        let nets = rules.net_rules.iter().map(|r| (self.snapshot.describe_rule(r), self.snapshot.rule_position(id, r)));
         let hosts = rules
             .host_rules
             .iter()
-            .map(|r| (self.snapshot.describe_host_rule(r), self.snapshot.origin_position(r.origin)));
+            .map(|r| (self.snapshot.describe_host_rule(r), self.snapshot.origin_position(id, r.origin)));
         nets.chain(hosts).collect()
     }
 }

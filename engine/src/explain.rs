@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compile::{Analysis, Graph};
 use crate::problem::closest;
-use crate::snapshot::{Connection, NetRule, ServiceRuleset, Snapshot};
+use crate::snapshot::{Connection, NetRule, ServiceId, ServiceRuleset, Snapshot};
 use crate::verdict::{Mode, Verdict};
 
 /// How many near misses an explanation lists.
@@ -162,7 +162,7 @@ pub fn explain(
     conn: Connection,
     environments: Environments<'_>,
 ) -> Result<Explanation, ExplainError> {
-    let Some((_, service)) = snapshot.service(from) else {
+    let Some((id, service)) = snapshot.service(from) else {
         let suggestion = closest(from, snapshot.services().iter().map(|s| s.name.as_str()));
         return Err(ExplainError::UnknownService { service: from.to_owned(), suggestion });
     };
@@ -173,7 +173,7 @@ pub fn explain(
             ExplainError::UnknownEnvironment { environment: name.to_owned(), known }
         })?],
     };
-    let rule_ref = |r: &NetRule| RuleRef { rule: snapshot.describe_rule(r), position: snapshot.rule_position(r) };
+    let rule_ref = |r: &NetRule| RuleRef { rule: snapshot.describe_rule(r), position: snapshot.rule_position(id, r) };
     let mut judgements: Vec<Judgement> = Vec::new();
     for e in indices {
         let Some(env) = snapshot.environments().get(e) else { continue };
@@ -225,7 +225,7 @@ pub fn explain(
     Ok(Explanation {
         from: from.to_owned(),
         to: conn.to_string(),
-        rpc_allow: rpc_groups(snapshot, service, &all_owners),
+        rpc_allow: rpc_groups(snapshot, id, service, &all_owners),
         judgements,
         live: None,
     })
@@ -234,14 +234,15 @@ pub fn explain(
 /// The `rpc_allow` patterns of `service`, per backend in the order written, and for each
 /// service that owns the destination (`owners`) an entry even when it has none; the
 /// destination's backends first. Empty when the service has no `rpc_allow`.
-fn rpc_groups(snapshot: &Snapshot, service: &ServiceRuleset, owners: &[String]) -> Vec<RpcGroup> {
+fn rpc_groups(snapshot: &Snapshot, id: ServiceId, service: &ServiceRuleset, owners: &[String]) -> Vec<RpcGroup> {
     if service.rpc_rules.is_empty() {
         return Vec::new();
     }
     let mut groups: Vec<RpcGroup> = Vec::new();
     for rule in &service.rpc_rules {
         let Some(backend) = snapshot.services().get(rule.target as usize).map(|s| s.name.as_str()) else { continue };
-        let pattern = RpcPatternRef { rpc: rule.pattern.to_string(), position: snapshot.origin_position(rule.origin) };
+        let pattern =
+            RpcPatternRef { rpc: rule.pattern.to_string(), position: snapshot.origin_position(id, rule.origin) };
         match groups.iter_mut().find(|g| g.backend == backend) {
             Some(group) => group.patterns.push(pattern),
             None => groups.push(RpcGroup {

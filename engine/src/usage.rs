@@ -49,7 +49,7 @@ pub struct RuleNames {
 impl RuleNames {
     /// The rules of `service` in environment `env` of `snapshot` (none for an unknown service).
     pub fn of(snapshot: &Snapshot, service: &str, env: usize) -> Self {
-        let Some((_, s)) = snapshot.service(service) else {
+        let Some((id, s)) = snapshot.service(service) else {
             return RuleNames { service: service.to_owned(), ..RuleNames::default() };
         };
         let rules = s.rules(env);
@@ -62,7 +62,7 @@ impl RuleNames {
                     Some(target) => target.name.clone(),
                     None => rule.net.to_string(),
                 },
-                position: snapshot.rule_position(rule),
+                position: snapshot.rule_position(id, rule),
             })
             .collect();
         RuleNames { service: service.to_owned(), rules: names, host_rules: !rules.host_rules.is_empty() }

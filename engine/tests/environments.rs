@@ -301,12 +301,16 @@ fn rules_of(snapshot: &Snapshot, env: usize) -> Vec<(String, Vec<String>, Vec<St
     snapshot
         .services()
         .iter()
-        .map(|s| {
+        .enumerate()
+        .map(|(id, s)| {
             let rules = s.rules(env);
             let nets = rules
                 .net_rules
                 .iter()
-                .map(|r| format!("{} {} {} {:?} at {}", r.net, r.proto, r.ports, r.target, snapshot.rule_position(r)))
+                .map(|r| {
+                    let at = snapshot.rule_position(id as u32, r);
+                    format!("{} {} {} {:?} at {at}", r.net, r.proto, r.ports, r.target)
+                })
                 .collect();
             let endpoints =
                 rules.endpoints.iter().map(|e| format!("{} {} {}", e.destination, e.proto, e.ports)).collect();

@@ -478,7 +478,7 @@ fn layered_bootstrap_reads_every_team_file() {
     // Explain can point into each file.
     let debug = compiled.snapshot.debug_info();
     assert_eq!(debug.files.len(), 4);
-    let used: BTreeSet<u32> = debug.origins.iter().map(|o| o.file).collect();
+    let used: BTreeSet<u32> = debug.origins.iter().flat_map(|o| o.iter().map(|o| o.file)).collect();
     assert_eq!(used, BTreeSet::from([0, 1, 2, 3]));
 }
 

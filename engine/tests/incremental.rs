@@ -5,7 +5,9 @@
 //! what a service's resolved rules depend on, so a cache of resolved parts would be caught
 //! here too: allow entries (service references, addresses, hosts, environment-scoped and
 //! cross-environment entries), endpoints (per environment, ports, none), groups and their
-//! isolation, `rpc_allow`, layers, files reformatted, broken, deleted, duplicated names.
+//! isolation, `rpc_allow`, layers, files reformatted, broken, deleted, duplicated names; and
+//! what the graph checks read, so reusing their results is caught too: tiers, non-critical
+//! entries, cycles, isolation.
 
 #![allow(
     clippy::unwrap_used,
@@ -32,6 +34,8 @@ struct Svc {
     group: Option<usize>,
     /// Whether it narrows its first service entry to one RPC (`rpc_allow`).
     rpc: bool,
+    /// Its criticality tier, if any.
+    tier: Option<u8>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +50,8 @@ enum Endpoints {
 #[derive(Debug, Clone)]
 enum Entry {
     Service(usize),
+    /// `{ service = N, critical = false }`.
+    NotCritical(usize),
     Ip(u8),
     /// An address no service owns (`10.200.0.N`): a rule, and no edge.
     Outside(u8),
@@ -124,11 +130,22 @@ enum Op {
     },
     /// Isolates the groups from each other, or stops isolating them.
     Isolate,
+    Tier {
+        file: usize,
+        service: usize,
+        tier: Option<u8>,
+    },
+    /// Makes a service's critical service entries not critical, and the others critical.
+    FlipCritical {
+        file: usize,
+        service: usize,
+    },
 }
 
 fn entry() -> impl Strategy<Value = Entry> {
     prop_oneof![
         3 => (0usize..14).prop_map(Entry::Service),
+        1 => (0usize..14).prop_map(Entry::NotCritical),
         2 => (0u8..12).prop_map(Entry::Ip),
         3 => (0u8..12).prop_map(Entry::Outside),
         1 => (0u8..4).prop_map(Entry::Host),
@@ -164,8 +181,11 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(file, service, endpoints)| Op::Endpoints { file, service, endpoints }),
         1 => (file.clone(), 0usize..6, prop::option::of(0usize..2))
             .prop_map(|(file, service, group)| Op::Group { file, service, group }),
-        1 => (file, 0usize..6).prop_map(|(file, service)| Op::Rpc { file, service }),
+        1 => (file.clone(), 0usize..6).prop_map(|(file, service)| Op::Rpc { file, service }),
         1 => Just(Op::Isolate),
+        1 => (file.clone(), 0usize..6, prop::option::of(1u8..4))
+            .prop_map(|(file, service, tier)| Op::Tier { file, service, tier }),
+        2 => (file.clone(), 0usize..6).prop_map(|(file, service)| Op::FlipCritical { file, service }),
     ]
 }
 
@@ -197,6 +217,7 @@ impl Model {
             endpoints: Endpoints::Everywhere(443),
             group: None,
             rpc: false,
+            tier: None,
         }
     }
 
@@ -267,6 +288,22 @@ impl Model {
                 }
             }
             Op::Isolate => self.isolated = !self.isolated,
+            Op::Tier { file, service, tier } => {
+                if let Some(s) = self.files.get_mut(file).and_then(|f| f.services.get_mut(service)) {
+                    s.tier = tier;
+                }
+            }
+            Op::FlipCritical { file, service } => {
+                if let Some(s) = self.files.get_mut(file).and_then(|f| f.services.get_mut(service)) {
+                    for e in &mut s.allow {
+                        *e = match *e {
+                            Entry::Service(i) => Entry::NotCritical(i),
+                            Entry::NotCritical(i) => Entry::Service(i),
+                            ref other => other.clone(),
+                        };
+                    }
+                }
+            }
         }
     }
 
@@ -296,6 +333,9 @@ impl Model {
                 if let Some(group) = s.group {
                     text.push_str(&format!("group = \"{}\"\n", GROUPS[group]));
                 }
+                if let Some(tier) = s.tier {
+                    text.push_str(&format!("tier = {tier}\n"));
+                }
                 let n = s.name.trim_start_matches('s').parse::<u32>().unwrap_or(0);
                 match s.endpoints {
                     Endpoints::Everywhere(port) => text.push_str(&format!(
@@ -314,6 +354,9 @@ impl Model {
                 for e in &s.allow {
                     match e {
                         Entry::Service(i) => text.push_str(&format!("  {{ service = \"{}\" }},\n", name_of(*i))),
+                        Entry::NotCritical(i) => {
+                            text.push_str(&format!("  {{ service = \"{}\", critical = false }},\n", name_of(*i)));
+                        }
                         Entry::Ip(last) => text.push_str(&format!("  {{ ip = \"10.0.0.{last}\" }},\n")),
                         Entry::Outside(last) => text.push_str(&format!("  {{ ip = \"10.200.0.{last}\" }},\n")),
                         Entry::Host(n) => {

@@ -111,7 +111,7 @@ fn a_valid_rpc_allow_compiles_into_sorted_rules_with_positions() {
         .unwrap_or_else(|(s, d)| panic!("{:?}", d.iter().map(|d| d.to_plain(&s)).collect::<Vec<_>>()));
     let snapshot = &compiled.snapshot;
     let (billing, _) = snapshot.service("billing").unwrap();
-    let (_, checkout) = snapshot.service("checkout").unwrap();
+    let (checkout_id, checkout) = snapshot.service("checkout").unwrap();
     let rules: Vec<_> = checkout.rpc_rules.iter().map(|r| (r.target, r.pattern.to_string())).collect();
     assert_eq!(
         rules,
@@ -121,11 +121,11 @@ fn a_valid_rpc_allow_compiles_into_sorted_rules_with_positions() {
     // Each pattern's origin is where it was written.
     let col = |needle: &str| text.lines().nth(5).unwrap().find(needle).unwrap() as u32 + 1;
     assert_eq!(
-        snapshot.origin_position(checkout.rpc_rules[0].origin),
+        snapshot.origin_position(checkout_id, checkout.rpc_rules[0].origin),
         format!("policy.toml:6:{}", col("\"/billing.Billing/Charge\""))
     );
     assert_eq!(
-        snapshot.origin_position(checkout.rpc_rules[1].origin),
+        snapshot.origin_position(checkout_id, checkout.rpc_rules[1].origin),
         format!("policy.toml:6:{}", col("\"/billing.Billing/Refund\""))
     );
     assert_eq!(snapshot.service_position(billing), "policy.toml:2:11");

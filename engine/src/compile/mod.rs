@@ -17,7 +17,7 @@ use crate::diag::{Diagnostic, Diagnostics, Loc, Sources};
 use crate::graph;
 use crate::policy::{LoadError, ParseCache, Parsed, PolicySet, Requirement, load, parse_sources};
 use crate::problem::{Problem, closest};
-use crate::snapshot::{SNAPSHOT_FORMAT, Snapshot, SnapshotContent, SnapshotError};
+use crate::snapshot::{Keep, SNAPSHOT_FORMAT, Snapshot, SnapshotContent, SnapshotError};
 
 /// A service as the graph sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +136,8 @@ pub struct Analysis {
     content: SnapshotContent,
     debug: crate::snapshot::DebugInfo,
     owners: Vec<std::sync::Arc<crate::snapshot::Owners>>,
+    /// Whether the freeze keeps the services' encodings (for the next incremental compile).
+    keep: Keep,
 }
 
 impl Analysis {
@@ -163,7 +165,7 @@ impl Analysis {
     /// ([`crate::diff`]). Only [`Analysis::freeze`] makes the snapshot of a policy to enforce.
     pub fn snapshot(&self) -> Result<Snapshot, SnapshotError> {
         let content = SnapshotContent { format: SNAPSHOT_FORMAT, ..self.content.clone() };
-        Snapshot::with_owners(content, self.debug.clone(), self.owners.clone())
+        Snapshot::with_owners(content, self.debug.clone(), self.owners.clone(), Keep::Nothing)
     }
 
     /// The graph of environment `env` (an index into `environments`).
@@ -291,13 +293,92 @@ pub fn compile_sources(files: impl IntoIterator<Item = (String, String)>) -> Res
 /// re-parses that file only (and reads only the files whose stamps changed, see
 /// [`ParseCache::load`]), and with the services resolved last time, so only the services of
 /// the edited files are resolved again while no name, endpoint, layer or environment changed
-/// (`resolve::ResolveCache`). The result is the same, to the byte, as [`compile_path`]'s: the
-/// same snapshot (bytes and hash) and the same diagnostics. The graph checks and the freeze
-/// still run over the whole policy (BENCHMARKS.md, "Incremental compile", measures each part).
+/// (`resolve::ResolveCache`); the graph checks are skipped when the graph is the same as last
+/// time and they found nothing ([`GraphCache`]), and the freeze hashes the kept encodings of
+/// unchanged services. The result is the same, to the byte, as [`compile_path`]'s: the same
+/// snapshot (bytes and hash) and the same diagnostics (BENCHMARKS.md, "Incremental compile",
+/// measures each part).
 #[derive(Debug, Default)]
 pub struct IncrementalCompiler {
     cache: ParseCache,
+    analysis: AnalysisCache,
+}
+
+/// What an [`IncrementalCompiler`] keeps of its last analysis.
+#[derive(Debug, Default)]
+struct AnalysisCache {
     resolved: resolve::ResolveCache,
+    graphs: GraphCache,
+}
+
+/// The graph checks of the last analysis, for the graphs where they found nothing, reused when
+/// a graph is the same by value. What the checks compute (components, bootstrap stages) depends
+/// only on what [`GraphKey`] holds; only a finding points at a source position, and a graph
+/// with a finding is checked again.
+#[derive(Debug, Default)]
+struct GraphCache {
+    clean: Vec<(GraphKey, Vec<Component>, Vec<Stage>)>,
+}
+
+/// Everything the graph checks read, positions left out.
+#[derive(Debug, PartialEq)]
+struct GraphKey {
+    nodes: Vec<Node>,
+    /// (from, to, critical) of every edge, in order.
+    edges: Vec<(usize, usize, bool)>,
+    layers: Vec<String>,
+    isolated: Vec<Vec<String>>,
+    intrinsic: Vec<BTreeSet<usize>>,
+}
+
+/// What the graph checks read besides the graph.
+struct GraphInputs<'a> {
+    policy: &'a PolicySet,
+    intrinsic: &'a [(BTreeSet<usize>, Loc)],
+    layers: &'a [String],
+    nodes: &'a [Node],
+}
+
+impl GraphKey {
+    fn of(inputs: &GraphInputs<'_>, edges: &[Edge]) -> Self {
+        GraphKey {
+            nodes: inputs.nodes.to_vec(),
+            edges: edges.iter().map(|e| (e.from, e.to, e.critical)).collect(),
+            layers: inputs.layers.to_vec(),
+            isolated: inputs
+                .policy
+                .isolated
+                .iter()
+                .map(|set| set.groups.iter().map(|g| g.value.clone()).collect())
+                .collect(),
+            intrinsic: inputs.intrinsic.iter().map(|(set, _)| set.clone()).collect(),
+        }
+    }
+}
+
+impl GraphCache {
+    /// Runs the graph checks on `graph`, or takes their results from the last analysis when
+    /// the graph is the same and they found nothing then; `kept` collects this analysis's
+    /// clean results (what the next one may reuse).
+    fn check(
+        &self,
+        kept: &mut Vec<(GraphKey, Vec<Component>, Vec<Stage>)>,
+        inputs: &GraphInputs<'_>,
+        graph: &mut Graph,
+        diags: &mut Diagnostics,
+    ) {
+        let key = GraphKey::of(inputs, &graph.edges);
+        if let Some((_, components, stages)) = self.clean.iter().find(|(k, _, _)| *k == key) {
+            graph.components = components.clone();
+            graph.stages = stages.clone();
+        } else {
+            check_graph(inputs.policy, inputs.intrinsic, inputs.layers, inputs.nodes, graph, diags);
+            if !(diags.is_empty() && graph.violations.is_empty()) {
+                return;
+            }
+        }
+        kept.push((key, graph.components.clone(), graph.stages.clone()));
+    }
 }
 
 impl IncrementalCompiler {
@@ -308,7 +389,7 @@ impl IncrementalCompiler {
 
     /// [`compile_path`], re-parsing only the files that changed since the last call.
     pub fn compile_path(&mut self, path: &Path) -> Result<Compiled, CompileError> {
-        freeze_parsed(self.cache.load(path)?, Some(&mut self.resolved))
+        freeze_parsed(self.cache.load(path)?, Some(&mut self.analysis))
     }
 
     /// [`compile_sources`], re-parsing only the files that changed since the last call.
@@ -316,7 +397,7 @@ impl IncrementalCompiler {
         &mut self,
         files: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Compiled, CompileError> {
-        freeze_parsed(self.cache.parse_sources(files), Some(&mut self.resolved))
+        freeze_parsed(self.cache.parse_sources(files), Some(&mut self.analysis))
     }
 
     /// How many files the last compile parsed anew.
@@ -337,7 +418,7 @@ impl IncrementalCompiler {
 }
 
 /// Analyzes and freezes a parsed policy that stays where it is (in a [`ParseCache`]).
-fn freeze_parsed(parsed: &Parsed, cache: Option<&mut resolve::ResolveCache>) -> Result<Compiled, CompileError> {
+fn freeze_parsed(parsed: &Parsed, cache: Option<&mut AnalysisCache>) -> Result<Compiled, CompileError> {
     let sources = parsed.policy.sources.clone();
     match analyze_parsed(parsed, cache) {
         Some(analysis) => analysis.freeze(sources),
@@ -351,11 +432,14 @@ pub fn analyze(policy: &PolicySet) -> Analysis {
     analyze_with(policy, None)
 }
 
-/// [`analyze`], reusing the resolved services of the last analysis of the same policy that
-/// `cache` kept when nothing they were resolved from changed ([`resolve::ResolveCache`]).
-fn analyze_with(policy: &PolicySet, cache: Option<&mut resolve::ResolveCache>) -> Analysis {
+/// [`analyze`], reusing what the last analysis of the same policy kept in `cache` where
+/// nothing it was made from changed: resolved services ([`resolve::ResolveCache`]) and clean
+/// graph checks ([`GraphCache`]).
+fn analyze_with(policy: &PolicySet, mut cache: Option<&mut AnalysisCache>) -> Analysis {
+    let keep = if cache.is_some() { Keep::Encodings } else { Keep::Nothing };
     let mut diagnostics = Diagnostics::default();
-    let resolved = resolve::resolve(policy, &mut diagnostics, cache);
+    let resolved = resolve::resolve(policy, &mut diagnostics, cache.as_deref_mut().map(|c| &mut c.resolved));
+    let mut clean_graphs = Vec::new();
     let mut content = resolved.content;
     let environments: Vec<String> = content.environments.iter().map(|e| e.name.clone()).collect();
     let layers: Vec<String> = policy.layers.iter().map(|l| l.value.clone()).collect();
@@ -386,7 +470,14 @@ fn analyze_with(policy: &PolicySet, cache: Option<&mut resolve::ResolveCache>) -
                     stages: Vec::new(),
                 };
                 let mut graph_diags = Diagnostics::default();
-                check_graph(policy, &resolved.intrinsic, &layers, &nodes, &mut graph, &mut graph_diags);
+                match cache.as_deref() {
+                    Some(cache) => {
+                        let inputs =
+                            GraphInputs { policy, intrinsic: &resolved.intrinsic, layers: &layers, nodes: &nodes };
+                        cache.graphs.check(&mut clean_graphs, &inputs, &mut graph, &mut graph_diags);
+                    }
+                    None => check_graph(policy, &resolved.intrinsic, &layers, &nodes, &mut graph, &mut graph_diags),
+                }
                 graphs.push(graph);
                 graph_found.push((Vec::new(), graph_diags));
                 graphs.len() - 1
@@ -401,6 +492,9 @@ fn analyze_with(policy: &PolicySet, cache: Option<&mut resolve::ResolveCache>) -
             envs.extend(view.envs.iter().copied());
         }
         found.push((view.envs, view.diags));
+    }
+    if let Some(cache) = cache {
+        cache.graphs.clean = clean_graphs;
     }
     found.extend(graph_found);
     diagnostics.extend(merge_by_environment(found, &environments));
@@ -419,6 +513,7 @@ fn analyze_with(policy: &PolicySet, cache: Option<&mut resolve::ResolveCache>) -
         content,
         debug: resolved.debug,
         owners: resolved.owners,
+        keep,
     }
 }
 
@@ -521,7 +616,7 @@ fn merge_by_environment(found: Vec<(Vec<usize>, Diagnostics)>, environments: &[S
 /// Analyzes what [`crate::policy::load`] or [`crate::policy::parse_sources`] read. Returns None
 /// when a file is not valid TOML (the syntax errors are in `parsed.diagnostics`); otherwise the
 /// analysis's diagnostics hold the parse diagnostics too, in source order.
-fn analyze_parsed(parsed: &Parsed, cache: Option<&mut resolve::ResolveCache>) -> Option<Analysis> {
+fn analyze_parsed(parsed: &Parsed, cache: Option<&mut AnalysisCache>) -> Option<Analysis> {
     if !parsed.syntax_ok {
         return None;
     }
@@ -546,8 +641,12 @@ impl Analysis {
             SnapshotContent { format: 0, environments: Vec::new(), services: Vec::new(), bootstrap: Vec::new() };
         let mut content = std::mem::replace(&mut self.content, empty);
         content.format = SNAPSHOT_FORMAT;
-        let snapshot =
-            Snapshot::with_owners(content, std::mem::take(&mut self.debug), std::mem::take(&mut self.owners))?;
+        let snapshot = Snapshot::with_owners(
+            content,
+            std::mem::take(&mut self.debug),
+            std::mem::take(&mut self.owners),
+            self.keep,
+        )?;
         Ok(Compiled { snapshot, analysis: self, sources })
     }
 }

@@ -13,7 +13,7 @@ use crate::policy::{
 use crate::problem::{Problem, closest};
 use crate::snapshot::{
     DebugInfo, EndpointRule, HostRule, NetRule, Origin, Owners, RpcRule, Rules, ServiceId, ServiceRuleset,
-    SnapshotContent,
+    SharedRuleset, SnapshotContent,
 };
 
 pub(super) struct Resolved {
@@ -153,14 +153,15 @@ impl Context<'_, '_> {
     }
 }
 
-/// What resolving one service gives.
+/// What resolving one service gives. Its origins and ruleset are shared, not copied, when the
+/// part is reused ([`ResolveCache`]).
 #[derive(Clone)]
 struct ServicePart {
     node: Node,
     /// Per view.
     edges: Vec<Vec<Edge>>,
-    origins: Vec<Origin>,
-    ruleset: ServiceRuleset,
+    origins: std::sync::Arc<[Origin]>,
+    ruleset: SharedRuleset,
     diags: Diagnostics,
     /// Per view.
     view_diags: Vec<Diagnostics>,
@@ -240,24 +241,9 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
         by_env: &by_env,
         views: &view_index,
     };
-    // Each service's allow entries and rpc_allow patterns get the origin ids after those of the
-    // services before it.
-    let first_origins: Vec<u32> = services
-        .iter()
-        .scan(0u32, |next, s| {
-            let first = *next;
-            *next += (s.allow.len() + rpc_pattern_count(s)) as u32;
-            Some(first)
-        })
-        .collect();
     let parts: Vec<ServicePart> = match cache {
-        None => services
-            .par_iter()
-            .zip(first_origins)
-            .enumerate()
-            .map(|(id, (service, first_origin))| resolve_service(&ctx, id, service, first_origin))
-            .collect(),
-        Some(cache) => cache.resolve(&ctx, &view_envs_key(&view_index), &first_origins),
+        None => services.par_iter().enumerate().map(|(id, service)| resolve_service(&ctx, id, service)).collect(),
+        Some(cache) => cache.resolve(&ctx, &view_envs_key(&view_index)),
     };
     let mut nodes = Vec::with_capacity(services.len());
     let mut views: Vec<View> = view_index
@@ -269,14 +255,14 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
         })
         .collect();
     let mut rulesets = Vec::with_capacity(services.len());
-    debug.origins.reserve_exact(parts.iter().map(|p| p.origins.len()).sum());
+    debug.origins.reserve_exact(parts.len());
     for part in parts {
         nodes.push(part.node);
         for ((view, edges), view_diags) in views.iter_mut().zip(part.edges).zip(part.view_diags) {
             view.edges.extend(edges);
             view.diags.extend(view_diags);
         }
-        debug.origins.extend(part.origins);
+        debug.origins.push(part.origins);
         rulesets.push(part.ruleset);
         diags.extend(part.diags);
     }
@@ -311,15 +297,15 @@ fn view_envs_key(views: &[ViewIndex]) -> Vec<Vec<usize>> {
 ///
 /// A service's part depends on its own definition and on its context: every service's name
 /// (the ids), every service's endpoints (the rules a service reference expands to, the owners
-/// that infer edges), the layers, the environments and the views. It also carries origin ids
-/// counted over the whole policy. So a part is reused when
+/// that infer edges), the layers, the environments and the views. So a part is reused when
 /// - the context, compared by value (locations left out), is the last compile's;
 /// - the service's file is the very text the part was resolved from (the incremental parse
 ///   keeps an unchanged file's text, so its definition and locations are the same);
 /// - the part has no diagnostics (an error's note may point at another service's endpoint,
 ///   whose location can move while its value does not);
 ///
-/// and then its origin ids are moved by the difference of its first origin id. The result is
+/// and its ruleset and origins are then shared with the new snapshot, not copied (its origin
+/// ids count from 0 in the service, so an edit elsewhere does not change them). The result is
 /// the same, to the byte, as resolving anew (`engine/tests/incremental.rs`).
 #[derive(Default)]
 pub(crate) struct ResolveCache {
@@ -372,14 +358,13 @@ struct CachedPart {
     /// Its file's text (compared by identity).
     text: std::sync::Arc<str>,
     file: crate::diag::FileId,
-    first_origin: u32,
     part: ServicePart,
 }
 
 impl ResolveCache {
-    /// Every service's part: the cached one when it may be reused (its origins moved), else
-    /// resolved anew; the cache keeps each diagnostic-free part for the next compile.
-    fn resolve(&mut self, ctx: &Context<'_, '_>, views: &[Vec<usize>], first_origins: &[u32]) -> Vec<ServicePart> {
+    /// Every service's part: the cached one when it may be reused, else resolved anew; the
+    /// cache keeps each diagnostic-free part for the next compile.
+    fn resolve(&mut self, ctx: &Context<'_, '_>, views: &[Vec<usize>]) -> Vec<ServicePart> {
         let context = ContextKey::of(ctx, views);
         let same_context = self.context.as_ref() == Some(&context);
         let mut old = std::mem::take(&mut self.parts);
@@ -392,24 +377,19 @@ impl ResolveCache {
             .services
             .par_iter()
             .zip(cached)
-            .zip(first_origins)
             .enumerate()
-            .map(|(id, ((service, cached), &first_origin))| {
+            .map(|(id, (service, cached))| {
                 let file = service.name.loc.file;
                 let text = ctx.policy.sources.file(file).map(crate::diag::SourceFile::shared_text);
                 let reusable = cached
                     .filter(|c| c.file == file && ctx.policy.sources.file(file).is_some_and(|f| f.is_text(&c.text)));
                 let part = match reusable {
-                    Some(mut cached) => {
-                        cached.part.move_origins(first_origin, cached.first_origin);
-                        cached.first_origin = first_origin;
-                        return (cached.part.clone(), Some(cached));
-                    }
-                    None => resolve_service(ctx, id, service, first_origin),
+                    Some(cached) => return (cached.part.clone(), Some(cached)),
+                    None => resolve_service(ctx, id, service),
                 };
                 let keep = part.diags.is_empty() && part.view_diags.iter().all(Diagnostics::is_empty);
                 let cached = match (keep, text) {
-                    (true, Some(text)) => Some(CachedPart { text, file, first_origin, part: part.clone() }),
+                    (true, Some(text)) => Some(CachedPart { text, file, part: part.clone() }),
                     _ => None,
                 };
                 (part, cached)
@@ -427,27 +407,14 @@ impl ResolveCache {
     }
 }
 
-impl ServicePart {
-    /// Moves every origin id of the part from numbering after `was` to numbering after `now`.
-    fn move_origins(&mut self, now: u32, was: u32) {
-        if now == was {
-            return;
-        }
-        let moved = |origin: &mut u32| *origin = origin.wrapping_sub(was).wrapping_add(now);
-        for rules in &mut self.ruleset.rules {
-            rules.net_rules.iter_mut().for_each(|r| moved(&mut r.origin));
-            rules.host_rules.iter_mut().for_each(|r| moved(&mut r.origin));
-        }
-        self.ruleset.rpc_rules.iter_mut().for_each(|r| moved(&mut r.origin));
-    }
-}
-
-/// Resolves one service; its allow entries get origin ids from `first_origin` on.
-fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_origin: u32) -> ServicePart {
+/// Resolves one service; its allow entries get origin ids from 0 on, then its `rpc_allow`
+/// patterns.
+fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service) -> ServicePart {
     let Context { policy, layers, environments, env_names, .. } = *ctx;
     let mut diags = Diagnostics::default();
     let diags = &mut diags;
-    let mut debug = DebugInfo::default();
+    // Where each allow entry, then each rpc_allow pattern, was written: indexed by origin id.
+    let mut positions: Vec<Origin> = Vec::with_capacity(service.allow.len() + rpc_pattern_count(service));
 
     let layer = service.layer.as_ref().and_then(|l| layers.get(l, diags));
     if service.layer.is_none() && !policy.layers.is_empty() {
@@ -496,8 +463,8 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
     let mut origins = vec![0u32; service.allow.len()];
     for &i in &order {
         if let (Some(slot), Some(entry)) = (origins.get_mut(i), service.allow.get(i)) {
-            *slot = first_origin + debug.origins.len() as u32;
-            debug.origins.push(origin_of(&policy.sources, entry.loc, id as ServiceId));
+            *slot = positions.len() as u32;
+            positions.push(origin_of(&policy.sources, entry.loc, id as ServiceId));
         }
     }
 
@@ -530,8 +497,8 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
         edges_per_view.push(edges.into_values().collect());
         view_diags.push(view_diag);
     }
-    let rpc_rules = resolve_rpc_rules(ctx, id, service, first_origin + debug.origins.len() as u32, &all_edges, diags);
-    debug.origins.extend(rpc_origins(&policy.sources, service, id as ServiceId));
+    let rpc_rules = resolve_rpc_rules(ctx, id, service, positions.len() as u32, &all_edges, diags);
+    positions.extend(rpc_origins(&policy.sources, service, id as ServiceId));
     let ruleset = ServiceRuleset {
         name: service.name.value.clone(),
         selector: service.selector.as_ref().map(|s| s.value.clone()),
@@ -547,8 +514,8 @@ fn resolve_service(ctx: &Context<'_, '_>, id: usize, service: &Service, first_or
     ServicePart {
         node,
         edges: edges_per_view,
-        origins: debug.origins,
-        ruleset,
+        origins: positions.into(),
+        ruleset: ruleset.into(),
         diags: std::mem::take(diags),
         view_diags,
     }

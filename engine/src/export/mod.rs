@@ -22,7 +22,7 @@ use crate::deploy::ParsedDeployed;
 use crate::diag::Sources;
 use crate::learn::{Destination, Observed};
 use crate::policy::{PolicySet, PortRange, Proto};
-use crate::snapshot::{Origin, OriginId, Snapshot};
+use crate::snapshot::{Origin, ServiceId, Snapshot};
 use crate::timefmt::rfc3339_seconds;
 use crate::usage::{HOST_RULES, Usage};
 
@@ -332,7 +332,11 @@ fn dependencies(tx: &Transaction<'_>, export: &Export<'_>, envs: &[(usize, Strin
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
     let mut count = 0;
-    for service in snapshot.services() {
+    // Rule ids number the allow entries over the whole policy: each service's origins after
+    // those of the services before it.
+    let mut first_origin = 0i64;
+    for (id, service) in snapshot.services().iter().enumerate() {
+        let id = id as ServiceId;
         for &(index, ref env) in envs {
             let rules = service.rules(index);
             let net =
@@ -340,14 +344,14 @@ fn dependencies(tx: &Transaction<'_>, export: &Export<'_>, envs: &[(usize, Strin
             let host =
                 rules.host_rules.iter().map(|r| (r.origin, r.target, r.host.to_string(), "host", r.ports, r.proto));
             for (origin, target, destination, kind, ports, proto) in net.chain(host) {
-                let at = snapshot.debug_info().origins.get(origin as usize);
+                let at = snapshot.origin(id, origin);
                 let (file, line, column) = position(snapshot, at);
                 let is_critical = at.and_then(|o| critical.get(&(o.file, o.line, o.column))).copied().unwrap_or(true);
                 let to_service = target.and_then(|t| snapshot.services().get(t as usize)).map(|s| s.name.as_str());
                 insert.execute(params![
                     service.name,
                     env,
-                    rule_id(origin),
+                    first_origin + i64::from(origin),
                     to_service,
                     destination,
                     kind,
@@ -363,13 +367,9 @@ fn dependencies(tx: &Transaction<'_>, export: &Export<'_>, envs: &[(usize, Strin
                 count += 1;
             }
         }
+        first_origin += snapshot.debug_info().origins.get(id as usize).map_or(0, |o| o.len() as i64);
     }
     Ok(count)
-}
-
-/// The rule id of a rule: the snapshot's id of the allow entry it came from.
-fn rule_id(origin: OriginId) -> i64 {
-    i64::from(origin)
 }
 
 fn ports_text(ports: PortRange) -> String {

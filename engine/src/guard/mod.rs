@@ -414,7 +414,8 @@ impl Decision {
 
     /// Where the deciding rule was written (`file:line:col`), if a rule decided.
     pub fn rule_position(&self) -> Option<String> {
-        self.rule().map(|rule| self.loaded.snapshot.origin_position(rule.origin))
+        let Reason::Rule { caller, .. } = self.reason else { return None };
+        self.rule().map(|rule| self.loaded.snapshot.origin_position(caller, rule.origin))
     }
 
     /// The calling service's name, if it is a service of the snapshot.

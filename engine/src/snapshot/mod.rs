@@ -11,6 +11,7 @@ use std::cmp::Reverse;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 use rayon::prelude::*;
@@ -25,8 +26,10 @@ pub use owners::Owners;
 
 /// Version of the snapshot encoding; a loader refuses another.
 /// Format 2 added each service's endpoints and RPC rules, and service positions; format 3 made
-/// address rules, host rules, endpoints and the bootstrap order per environment.
-pub const SNAPSHOT_FORMAT: u32 = 3;
+/// address rules, host rules, endpoints and the bootstrap order per environment; format 4
+/// numbers each service's origins from 0 (an edit of one service no longer renumbers the rules
+/// of the services after it).
+pub const SNAPSHOT_FORMAT: u32 = 4;
 
 /// First bytes of an encoded snapshot file.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"DEPFNCE\0";
@@ -34,7 +37,8 @@ pub const SNAPSHOT_MAGIC: &[u8; 8] = b"DEPFNCE\0";
 /// Index of a service in [`Snapshot::services`].
 pub type ServiceId = u32;
 
-/// Index of an allow entry's origin in [`DebugInfo::origins`].
+/// Index of an allow entry's (or `rpc_allow` pattern's) origin among its service's origins,
+/// [`DebugInfo::origins`]`[service]`: numbered from 0 in each service.
 pub type OriginId = u32;
 
 /// One rule for addresses: a block, a protocol and a port range. Ordered by what it allows, then
@@ -87,7 +91,7 @@ pub struct RpcRule {
     pub target: ServiceId,
     /// The calls it allows.
     pub pattern: RpcPattern,
-    /// Where the pattern was written (an index into [`DebugInfo::origins`]).
+    /// Where the pattern was written (an index into the service's [`DebugInfo::origins`]).
     pub origin: OriginId,
 }
 
@@ -183,6 +187,98 @@ impl ServiceRuleset {
     }
 }
 
+/// A service's ruleset as a snapshot holds it: shared, not copied, between the snapshots of
+/// successive compiles while the service is unchanged (`compile::IncrementalCompiler`), with
+/// its encoding made once and kept, so the next snapshot's hash and bytes reuse it. Encoded as
+/// the ruleset itself. Changing it through `DerefMut` copies it first if it is shared, and
+/// forgets the kept encoding.
+#[derive(Clone)]
+pub struct SharedRuleset(Arc<SharedInner>);
+
+#[derive(Clone)]
+struct SharedInner {
+    ruleset: ServiceRuleset,
+    encoded: OnceLock<Vec<u8>>,
+}
+
+impl SharedRuleset {
+    /// Shares `ruleset`.
+    pub fn new(ruleset: ServiceRuleset) -> Self {
+        SharedRuleset(Arc::new(SharedInner { ruleset, encoded: OnceLock::new() }))
+    }
+
+    /// The ruleset's postcard encoding: the kept one, else made now (and kept when `keep`).
+    fn encoded(&self, keep: Keep) -> Result<std::borrow::Cow<'_, [u8]>, SnapshotError> {
+        if let Some(bytes) = self.0.encoded.get() {
+            return Ok(bytes.as_slice().into());
+        }
+        let bytes = postcard::to_stdvec(&self.0.ruleset)?;
+        Ok(match keep {
+            Keep::Encodings => self.0.encoded.get_or_init(|| bytes).as_slice().into(),
+            Keep::Nothing => bytes.into(),
+        })
+    }
+}
+
+impl std::ops::Deref for SharedRuleset {
+    type Target = ServiceRuleset;
+
+    fn deref(&self) -> &ServiceRuleset {
+        &self.0.ruleset
+    }
+}
+
+impl std::ops::DerefMut for SharedRuleset {
+    fn deref_mut(&mut self) -> &mut ServiceRuleset {
+        let inner = Arc::make_mut(&mut self.0);
+        inner.encoded = OnceLock::new();
+        &mut inner.ruleset
+    }
+}
+
+impl From<ServiceRuleset> for SharedRuleset {
+    fn from(ruleset: ServiceRuleset) -> Self {
+        SharedRuleset::new(ruleset)
+    }
+}
+
+impl fmt::Debug for SharedRuleset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.ruleset.fmt(f)
+    }
+}
+
+impl PartialEq for SharedRuleset {
+    fn eq(&self, other: &SharedRuleset) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.ruleset == other.0.ruleset
+    }
+}
+
+impl Eq for SharedRuleset {}
+
+impl Serialize for SharedRuleset {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.ruleset.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedRuleset {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ServiceRuleset::deserialize(deserializer).map(SharedRuleset::new)
+    }
+}
+
+/// Whether the services' encodings made for a hash are kept with them: by a compiler that
+/// compiles the same policy again (the next snapshot reuses them), not by a one-off compile or
+/// a decode (the encoding would cost memory in proportion to the policy and never be reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// Keep each service's encoding.
+    Encodings,
+    /// Keep none.
+    Nothing,
+}
+
 /// Everything that decides behaviour; this is what the hash covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotContent {
@@ -191,7 +287,7 @@ pub struct SnapshotContent {
     /// Environments, sorted by name.
     pub environments: Vec<EnvironmentEntry>,
     /// Services, sorted by name.
-    pub services: Vec<ServiceRuleset>,
+    pub services: Vec<SharedRuleset>,
     /// Bootstrap stages per environment (indexed like `environments`): each stage lists groups
     /// of services that start together (a group of several is an accepted intrinsic cycle).
     pub bootstrap: Vec<Vec<Vec<Vec<ServiceId>>>>,
@@ -215,8 +311,9 @@ pub struct Origin {
 pub struct DebugInfo {
     /// Policy file names.
     pub files: Vec<String>,
-    /// One origin per allow entry and per `rpc_allow` pattern.
-    pub origins: Vec<Origin>,
+    /// Per service (indexed like [`Snapshot::services`]), one origin per allow entry and per
+    /// `rpc_allow` pattern: a rule's [`OriginId`] indexes its service's list.
+    pub origins: Vec<Arc<[Origin]>>,
     /// Where each service is defined (its name in `[services.NAME]`), indexed like
     /// [`Snapshot::services`].
     pub services: Vec<Origin>,
@@ -277,7 +374,7 @@ pub struct Snapshot {
     /// Built from the content, never encoded: per environment (environments with the same
     /// endpoints share one).
     #[serde(skip_serializing)]
-    owners: Vec<std::sync::Arc<Owners>>,
+    owners: Vec<Arc<Owners>>,
 }
 
 /// A snapshot as encoded: everything but the index.
@@ -357,21 +454,23 @@ impl Snapshot {
     /// Freezes compiled content; computes the hash.
     pub fn new(content: SnapshotContent, debug: DebugInfo) -> Result<Self, SnapshotError> {
         let owners = owners_per_environment(&content);
-        Self::with_owners(content, debug, owners)
+        Self::with_owners(content, debug, owners, Keep::Nothing)
     }
 
     /// [`Snapshot::new`] with each environment's index of the content's endpoints already
-    /// built (the compiler builds them to infer dependencies).
+    /// built (the compiler builds them to infer dependencies), keeping the services' encodings
+    /// or not.
     pub(crate) fn with_owners(
         content: SnapshotContent,
         debug: DebugInfo,
-        owners: Vec<std::sync::Arc<Owners>>,
+        owners: Vec<Arc<Owners>>,
+        keep: Keep,
     ) -> Result<Self, SnapshotError> {
         check_shape(&content)?;
         if owners.len() != content.environments.len() {
             return Err(SnapshotError::Shape);
         }
-        let hash = hash_content(&content)?;
+        let hash = hash_content(&content, keep)?;
         Ok(Snapshot { content, hash, debug, owners })
     }
 
@@ -394,7 +493,7 @@ impl Snapshot {
     }
 
     /// Services, sorted by name.
-    pub fn services(&self) -> &[ServiceRuleset] {
+    pub fn services(&self) -> &[SharedRuleset] {
         &self.content.services
     }
 
@@ -417,7 +516,7 @@ impl Snapshot {
     pub fn service(&self, name: &str) -> Option<(ServiceId, &ServiceRuleset)> {
         let services = &self.content.services;
         let index = services.binary_search_by(|s| s.name.as_str().cmp(name)).ok()?;
-        services.get(index).map(|s| (index as ServiceId, s))
+        services.get(index).map(|s| (index as ServiceId, &**s))
     }
 
     /// A rule in words: `10.0.0.0/8 port 443, tcp (service `db`)`.
@@ -442,15 +541,21 @@ impl Snapshot {
         text
     }
 
-    /// Where a rule was written: `file:line:col` of its allow entry (empty if unknown).
-    pub fn rule_position(&self, rule: &NetRule) -> String {
-        self.origin_position(rule.origin)
+    /// Where a rule of `service` was written: `file:line:col` of its allow entry (empty if
+    /// unknown).
+    pub fn rule_position(&self, service: ServiceId, rule: &NetRule) -> String {
+        self.origin_position(service, rule.origin)
     }
 
-    /// Where an allow entry or `rpc_allow` pattern was written: `file:line:col` (empty if
-    /// unknown).
-    pub fn origin_position(&self, origin: OriginId) -> String {
-        self.position(self.debug.origins.get(origin as usize))
+    /// Where an allow entry or `rpc_allow` pattern of `service` was written: `file:line:col`
+    /// (empty if unknown).
+    pub fn origin_position(&self, service: ServiceId, origin: OriginId) -> String {
+        self.position(self.origin(service, origin))
+    }
+
+    /// Where an allow entry or `rpc_allow` pattern of `service` was written.
+    pub fn origin(&self, service: ServiceId, origin: OriginId) -> Option<&Origin> {
+        self.debug.origins.get(service as usize)?.get(origin as usize)
     }
 
     /// Where a service is defined: `file:line:col` of its name (empty if unknown).
@@ -506,7 +611,7 @@ impl Snapshot {
         if content.format != SNAPSHOT_FORMAT {
             return Err(SnapshotError::Format { found: content.format });
         }
-        if hash_content(&content)? != hash {
+        if hash_content(&content, Keep::Nothing)? != hash {
             return Err(SnapshotError::HashMismatch);
         }
         check_shape(&content)?;
@@ -529,48 +634,49 @@ fn check_shape(content: &SnapshotContent) -> Result<(), SnapshotError> {
 
 /// The owner index of each environment; environments whose services all use the same rules
 /// share one.
-fn owners_per_environment(content: &SnapshotContent) -> Vec<std::sync::Arc<Owners>> {
-    let mut built: Vec<(Vec<u32>, std::sync::Arc<Owners>)> = Vec::new();
+fn owners_per_environment(content: &SnapshotContent) -> Vec<Arc<Owners>> {
+    let mut built: Vec<(Vec<u32>, Arc<Owners>)> = Vec::new();
     (0..content.environments.len())
         .map(|env| {
             let key: Vec<u32> =
                 content.services.iter().map(|s| s.rules_of_env.get(env).copied().unwrap_or(0)).collect();
             if let Some((_, owners)) = built.iter().find(|(k, _)| *k == key) {
-                return std::sync::Arc::clone(owners);
+                return Arc::clone(owners);
             }
-            let owners =
-                std::sync::Arc::new(Owners::new(content.services.iter().map(|s| s.rules(env).endpoints.as_slice())));
-            built.push((key, std::sync::Arc::clone(&owners)));
+            let owners = Arc::new(Owners::new(content.services.iter().map(|s| s.rules(env).endpoints.as_slice())));
+            built.push((key, Arc::clone(&owners)));
             owners
         })
         .collect()
 }
 
-fn hash_content(content: &SnapshotContent) -> Result<ContentHash, SnapshotError> {
+fn hash_content(content: &SnapshotContent, keep: Keep) -> Result<ContentHash, SnapshotError> {
     let mut hasher = Sha256::new();
-    emit_content(content, |bytes| hasher.update(bytes))?;
+    emit_content(content, keep, |bytes| hasher.update(bytes))?;
     Ok(ContentHash(hasher.finalize().into()))
 }
 
 /// Appends the postcard encoding of `content` to `out`: [`emit_content`]'s pieces, in order.
 fn encode_content(content: &SnapshotContent, mut out: Vec<u8>) -> Result<Vec<u8>, SnapshotError> {
-    emit_content(content, |bytes| out.extend_from_slice(bytes))?;
+    emit_content(content, Keep::Nothing, |bytes| out.extend_from_slice(bytes))?;
     Ok(out)
 }
 
-/// How many services are encoded at once (in parallel) before their bytes are handed on: the
-/// encoding of a large policy is never held twice in memory.
+/// How many services are encoded at once (in parallel) before their bytes are handed on: unless
+/// the encodings are kept, the encoding of a large policy is never held whole in memory.
 const SERVICES_PER_BATCH: usize = 256;
 
 /// Hands the postcard encoding of `content` to `sink`, piece by piece, encoding the services in
 /// parallel batches. Postcard encodes a struct as its fields in order and a sequence as its
 /// length then its elements, so the services can be encoded one by one and concatenated: the
-/// pieces, concatenated, are exactly `postcard::to_stdvec(content)`.
-fn emit_content(content: &SnapshotContent, mut sink: impl FnMut(&[u8])) -> Result<(), SnapshotError> {
+/// pieces, concatenated, are exactly `postcard::to_stdvec(content)`. A service whose encoding
+/// is kept ([`SharedRuleset`]) is not encoded again.
+fn emit_content(content: &SnapshotContent, keep: Keep, mut sink: impl FnMut(&[u8])) -> Result<(), SnapshotError> {
     let services = &content.services;
     sink(&postcard::to_stdvec(&(content.format, &content.environments, services.len()))?);
     for batch in services.chunks(SERVICES_PER_BATCH) {
-        let parts: Vec<Vec<u8>> = batch.par_iter().map(postcard::to_stdvec).collect::<Result<_, _>>()?;
+        let parts: Vec<std::borrow::Cow<'_, [u8]>> =
+            batch.par_iter().map(|s| s.encoded(keep)).collect::<Result<_, _>>()?;
         for part in &parts {
             sink(part);
         }
