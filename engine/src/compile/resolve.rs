@@ -1,6 +1,7 @@
 //! Name resolution and rule expansion: policy AST → graph nodes, edges and per-service rulesets.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -19,7 +20,7 @@ use crate::snapshot::{
 pub(super) struct Resolved {
     pub nodes: Vec<Node>,
     /// Each environment's index of endpoints (shared when nothing depends on the environment).
-    pub owners: Vec<std::sync::Arc<Owners>>,
+    pub owners: Vec<Arc<Owners>>,
     /// The dependency graphs: one per view (see [`views`]).
     pub views: Vec<View>,
     pub content: SnapshotContent,
@@ -40,8 +41,8 @@ pub(super) struct View {
 /// The environments resolved together: all of them at once when nothing in the policy depends
 /// on the environment (so a policy without environment-scoped entries costs what it did), else
 /// each on its own.
-fn views(policy: &PolicySet, environments: usize) -> Vec<Vec<usize>> {
-    if policy.depends_on_environment() {
+fn views(depends_on_environment: bool, environments: usize) -> Vec<Vec<usize>> {
+    if depends_on_environment {
         (0..environments).map(|e| vec![e]).collect()
     } else {
         vec![(0..environments).collect()]
@@ -87,12 +88,21 @@ impl<'p> Names<'p> {
 struct EnvEndpoints {
     rules: Vec<Vec<EndpointRule>>,
     locs: Vec<Vec<Loc>>,
-    owners: Owners,
+    owners: Arc<Owners>,
 }
 
 impl EnvEndpoints {
     /// The endpoints of `services` that `keep` accepts.
     fn new(services: &[&Service], keep: impl Fn(&crate::policy::Endpoint) -> bool) -> Self {
+        Self::with_owners(services, keep, None)
+    }
+
+    /// [`EnvEndpoints::new`] with their index already built, if `owners` is it.
+    fn with_owners(
+        services: &[&Service],
+        keep: impl Fn(&crate::policy::Endpoint) -> bool,
+        owners: Option<Arc<Owners>>,
+    ) -> Self {
         let (rules, locs): (Vec<_>, Vec<_>) = services
             .iter()
             .map(|s| {
@@ -107,7 +117,7 @@ impl EnvEndpoints {
                 (rules, locs)
             })
             .unzip();
-        let owners = Owners::new(rules.iter().map(Vec::as_slice));
+        let owners = owners.unwrap_or_else(|| Arc::new(Owners::new(rules.iter().map(Vec::as_slice))));
         EnvEndpoints { rules, locs, owners }
     }
 }
@@ -160,7 +170,7 @@ struct ServicePart {
     node: Node,
     /// Per view.
     edges: Vec<Vec<Edge>>,
-    origins: std::sync::Arc<[Origin]>,
+    origins: Arc<[Origin]>,
     ruleset: SharedRuleset,
     diags: Diagnostics,
     /// Per view.
@@ -191,12 +201,26 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
         }
     }
 
-    let view_envs = views(policy, environments.len());
+    // What the services are resolved from, and the endpoint indexes of the last compile when
+    // it was the same.
+    let context = cache.as_ref().map(|c| ContextKey::of(policy, &environments, c.context.as_ref()));
+    let depends_on_environment = match &context {
+        Some(context) => context.files.iter().any(|f| f.depends_on_environment),
+        None => policy.depends_on_environment(),
+    };
+    let view_envs = views(depends_on_environment, environments.len());
     let scoped = view_envs.len() > 1;
+    let kept_owners = match (&cache, &context) {
+        (Some(cache), Some(context)) if cache.context.as_ref() == Some(context) => cache.owners.clone(),
+        _ => Vec::new(),
+    };
+    let owners_of = |i: usize| kept_owners.get(i).cloned();
     let by_env: Vec<EnvEndpoints> = if scoped {
-        environments.par_iter().map(|env| EnvEndpoints::new(&services, |e| e.env.includes(&env.name))).collect()
+        (environments.par_iter().enumerate())
+            .map(|(i, env)| EnvEndpoints::with_owners(&services, |e| e.env.includes(&env.name), owners_of(i)))
+            .collect()
     } else {
-        vec![EnvEndpoints::new(&services, |_| true)]
+        vec![EnvEndpoints::with_owners(&services, |_| true, owners_of(0))]
     };
     let view_index: Vec<ViewIndex> = view_envs
         .into_iter()
@@ -243,7 +267,10 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
     };
     let parts: Vec<ServicePart> = match cache {
         None => services.par_iter().enumerate().map(|(id, service)| resolve_service(&ctx, id, service)).collect(),
-        Some(cache) => cache.resolve(&ctx, &view_envs_key(&view_index)),
+        Some(cache) => {
+            cache.owners = by_env.iter().map(|e| Arc::clone(&e.owners)).collect();
+            cache.resolve(&ctx, context)
+        }
     };
     let mut nodes = Vec::with_capacity(services.len());
     let mut views: Vec<View> = view_index
@@ -272,9 +299,9 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
         .iter()
         .map(|c| (c.services.iter().filter_map(|s| service_names.get(s, diags)).collect(), c.loc))
         .collect();
-    let indexes: Vec<std::sync::Arc<Owners>> = by_env.into_iter().map(|e| std::sync::Arc::new(e.owners)).collect();
+    let indexes: Vec<Arc<Owners>> = by_env.into_iter().map(|e| e.owners).collect();
     let owners = (0..environments.len())
-        .filter_map(|env| indexes.get(env).or_else(|| indexes.first()).map(std::sync::Arc::clone))
+        .filter_map(|env| indexes.get(env).or_else(|| indexes.first()).map(Arc::clone))
         .collect();
 
     Resolved {
@@ -285,11 +312,6 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
         debug,
         intrinsic,
     }
-}
-
-/// The environments of each view, for [`ContextKey`].
-fn view_envs_key(views: &[ViewIndex]) -> Vec<Vec<usize>> {
-    views.iter().map(|v| v.envs.clone()).collect()
 }
 
 /// Each service's resolved part from the last compile of the same policy, reused when nothing
@@ -311,6 +333,9 @@ fn view_envs_key(views: &[ViewIndex]) -> Vec<Vec<usize>> {
 pub(crate) struct ResolveCache {
     context: Option<ContextKey>,
     parts: HashMap<String, CachedPart>,
+    /// The index of each environment's endpoints (one when nothing depends on the environment),
+    /// a function of the context.
+    owners: Vec<Arc<Owners>>,
 }
 
 impl std::fmt::Debug for ResolveCache {
@@ -322,33 +347,71 @@ impl std::fmt::Debug for ResolveCache {
 /// An endpoint by value: what it is, not where it was written.
 type EndpointValue = (Destination, Vec<PortRange>, Proto, EnvScope);
 
-/// What a service's part was resolved from, compared by value.
-#[derive(PartialEq)]
+/// What a service's part was resolved from, compared by value: every file's services' names
+/// and endpoints (in file order, which decides which definition of a duplicated name counts),
+/// whether any entry depends on the environment (which decides the views), the layers and the
+/// environments.
 struct ContextKey {
-    names: Vec<String>,
-    endpoints: Vec<Vec<EndpointValue>>,
+    files: Vec<Arc<FileContext>>,
     layers: Vec<String>,
     environments: Vec<EnvironmentEntry>,
-    views: Vec<Vec<usize>>,
+}
+
+/// What [`ContextKey`] holds of one file, and the text it was parsed from.
+struct FileContext {
+    text: Arc<str>,
+    services: Vec<(String, Vec<EndpointValue>)>,
+    /// [`PolicySet::depends_on_environment`] for the file's services.
+    depends_on_environment: bool,
+}
+
+impl PartialEq for ContextKey {
+    fn eq(&self, other: &ContextKey) -> bool {
+        // A file context taken over from the last key is equal without a look at its values.
+        let same_file = |(a, b): (&Arc<FileContext>, &Arc<FileContext>)| {
+            Arc::ptr_eq(a, b) || (&a.services, a.depends_on_environment) == (&b.services, b.depends_on_environment)
+        };
+        self.files.len() == other.files.len()
+            && self.files.iter().zip(&other.files).all(same_file)
+            && (&self.layers, &self.environments) == (&other.layers, &other.environments)
+    }
 }
 
 impl ContextKey {
-    fn of(ctx: &Context<'_, '_>, views: &[Vec<usize>]) -> ContextKey {
+    /// The key of `policy`, taking over from `last` the context of every file whose text is
+    /// the one it was made from (the same text parses to the same services).
+    fn of(policy: &PolicySet, environments: &[EnvironmentEntry], last: Option<&ContextKey>) -> ContextKey {
+        let mut by_file: Vec<Vec<&Service>> = vec![Vec::new(); policy.sources.files().len()];
+        for service in &policy.services {
+            if let Some(list) = by_file.get_mut(service.name.loc.file as usize) {
+                list.push(service);
+            }
+        }
+        let files = (policy.sources.files().iter().zip(by_file).enumerate())
+            .map(|(index, (file, services))| {
+                let kept = last.and_then(|l| l.files.get(index)).filter(|c| file.is_text(&c.text));
+                match kept {
+                    Some(kept) => Arc::clone(kept),
+                    None => Arc::new(FileContext {
+                        text: file.shared_text(),
+                        services: services
+                            .iter()
+                            .map(|s| {
+                                let endpoints = s.endpoints.iter();
+                                let values = endpoints
+                                    .map(|e| (e.destination.value.clone(), e.ports.clone(), e.proto, e.env.clone()));
+                                (s.name.value.clone(), values.collect())
+                            })
+                            .collect(),
+                        depends_on_environment: services.iter().any(|s| s.depends_on_environment()),
+                    }),
+                }
+            })
+            .collect();
         ContextKey {
-            names: ctx.services.iter().map(|s| s.name.value.clone()).collect(),
-            endpoints: ctx
-                .services
-                .iter()
-                .map(|s| {
-                    s.endpoints
-                        .iter()
-                        .map(|e| (e.destination.value.clone(), e.ports.clone(), e.proto, e.env.clone()))
-                        .collect()
-                })
-                .collect(),
-            layers: ctx.policy.layers.iter().map(|l| l.value.clone()).collect(),
-            environments: ctx.environments.to_vec(),
-            views: views.to_vec(),
+            files,
+            layers: policy.layers.iter().map(|l| l.value.clone()).collect(),
+            environments: environments.to_vec(),
         }
     }
 }
@@ -356,7 +419,7 @@ impl ContextKey {
 /// One service's part, with what it was resolved from.
 struct CachedPart {
     /// Its file's text (compared by identity).
-    text: std::sync::Arc<str>,
+    text: Arc<str>,
     file: crate::diag::FileId,
     part: ServicePart,
 }
@@ -364,9 +427,8 @@ struct CachedPart {
 impl ResolveCache {
     /// Every service's part: the cached one when it may be reused, else resolved anew; the
     /// cache keeps each diagnostic-free part for the next compile.
-    fn resolve(&mut self, ctx: &Context<'_, '_>, views: &[Vec<usize>]) -> Vec<ServicePart> {
-        let context = ContextKey::of(ctx, views);
-        let same_context = self.context.as_ref() == Some(&context);
+    fn resolve(&mut self, ctx: &Context<'_, '_>, context: Option<ContextKey>) -> Vec<ServicePart> {
+        let same_context = self.context.is_some() && self.context == context;
         let mut old = std::mem::take(&mut self.parts);
         if !same_context {
             old.clear();
@@ -402,7 +464,7 @@ impl ResolveCache {
             }
             parts.push(part);
         }
-        self.context = Some(context);
+        self.context = context;
         parts
     }
 }

@@ -575,14 +575,20 @@ pub struct PolicySet {
     pub intrinsic_cycles: Vec<IntrinsicCycle>,
 }
 
+impl Service {
+    /// True when one of its endpoints or allow entries is limited to some environments or
+    /// reaches another on purpose.
+    pub fn depends_on_environment(&self) -> bool {
+        self.endpoints.iter().any(|e| e.env != EnvScope::All)
+            || self.allow.iter().any(|a| a.env != EnvScope::All || !a.cross_environment.is_empty())
+    }
+}
+
 impl PolicySet {
     /// True when an endpoint or an allow entry is limited to some environments or reaches
     /// another on purpose: then each environment's rules are resolved on their own.
     pub fn depends_on_environment(&self) -> bool {
-        self.services.iter().any(|s| {
-            s.endpoints.iter().any(|e| e.env != EnvScope::All)
-                || s.allow.iter().any(|a| a.env != EnvScope::All || !a.cross_environment.is_empty())
-        })
+        self.services.iter().any(Service::depends_on_environment)
     }
 
     /// The policy as seen from one environment: that environment alone (with its default
