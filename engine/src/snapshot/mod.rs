@@ -28,7 +28,7 @@ pub use owners::Owners;
 /// Format 2 added each service's endpoints and RPC rules, and service positions; format 3 made
 /// address rules, host rules, endpoints and the bootstrap order per environment; format 4
 /// numbers each service's origins from 0 (an edit of one service no longer renumbers the rules
-/// of the services after it).
+/// of the services after it) and hashes each service on its own (see `hash_content`).
 pub const SNAPSHOT_FORMAT: u32 = 4;
 
 /// First bytes of an encoded snapshot file.
@@ -189,9 +189,10 @@ impl ServiceRuleset {
 
 /// A service's ruleset as a snapshot holds it: shared, not copied, between the snapshots of
 /// successive compiles while the service is unchanged (`compile::IncrementalCompiler`), with
-/// its encoding made once and kept, so the next snapshot's hash and bytes reuse it. Encoded as
-/// the ruleset itself. Changing it through `DerefMut` copies it first if it is shared, and
-/// forgets the kept encoding.
+/// the digest of its encoding (its part of the content hash) and, for an incremental compile,
+/// the encoding itself made once and kept, so the next snapshot's hash and bytes reuse them.
+/// Encoded as the ruleset itself. Changing it through `DerefMut` copies it first if it is
+/// shared, and forgets the kept encoding and digest.
 #[derive(Clone)]
 pub struct SharedRuleset(Arc<SharedInner>);
 
@@ -199,12 +200,24 @@ pub struct SharedRuleset(Arc<SharedInner>);
 struct SharedInner {
     ruleset: ServiceRuleset,
     encoded: OnceLock<Vec<u8>>,
+    /// SHA-256 of the encoding: the ruleset's part of the content hash.
+    digest: OnceLock<[u8; 32]>,
 }
 
 impl SharedRuleset {
     /// Shares `ruleset`.
     pub fn new(ruleset: ServiceRuleset) -> Self {
-        SharedRuleset(Arc::new(SharedInner { ruleset, encoded: OnceLock::new() }))
+        SharedRuleset(Arc::new(SharedInner { ruleset, encoded: OnceLock::new(), digest: OnceLock::new() }))
+    }
+
+    /// SHA-256 of the ruleset's encoding, made on first use and kept (32 bytes; the encoding
+    /// is kept only when `keep` says so).
+    fn digest(&self, keep: Keep) -> Result<[u8; 32], SnapshotError> {
+        if let Some(digest) = self.0.digest.get() {
+            return Ok(*digest);
+        }
+        let digest: [u8; 32] = Sha256::digest(&*self.encoded(keep)?).into();
+        Ok(*self.0.digest.get_or_init(|| digest))
     }
 
     /// The ruleset's postcard encoding: the kept one, else made now (and kept when `keep`).
@@ -232,6 +245,7 @@ impl std::ops::DerefMut for SharedRuleset {
     fn deref_mut(&mut self) -> &mut ServiceRuleset {
         let inner = Arc::make_mut(&mut self.0);
         inner.encoded = OnceLock::new();
+        inner.digest = OnceLock::new();
         &mut inner.ruleset
     }
 }
@@ -650,9 +664,18 @@ fn owners_per_environment(content: &SnapshotContent) -> Vec<Arc<Owners>> {
         .collect()
 }
 
+/// The content hash: SHA-256 over the encoding of the format, the environments and the number
+/// of services, then each service's digest (SHA-256 of its encoding, in order), then the
+/// encoding of the bootstrap order. A tree of depth one: a snapshot that shares most of its
+/// services with the last one ([`SharedRuleset`]) is hashed without hashing them again.
 fn hash_content(content: &SnapshotContent, keep: Keep) -> Result<ContentHash, SnapshotError> {
+    let digests: Vec<[u8; 32]> = content.services.par_iter().map(|s| s.digest(keep)).collect::<Result<_, _>>()?;
     let mut hasher = Sha256::new();
-    emit_content(content, keep, |bytes| hasher.update(bytes))?;
+    hasher.update(postcard::to_stdvec(&(content.format, &content.environments, content.services.len()))?);
+    for digest in &digests {
+        hasher.update(digest);
+    }
+    hasher.update(postcard::to_stdvec(&content.bootstrap)?);
     Ok(ContentHash(hasher.finalize().into()))
 }
 
@@ -698,7 +721,14 @@ mod encoding_tests {
         let snapshot = &compiled.snapshot;
         let plain = postcard::to_stdvec(snapshot.content()).unwrap();
         assert_eq!(encode_content(snapshot.content(), Vec::new()).unwrap(), plain);
-        assert_eq!(snapshot.hash().0, <[u8; 32]>::from(Sha256::digest(&plain)));
+        // The hash, by its definition: the header, each service's digest, the bootstrap order.
+        let content = snapshot.content();
+        let mut tree = postcard::to_stdvec(&(content.format, &content.environments, content.services.len())).unwrap();
+        for service in &content.services {
+            tree.extend(Sha256::digest(postcard::to_stdvec(&**service).unwrap()));
+        }
+        tree.extend(postcard::to_stdvec(&content.bootstrap).unwrap());
+        assert_eq!(snapshot.hash().0, <[u8; 32]>::from(Sha256::digest(&tree)));
         let mut bytes = SNAPSHOT_MAGIC.to_vec();
         bytes.extend(postcard::to_stdvec(snapshot).unwrap());
         assert_eq!(snapshot.to_bytes().unwrap(), bytes);
