@@ -8,7 +8,9 @@
 //! cargo run --manifest-path fuzz/Cargo.toml --example seed_corpus
 //! ```
 //!
-//! Each of those folders is the generator's: it is emptied, then written again.
+//! Each of those folders is the generator's: it is emptied, then written again, except for the
+//! inputs a fuzz run found (`regression-*`), which are kept (and must be rewritten by hand
+//! when an encoding changes).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -288,10 +290,15 @@ fn snapshot_seeds(examples: &Path) -> Vec<(String, Vec<u8>)> {
 
 fn write(corpus: &Path, target: &str, seeds: Vec<(String, Vec<u8>)>) {
     let dir = corpus.join(target);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    }
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let old = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    for entry in old {
+        let path = entry.unwrap_or_else(|e| panic!("{}: {e}", dir.display())).path();
+        let found_by_fuzzing = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("regression-"));
+        if !found_by_fuzzing {
+            std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
     let (count, mut bytes) = (seeds.len(), 0);
     for (label, data) in seeds {
         bytes += data.len();

@@ -5,7 +5,7 @@ pub mod ast;
 pub mod edit;
 mod parse;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use ast::*;
@@ -394,7 +394,7 @@ fn check_duplicates(policy: &PolicySet, diags: &mut Diagnostics) {
 
 /// Reports every name defined more than once, pointing at the first definition.
 fn duplicates<'a>(kind: &'static str, names: impl Iterator<Item = &'a Located<String>>, diags: &mut Diagnostics) {
-    let mut first: BTreeMap<&str, &Located<String>> = BTreeMap::new();
+    let mut first: HashMap<&str, &Located<String>> = HashMap::new();
     for name in names {
         if let Some(earlier) = first.get(name.value.as_str()) {
             diags.push(
