@@ -163,9 +163,8 @@ impl Context<'_, '_> {
     }
 }
 
-/// What resolving one service gives. Its origins and ruleset are shared, not copied, when the
-/// part is reused ([`ResolveCache`]).
-#[derive(Clone)]
+/// What resolving one service gives; shared, not copied, when the part is reused
+/// ([`ResolveCache`]).
 struct ServicePart {
     node: Node,
     /// Per view.
@@ -265,8 +264,10 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
         by_env: &by_env,
         views: &view_index,
     };
-    let parts: Vec<ServicePart> = match cache {
-        None => services.par_iter().enumerate().map(|(id, service)| resolve_service(&ctx, id, service)).collect(),
+    let parts: Vec<Arc<ServicePart>> = match cache {
+        None => {
+            services.par_iter().enumerate().map(|(id, service)| Arc::new(resolve_service(&ctx, id, service))).collect()
+        }
         Some(cache) => {
             cache.owners = by_env.iter().map(|e| Arc::clone(&e.owners)).collect();
             cache.resolve(&ctx, context)
@@ -283,16 +284,17 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
         .collect();
     let mut rulesets = Vec::with_capacity(services.len());
     debug.origins.reserve_exact(parts.len());
-    for part in parts {
-        nodes.push(part.node);
-        for ((view, edges), view_diags) in views.iter_mut().zip(part.edges).zip(part.view_diags) {
-            view.edges.extend(edges);
-            view.diags.extend(view_diags);
+    for part in &parts {
+        nodes.push(part.node.clone());
+        for ((view, edges), view_diags) in views.iter_mut().zip(&part.edges).zip(&part.view_diags) {
+            view.edges.extend_from_slice(edges);
+            view.diags.extend(view_diags.clone());
         }
-        debug.origins.push(part.origins);
-        rulesets.push(part.ruleset);
-        diags.extend(part.diags);
+        debug.origins.push(Arc::clone(&part.origins));
+        rulesets.push(part.ruleset.clone());
+        diags.extend(part.diags.clone());
     }
+    drop(parts);
 
     let intrinsic = policy
         .intrinsic_cycles
@@ -421,13 +423,13 @@ struct CachedPart {
     /// Its file's text (compared by identity).
     text: Arc<str>,
     file: crate::diag::FileId,
-    part: ServicePart,
+    part: Arc<ServicePart>,
 }
 
 impl ResolveCache {
     /// Every service's part: the cached one when it may be reused, else resolved anew; the
     /// cache keeps each diagnostic-free part for the next compile.
-    fn resolve(&mut self, ctx: &Context<'_, '_>, context: Option<ContextKey>) -> Vec<ServicePart> {
+    fn resolve(&mut self, ctx: &Context<'_, '_>, context: Option<ContextKey>) -> Vec<Arc<ServicePart>> {
         let same_context = self.context.is_some() && self.context == context;
         let mut old = std::mem::take(&mut self.parts);
         if !same_context {
@@ -435,7 +437,7 @@ impl ResolveCache {
         }
         let cached: Vec<Option<CachedPart>> = ctx.services.iter().map(|s| old.remove(&s.name.value)).collect();
         drop(old);
-        let results: Vec<(ServicePart, Option<CachedPart>)> = ctx
+        let results: Vec<(Arc<ServicePart>, Option<CachedPart>)> = ctx
             .services
             .par_iter()
             .zip(cached)
@@ -446,12 +448,12 @@ impl ResolveCache {
                 let reusable = cached
                     .filter(|c| c.file == file && ctx.policy.sources.file(file).is_some_and(|f| f.is_text(&c.text)));
                 let part = match reusable {
-                    Some(cached) => return (cached.part.clone(), Some(cached)),
-                    None => resolve_service(ctx, id, service),
+                    Some(cached) => return (Arc::clone(&cached.part), Some(cached)),
+                    None => Arc::new(resolve_service(ctx, id, service)),
                 };
                 let keep = part.diags.is_empty() && part.view_diags.iter().all(Diagnostics::is_empty);
                 let cached = match (keep, text) {
-                    (true, Some(text)) => Some(CachedPart { text, file, part: part.clone() }),
+                    (true, Some(text)) => Some(CachedPart { text, file, part: Arc::clone(&part) }),
                     _ => None,
                 };
                 (part, cached)
