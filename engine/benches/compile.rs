@@ -15,7 +15,11 @@
 //!   checks, bootstrap order, the snapshot and its hash;
 //! * `end_to_end`: parse, compile and [`depfence::snapshot::Snapshot::to_bytes`];
 //! * `error_path`: the same policy with one misspelled service reference: parse and
-//!   [`depfence::compile::analyze`], which must report it (checked before timing).
+//!   [`depfence::compile::analyze`], which must report it (checked before timing);
+//! * `incremental`: a one-file edit recompiled by a warm [`IncrementalCompiler`]: each iteration
+//!   compiles the files with one allow entry added to the middle file, or without it again (so
+//!   every iteration is a one-file edit of the last), comparing the unchanged files' texts with
+//!   its cache (the agent skips those by their stamps).
 //!
 //! Inputs are in memory (no file reading); outputs are dropped outside the timing.
 
@@ -26,7 +30,7 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use depfence::compile::{analyze, compile};
+use depfence::compile::{IncrementalCompiler, analyze, compile};
 use depfence::policy::parse_sources;
 use depfence::synth::{SynthSpec, generate, inject_unknown_service, total_bytes};
 
@@ -137,6 +141,31 @@ fn bench_size(c: &mut Criterion, size: &Size) {
                 let analysis = analyze(&parsed.policy);
                 (parsed, analysis.diagnostics)
             },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+
+    let mut edited = files.clone();
+    let middle = edited.len() / 2;
+    let (_, text) = edited.get_mut(middle).expect("a middle file");
+    let at = text.find("allow = [").expect("an allow list") + "allow = [".len();
+    text.insert_str(at, "{ ip = \"198.18.7.7\", ports = [443] }, ");
+    let versions = [files.clone(), edited];
+    let mut compiler = IncrementalCompiler::new();
+    for version in &versions {
+        assert!(compiler.compile_sources(version.clone()).is_ok(), "the edited policy does not compile");
+    }
+    let mut next = 0;
+    let mut group = c.benchmark_group("incremental");
+    configure(&mut group, size);
+    group.bench_function(size.label, |b| {
+        b.iter_batched(
+            || {
+                next = 1 - next;
+                versions.get(next).cloned().unwrap_or_default()
+            },
+            |files| compiler.compile_sources(black_box(files)).map(|c| c.snapshot.hash()).map_err(|e| e.to_string()),
             BatchSize::PerIteration,
         )
     });
