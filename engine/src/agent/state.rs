@@ -208,6 +208,9 @@ impl<D: Dataplane> State<D> {
         let ok = result.is_ok();
         let errors = result.err().unwrap_or_default();
         if ok {
+            // How long the reload took until the kernel had it (compile, then apply), so a
+            // policy that grows slow to reload shows on a dashboard before it hurts.
+            let (compile, apply) = (compiled_at.duration_since(started), applied_at.duration_since(compiled_at));
             let hash = self.active.as_ref().map(|(c, _)| c.snapshot.hash().to_string()).unwrap_or_default();
             if let Some((compiled, _)) = &self.active {
                 self.publisher.publish(compiled);
@@ -218,15 +221,12 @@ impl<D: Dataplane> State<D> {
                 hash,
                 files_reparsed = self.compiler.reparsed(),
                 files_unread = self.compiler.unread(),
-                compile_ms = compiled_at.duration_since(started).as_millis() as u64,
-                apply_ms = applied_at.duration_since(compiled_at).as_millis() as u64,
+                compile_ms = compile.as_millis() as u64,
+                apply_ms = apply.as_millis() as u64,
                 kernel_ms = self.kernel_apply.as_millis() as u64,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "policy applied"
             );
-            // How long the reload took until the kernel had it (compile, then apply), so a
-            // policy that grows slow to reload shows on a dashboard before it hurts.
-            let (compile, apply) = (compiled_at.duration_since(started), applied_at.duration_since(compiled_at));
             gauge!("depfence_policy_last_reload_duration_seconds", "stage" => "compile").set(compile.as_secs_f64());
             gauge!("depfence_policy_last_reload_duration_seconds", "stage" => "apply").set(apply.as_secs_f64());
             counter!("depfence_policy_reloads_total", "result" => "success").increment(1);

@@ -358,26 +358,27 @@ impl GraphKey {
 
 impl GraphCache {
     /// Runs the graph checks on `graph`, or takes their results from the last analysis when
-    /// the graph is the same and they found nothing then; `kept` collects this analysis's
-    /// clean results (what the next one may reuse).
+    /// the graph is the same and they found nothing then (each result is taken once); `kept`
+    /// collects this analysis's clean results (what the next one may reuse).
     fn check(
-        &self,
+        &mut self,
         kept: &mut Vec<(GraphKey, Vec<Component>, Vec<Stage>)>,
         inputs: &GraphInputs<'_>,
         graph: &mut Graph,
         diags: &mut Diagnostics,
     ) {
         let key = GraphKey::of(inputs, &graph.edges);
-        if let Some((_, components, stages)) = self.clean.iter().find(|(k, _, _)| *k == key) {
+        if let Some(index) = self.clean.iter().position(|(k, _, _)| *k == key) {
+            let (_, components, stages) = self.clean.swap_remove(index);
             graph.components = components.clone();
             graph.stages = stages.clone();
-        } else {
-            check_graph(inputs.policy, inputs.intrinsic, inputs.layers, inputs.nodes, graph, diags);
-            if !(diags.is_empty() && graph.violations.is_empty()) {
-                return;
-            }
+            kept.push((key, components, stages));
+            return;
         }
-        kept.push((key, graph.components.clone(), graph.stages.clone()));
+        check_graph(inputs.policy, inputs.intrinsic, inputs.layers, inputs.nodes, graph, diags);
+        if diags.is_empty() && graph.violations.is_empty() {
+            kept.push((key, graph.components.clone(), graph.stages.clone()));
+        }
     }
 }
 
@@ -470,7 +471,7 @@ fn analyze_with(policy: &PolicySet, mut cache: Option<&mut AnalysisCache>) -> An
                     stages: Vec::new(),
                 };
                 let mut graph_diags = Diagnostics::default();
-                match cache.as_deref() {
+                match cache.as_deref_mut() {
                     Some(cache) => {
                         let inputs =
                             GraphInputs { policy, intrinsic: &resolved.intrinsic, layers: &layers, nodes: &nodes };

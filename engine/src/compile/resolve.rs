@@ -334,7 +334,8 @@ pub(super) fn resolve(policy: &PolicySet, diags: &mut Diagnostics, cache: Option
 #[derive(Default)]
 pub(crate) struct ResolveCache {
     context: Option<ContextKey>,
-    parts: HashMap<String, CachedPart>,
+    /// By service id: within one context the services, sorted by name, are the same.
+    parts: Vec<Option<CachedPart>>,
     /// The index of each environment's endpoints (one when nothing depends on the environment),
     /// a function of the context.
     owners: Vec<Arc<Owners>>,
@@ -342,7 +343,8 @@ pub(crate) struct ResolveCache {
 
 impl std::fmt::Debug for ResolveCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResolveCache").field("services", &self.parts.len()).finish_non_exhaustive()
+        let kept = self.parts.iter().flatten().count();
+        f.debug_struct("ResolveCache").field("services", &kept).finish_non_exhaustive()
     }
 }
 
@@ -431,12 +433,11 @@ impl ResolveCache {
     /// cache keeps each diagnostic-free part for the next compile.
     fn resolve(&mut self, ctx: &Context<'_, '_>, context: Option<ContextKey>) -> Vec<Arc<ServicePart>> {
         let same_context = self.context.is_some() && self.context == context;
-        let mut old = std::mem::take(&mut self.parts);
+        let mut cached = std::mem::take(&mut self.parts);
         if !same_context {
-            old.clear();
+            cached.clear();
         }
-        let cached: Vec<Option<CachedPart>> = ctx.services.iter().map(|s| old.remove(&s.name.value)).collect();
-        drop(old);
+        cached.resize_with(ctx.services.len(), || None);
         let results: Vec<(Arc<ServicePart>, Option<CachedPart>)> = ctx
             .services
             .par_iter()
@@ -459,13 +460,8 @@ impl ResolveCache {
                 (part, cached)
             })
             .collect();
-        let mut parts = Vec::with_capacity(results.len());
-        for (service, (part, cached)) in ctx.services.iter().zip(results) {
-            if let Some(cached) = cached {
-                self.parts.insert(service.name.value.clone(), cached);
-            }
-            parts.push(part);
-        }
+        let (parts, cached): (Vec<_>, Vec<_>) = results.into_iter().unzip();
+        self.parts = cached;
         self.context = context;
         parts
     }
