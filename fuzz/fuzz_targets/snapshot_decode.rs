@@ -38,11 +38,11 @@ fn exercise(snapshot: &Snapshot) {
     // Every environment's rules and owners, and one past the last (an environment the snapshot
     // does not have).
     for env in 0..=snapshot.environments().len().min(VISIT) {
-        for service in snapshot.services().iter().take(VISIT) {
+        for (id, service) in (0u32..).zip(snapshot.services().iter().take(VISIT)) {
             let _ = snapshot.service(&service.name);
             for rule in service.rules(env).net_rules.iter().take(VISIT) {
                 let _ = snapshot.describe_rule(rule);
-                let _ = snapshot.rule_position(rule);
+                let _ = snapshot.rule_position(id, rule);
                 let _ = snapshot.owners(env).owner_of(rule.net.addr(), Some(rule.ports.first), rule.proto);
                 let _ = snapshot.owners(env).owners_of(rule.net.addr(), rule.ports.last, rule.proto);
             }
