@@ -206,8 +206,8 @@ pub(super) enum Message {
     Request(Request, Option<u32>, oneshot::Sender<Response>),
     /// A subscription to new events (with the recent ones).
     Subscribe(usize, oneshot::Sender<(Vec<EventRecord>, broadcast::Receiver<EventRecord>)>),
-    /// A policy file changed.
-    PolicyChanged,
+    /// A policy file changed; the watcher saw it at this instant (after the write).
+    PolicyChanged(std::time::Instant),
     /// The DNS proxy judged a question (or saw something worth recording).
     Dns(DnsEvent),
 }

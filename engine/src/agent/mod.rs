@@ -1,7 +1,7 @@
 //! `policyctl agent`: the daemon that keeps a policy in force on one machine.
 //!
-//! The data flow: the policy's files (followed by `watcher`) are compiled and applied by the
-//! `state` task to the cgroups `discovery` matched, through the `kernel` books onto a
+//! The data flow: the policy's files (followed by `watcher`) are compiled (`compiler`, which
+//! starts at a change, while the writes settle) and applied by the `state` task to the cgroups `discovery` matched, through the `kernel` books onto a
 //! `dataplane` (the pinned eBPF maps and links); the kernel's counters and events come back
 //! into `telemetry` (metrics, the event log) and the evidence of `crate::promote`. `control` is
 //! the socket `policyctl` talks to, `dns` the agent's DNS proxy, `run` the loop that ties them
@@ -10,6 +10,7 @@
 //! When the agent stops (or dies), the pinned programs and maps keep enforcing; the next agent
 //! adopts them.
 
+mod compiler;
 pub mod config;
 pub mod control;
 pub mod dataplane;

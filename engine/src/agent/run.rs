@@ -69,8 +69,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let listener = control::bind(&config.control_socket)?;
     tokio::spawn(control::serve(listener, tx.clone()));
     let changes = tx.clone();
-    let _watcher = watch_policy(&config.policy, move || {
-        let _ = changes.try_send(Message::PolicyChanged);
+    let _watcher = watch_policy(&config.policy, move |seen| {
+        let _ = changes.try_send(Message::PolicyChanged(seen));
     });
     let dns = match &config.dns {
         Some(settings) => {
@@ -114,7 +114,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             () = &mut shutdown => break,
             () = tokio::time::sleep_until(settle), if reload_at.is_some() => {
                 reload_at = None;
-                tokio::task::block_in_place(|| state.reload("policy file changed", SystemTime::now()));
+                tokio::task::block_in_place(|| state.reload_settled(SystemTime::now()));
             }
             _ = hangup.recv() => {
                 tokio::task::block_in_place(|| state.reload_everything("SIGHUP", SystemTime::now()));
@@ -128,9 +128,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             message = rx.recv() => match message {
                 None => break,
                 Some(Message::Dns(event)) => state.dns_event(event, SystemTime::now()),
-                Some(Message::PolicyChanged) => {
-                    // Editors write in several steps: let the burst settle, then read once.
+                Some(Message::PolicyChanged(seen)) => {
+                    // Editors write in several steps: let the burst settle, then apply once. The
+                    // compile starts now and overlaps the settle; a later change restarts both.
                     reload_at = Some(tokio::time::Instant::now() + state.config().reload_settle);
+                    state.policy_changed(seen);
                 }
                 Some(Message::Request(request, uid, reply)) => {
                     state.drain_events(SystemTime::now());

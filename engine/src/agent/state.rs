@@ -14,12 +14,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{counter, gauge};
 use tokio::sync::broadcast;
 use tracing::{error, info, warn};
 
+use super::compiler::{Attempt, PolicyCompiler};
 use super::config::AgentConfig;
 use super::control::{self, AgentStatus, CandidateStatus, ReloadStatus, Request, Response, RuleStatus, ServiceStatus};
 use super::dataplane::Dataplane;
@@ -29,7 +30,7 @@ use super::kernel::{Desired, Kernel, KernelError, Previous, StateFileProblem};
 use super::publish::Publisher;
 use super::telemetry::{self, EventLog, EventRecord};
 use crate::cgroup::{FoundCgroup, nearest_registered};
-use crate::compile::{CompileError, Compiled, IncrementalCompiler, compile_path};
+use crate::compile::{CompileError, Compiled, compile_path};
 use crate::datapath::abi::{self, user::words_addr};
 use crate::datapath::sweep::ClosedSocket;
 use crate::dns::DnsEvent;
@@ -51,8 +52,11 @@ pub struct State<D: Dataplane> {
     config: AgentConfig,
     kernel: Kernel<D>,
     active: Option<InForce>,
-    /// Compiles the policy, keeping its last parse (so a reload re-parses changed files only).
-    compiler: IncrementalCompiler,
+    /// Compiles the policy, keeping its last parse (so a reload re-parses changed files only),
+    /// and starting at a change, while the burst of writes settles.
+    compiler: PolicyCompiler,
+    /// Files the last reload's compile parsed anew, and whether it started at the change.
+    last_compile: (usize, bool),
     candidate: Option<(PathBuf, InForce)>,
     last_reload: Option<ReloadStatus>,
     found: Vec<FoundCgroup>,
@@ -128,11 +132,13 @@ impl<D: Dataplane> State<D> {
         // Unit tests count metrics per thread: there, every snapshot is written in line.
         let publisher = Publisher::new(&config.state_dir, !cfg!(test));
         let (event_tx, _) = broadcast::channel(4096);
+        let compiler = PolicyCompiler::new(&config.policy);
         State {
             config,
             kernel,
             active: None,
-            compiler: IncrementalCompiler::new(),
+            compiler,
+            last_compile: (0, false),
             candidate: None,
             last_reload: None,
             found: Vec::new(),
@@ -175,7 +181,19 @@ impl<D: Dataplane> State<D> {
     /// How many policy files the last reload parsed anew (the others came from its cache).
     #[cfg(test)]
     pub(crate) fn policy_files_reparsed(&self) -> usize {
-        self.compiler.reparsed()
+        self.last_compile.0
+    }
+
+    /// Whether the last reload applied a compile started at the change.
+    #[cfg(test)]
+    pub(crate) fn compiled_early(&self) -> bool {
+        self.last_compile.1
+    }
+
+    /// Waits for the compile a change started (see [`State::policy_changed`]).
+    #[cfg(test)]
+    pub(crate) fn finish_early_compile(&mut self) {
+        self.compiler.finish_early();
     }
 
     /// The kernel books, for the next agent (tests restart the agent on the same dataplane).
@@ -192,25 +210,43 @@ impl<D: Dataplane> State<D> {
         self.reload(why, now)
     }
 
+    /// The policy's files changed (the watcher saw it at `seen`): starts compiling them while
+    /// the writes settle (the next [`State::reload_settled`] takes the result unless they
+    /// changed again after the compile started).
+    pub fn policy_changed(&mut self, seen: Instant) {
+        self.compiler.changed(seen);
+    }
+
     /// Compiles the policy and, if valid, applies it. Returns whether it is in force.
     pub fn reload(&mut self, why: &str, now: SystemTime) -> bool {
-        let started = std::time::Instant::now();
-        let mut compiled_at = started;
-        let result = self.compile_policy().and_then(|in_force| {
-            compiled_at = std::time::Instant::now();
+        self.reload_compiled(why, now, PolicyCompiler::compile)
+    }
+
+    /// [`State::reload`] once the writes the watcher reported have settled: applies the compile
+    /// the first of them started unless a change was seen after it started.
+    pub fn reload_settled(&mut self, now: SystemTime) -> bool {
+        self.reload_compiled("policy file changed", now, PolicyCompiler::compile_settled)
+    }
+
+    fn reload_compiled(&mut self, why: &str, now: SystemTime, compile: fn(&mut PolicyCompiler) -> Attempt) -> bool {
+        let started = Instant::now();
+        let attempt = compile(&mut self.compiler);
+        self.last_compile = (attempt.reparsed, attempt.early);
+        let compiled_at = Instant::now();
+        let result = self.in_force(&self.config.policy, attempt.result).and_then(|in_force| {
             let previous = self.active.replace(in_force);
             self.apply().map_err(|e| {
                 self.active = previous;
                 vec![format!("applying to the kernel: {e}")]
             })
         });
-        let applied_at = std::time::Instant::now();
         let ok = result.is_ok();
         let errors = result.err().unwrap_or_default();
         if ok {
             // How long the reload took until the kernel had it (compile, then apply), so a
-            // policy that grows slow to reload shows on a dashboard before it hurts.
-            let (compile, apply) = (compiled_at.duration_since(started), applied_at.duration_since(compiled_at));
+            // policy that grows slow to reload shows on a dashboard before it hurts. An early
+            // compile ran while the writes settled: the reload only waited for its end.
+            let (compile, apply) = (attempt.took, compiled_at.elapsed());
             let hash = self.active.as_ref().map(|(c, _)| c.snapshot.hash().to_string()).unwrap_or_default();
             if let Some((compiled, _)) = &self.active {
                 self.publisher.publish(compiled);
@@ -219,8 +255,9 @@ impl<D: Dataplane> State<D> {
                 reason = why,
                 generation = self.kernel.generation(),
                 hash,
-                files_reparsed = self.compiler.reparsed(),
-                files_unread = self.compiler.unread(),
+                files_reparsed = attempt.reparsed,
+                files_unread = attempt.unread,
+                compiled_early = attempt.early,
                 compile_ms = compile.as_millis() as u64,
                 apply_ms = apply.as_millis() as u64,
                 kernel_ms = self.kernel_apply.as_millis() as u64,
@@ -241,13 +278,6 @@ impl<D: Dataplane> State<D> {
         gauge!("depfence_policy_last_reload_successful").set(if ok { 1.0 } else { 0.0 });
         self.last_reload = Some(ReloadStatus { time: rfc3339_seconds(now), ok, errors });
         ok
-    }
-
-    /// The agent's policy compiled for its environment, or why not (one line each). The
-    /// compiler keeps the last parse, so a reload after an edit re-parses the edited files only.
-    fn compile_policy(&mut self) -> Result<InForce, Vec<String>> {
-        let compiled = self.compiler.compile_path(&self.config.policy);
-        self.in_force(&self.config.policy, compiled)
     }
 
     /// The policy at `path` compiled for this agent's environment, or why not (one line each).
@@ -297,7 +327,7 @@ impl<D: Dataplane> State<D> {
             candidate: candidate.as_ref().map(|(c, e)| (&c.snapshot, *e)),
         });
         let desired = Desired { snapshot, environment, candidate, matched: &matched, attach: &attach, previous };
-        let kernel_started = std::time::Instant::now();
+        let kernel_started = Instant::now();
         let report = self.kernel.apply(&desired)?;
         self.kernel_apply = kernel_started.elapsed();
         self.applied = Some(((Arc::clone(&compiled), environment), self.candidate.as_ref().map(|(_, c)| c.clone())));

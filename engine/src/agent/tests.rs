@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::config::AgentConfig;
 use super::control::{AgentStatus, ModeChanged, Request, Response};
@@ -159,6 +159,59 @@ fn a_reload_reparses_only_changed_files() {
     assert!(s.state.reload("policy file changed", at(2)));
     assert_eq!(s.state.policy_files_reparsed(), 1);
     assert_eq!(s.connect(APP, OTHER), Some(Verdict::Allowed));
+}
+
+#[test]
+fn a_compile_started_at_a_change_is_applied_unless_the_files_changed_after_it() {
+    let mut s = Setup::new(&policy("enforce", ""), GateConfig::default());
+    assert!(s.state.reload("start", at(0)));
+    let with_other = policy("enforce", r#", { ip = "10.0.0.6", ports = [80] }"#);
+    // A change: the compile starts at once, and the reload at the end of the settle applies it.
+    // The watcher may report one write more than once: a report of a change seen before the
+    // compile started leaves its result good.
+    s.write_policy(&with_other);
+    let seen = Instant::now();
+    s.state.policy_changed(seen);
+    s.state.finish_early_compile();
+    s.state.policy_changed(seen);
+    assert!(s.state.reload_settled(at(1)));
+    assert!(s.state.compiled_early());
+    assert_eq!(s.state.policy_files_reparsed(), 1);
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::Allowed));
+    let with_other_hash = s.status().policy_hash;
+
+    // Another change after that compile had read the files: its result is stale, and the
+    // reload compiles the files as they are now.
+    s.write_policy(&policy("enforce", ""));
+    s.state.policy_changed(Instant::now());
+    s.state.finish_early_compile();
+    s.write_policy(&with_other);
+    s.state.policy_changed(Instant::now());
+    assert!(s.state.reload_settled(at(2)));
+    assert!(!s.state.compiled_early());
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::Allowed));
+    assert_eq!(s.status().policy_hash, with_other_hash);
+
+    // A reload other than at the end of a settle (here after a write the watcher has not
+    // reported yet, as the agent's own `promote` makes) compiles the files as they are now.
+    s.write_policy(&policy("enforce", ""));
+    s.state.policy_changed(Instant::now());
+    s.state.finish_early_compile();
+    s.write_policy(&with_other);
+    assert!(s.state.reload("mode changed by policyctl", at(2)));
+    assert!(!s.state.compiled_early());
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::Allowed));
+    assert_eq!(s.status().policy_hash, with_other_hash);
+
+    // An invalid file read early is refused like any other; the next change is applied.
+    s.write_policy(&policy("enforce", r#", { service = "dbb" }"#));
+    s.state.policy_changed(Instant::now());
+    assert!(!s.state.reload_settled(at(3)));
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::Allowed));
+    s.write_policy(&policy("enforce", ""));
+    s.state.policy_changed(Instant::now());
+    assert!(s.state.reload_settled(at(4)));
+    assert_eq!(s.connect(APP, OTHER), Some(Verdict::Rejected));
 }
 
 #[test]
