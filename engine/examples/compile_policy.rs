@@ -11,13 +11,14 @@
 //! `--edit` measures the incremental compile: an [`IncrementalCompiler`] compiles the directory,
 //! then one allow entry is added to one file (in memory) and the policy is compiled again,
 //! stage by stage, and checked against a full compile of the edited files (same hash, same
-//! bytes).
+//! bytes). Then the agent's path: a copy of the directory in a temporary directory, compiled
+//! from the files, one file rewritten on disk, and compiled again (reading only that file).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use depfence::compile::{CompileError, IncrementalCompiler, analyze, compile, compile_sources};
+use depfence::compile::{CompileError, Compiled, IncrementalCompiler, analyze, compile, compile_sources};
 use depfence::policy::{ParseCache, load};
 
 fn main() -> ExitCode {
@@ -222,8 +223,9 @@ fn edit(dir: &std::path::Path) -> ExitCode {
     drop(compiled);
 
     // The real path, against a full compile of the same files.
+    let input = edited.clone();
     let started = Instant::now();
-    let incremental = match compiler.compile_sources(edited.clone()) {
+    let incremental = match compiler.compile_sources(input) {
         Ok(compiled) => compiled,
         Err(e) => {
             eprintln!("compile_policy: {e}");
@@ -236,6 +238,7 @@ fn edit(dir: &std::path::Path) -> ExitCode {
         compiler.reparsed(),
         incremental.snapshot.hash()
     );
+    let edited_text = edited.get(index).map(|(_, text)| text.clone()).unwrap_or_default();
     let started = Instant::now();
     let full = match compile_sources(edited) {
         Ok(compiled) => compiled,
@@ -249,7 +252,49 @@ fn edit(dir: &std::path::Path) -> ExitCode {
         && incremental.snapshot.to_bytes().ok() == Some(bytes)
         && full.warning_lines() == incremental.warning_lines();
     println!("same bytes, hash and warnings: {same}");
-    if same { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if !same {
+        return ExitCode::FAILURE;
+    }
+    match on_disk(&texts, index, &edited_text, &full) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("compile_policy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The agent's path: `texts` written to a temporary directory and compiled from there, then
+/// file `index` rewritten as `edited` and compiled again; checked against `expected`.
+fn on_disk(texts: &[(String, String)], index: usize, edited: &str, expected: &Compiled) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let files: Vec<(PathBuf, &str)> = texts
+        .iter()
+        .map(|(name, text)| {
+            (dir.path().join(std::path::Path::new(name).file_name().unwrap_or_default()), text.as_str())
+        })
+        .collect();
+    for (path, text) in &files {
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    // A file's stamp is trusted once the file was unchanged for 2 s before it was read.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut compiler = IncrementalCompiler::new();
+    compiler.compile_path(dir.path()).map_err(|e| e.to_string())?;
+    let (path, _) = files.get(index).ok_or("no such file")?;
+    std::fs::write(path, edited).map_err(|e| format!("{}: {e}", path.display()))?;
+    let started = Instant::now();
+    let compiled = compiler.compile_path(dir.path()).map_err(|e| e.to_string())?;
+    println!(
+        "from files    {:>9.3} s   {} file(s) read and re-parsed, {} not read (the agent's reload)",
+        secs(started),
+        compiler.reparsed(),
+        compiler.unread()
+    );
+    // The files are in another directory, so the sources (and the hash) differ: compare content.
+    let same = compiled.snapshot.content() == expected.snapshot.content();
+    println!("same rules, graph and bootstrap as the full compile: {same}");
+    if same { Ok(()) } else { Err("the compile from files differs".into()) }
 }
 
 /// Reads every `*.toml` file in `dir` and parses it with the raw TOML parser only.

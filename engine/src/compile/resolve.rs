@@ -1,8 +1,9 @@
 //! Name resolution and rule expansion: policy AST → graph nodes, edges and per-service rulesets.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use foldhash::HashMap;
 use rayon::prelude::*;
 
 use super::{Edge, EdgeKind, Node};
@@ -57,7 +58,7 @@ struct Names<'p> {
 
 impl<'p> Names<'p> {
     fn new(kind: &'static str, names: impl IntoIterator<Item = &'p str>) -> Self {
-        let mut index = HashMap::new();
+        let mut index = HashMap::default();
         for name in names {
             let next = index.len();
             index.entry(name).or_insert(next);

@@ -5,13 +5,13 @@ pub mod ast;
 pub mod edit;
 mod parse;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use ast::*;
 pub(crate) use parse::TomlReport;
 pub use parse::{POLICY_VERSION, parse_port_range};
 
+use foldhash::HashMap;
 use rayon::prelude::*;
 
 use crate::diag::{Diagnostic, Diagnostics, FileId, Loc, Located, SourceFile};
@@ -394,7 +394,7 @@ fn check_duplicates(policy: &PolicySet, diags: &mut Diagnostics) {
 
 /// Reports every name defined more than once, pointing at the first definition.
 fn duplicates<'a>(kind: &'static str, names: impl Iterator<Item = &'a Located<String>>, diags: &mut Diagnostics) {
-    let mut first: HashMap<&str, &Located<String>> = HashMap::new();
+    let mut first: HashMap<&str, &Located<String>> = HashMap::default();
     for name in names {
         if let Some(earlier) = first.get(name.value.as_str()) {
             diags.push(
