@@ -567,7 +567,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub takeover: bool,
     /// After a change to the policy's files, wait until they stay unchanged this long before
-    /// reading them (a burst of writes is read once).
+    /// applying them (a burst of writes is applied once). The compile starts at the change and
+    /// is used unless the files changed again after it started.
     #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = humantime::parse_duration)]
     pub reload_settle: std::time::Duration,
     /// Police only this subtree of the cgroup2 mount (relative to it); the policy's cgroup paths

@@ -73,7 +73,7 @@ pub fn describe() {
     );
     describe_gauge!(
         "depfence_policy_last_reload_duration_seconds",
-        "How long the last successful reload took, by stage: compile (read, parse, check), apply (until the kernel enforces it)."
+        "How long the last successful reload took, by stage: compile (read, parse, check; after a file change it starts at the change, while the writes settle), apply (until the kernel enforces it)."
     );
     describe_counter!("depfence_events_dropped_total", "Kernel events lost because the ring buffer was full.");
     describe_counter!(
