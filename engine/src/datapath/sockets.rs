@@ -39,6 +39,9 @@ pub struct InetSocket {
     pub cookie: u64,
     /// The cgroup it was created in, when the kernel says (full sockets, Linux 5.7+).
     pub cgroup_id: Option<u64>,
+    /// No process holds it any more: closed, and the kernel finishing the close (sock_diag
+    /// reports no inode).
+    pub orphan: bool,
     id: SocketId,
 }
 
@@ -64,6 +67,7 @@ impl InetSocket {
             remote: SocketAddr::new(id.destination_address, id.destination_port),
             cookie,
             cgroup_id,
+            orphan: response.header.inode == 0,
             id,
         }
     }

@@ -9,7 +9,10 @@
 //!
 //! Only outbound connections are judged: a TCP connection whose local port has a listener, or a
 //! connected UDP socket whose local port is also bound by an unconnected one (a server's
-//! per-client socket), is taken for an inbound one and left open.
+//! per-client socket), is taken for an inbound one and left open. So is a socket no process
+//! holds any more (closed, the kernel finishing the close): nothing reads or writes it, and the
+//! listener of an inbound one may be gone with its process. (A server that closes its listener
+//! while its process still serves accepted connections would have them judged as outbound.)
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
@@ -76,7 +79,11 @@ impl RuleMaps for KernelMaps<'_> {
 fn outbound_destination(socket: &InetSocket, servers: &BTreeSet<(u8, u16)>) -> Option<Destination> {
     let connected =
         if socket.protocol == IPPROTO_TCP { socket.state != TCP_LISTEN } else { socket.state == TCP_ESTABLISHED };
-    if !connected || socket.remote.port() == 0 || servers.contains(&(socket.protocol, socket.local.port())) {
+    if !connected
+        || socket.orphan
+        || socket.remote.port() == 0
+        || servers.contains(&(socket.protocol, socket.local.port()))
+    {
         return None;
     }
     Some(Destination {
