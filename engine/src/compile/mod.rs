@@ -320,8 +320,8 @@ struct GraphCache {
     clean: Vec<(GraphKey, Vec<Component>, Vec<Stage>)>,
 }
 
-/// Everything the graph checks read, positions left out.
-#[derive(Debug, PartialEq)]
+/// Everything the graph checks read, positions left out (compared by [`GraphKey::matches`]).
+#[derive(Debug)]
 struct GraphKey {
     nodes: Vec<Node>,
     /// (from, to, critical) of every edge, in order.
@@ -354,6 +354,22 @@ impl GraphKey {
             intrinsic: inputs.intrinsic.iter().map(|(set, _)| set.clone()).collect(),
         }
     }
+
+    /// Whether this is the key [`GraphKey::of`] would make of `inputs` and `edges`, without
+    /// making it (an edit that leaves the graph as it was costs no copy of it).
+    fn matches(&self, inputs: &GraphInputs<'_>, edges: &[Edge]) -> bool {
+        let isolated = &inputs.policy.isolated;
+        self.nodes == inputs.nodes
+            && self.edges.len() == edges.len()
+            && self.edges.iter().zip(edges).all(|(&key, e)| key == (e.from, e.to, e.critical))
+            && self.layers == inputs.layers
+            && self.isolated.len() == isolated.len()
+            && self.isolated.iter().zip(isolated).all(|(key, set)| {
+                key.len() == set.groups.len() && key.iter().zip(&set.groups).all(|(k, g)| *k == g.value)
+            })
+            && self.intrinsic.len() == inputs.intrinsic.len()
+            && self.intrinsic.iter().zip(inputs.intrinsic).all(|(key, (set, _))| key == set)
+    }
 }
 
 impl GraphCache {
@@ -367,14 +383,14 @@ impl GraphCache {
         graph: &mut Graph,
         diags: &mut Diagnostics,
     ) {
-        let key = GraphKey::of(inputs, &graph.edges);
-        if let Some(index) = self.clean.iter().position(|(k, _, _)| *k == key) {
-            let (_, components, stages) = self.clean.swap_remove(index);
+        if let Some(index) = self.clean.iter().position(|(key, _, _)| key.matches(inputs, &graph.edges)) {
+            let (key, components, stages) = self.clean.swap_remove(index);
             graph.components = components.clone();
             graph.stages = stages.clone();
             kept.push((key, components, stages));
             return;
         }
+        let key = GraphKey::of(inputs, &graph.edges);
         check_graph(inputs.policy, inputs.intrinsic, inputs.layers, inputs.nodes, graph, diags);
         if diags.is_empty() && graph.violations.is_empty() {
             kept.push((key, graph.components.clone(), graph.stages.clone()));
